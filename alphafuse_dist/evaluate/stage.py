@@ -1,0 +1,86 @@
+"""The evaluate stage: full ranking of every test user's target over all items.
+
+Reads a trained model (``model.safetensors``: the fused item table and the encoder) and prepare's
+``test.parquet``; writes ``metrics.json`` with HR / NDCG / MRR at each k, overall and for head and
+tail target items. The history is not masked unless ``eval.exclude_history`` (as in the paper).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
+
+from ..config import RunConfig
+from ..model.sasrec import SASRecEncoder
+from ..train.data import eval_inputs
+from .metrics import grouped_metrics, target_ranks
+
+
+def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, SASRecEncoder]:
+    """(fused item table [N, d], encoder in eval mode) from a train stage's model.safetensors."""
+    tensors = load_file(str(model_path))
+    m = cfg.model
+    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout)
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
+    return tensors["item_table"], encoder.eval()
+
+
+@torch.no_grad()
+def user_states(encoder: SASRecEncoder, table: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """User states [U, d] of left-padded histories [U, L] (pad id = N) with a precomputed table."""
+    pad = table.shape[0]
+    valid = hist != pad
+    x = torch.zeros(*hist.shape, table.shape[1])
+    x[valid] = table[hist[valid]]
+    return encoder(x, valid)[:, -1]
+
+
+def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: str = "test") -> dict:
+    """Metrics of one split (``valid`` or ``test``) with the run's similarity and k values."""
+    t0 = time.time()
+    table, encoder = load_model(model_path, cfg)
+    N = table.shape[0]
+    users, hist, targets = eval_inputs(prepare_dir / f"{split}.parquet", cfg.model.max_len, N)
+    is_head = torch.as_tensor(pq.read_table(prepare_dir / "items.parquet", columns=["is_head"])
+                              .column("is_head").to_numpy(zero_copy_only=False))
+    hist_t, tgt_t = torch.as_tensor(hist), torch.as_tensor(targets)
+    exclude_all = None
+    if cfg.eval.exclude_history:
+        full = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history").to_pylist()
+        exclude_all = [torch.as_tensor(h, dtype=torch.long) for h in full]
+    ranks = []
+    step = cfg.eval.user_batch
+    for s in range(0, len(users), step):
+        states = user_states(encoder, table, hist_t[s:s + step])
+        ranks.append(target_ranks(states, table, tgt_t[s:s + step], similarity=cfg.model.similarity,
+                                  item_chunk=cfg.eval.item_chunk,
+                                  exclude=exclude_all[s:s + step] if exclude_all else None))
+    ranks = torch.cat(ranks)
+    metrics = grouped_metrics(ranks, tgt_t, is_head, cfg.eval.ks)
+    return {"split": split, "method": cfg.method, "seed": cfg.seed, "items": N,
+            "history_masked": cfg.eval.exclude_history, "similarity": cfg.model.similarity,
+            "seconds": round(time.time() - t0, 2), "metrics": metrics}
+
+
+def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path) -> dict:
+    """Write ``metrics.json`` (test split) into out_dir; returns the manifest info."""
+    result = evaluate_split(cfg, model_path, prepare_dir, "test")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return {"rows": {"users": result["metrics"]["overall"]["users"]}}
+
+
+def format_table(rows: list[tuple[str, dict]], ks=(10, 20), groups=("overall", "tail")) -> str:
+    """A plain-text table: one row per (label, metrics.json content)."""
+    cols = [f"{g}:{m}@{k}" for g in groups for k in ks for m in ("HR", "NDCG", "MRR")]
+    head = f"{'run':<24}" + "".join(f"{c:>18}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for label, res in rows:
+        mets = res["metrics"]
+        lines.append(f"{label:<24}" + "".join(
+            f"{mets.get(g, {}).get(f'{m}@{k}', float('nan')):>18.4f}" for g in groups for k in ks
+            for m in ("HR", "NDCG", "MRR")))
+    return "\n".join(lines)

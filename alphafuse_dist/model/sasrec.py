@@ -1,0 +1,149 @@
+"""SASRec-style causal Transformer over item-vector sequences, and the recommender around it.
+
+Shapes: ``B`` batch, ``L`` history length (``max_len``), ``d`` width, ``N`` items, ``K`` negatives.
+Sequences are left-padded with the padding id ``N`` so the most recent item is always at
+position ``L-1`` (as in the reference code); padded positions carry a zero vector, as in SASRec.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .item_table import FusedItemTable
+
+
+class SASRecBlock(nn.Module):
+    """Pre-LayerNorm block: causal self-attention + position-wise feed-forward, both residual."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim, eps=1e-8)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim, eps=1e-8)
+        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
+                                nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, causal: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        q = self.ln1(x)
+        # queries are normalised, keys/values are not: SASRec's original arrangement
+        h, _ = self.attn(q, x, x, attn_mask=causal, need_weights=False)
+        x = (q + h) * keep
+        return (x + self.ff(self.ln2(x))) * keep
+
+
+class SASRecEncoder(nn.Module):
+    """Causal Transformer: item vectors [B, L, d] -> hidden states [B, L, d].
+
+    Example::
+
+        enc = SASRecEncoder(dim=8, max_len=5)
+        enc(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)).shape  # [2, 5, 8]
+    """
+
+    def __init__(self, dim: int, max_len: int, num_blocks: int = 1, num_heads: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.dim, self.max_len = dim, max_len
+        self.pos = nn.Embedding(max_len, dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
+        self.ln = nn.LayerNorm(dim, eps=1e-8)
+        self.register_buffer("causal", torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        keep = valid.unsqueeze(-1).to(x.dtype)
+        x = self.drop(x * self.dim ** 0.5 + self.pos.weight[-L:]) * keep
+        for block in self.blocks:
+            x = block(x, self.causal[:L, :L], keep)
+        return self.ln(x) * keep
+
+
+class SequentialRecommender(nn.Module):
+    """Item table + SASRec encoder, tied input/output item vectors (METHOD.md section 2, step 9).
+
+    ``similarity`` "cosine" L2-normalises user states and item vectors and divides by the
+    temperature; it is used in training AND evaluation, so the ranking optimised is the ranking
+    measured (the reference code trains on cosine and evaluates on dot products).
+    """
+
+    def __init__(self, items: FusedItemTable, encoder: SASRecEncoder, similarity: str = "cosine",
+                 temperature: float = 0.07):
+        super().__init__()
+        self.items, self.encoder = items, encoder
+        self.similarity, self.temperature = similarity, temperature
+
+    @property
+    def pad_id(self) -> int:
+        return self.items.num_items
+
+    def embed_sequences(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors [B, L, d] of padded id sequences [B, L] (pad -> zeros). ``table``: a
+        precomputed full item table to index instead of looking up (evaluation)."""
+        B, L = seqs.shape
+        flat = seqs.reshape(-1)
+        valid = flat != self.pad_id
+        out = torch.zeros(B * L, self.encoder.dim, device=seqs.device)
+        vecs = table[flat[valid]] if table is not None else self.items(flat[valid])
+        out = out.index_put((valid.nonzero().squeeze(1),), vecs.to(out.dtype))
+        return out.view(B, L, -1)
+
+    def user_states(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """User states [B, d] = hidden vector at the last position of left-padded ``seqs`` [B, L]."""
+        h = self.encoder(self.embed_sequences(seqs, table), seqs != self.pad_id)
+        return h[:, -1]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.similarity == "cosine" else x
+
+    def forward(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss terms (see ``loss_terms``); ``forward`` so that DDP/DMP wrappers sync."""
+        return self.loss_terms(seqs, targets, negatives, last_only)
+
+    def loss_terms(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                   last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of InfoNCE losses and the number of terms.
+
+        Args:
+            seqs: [B, L] left-padded inputs.
+            targets: [B, L] next item at each position (pad where there is none).
+            negatives: [K] uniform negatives shared by the whole step; a negative equal to a
+                position's target is masked out (an accidental hit is not a negative).
+            last_only: train on the last position only (the paper's setting) instead of all.
+
+        Returns:
+            (sum of per-position losses, number of positions) so that callers can normalise by
+            the GLOBAL count across workers (exact parity with one process).
+        """
+        # One lookup of every distinct id the step needs: the sharded lookup (an all-to-all) then
+        # moves each row once, and the gradient of a repeated id is summed by autograd.
+        B, L = seqs.shape
+        pad = self.pad_id
+        if last_only:
+            targets = torch.where(torch.arange(L, device=seqs.device) == L - 1, targets,
+                                  torch.full_like(targets, pad))
+        ids = torch.cat([seqs.reshape(-1), targets.reshape(-1), negatives])
+        real = ids != pad
+        uniq, inverse = torch.unique(ids[real], return_inverse=True)
+        vecs = self.items(uniq)
+        slot = torch.full_like(ids, -1)
+        slot[real] = inverse
+        seq_slot, tgt_slot, neg_slot = slot.split([B * L, B * L, negatives.numel()])
+        x = torch.zeros(B * L, vecs.shape[1], dtype=vecs.dtype, device=vecs.device)
+        has = seq_slot >= 0
+        x = x.index_put((has.nonzero().squeeze(1),), vecs[seq_slot[has]])
+        h = self.encoder(x.view(B, L, -1), seqs != pad).reshape(B * L, -1)
+        pos_mask = tgt_slot >= 0
+        h = self.normalize(h[pos_mask])
+        pos = self.normalize(vecs[tgt_slot[pos_mask]])
+        neg = self.normalize(vecs[neg_slot])
+        scale = 1.0 / self.temperature if self.similarity == "cosine" else 1.0
+        pos_logit = (h * pos).sum(-1, keepdim=True) * scale
+        neg_logit = h @ neg.T * scale
+        hit = targets.reshape(-1)[pos_mask].unsqueeze(1) == negatives.unsqueeze(0)
+        neg_logit = neg_logit.masked_fill(hit, float("-inf"))
+        logits = torch.cat([pos_logit, neg_logit], dim=1)
+        loss = -F.log_softmax(logits, dim=1)[:, 0]
+        return loss.sum(), torch.tensor(float(loss.numel()))

@@ -1,0 +1,162 @@
+"""The stage graph: prepare -> embed -> decompose -> train -> evaluate, each skipped when its
+manifest matches (see ``stages.py``).
+
+Stage folders in the run directory: ``prepare``, ``embed``, ``decompose`` (shared by every method
+and seed run on the same data), then ``train-<method>-s<seed>`` and ``evaluate-<method>-s<seed>``.
+The ID-only baseline (``method=sasrec_id``) needs no embed/decompose.
+
+Example::
+
+    cfg = load_config("quickstart", ["train.epochs=2"])
+    out = run_pipeline(cfg)          # {"metrics_path": ..., "metrics": {...}}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig, section_hash
+from .stages import clean_temporaries, read_manifest, require_stage, run_stage, stage_digest
+
+Log = Callable[[str], None]
+
+
+def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
+    """Join the configured cluster, or start Ray in this process (the embedded default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if cfg.ray.address:
+        log(f"[ray] connecting to {cfg.ray.address}")
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+    log(f"[ray] resources: {ray.cluster_resources()}")
+
+
+def train_stage_name(cfg: RunConfig) -> str:
+    return f"train-{cfg.method}-s{cfg.seed}"
+
+
+def evaluate_stage_name(cfg: RunConfig) -> str:
+    return f"evaluate-{cfg.method}-s{cfg.seed}"
+
+
+def prepare_stage(cfg: RunConfig, log: Log = print) -> Path:
+    from .data.prepare import prepare
+    from .data.sources import source_inputs
+
+    run_dir = cfg.run_path
+    return run_stage(run_dir, "prepare", config_hash=section_hash(cfg.data), inputs=source_inputs(cfg.data),
+                     build=lambda tmp: prepare(cfg.data, tmp), log=log)
+
+
+def embed_stage(cfg: RunConfig, log: Log = print) -> Path:
+    from .embed.job import embed_items
+
+    run_dir = cfg.run_path
+    prep = require_stage(run_dir, "prepare")
+
+    def build(tmp: Path) -> dict:
+        ensure_ray(cfg, log)
+        return embed_items(prep / "items.parquet", cfg.embed, tmp)
+
+    return run_stage(run_dir, "embed", config_hash=section_hash(cfg.embed),
+                     inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build, log=log)
+
+
+def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
+    from .decompose.stage import decompose
+
+    run_dir = cfg.run_path
+    emb = require_stage(run_dir, "embed")
+    num_items = read_manifest(require_stage(run_dir, "prepare"))["rows"]["items"]
+
+    def build(tmp: Path) -> dict:
+        ensure_ray(cfg, log)
+        return decompose(emb, cfg.decompose, cfg.model.dim, num_items, tmp)
+
+    return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
+                     inputs={"embed": stage_digest(run_dir, "embed")}, build=build, log=log)
+
+
+def train_stage(cfg: RunConfig, log: Log = print) -> Path:
+    from .train.launch import train_local, train_with_ray
+    from .train.loop import TrainInputs
+
+    run_dir = cfg.run_path
+    prep = require_stage(run_dir, "prepare")
+    inputs = {"prepare": stage_digest(run_dir, "prepare")}
+    semantic = None
+    if cfg.method == "alphafuse":
+        semantic = str(require_stage(run_dir, "decompose") / "semantic.safetensors")
+        inputs["decompose"] = stage_digest(run_dir, "decompose")
+    num_items = read_manifest(prep)["rows"]["items"]
+    train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items)
+
+    def build(tmp: Path) -> dict:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        if cfg.train.backend == "torch" and cfg.train.num_workers == 1:
+            return train_local(cfg, train_inputs, tmp)
+        ensure_ray(cfg, log)
+        return train_with_ray(cfg, train_inputs, tmp)
+
+    h = section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
+                     cfg.decompose if cfg.method == "alphafuse" else None)
+    return run_stage(run_dir, train_stage_name(cfg), config_hash=h, inputs=inputs, build=build, log=log)
+
+
+def evaluate_stage(cfg: RunConfig, log: Log = print) -> Path:
+    from .evaluate.stage import evaluate
+
+    run_dir = cfg.run_path
+    prep = require_stage(run_dir, "prepare")
+    trained = require_stage(run_dir, train_stage_name(cfg))
+    return run_stage(run_dir, evaluate_stage_name(cfg),
+                     config_hash=section_hash(cfg.eval, cfg.model, cfg.method, cfg.seed),
+                     inputs={"prepare": stage_digest(run_dir, "prepare"),
+                             "train": stage_digest(run_dir, train_stage_name(cfg))},
+                     build=lambda tmp: evaluate(cfg, trained / "model.safetensors", prep, tmp), log=log)
+
+
+STAGES = ("prepare", "embed", "decompose", "train", "evaluate")
+
+
+def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, log: Log = print) -> dict:
+    """Run the stages in order (skipping up-to-date ones); return the metrics and their path."""
+    run_dir = cfg.run_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(run_dir)
+    t0 = time.time()
+    fns = {"prepare": prepare_stage, "embed": embed_stage, "decompose": decompose_stage,
+           "train": train_stage, "evaluate": evaluate_stage}
+    for name in stages:
+        if cfg.method != "alphafuse" and name in ("embed", "decompose"):
+            continue
+        log(f"[{name}] ...")
+        fns[name](cfg, log)
+    out: dict = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
+    if "evaluate" in stages:
+        path = run_dir / evaluate_stage_name(cfg) / "metrics.json"
+        out |= {"metrics_path": str(path), "metrics": json.loads(path.read_text())}
+    return out
+
+
+def compare(cfg: RunConfig, methods: list[str], seeds: list[int], log: Log = print) -> list[tuple[str, dict]]:
+    """Run several methods x seeds on the same prepared data and splits; return (label, metrics)."""
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            c = copy.deepcopy(cfg)
+            c.method, c.seed = method, seed
+            c.validate()
+            res = run_pipeline(c, log=log)
+            rows.append((f"{method} (seed {seed})", res["metrics"]))
+    return rows

@@ -1,0 +1,152 @@
+"""Stage directories with manifests: atomic outputs, skip-if-unchanged, nothing half-written.
+
+A stage writes everything into a fresh hidden temporary folder inside the run directory, ends by
+writing ``manifest.json`` there, and only then the folder is renamed to ``<run_dir>/<stage>``.
+A stage killed midway leaves only a ``.<stage>.tmp-*`` folder, which no later stage reads and the
+next run removes. A rerun whose manifest matches (same config hash and input fingerprints) skips
+the stage.
+
+Example::
+
+    out = run_stage(run_dir, "prepare", config_hash="ab12", inputs={"ratings": fingerprint_path(p)},
+                    build=lambda tmp: {"rows": {"items": write_items(tmp)}})
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import AlphaFuseError
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old content or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def fingerprint_path(path: str | Path, hash_limit: int = 64 << 20) -> str:
+    """Content fingerprint of a file or folder: sha256 of files up to ``hash_limit`` bytes, else
+    (size, mtime) of larger ones. Hidden files (temporaries) are ignored."""
+    path = Path(path)
+    if not path.exists():
+        raise AlphaFuseError(f"input {path}: does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                  if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        if st.st_size <= hash_limit:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    m = Path(stage_dir) / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        return json.loads(m.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def require_stage(run_dir: Path, stage: str) -> Path:
+    """The folder of a finished stage; an error if the stage never completed."""
+    d = Path(run_dir) / stage
+    if read_manifest(d) is None:
+        raise AlphaFuseError(f"stage '{stage}' has no manifest in {d}: run it first (alphafuse run ... )")
+    return d
+
+
+def stage_digest(run_dir: Path, stage: str) -> str:
+    """Fingerprint of a finished stage (its manifest's digest), used as a downstream input."""
+    return read_manifest(require_stage(run_dir, stage))["digest"]
+
+
+def clean_temporaries(run_dir: Path) -> None:
+    """Remove leftovers of killed stages."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for p in run_dir.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, str],
+              build: Callable[[Path], dict], force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run ``build(tmp_dir)`` unless the stage's manifest already matches; return the stage folder.
+
+    ``build`` writes its outputs into ``tmp_dir`` and returns a dict for the manifest (put row
+    counts under ``"rows"``). On any exception the temporary folder is removed and nothing of the
+    stage is left behind (a previous complete output, if any, stays untouched).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / stage
+    old = read_manifest(final)
+    if not force and old and old.get("config_hash") == config_hash and old.get("inputs") == inputs \
+            and old.get("code_version") == __version__:
+        log(f"[{stage}] up to date (manifest {final / MANIFEST}), skipped")
+        return final
+    tmp = run_dir / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    t0 = time.time()
+    try:
+        info = build(tmp) or {}
+        body = {"stage": stage, "config_hash": config_hash, "inputs": inputs, "code_version": __version__,
+                "seconds": round(time.time() - t0, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **info}
+        body["digest"] = hashlib.sha256(json.dumps({k: body[k] for k in ("config_hash", "inputs", "stage")}
+                                                   | {"outputs": _outputs_digest(tmp)},
+                                                   sort_keys=True).encode()).hexdigest()[:16]
+        atomic_write_json(tmp / MANIFEST, body)
+        # swap in: the old output (if any) is moved aside first so the final name never points at a
+        # half-written folder
+        trash = run_dir / f".{stage}.tmp-old-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[{stage}] done in {time.time() - t0:.1f}s -> {final}")
+    return final
+
+
+def _outputs_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}:{st.st_size}".encode())
+        if st.st_size <= 16 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]

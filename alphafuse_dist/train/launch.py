@@ -1,0 +1,85 @@
+"""Launch training: Ray Train ``TorchTrainer`` workers (the product path) or one local process.
+
+Ray Train starts ``train.num_workers`` workers with a gloo (CPU) or NCCL (GPU) process group; each
+runs :func:`alphafuse_dist.train.loop.train_worker`. The best model travels back to the driver as
+a Ray Train checkpoint (so it works on multi-node clusters whose storage path is shared), and is
+written into the stage folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..config import RunConfig, config_from_dict
+from .loop import TrainInputs, save_model, train_worker
+
+
+def _ray_worker_loop(payload: dict) -> None:
+    import ray.train
+    import torch
+
+    cfg = config_from_dict(payload["config"])
+    inputs = TrainInputs(**payload["inputs"])
+    torch.set_num_threads(max(1, payload["threads"]))
+    rank = ray.train.get_context().get_world_rank()
+
+    def report(row: dict, best: dict | None) -> None:
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        if best is not None and rank == 0:
+            # the best-so-far model, as a Ray Train checkpoint (copied to the run's storage path)
+            with tempfile.TemporaryDirectory() as d:
+                save_model(Path(d), best["best"])
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    result = train_worker(cfg, inputs, report=report)
+    if rank == 0:
+        # final report: the best model with the whole history (early stopping may end any epoch)
+        with tempfile.TemporaryDirectory() as d:
+            save_model(Path(d), result)
+            ray.train.report({"final": 1, "best_epoch": result.best_epoch}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"final": 1, "best_epoch": result.best_epoch})
+
+
+def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
+    """Run distributed training under Ray Train; write model.safetensors + history.json to out_dir."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    import ray
+
+    t = cfg.train
+    use_gpu = t.device == "cuda"
+    cpus = int(ray.available_resources().get("CPU", 1))
+    threads = max(1, cpus // t.num_workers)
+    storage = (out_dir / "ray").resolve()
+    trainer = TorchTrainer(
+        _ray_worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1} if not use_gpu else None),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
+        run_config=RayRunConfig(name=f"train-{cfg.method}-s{cfg.seed}", storage_path=str(storage),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                failure_config=FailureConfig(max_failures=0)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        for name in ("model.safetensors", "history.json"):
+            shutil.copy2(os.path.join(d, name), out_dir / name)
+    # the stage output is the model; Ray's own run folder (checkpoint copies) is not kept in it
+    shutil.rmtree(storage, ignore_errors=True)
+    return {"workers": t.num_workers}
+
+
+def train_local(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
+    """One process, no Ray (plain-torch backend): debugging, and GPU machines without Ray/fbgemm."""
+    result = train_worker(cfg, inputs)
+    save_model(out_dir, result)
+    return {"workers": 1}

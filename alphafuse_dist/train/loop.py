@@ -1,0 +1,225 @@
+"""The per-worker training loop: one function, readable top to bottom.
+
+It runs the same way under Ray Train (``TorchTrainer`` workers), torchrun, or a single process
+without any process group (plain torch). Each worker takes every ``world``-th window of the
+epoch's shuffled order; negatives are drawn from a generator seeded by (seed, epoch, step), so
+all workers share them; the loss is normalised by the global number of positions, so the
+gradients equal those of one process on the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..config import RunConfig
+from ..evaluate.metrics import metrics_from_ranks, target_ranks
+from ..model.item_table import FusedItemTable
+from ..model.sasrec import SASRecEncoder, SequentialRecommender
+from .data import eval_inputs, training_windows
+
+
+@dataclass
+class TrainInputs:
+    """Where a training run reads from (prepare and decompose stage folders)."""
+
+    prepare_dir: str
+    semantic_path: str | None  # decompose/semantic.safetensors (alphafuse only)
+    num_items: int
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metric: float
+    history: list[dict] = field(default_factory=list)
+    item_table: torch.Tensor | None = None  # [N, d] fused, at the best epoch
+    encoder_state: dict | None = None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, device: torch.device) -> SequentialRecommender:
+    """The unsharded model, identically initialised on every worker (seeded)."""
+    m, t = cfg.model, cfg.train
+    gen = torch.Generator().manual_seed(cfg.seed)
+    items = FusedItemTable(num_items, m.dim, cfg.decompose.null_dims, method=cfg.method, injection=m.injection,
+                           semantic=semantic, id_init=m.id_init, id_init_std=m.id_init_std, backend=t.backend,
+                           device=device, generator=gen)
+    torch.manual_seed(cfg.seed)
+    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout).to(device)
+    return SequentialRecommender(items, encoder, m.similarity, m.temperature)
+
+
+def _forward_loss(model, seqs, targets, negatives, last_only):
+    # DMP/DDP wrap the model: call through the wrapper so dense gradients are synchronised
+    return model(seqs, targets, negatives, last_only) if not isinstance(model, SequentialRecommender) \
+        else model.loss_terms(seqs, targets, negatives, last_only)
+
+
+def _plain(model) -> SequentialRecommender:
+    m = model
+    while not isinstance(m, SequentialRecommender):
+        m = m.module
+    return m
+
+
+@torch.no_grad()
+def validate(model, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int) -> dict:
+    """Full-ranking metrics of this worker's share of users, summed over workers."""
+    rank, world = _world()
+    net = _plain(model)
+    net.eval()
+    table = net.items.full_table()  # a collective with TorchRec: all workers call it
+    mine = slice(rank, None, world)
+    h, y = torch.as_tensor(hist[mine], device=device), torch.as_tensor(targets[mine], device=device)
+    ranks = [target_ranks(net.normalize(net.user_states(h[s:s + 1024], table)), net.normalize(table),
+                          y[s:s + 1024], item_chunk=item_chunk) for s in range(0, len(h), 1024)]
+    ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+    local = metrics_from_ranks(ranks.cpu(), ks)
+    n = local.pop("users")
+    keys = sorted(local)
+    sums = _all_reduce_sum(torch.tensor([n] + [local[k] * n for k in keys], dtype=torch.float64))
+    net.train()
+    return {k: float(v / max(sums[0].item(), 1)) for k, v in zip(keys, sums[1:])} | {"users": int(sums[0])}
+
+
+def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict, dict | None], None] | None = None,
+                 log: Callable[[str], None] = print) -> TrainResult:
+    """Train one model; every worker of a run calls this with the same arguments."""
+    rank, world = _world()
+    t = cfg.train
+    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    N = inputs.num_items
+    pad = N
+    semantic = None
+    if cfg.method == "alphafuse":
+        semantic = load_file(inputs.semantic_path)["semantic"]
+    model = build_model(cfg, N, semantic, device)
+    net = model
+    if t.backend == "torchrec":
+        if world == 1 and not dist.is_initialized():
+            raise RuntimeError("the torchrec backend needs a process group (Ray Train or torchrun)")
+        from .sharding import shard_model
+
+        model = shard_model(model, sharding=t.sharding, id_optimizer_name=t.id_optimizer, id_lr=t.id_lr,
+                            device=device, log=log)
+        dense_params = [p for n, p in model.named_parameters() if "items." not in n and p.requires_grad]
+        id_opt = None
+    else:
+        from .sharding import id_optimizer
+
+        id_cls, id_kwargs = id_optimizer(t.id_optimizer, t.id_lr, t.weight_decay)
+        id_opt = id_cls(net.items.ids.parameters(), **id_kwargs)
+        dense_params = list(net.encoder.parameters())
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    dense_opt = torch.optim.Adam(dense_params, lr=t.lr, weight_decay=t.weight_decay)
+
+    prep = Path(inputs.prepare_dir)
+    win_in, win_tgt = training_windows(prep / "train.parquet", cfg.model.max_len, pad)
+    _, val_hist, val_tgt = eval_inputs(prep / "valid.parquet", cfg.model.max_len, pad)
+    per_worker = t.batch_size // world
+    steps = len(win_in) // t.batch_size
+    if steps == 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"train.batch_size={t.batch_size}: larger than the {len(win_in)} training windows")
+    if rank == 0:
+        log(f"[train] {cfg.method}: {N} items, {len(win_in)} windows of {cfg.model.max_len}, {world} workers "
+            f"x {per_worker} sequences, {steps} steps/epoch, backend {t.backend}, device {device}")
+    history: list[dict] = []
+    best = TrainResult(best_epoch=-1, best_metric=-math.inf)
+    bad_epochs = 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for epoch in range(t.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(win_in))
+        t0 = time.time()
+        loss_sum, loss_n = 0.0, 0.0
+        net.train()
+        for step in range(steps):
+            rows = order[step * t.batch_size + rank: (step + 1) * t.batch_size: world]
+            seqs = torch.as_tensor(win_in[rows], device=device)
+            tgts = torch.as_tensor(win_tgt[rows], device=device)
+            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000_003 + step)
+            negs = torch.randint(0, N, (t.num_negatives,), generator=g).to(device)
+            with autocast:
+                lsum, lcnt = _forward_loss(model, seqs, tgts, negs, t.loss_positions == "last")
+            total = _all_reduce_sum(lcnt.detach().clone().to(torch.float64)).item()
+            # normalise by the GLOBAL count; DDP averages gradients over workers, hence * world
+            loss = lsum * (world / max(total, 1.0))
+            dense_opt.zero_grad(set_to_none=True)
+            if id_opt is not None:
+                id_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dense_opt.step()
+            if id_opt is not None:
+                id_opt.step()
+            step_loss = _all_reduce_sum(lsum.detach().to(torch.float64).cpu()).item() / max(total, 1.0)
+            loss_sum += step_loss
+            loss_n += 1
+            if rank == 0 and t.log_every and (step + 1) % t.log_every == 0:
+                rate = (step + 1) * t.batch_size / (time.time() - t0)
+                eta = (steps - step - 1) * t.batch_size / rate
+                log(f"[train] epoch {epoch + 1}/{t.epochs} step {step + 1}/{steps} loss {loss_sum / loss_n:.4f} "
+                    f"{rate:,.0f} seq/s ETA {eta:.0f}s")
+        row = {"epoch": epoch + 1, "loss": loss_sum / loss_n, "seconds": round(time.time() - t0, 2),
+               "seq_per_s": round(steps * t.batch_size / (time.time() - t0), 1)}
+        improved = False
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            val = validate(model, val_hist, val_tgt, cfg.eval.ks, device, cfg.eval.item_chunk)
+            row |= {f"val_{k}": v for k, v in val.items() if k != "users"}
+            metric = val["NDCG@10"] if "NDCG@10" in val else val[f"NDCG@{cfg.eval.ks[0]}"]
+            if metric > best.best_metric:
+                improved = True
+                bad_epochs = 0
+                best.best_metric, best.best_epoch = metric, epoch + 1
+                best.item_table = net.items.full_table().cpu().clone()
+                best.encoder_state = {k: v.detach().cpu().clone() for k, v in net.encoder.state_dict().items()}
+            else:
+                bad_epochs += 1
+        history.append(row)
+        if rank == 0:
+            log(f"[train] epoch {epoch + 1}: loss {row['loss']:.4f}, {row['seq_per_s']:,.0f} seq/s"
+                + (f", val NDCG@10 {row.get('val_NDCG@10', float('nan')):.4f} HR@10 {row.get('val_HR@10', float('nan')):.4f}"
+                   if "val_NDCG@10" in row else "") + (" (best)" if improved else ""))
+        if report is not None:
+            report(row, {"improved": improved, "best": best} if improved else None)
+        if bad_epochs >= t.patience:
+            if rank == 0:
+                log(f"[train] early stop: no validation gain for {t.patience} evaluations (best epoch {best.best_epoch})")
+            break
+    best.history = history
+    return best
+
+
+def save_model(folder: Path, result: TrainResult) -> None:
+    """model.safetensors (fused item table + encoder) and history.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"item_table": result.item_table.contiguous()}
+    tensors |= {f"encoder.{k}": v.contiguous() for k, v in result.encoder_state.items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "history.json").write_text(json.dumps({"best_epoch": result.best_epoch,
+                                                     "best_val_ndcg10": result.best_metric,
+                                                     "epochs": result.history}, indent=2))
