@@ -38,6 +38,9 @@ def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
+    # later ray.init() calls in this process tree (library helpers, actors) must find THIS
+    # instance even when other Ray instances run on the machine
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log(f"[ray] resources: {ray.cluster_resources()}")
 
 

@@ -16,9 +16,23 @@ from ..config import RunConfig, config_from_dict
 from .loop import TrainInputs, save_model, train_worker
 
 
+def quiet_libraries() -> None:
+    """fbgemm/TorchRec log every table's full argument list at INFO, and Ray Train each report:
+    keep their warnings, drop the chatter, so that progress lines stay readable."""
+    import logging
+    import warnings
+
+    for name in ("", "torchrec", "fbgemm_gpu", "ray.train", "ray.data", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+
+
 def _ray_worker_loop(payload: dict) -> None:
     import ray.train
     import torch
+
+    quiet_libraries()
 
     cfg = config_from_dict(payload["config"])
     inputs = TrainInputs(**payload["inputs"])
@@ -80,6 +94,7 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
 
 def train_local(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     """One process, no Ray (plain-torch backend): debugging, and GPU machines without Ray/fbgemm."""
+    quiet_libraries()
     result = train_worker(cfg, inputs)
     save_model(out_dir, result)
     return {"workers": 1}
