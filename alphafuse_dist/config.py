@@ -253,6 +253,8 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})")
         current = getattr(obj, key)
+        if isinstance(value, _Raw):
+            value = _from_raw(hints[key], value)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}': expected a mapping of its keys, got {value!r}")
@@ -261,26 +263,44 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _check(dotted, hints[key], value))
 
 
+class _Raw(str):
+    """An override's text, typed only once the key's declared type is known."""
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return str in typing.get_args(tp)
+    return False
+
+
+def _from_raw(tp: Any, raw: _Raw) -> Any:
+    if raw.strip().lower() in ("none", "null", "~"):
+        return None
+    if _accepts_str(tp):
+        return str(raw)  # templates such as "{title}" stay strings, not YAML mappings
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return str(raw)
+
+
 def parse_override(text: str) -> dict:
-    """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}`` (values parsed as YAML scalars/lists)."""
+    """``"train.lr=0.01"`` -> ``{"train": {"lr": "0.01"}}``; the value is typed by the key's
+    declared type when applied (YAML scalars and lists, or the raw text for string keys)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected key=value, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, (int, float)) is False and isinstance(value, str) and value.lower() in ("none", "null"):
-        value = None
     out: dict = {}
     node = out
     parts = key.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    node[parts[-1]] = _Raw(raw)
     return out
 
 

@@ -1,0 +1,138 @@
+"""Configs (presets, overrides, key errors), stage manifests (skip, atomicity), and the CLI's
+one-line errors for bad input with no manifest left behind."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alphafuse_dist.cli import main
+from alphafuse_dist.config import RunConfig, config_from_dict, load_config, parse_override, preset_names
+from alphafuse_dist.errors import ConfigError
+from alphafuse_dist.stages import fingerprint_path, read_manifest, run_stage
+
+
+# ----------------------------------------------------------------------------- config
+def test_presets_load_and_overrides_apply():
+    assert {"quickstart", "ml-1m"} <= set(preset_names())
+    cfg = load_config("quickstart", ["train.epochs=3", "method=sasrec_id", "eval.ks=[5, 10]", "data.min_rating=3.5"])
+    assert (cfg.train.epochs, cfg.method, cfg.eval.ks, cfg.data.min_rating) == (3, "sasrec_id", [5, 10], 3.5)
+    assert cfg.train.lr == pytest.approx(1e-3)  # untouched defaults stay
+    assert config_from_dict(cfg.to_dict()) == cfg  # round trip used to ship configs to workers
+
+
+def test_yaml_file_config(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: mine\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(str(f), ["train.lr=0.02"])
+    assert (cfg.name, cfg.train.lr) == ("mine", 0.02)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=0.1", "train.lrr"),
+    ("bogus=1", "bogus"),
+    ("model.dim=abc", "model.dim"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("train.backend=tensorflow", "train.backend"),
+    ("method=bert", "method"),
+    ("eval.ks=10", "eval.ks"),
+    ("model=3", "model"),
+])
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("quickstart", [override])
+
+
+def test_cross_field_rules_name_the_keys():
+    with pytest.raises(ConfigError, match="decompose.null_dims"):
+        load_config("quickstart", ["decompose.null_dims=128"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config("quickstart", ["train.batch_size=5", "train.num_workers=2"])
+    with pytest.raises(ConfigError, match="no such file and no such preset"):
+        load_config("nope")
+
+
+def test_override_values_typed_by_key():
+    cfg = load_config("quickstart", ["data.min_rating=none", "eval.exclude_history=true",
+                                     "data.text_template={title} ({genres})", "run_dir=runs/{name}"])
+    assert cfg.data.min_rating is None and cfg.eval.exclude_history is True
+    assert cfg.data.text_template == "{title} ({genres})" and cfg.run_dir == "runs/{name}"
+    assert parse_override("a.b=1") == {"a": {"b": "1"}}
+
+
+# ----------------------------------------------------------------------------- stages
+def _build_counter(calls: list, fail: bool = False):
+    def build(tmp: Path) -> dict:
+        calls.append(tmp)
+        (tmp / "out.txt").write_text("partial")
+        if fail:
+            raise RuntimeError("killed midway")
+        return {"rows": {"out": 1}}
+    return build
+
+
+def test_stage_skips_when_manifest_matches_and_reruns_on_change(tmp_path):
+    calls: list = []
+    out = run_stage(tmp_path, "s", config_hash="a", inputs={"x": "1"}, build=_build_counter(calls), log=lambda s: None)
+    m = read_manifest(out)
+    assert m["rows"] == {"out": 1} and m["config_hash"] == "a" and len(m["digest"]) == 16
+    run_stage(tmp_path, "s", config_hash="a", inputs={"x": "1"}, build=_build_counter(calls), log=lambda s: None)
+    assert len(calls) == 1  # skipped
+    run_stage(tmp_path, "s", config_hash="b", inputs={"x": "1"}, build=_build_counter(calls), log=lambda s: None)
+    run_stage(tmp_path, "s", config_hash="b", inputs={"x": "2"}, build=_build_counter(calls), log=lambda s: None)
+    assert len(calls) == 3
+
+
+def test_failed_stage_leaves_nothing_and_keeps_previous_output(tmp_path):
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "s", config_hash="a", inputs={}, build=_build_counter([], fail=True), log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []  # no stage folder, no temporary
+    run_stage(tmp_path, "s", config_hash="a", inputs={}, build=_build_counter([]), log=lambda s: None)
+    before = read_manifest(tmp_path / "s")
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "s", config_hash="b", inputs={}, build=_build_counter([], fail=True), log=lambda s: None)
+    assert read_manifest(tmp_path / "s") == before  # the complete earlier output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    f = tmp_path / "a.csv"
+    f.write_text("x\n1\n")
+    a = fingerprint_path(f)
+    f.write_text("x\n2\n")
+    assert fingerprint_path(f) != a
+
+
+# ----------------------------------------------------------------------------- CLI bad input
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+ITEMS = "item_id,title\na,Alpha\nb,Beta\nc,Gamma\n"
+GOOD = "user_id,item_id,timestamp\nu,a,1\nu,b,2\nu,c,3\n"
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty", "unknown_item", "unknown_key"])
+def test_cli_bad_input_one_line_error_no_manifest(case, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    inter = tmp_path / "inter.csv"
+    items = _write(tmp_path / "items.csv", ITEMS)
+    content, needles = {
+        "missing_column": ("user_id,item_id\nu,a\n", ["inter.csv", "timestamp"]),
+        "empty": ("user_id,item_id,timestamp\n", ["inter.csv", "no data rows"]),
+        "unknown_item": (GOOD + "u,zzz,4\n", ["inter.csv", "item_id", "zzz"]),
+        "unknown_key": (GOOD, ["train.epochz"]),
+    }[case]
+    _write(inter, content)
+    overrides = ["data.source=interactions", "data.text_template={title}", f"data.path={inter}", f"data.items_path={items}", f"run_dir={run_dir}"]
+    if case == "unknown_key":
+        overrides.append("train.epochz=2")
+    code = main(["run", "--config", "quickstart", "--stages", "prepare", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n.lower() in err.lower(), err
+    assert not list(run_dir.rglob("manifest.json")) if run_dir.exists() else True
