@@ -33,12 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="alphafuse,sasrec_id")
     c.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     c.add_argument("--output", default=None, help="also write the table as JSON here")
+    c.add_argument("--stages", default="prepare,embed,decompose,train,evaluate",
+                   help="stages to run per method (e.g. train,evaluate on a machine holding the earlier ones)")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the shipped presets")
     return p
 
 
-def _compare(config: str, overrides: list[str], methods: str, seeds: str | None, output: str | None) -> None:
+def _stages(text: str) -> tuple[str, ...]:
+    from .pipeline import STAGES
+
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise AlphaFuseError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+    return stages
+
+
+def _compare(config: str, overrides: list[str], methods: str, seeds: str | None, output: str | None,
+             stages: str = "prepare,embed,decompose,train,evaluate") -> None:
     from .evaluate.stage import format_table
     from .pipeline import compare
 
@@ -47,7 +60,7 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     for m in method_list:
         load_config(config, overrides + [f"method={m}"])  # validates the method name up front
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
-    rows = compare(cfg, method_list, seed_list)
+    rows = compare(cfg, method_list, seed_list, stages=_stages(stages))
     table = format_table(rows, ks=tuple(cfg.eval.ks))
     print("\n" + table)
     path = cfg.run_path / "comparison.json"
@@ -70,17 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "quickstart":
             _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None)
         elif args.command == "compare":
-            _compare(args.config, args.overrides, args.methods, args.seeds, args.output)
+            _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages)
         elif args.command == "run":
             from .evaluate.stage import format_table
-            from .pipeline import STAGES, run_pipeline
+            from .pipeline import run_pipeline
 
             cfg = load_config(args.config, args.overrides)
-            stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-            unknown = [s for s in stages if s not in STAGES]
-            if unknown:
-                raise AlphaFuseError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-            out = run_pipeline(cfg, stages=stages)
+            out = run_pipeline(cfg, stages=_stages(args.stages))
             if "metrics" in out:
                 print("\n" + format_table([(cfg.method, out["metrics"])], ks=tuple(cfg.eval.ks)))
                 print(f"\nmetrics: {out['metrics_path']}")

@@ -152,7 +152,8 @@ def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, log: Log =
     return out
 
 
-def compare(cfg: RunConfig, methods: list[str], seeds: list[int], log: Log = print) -> list[tuple[str, dict]]:
+def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
+            log: Log = print) -> list[tuple[str, dict]]:
     """Run several methods x seeds on the same prepared data and splits; return (label, metrics)."""
     rows = []
     for method in methods:
@@ -160,6 +161,6 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], log: Log = pri
             c = copy.deepcopy(cfg)
             c.method, c.seed = method, seed
             c.validate()
-            res = run_pipeline(c, log=log)
+            res = run_pipeline(c, stages=stages, log=log)
             rows.append((f"{method} (seed {seed})", res["metrics"]))
     return rows
