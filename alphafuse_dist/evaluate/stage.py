@@ -24,7 +24,8 @@ def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, SASRecEn
     """(fused item table [N, d], encoder in eval mode) from a train stage's model.safetensors."""
     tensors = load_file(str(model_path))
     m = cfg.model
-    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout)
+    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
+                            normalize_inputs=m.similarity == "cosine")
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
     return tensors["item_table"], encoder.eval()
 

@@ -41,9 +41,12 @@ class SASRecEncoder(nn.Module):
         enc(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)).shape  # [2, 5, 8]
     """
 
-    def __init__(self, dim: int, max_len: int, num_blocks: int = 1, num_heads: int = 1, dropout: float = 0.1):
+    def __init__(self, dim: int, max_len: int, num_blocks: int = 1, num_heads: int = 1, dropout: float = 0.1,
+                 normalize_inputs: bool = True):
+        """``normalize_inputs``: L2-normalise item vectors to norm sqrt(d) before adding positions
+        (used with cosine similarity)."""
         super().__init__()
-        self.dim, self.max_len = dim, max_len
+        self.dim, self.max_len, self.normalize_inputs = dim, max_len, normalize_inputs
         self.pos = nn.Embedding(max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(dim, num_heads, dropout) for _ in range(num_blocks))
@@ -54,7 +57,12 @@ class SASRecEncoder(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
         keep = valid.unsqueeze(-1).to(x.dtype)
-        x = self.drop(x * self.dim ** 0.5 + self.pos.weight[-L:]) * keep
+        if self.normalize_inputs:
+            # Item vectors enter at unit RMS, the scale of the positions: whitened semantic rows
+            # (RMS 1, norm ~sqrt(d)) and small ID rows would otherwise drown or be drowned by
+            # them. With cosine scores an item vector's norm carries no meaning anyway.
+            x = F.normalize(x, dim=-1) * self.dim ** 0.5
+        x = self.drop(x + self.pos.weight[-L:]) * keep
         for block in self.blocks:
             x = block(x, self.causal[:L, :L], keep)
         return self.ln(x) * keep

@@ -65,7 +65,8 @@ def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, d
                            semantic=semantic, id_init=m.id_init, id_init_std=m.id_init_std, backend=t.backend,
                            device=device, generator=gen)
     torch.manual_seed(cfg.seed)
-    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout).to(device)
+    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
+                            normalize_inputs=m.similarity == "cosine").to(device)
     return SequentialRecommender(items, encoder, m.similarity, m.temperature)
 
 
