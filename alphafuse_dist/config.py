@@ -55,6 +55,9 @@ class EmbedConfig:
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 256
     num_actors: int = 1  # Ray Data actor-pool size; each actor takes 1 CPU (see STACK notes)
+    # torch threads inside each CPU actor (None: the node's cores // num_actors); the actor still
+    # reserves only 1 CPU so that Ray Data's read and write tasks can always be scheduled
+    threads_per_actor: int | None = None
     normalize: bool = False
     max_seq_length: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

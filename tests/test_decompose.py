@@ -1,0 +1,172 @@
+"""Distributed covariance, the null-space basis and the decompose stage, checked against numpy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import load_file
+
+from alphafuse_dist.config import DecomposeConfig
+from alphafuse_dist.decompose.basis import NullSpaceBasis
+from alphafuse_dist.decompose.covariance import distributed_covariance, partial_moments
+from alphafuse_dist.decompose.stage import decompose
+from alphafuse_dist.errors import ConfigError, DataError
+
+N, D_L = 3000, 48
+
+
+def write_fragments(folder, X, idx, sizes):
+    """Rows (idx[i], X[i]) split into part-*.parquet files of the given sizes, as embed writes them."""
+    files, start = [], 0
+    for k, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(X[rows].reshape(-1)), X.shape[1])
+        path = folder / f"part-{k:03d}.parquet"
+        pq.write_table(pa.table({"item_idx": pa.array(idx[rows], pa.int32()), "vector": vectors}), path)
+        files.append(str(path))
+        start += size
+    assert start == len(X)
+    return files
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """N x d_l float32 rows with a large non-zero mean and a decaying spectrum, stored shuffled in
+    5 uneven fragments. Returns (folder, files, X ordered by item_idx)."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(D_L, D_L)) * np.geomspace(3.0, 0.01, D_L)[:, None]
+    X = (rng.normal(size=(N, D_L)) @ A + rng.uniform(2, 8, size=D_L)).astype(np.float32)
+    order = rng.permutation(N)
+    folder = tmp_path_factory.mktemp("embed")
+    files = write_fragments(folder, X[order], order, [700, 1, 999, 800, 500])
+    return folder, files, X
+
+
+def rel_err(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_distributed_covariance_equals_numpy(ray_session, embeddings):
+    _, files, X = embeddings
+    n, mean, cov = distributed_covariance(files)
+    assert n == N
+    assert rel_err(mean, X.mean(0, dtype=np.float64)) < 1e-12
+    assert rel_err(cov, np.cov(X, rowvar=False)) < 1e-6
+    # the reduce tree's shape does not matter beyond round-off
+    _, _, cov8 = distributed_covariance(files, fan_in=8)
+    assert rel_err(cov8, cov) < 1e-12
+
+
+def test_weighted_and_scaled_covariance(ray_session, embeddings):
+    _, files, X = embeddings
+    w = np.random.default_rng(1).integers(1, 20, size=N)
+    _, mean, cov = distributed_covariance(files, scale=40.0, weights=w)
+    assert rel_err(mean, 40.0 * np.average(X, axis=0, weights=w)) < 1e-12
+    assert rel_err(cov, np.cov(40.0 * X.astype(np.float64), rowvar=False, fweights=w)) < 1e-6
+
+
+def test_partial_moments_reads_one_fragment(embeddings):
+    _, files, X = embeddings
+    m = partial_moments(files[0], batch_rows=64)  # several batches inside one file
+    rows = pq.read_table(files[0])
+    Xf = np.stack(rows.column("vector").to_numpy(zero_copy_only=False)).astype(np.float64)
+    assert m.count == len(Xf) == 700 and m.weight == 700.0
+    assert rel_err(m.total, Xf.sum(0)) < 1e-12
+    assert rel_err(m.gram, Xf.T @ Xf) < 1e-12
+
+
+def test_whitened_coordinates_have_identity_covariance(embeddings):
+    _, _, X = embeddings
+    basis = NullSpaceBasis.fit(X.mean(0, dtype=np.float64), np.cov(X, rowvar=False), dim=32, null_dims=16)
+    Z = basis.transform(X)
+    assert Z.dtype == np.float32 and Z.shape == (N, 32)
+    assert np.abs(np.cov(Z, rowvar=False) - np.eye(32)).max() < 1e-5
+    assert np.abs(Z.mean(0)).max() < 1e-5
+    assert np.all(np.diff(basis.eigenvalues) <= 0)
+    # whitening makes the scale irrelevant (METHOD.md: it matters only for threshold rules)
+    scaled = NullSpaceBasis.fit(40 * basis.mean, 1600 * np.cov(X, rowvar=False), dim=32, null_dims=16, scale=40.0)
+    assert np.abs(scaled.transform(X) - Z).max() < 1e-4
+
+
+def test_unwhitened_projection_is_the_numpy_eigenbasis(embeddings):
+    _, _, X = embeddings
+    d, d_n = 24, 8
+    mu, C = X.mean(0, dtype=np.float64), np.cov(X, rowvar=False)
+    basis = NullSpaceBasis.fit(mu, C, dim=d, null_dims=d_n, whiten=False)
+    values, U = np.linalg.eigh(C)
+    values, U = values[::-1], U[:, ::-1]
+    U = U * np.sign((U * basis.eigenvectors).sum(0))  # eigenvectors are unique up to sign
+    expected = (X.astype(np.float64) - mu) @ U[:, :d]
+    Z = basis.transform(X)
+    assert rel_err(Z, expected) < 1e-6
+    assert basis.semantic_dims == d - d_n
+    assert rel_err(Z[:, d - d_n:], (X.astype(np.float64) - mu) @ U[:, d - d_n:d]) < 1e-6
+    P = basis.projection
+    assert P.shape == (D_L, d)
+    assert np.abs(P.T @ P - np.eye(d)).max() < 1e-12
+    np.testing.assert_allclose(basis.eigenvalues, values, rtol=1e-10, atol=1e-12 * values[0])
+    # deterministic sign: the largest-magnitude entry of each eigenvector is positive
+    cols = np.arange(D_L)
+    assert np.all(basis.eigenvectors[np.abs(basis.eigenvectors).argmax(0), cols] > 0)
+
+
+def test_save_load_round_trip_is_exact(tmp_path, embeddings):
+    _, _, X = embeddings
+    basis = NullSpaceBasis.fit(X.mean(0, dtype=np.float64), np.cov(X, rowvar=False), dim=16, null_dims=4,
+                               whiten=True, scale=40.0 / 3)
+    basis.save(tmp_path)
+    back = NullSpaceBasis.load(tmp_path)
+    for name in ("mean", "eigenvalues", "eigenvectors"):
+        assert getattr(back, name).dtype == np.float64
+        assert np.array_equal(getattr(back, name), getattr(basis, name))
+    assert (back.dim, back.null_dims, back.whiten, back.scale) == (16, 4, True, 40.0 / 3)
+    assert np.array_equal(back.transform(X), basis.transform(X))
+    assert json.loads((tmp_path / "basis.json").read_text())["format_version"] == 1
+
+
+def test_invalid_sizes_and_rank_deficiency_name_the_config_key():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(10, D_L))  # 10 items span at most 9 centred directions
+    mu, C = X.mean(0), np.cov(X, rowvar=False)
+    with pytest.raises(ConfigError, match=r"model\.dim=16: eigenvalue 10 .* span only 9 directions"):
+        NullSpaceBasis.fit(mu, C, dim=16, null_dims=8)
+    assert NullSpaceBasis.fit(mu, C, dim=16, null_dims=8, whiten=False).transform(X).shape == (10, 16)
+    with pytest.raises(ConfigError, match=r"decompose\.null_dims=8"):
+        NullSpaceBasis.fit(mu, C, dim=8, null_dims=8)
+    with pytest.raises(ConfigError, match=r"model\.dim=64: must be in 1\.\.48"):
+        NullSpaceBasis.fit(mu, C, dim=64, null_dims=8)
+
+
+def test_decompose_stage_writes_the_semantic_table(ray_session, embeddings, tmp_path):
+    folder, _, X = embeddings
+    info = decompose(folder, DecomposeConfig(null_dims=8, whiten=True, scale=1.0), dim=32, num_items=N,
+                     out_dir=tmp_path)
+    basis = NullSpaceBasis.load(tmp_path)
+    table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
+    assert table.dtype == np.float32 and table.shape == (N, 32)
+    # row i is item i even though the fragments hold the items shuffled
+    assert np.array_equal(table, basis.transform(X))
+    assert np.abs(np.cov(table, rowvar=False) - np.eye(32)).max() < 1e-5
+    spectrum = json.loads((tmp_path / "spectrum.json").read_text())
+    assert (spectrum["d"], spectrum["d_null"], spectrum["d_l"]) == (32, 8, D_L)
+    assert len(spectrum["eigenvalues"]) == D_L and spectrum["cumulative_explained_variance"][-1] == pytest.approx(1)
+    assert info["rows"] == {"items": N} and info["d_l"] == D_L
+    assert info["explained_variance_semantic"] == pytest.approx(spectrum["cumulative_explained_variance"][31])
+
+
+def test_decompose_rejects_duplicate_and_missing_items(ray_session, tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 8)).astype(np.float32)
+    idx = np.arange(200)
+    idx[150] = 7  # item 7 twice, item 150 missing
+    (tmp_path / "embed").mkdir()
+    write_fragments(tmp_path / "embed", X, idx, [100, 100])
+    with pytest.raises(DataError, match=r"column .item_idx.: item_idx 7 occurs more than once"):
+        decompose(tmp_path / "embed", DecomposeConfig(null_dims=2), dim=4, num_items=200, out_dir=tmp_path)
+    with pytest.raises(DataError, match="embeddings have 200 rows but prepare has 201 items"):
+        decompose(tmp_path / "embed", DecomposeConfig(null_dims=2), dim=4, num_items=201, out_dir=tmp_path)
+    with pytest.raises(DataError, match=r"nothing: no part-\*\.parquet embedding fragments"):
+        decompose(tmp_path / "nothing", DecomposeConfig(null_dims=2), dim=4, num_items=200, out_dir=tmp_path)

