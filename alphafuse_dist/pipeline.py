@@ -31,7 +31,6 @@ def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if cfg.ray.address:
         log(f"[ray] connecting to {cfg.ray.address}")
         ray.init(address=cfg.ray.address, log_to_driver=True)

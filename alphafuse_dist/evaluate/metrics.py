@@ -1,0 +1,278 @@
+"""Full-ranking evaluation kernels: target ranks, top-k, HR / NDCG / MRR, head/tail groups.
+
+Shapes: ``U`` users in a batch, ``N`` items, ``d`` width, ``k`` cut-off, ``C`` item chunk.
+
+Both ranking functions score ALL ``N`` items, one chunk of ``C`` items at a time, so memory is
+``O(U x C)``, never ``O(U x N)``. Ties are broken by item id: of two items with equal scores the
+one with the smaller id ranks ahead, so results are identical for every chunk size and every run.
+
+Scores are float64 dot products rounded to float32. Float32 products are exact in float64 and a
+float64 sum is far finer than one float32 step, so the rounded score of a (user, item) pair does
+not depend on the kernel that computed it (a matrix product of any chunk shape, or the target's
+own row-wise product). Plain float32 sums differ in the last bits between such kernels, which
+would put a target behind or ahead of its exact duplicates at random. The float64 product takes
+about twice as long as a float32 one on CPU.
+
+Example::
+
+    ranks = target_ranks(states, table, targets, similarity="cosine")  # [U]
+    metrics_from_ranks(ranks, ks=(10,))  # {"HR@10": ..., "NDCG@10": ..., "MRR@10": ..., "users": U}
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Similarity = Literal["dot", "cosine"]
+
+
+def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, similarity: Similarity = "dot",
+                 item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None) -> Tensor:
+    """0-based rank of each user's target among all items (0: nothing ranks ahead of it).
+
+    The rank counts the items that score higher than the target, plus the items that score the
+    same and have a smaller id.
+
+    Args:
+        user_states: ``[U, d]`` float user representations.
+        item_table: ``[N, d]`` float item vectors; row ``i`` is item ``i``.
+        targets: ``[U]`` long, each user's target item in ``0..N-1``.
+        similarity: ``"dot"``, or ``"cosine"`` (both sides L2-normalised first).
+        item_chunk: items scored at once; peak memory is about ``20 * U * item_chunk`` bytes.
+        exclude: ``U`` 1-D long tensors, the items that do not compete for each user (e.g. the
+            history; duplicates allowed). A listed target still gets its rank: a re-consumed
+            item is a valid target.
+
+    Returns:
+        ``[U]`` long ranks on ``item_table``'s device.
+
+    Example::
+
+        table = torch.tensor([[3.0], [1.0], [2.0], [2.0]])
+        target_ranks(torch.ones(2, 1), table, torch.tensor([3, 2]))  # [2, 1]: item 2 ties item 3
+    """
+    num_users, num_items = _check_inputs(user_states, item_table, item_chunk)
+    if targets.shape != (num_users,) or targets.dtype != torch.long:
+        raise ValueError(f"targets: expected a long tensor of shape [{num_users}], "
+                         f"got {targets.dtype} of shape {list(targets.shape)}")
+    if num_users and not (0 <= int(targets.min()) and int(targets.max()) < num_items):
+        raise ValueError(f"targets: item ids must lie in 0..{num_items - 1}, "
+                         f"got {int(targets.min())}..{int(targets.max())}")
+    device = item_table.device
+    targets = targets.to(device)
+    users = _prepare(user_states.to(device), similarity)
+    target_scores = (users * _prepare(item_table[targets], similarity)).sum(dim=1).float().unsqueeze(1)
+    # Listing every target as a non-competitor of its own user keeps it from counting itself.
+    blocked = _pairs_by_item(exclude, num_users, num_items, device, targets=targets)
+
+    ranks = torch.zeros(num_users, dtype=torch.long, device=device)
+    for start, end, scores in _chunk_scores(users, item_table, similarity, item_chunk):
+        ids = torch.arange(start, end, device=device)
+        ahead = (scores > target_scores) | ((scores == target_scores) & (ids < targets.unsqueeze(1)))
+        rows, cols = _pairs_in(blocked, start, end)
+        ahead[rows, cols] = False
+        ranks += ahead.sum(dim=1)
+    return ranks
+
+
+def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, similarity: Similarity = "dot",
+                      item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` best items of each user over all items, best first, merged chunk by chunk.
+
+    Order: higher score first, then smaller item id, the same order :func:`target_ranks` counts.
+
+    Args:
+        user_states: ``[U, d]`` float user representations.
+        item_table: ``[N, d]`` float item vectors; row ``i`` is item ``i``.
+        k: items per user, ``1 <= k <= N``.
+        similarity: ``"dot"``, or ``"cosine"`` (both sides L2-normalised first).
+        item_chunk: items scored at once; memory is ``O(U x (item_chunk + k))``.
+        exclude: ``U`` 1-D long tensors, items never recommended to each user (e.g. the history).
+            They score ``-inf``, so they fill the tail only when fewer than ``k`` others remain.
+
+    Returns:
+        ``(scores, ids)``: ``[U, k]`` float32 scores and ``[U, k]`` long item ids.
+
+    Example::
+
+        table = torch.tensor([[3.0], [1.0], [2.0], [2.0]])
+        full_ranking_topk(torch.ones(1, 1), table, 3)  # ([[3., 2., 2.]], [[0, 2, 3]])
+    """
+    num_users, num_items = _check_inputs(user_states, item_table, item_chunk)
+    if not 1 <= k <= num_items:
+        raise ValueError(f"k={k}: must lie in 1..{num_items} (the number of items)")
+    device = item_table.device
+    users = _prepare(user_states.to(device), similarity)
+    blocked = _pairs_by_item(exclude, num_users, num_items, device)
+
+    best_scores = torch.empty(num_users, 0, device=device)
+    best_ids = torch.empty(num_users, 0, dtype=torch.long, device=device)
+    for start, end, scores in _chunk_scores(users, item_table, similarity, item_chunk):
+        rows, cols = _pairs_in(blocked, start, end)
+        scores[rows, cols] = -math.inf
+        chunk_scores, chunk_cols = _topk_in_id_order(scores, min(k, end - start))
+        # Among equal scores the candidates below sit in id order (the running best first, all of
+        # smaller ids, then this chunk's in column order), so a stable sort keeps the tie rule.
+        candidates = torch.cat([best_scores, chunk_scores], dim=1)
+        candidate_ids = torch.cat([best_ids, chunk_cols + start], dim=1)
+        order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores, best_ids = candidates.gather(1, order), candidate_ids.gather(1, order)
+    return best_scores, best_ids
+
+
+def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
+    """Hit rate, NDCG and MRR at each cut-off, averaged over users.
+
+    For a 0-based rank ``r`` and cut-off ``k``: ``HR@k = [r < k]``, ``NDCG@k = [r < k] / log2(r + 2)``,
+    ``MRR@k = [r < k] / (r + 1)``.
+
+    Args:
+        ranks: ``[U]`` 0-based ranks, e.g. from :func:`target_ranks`.
+        ks: cut-offs, each ``>= 1``.
+
+    Returns:
+        ``{"HR@10": ..., "NDCG@10": ..., "MRR@10": ..., <the same at each k>, "users": U}``. With no
+        users every metric is 0.0 (and ``users`` 0), so empty groups stay JSON-safe, never NaN.
+
+    Example::
+
+        metrics_from_ranks(torch.tensor([0, 1, 4, 30]), ks=(10,))["HR@10"]  # 0.75
+    """
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks={list(ks)}: must be a non-empty list of positive integers")
+    ranks = ranks.detach().to("cpu", torch.float64).reshape(-1)
+    num_users = ranks.numel()
+    denominator = max(num_users, 1)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks < k
+        zero = torch.zeros_like(ranks)
+        out[f"HR@{k}"] = hit.sum().item() / denominator
+        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), zero).sum().item() / denominator
+        out[f"MRR@{k}"] = torch.where(hit, 1.0 / (ranks + 1.0), zero).sum().item() / denominator
+    out["users"] = num_users
+    return out
+
+
+def grouped_metrics(ranks: Tensor, targets: Tensor, is_head: Tensor,
+                    ks: Sequence[int] = (10, 20)) -> dict[str, dict[str, float]]:
+    """:func:`metrics_from_ranks` overall and for users whose target is a head / tail item.
+
+    Args:
+        ranks: ``[U]`` 0-based ranks of the targets.
+        targets: ``[U]`` long target item ids.
+        is_head: ``[N]`` bool, the popular (head) items; the others are tail items.
+        ks: cut-offs, each ``>= 1``.
+
+    Returns:
+        ``{"overall": metrics, "head": metrics, "tail": metrics}``; a group without users has
+        ``users == 0`` and zero metrics.
+    """
+    if ranks.shape != targets.shape or ranks.dim() != 1:
+        raise ValueError(f"ranks {list(ranks.shape)} and targets {list(targets.shape)}: "
+                         "expected two 1-D tensors of the same length")
+    if is_head.dtype != torch.bool or is_head.dim() != 1:
+        raise ValueError(f"is_head: expected a 1-D bool tensor over items, got {is_head.dtype} "
+                         f"of shape {list(is_head.shape)}")
+    head = is_head.to(targets.device)[targets].to(ranks.device)
+    return {"overall": metrics_from_ranks(ranks, ks),
+            "head": metrics_from_ranks(ranks[head], ks),
+            "tail": metrics_from_ranks(ranks[~head], ks)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _check_inputs(user_states: Tensor, item_table: Tensor, item_chunk: int) -> tuple[int, int]:
+    """Validate shapes, dtypes and the chunk size; return ``(U, N)``."""
+    for name, t in (("user_states", user_states), ("item_table", item_table)):
+        if t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name}: expected a 2-D float tensor, got {t.dtype} of shape {list(t.shape)}")
+    if user_states.shape[1] != item_table.shape[1]:
+        raise ValueError(f"user_states width {user_states.shape[1]} != item_table width {item_table.shape[1]}")
+    if item_table.shape[0] == 0:
+        raise ValueError("item_table: has no items")
+    if item_chunk < 1:
+        raise ValueError(f"item_chunk={item_chunk}: must be >= 1")
+    if not torch.isfinite(user_states).all():
+        raise ValueError("user_states: contains NaN or infinite values")
+    return user_states.shape[0], item_table.shape[0]
+
+
+def _prepare(x: Tensor, similarity: Similarity) -> Tensor:
+    """``[R, d]`` -> float64, L2-normalised rows for cosine."""
+    x = x.to(torch.float64)
+    if similarity == "cosine":
+        return F.normalize(x, dim=1)
+    if similarity == "dot":
+        return x
+    raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
+
+
+def _chunk_scores(users: Tensor, item_table: Tensor, similarity: Similarity,
+                  item_chunk: int) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(start, end, scores)`` with ``scores`` ``[U, end - start]`` float32 per item chunk."""
+    for start in range(0, item_table.shape[0], item_chunk):
+        end = min(start + item_chunk, item_table.shape[0])
+        chunk = item_table[start:end]
+        # non-finite item scores would break both the counting and the top-k selection silently
+        if not torch.isfinite(chunk).all():
+            raise ValueError(f"item_table rows {start}..{end - 1}: contain NaN or infinite values")
+        yield start, end, (users @ _prepare(chunk, similarity).T).float()
+
+
+def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: int, device: torch.device,
+                   targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(user, item) pairs to block, as ``(users, items)`` sorted by item for per-chunk slicing."""
+    items, users = [], []
+    if exclude is not None:
+        if len(exclude) != num_users:
+            raise ValueError(f"exclude: expected one tensor per user ({num_users}), got {len(exclude)}")
+        for u, e in enumerate(exclude):
+            if e.dim() != 1 or e.dtype not in (torch.long, torch.int32):
+                raise ValueError(f"exclude[{u}]: expected a 1-D integer tensor, got {e.dtype} of shape {list(e.shape)}")
+            if e.numel() and not (0 <= int(e.min()) and int(e.max()) < num_items):
+                raise ValueError(f"exclude[{u}]: item ids must lie in 0..{num_items - 1}")
+        lengths = torch.tensor([e.numel() for e in exclude], device=device)
+        items.append(torch.cat([e.to(device, torch.long) for e in exclude]) if num_users
+                     else torch.empty(0, dtype=torch.long, device=device))
+        users.append(torch.repeat_interleave(torch.arange(num_users, device=device), lengths))
+    if targets is not None:
+        items.append(targets)
+        users.append(torch.arange(num_users, device=device))
+    if not items:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    items_flat = torch.cat(items)
+    order = torch.argsort(items_flat)
+    return torch.cat(users)[order], items_flat[order]
+
+
+def _pairs_in(pairs: tuple[Tensor, Tensor], start: int, end: int) -> tuple[Tensor, Tensor]:
+    """The pairs whose item lies in ``[start, end)``, as (row, column-in-chunk) indices."""
+    users, items = pairs
+    lo, hi = torch.searchsorted(items, torch.tensor([start, end], device=items.device)).tolist()
+    return users[lo:hi], items[lo:hi] - start
+
+
+def _topk_in_id_order(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best columns of each row of ``[U, C]`` scores, ties at the cut going to smaller
+    columns; returned in column order (not by score) as ``([U, k] scores, [U, k] columns)``."""
+    values, columns = torch.topk(scores, k, dim=1)
+    kth = values[:, -1:]  # [U, 1]
+    # torch.topk picks among scores equal to the k-th arbitrarily; rows where it had to choose
+    # (more such scores in the chunk than it kept) take the leftmost ones instead
+    at_cut = scores == kth
+    split = (at_cut.sum(dim=1) > (values == kth).sum(dim=1)).nonzero().squeeze(1)
+    if split.numel():
+        above = scores[split] > kth[split]
+        needed = k - above.sum(dim=1, keepdim=True)
+        cut = at_cut[split]
+        chosen = above | (cut & (cut.cumsum(dim=1, dtype=torch.int32) <= needed))
+        columns[split] = chosen.nonzero()[:, 1].view(-1, k)  # row-major: exactly k per row
+    columns = columns.sort(dim=1).values
+    return scores.gather(1, columns), columns
