@@ -74,14 +74,22 @@ def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path)
     return {"rows": {"users": result["metrics"]["overall"]["users"]}}
 
 
-def format_table(rows: list[tuple[str, dict]], ks=(10, 20), groups=("overall", "tail")) -> str:
-    """A plain-text table: one row per (label, metrics.json content)."""
-    cols = [f"{g}:{m}@{k}" for g in groups for k in ks for m in ("HR", "NDCG", "MRR")]
-    head = f"{'run':<24}" + "".join(f"{c:>18}" for c in cols)
+def format_table(rows: list[tuple[str, dict]], ks=(10, 20)) -> str:
+    """A plain-text table, one row per (label, metrics.json content): every metric overall, then
+    HR and NDCG at the first k for tail and head target items (with their user counts)."""
+    overall = [(f"{m}@{k}", "overall", f"{m}@{k}") for k in ks for m in ("HR", "NDCG", "MRR")]
+    k0 = ks[0]
+    grouped = [(f"{g}:{m}@{k0}", g, f"{m}@{k0}") for g in ("tail", "head") for m in ("HR", "NDCG")]
+    cols = overall + grouped
+    width = max(len(c[0]) for c in cols) + 2
+    head = f"{'run':<22}" + "".join(f"{c[0]:>{width}}" for c in cols) + f"{'users':>8}"
     lines = [head, "-" * len(head)]
     for label, res in rows:
         mets = res["metrics"]
-        lines.append(f"{label:<24}" + "".join(
-            f"{mets.get(g, {}).get(f'{m}@{k}', float('nan')):>18.4f}" for g in groups for k in ks
-            for m in ("HR", "NDCG", "MRR")))
+        cells = "".join(f"{mets.get(g, {}).get(key, float('nan')):>{width}.4f}" for _, g, key in cols)
+        lines.append(f"{label:<22}{cells}{mets['overall'].get('users', 0):>8}")
+    groups = rows[0][1]["metrics"] if rows else {}
+    lines.append(f"(tail/head: target items outside/inside the top share of items by training "
+                 f"popularity; users: tail {groups.get('tail', {}).get('users', 0)}, "
+                 f"head {groups.get('head', {}).get('users', 0)})")
     return "\n".join(lines)
