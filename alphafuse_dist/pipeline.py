@@ -12,6 +12,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig, section_hash
+from .errors import AlphaFuseError
 from .stages import clean_temporaries, read_manifest, require_stage, run_stage, stage_digest
 
 Log = Callable[[str], None]
@@ -131,10 +133,33 @@ def evaluate_stage(cfg: RunConfig, log: Log = print) -> Path:
 STAGES = ("prepare", "embed", "decompose", "train", "evaluate")
 
 
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    """One pipeline per run directory at a time: a second one would delete the first one's
+    temporary stage folders as leftovers."""
+    import fcntl
+
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlphaFuseError(f"run_dir {run_dir}: another alphafuse run is using it; wait for it "
+                                 "or choose another run_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, log: Log = print) -> dict:
     """Run the stages in order (skipping up-to-date ones); return the metrics and their path."""
     run_dir = cfg.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_dir_lock(run_dir):
+        return _run_stages(cfg, run_dir, stages, log)
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log) -> dict:
     clean_temporaries(run_dir)
     t0 = time.time()
     fns = {"prepare": prepare_stage, "embed": embed_stage, "decompose": decompose_stage,

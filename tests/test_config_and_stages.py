@@ -136,3 +136,63 @@ def test_cli_bad_input_one_line_error_no_manifest(case, tmp_path, capsys):
     for n in needles:
         assert n.lower() in err.lower(), err
     assert not list(run_dir.rglob("manifest.json")) if run_dir.exists() else True
+
+
+KILLED_STAGE = """
+import sys, time
+from pathlib import Path
+from alphafuse_dist.stages import run_stage
+
+def build(tmp):
+    (tmp / "part-0.parquet").write_bytes(b"half")
+    Path(sys.argv[2]).write_text("started")
+    time.sleep(60)
+
+run_stage(Path(sys.argv[1]), "embed", config_hash="a", inputs={}, build=build)
+"""
+
+
+def test_sigkilled_stage_leaves_no_readable_output(tmp_path):
+    """A stage process killed with SIGKILL mid-write leaves only a hidden temporary folder: no
+    stage folder, no manifest; the next run removes the leftover and a later stage refuses to
+    read the missing one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alphafuse_dist.errors import AlphaFuseError
+    from alphafuse_dist.stages import clean_temporaries, require_stage
+
+    flag = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(tmp_path / "run"), str(flag)])
+    try:
+        deadline = time.time() + 60
+        while not flag.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert flag.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "embed").exists()
+    assert [p.name.startswith(".embed.tmp-") for p in run_dir.iterdir()] == [True]
+    with pytest.raises(AlphaFuseError, match="no manifest"):
+        require_stage(run_dir, "embed")
+    clean_temporaries(run_dir)
+    assert list(run_dir.iterdir()) == []
+
+
+def test_second_run_on_a_busy_run_dir_is_refused(tmp_path):
+    import fcntl
+
+    from alphafuse_dist.errors import AlphaFuseError
+    from alphafuse_dist.pipeline import run_pipeline
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(AlphaFuseError, match="another alphafuse run"):
+            run_pipeline(load_config("quickstart", [f"run_dir={run_dir}"]), stages=("prepare",))
