@@ -31,19 +31,40 @@ METHODS = ("alphafuse", "sasrec_id")
 class DataConfig:
     """Where interactions and item text come from and how they become sequences."""
 
-    source: Literal["ml-latest-small", "movielens", "recbole", "interactions"] = "ml-latest-small"
-    # folder (movielens: ratings.csv/movies.csv or ratings.dat/movies.dat; recbole: <name>.inter/.item)
-    # or, for source=interactions, the interactions file (Parquet or CSV); ignored for the embedded set
+    source: Literal["ml-latest-small", "movielens", "recbole", "interactions",
+                    "amazon2014", "amazon2018", "amazon2023"] = "ml-latest-small"
+    # folder (movielens: ratings.csv/movies.csv, ratings.dat/movies.dat or u.data/u.item; recbole:
+    # <name>.inter/.item; amazon: the reviews file or a folder holding reviews + meta files) or,
+    # for source=interactions, the interactions file; ignored for the embedded set. .gz/.zst read
+    # transparently.
     path: str | None = None
-    items_path: str | None = None  # source=interactions: the items file (Parquet or CSV)
+    items_path: str | None = None  # source=interactions / amazon: the items (meta) file
     user_col: str = "user_id"  # source=interactions: column names
     item_col: str = "item_id"
     time_col: str = "timestamp"
+    rating_col: str = "rating"  # source=interactions: used when present
+    # --- filters (applied in this order: rating, de-duplication, k-core, last L)
     min_rating: float | None = None  # keep interactions with rating >= this (None: keep all)
+    dedupe: Literal["exact", "user_item", "none"] = "exact"  # exact rows, or keep a pair's first interaction
     min_user_interactions: int = 3  # leave-one-out needs >= 3 (train, valid, test)
-    # item text: str.format template over the item table's text columns
+    min_item_interactions: int = 1  # with min_user_interactions: iterative k-core until both hold
+    max_history: int | None = None  # keep each user's last L interactions (None: all)
+    # --- splits
+    split: Literal["leave_one_out", "cold_start_users", "time"] = "leave_one_out"
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # cold_start_users: train/valid/test users
+    split_seed: int = 2025  # cold_start_users: seeded rule assigning users to parts
+    split_times: list[str] = field(default_factory=list)  # time: [t1, t2] (epoch seconds or ISO 8601)
+    # --- stable ids: a previous run's prepare folder whose id maps are kept and extended
+    id_map: str | None = None
+    # --- item groups
+    head_rule: Literal["top_items", "top_interactions", "threshold"] = "top_items"
+    head_fraction: float = 0.2  # top_items: share of items; top_interactions: share of interactions
+    head_threshold: int | None = None  # threshold: items with > this many training interactions
+    # --- item text: str.format template over the item table's text columns
     text_template: str = "{title}. Genres: {genres}."
-    head_fraction: float = 0.2  # head items: the most popular items holding this share of items
+    text_max_tokens: int | None = None  # truncate by tokens of embed.model's tokenizer (None: no cut)
+    missing_text: Literal["error", "placeholder"] = "placeholder"  # items whose text is empty
+    placeholder_text: str = "item {item_id}"
 
 
 @dataclass
@@ -242,6 +263,8 @@ def _check(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. epoch seconds in data.split_times
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value
