@@ -56,6 +56,8 @@ class DataConfig:
     split_times: list[str] = field(default_factory=list)  # time: [t1, t2] (epoch seconds or ISO 8601)
     # --- stable ids: a previous run's prepare folder whose id maps are kept and extended
     id_map: str | None = None
+    # items that get an index: those with a kept interaction, or every item of the item table
+    catalogue: Literal["interacted", "all"] = "interacted"
     # --- item groups
     head_rule: Literal["top_items", "top_interactions", "threshold"] = "top_items"
     head_fraction: float = 0.2  # top_items: share of items; top_interactions: share of interactions
@@ -83,6 +85,9 @@ class EmbedConfig:
     max_seq_length: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rows_per_file: int = 50_000  # output Parquet fragment size (decompose runs one task per file)
+    # embedding cache, keyed by (model fingerprint, encode settings, sha256 of the text); kept across
+    # reruns of the stage so that only new or changed texts are encoded. None: <run_dir>/.embed-cache
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -92,6 +97,16 @@ class DecomposeConfig:
     null_dims: int = 64  # d_n: trailing coordinates of the model width that the ID part lives in
     whiten: bool = True  # P = U[:, :d] diag(S[:d])^-1/2 ; off: P = U[:, :d]
     scale: float = 1.0  # embeddings are multiplied by this first (reference: 40; matters only without whitening)
+    # "exact": covariance + eigh (d_l in the hundreds); "randomized": Halko range finder over the
+    # fragments, top-(model.dim) spectrum only (d_l in the thousands)
+    method: Literal["exact", "randomized"] = "exact"
+    oversample: int = 16  # randomized: extra directions in the range finder beyond model.dim
+    power_iters: int = 4  # randomized: power iterations (passes over the data) sharpening the range
+    # "count": d_n = null_dims; "threshold": d = d_l and d_n = #eigenvalues <= null_threshold of the
+    # covariance of scale*E (DreamRec: scale 40, threshold 0.25); model.dim / null_dims must then match
+    null_rule: Literal["count", "threshold"] = "count"
+    null_threshold: float | None = None
+    weighted_mean: bool = False  # popularity-weighted mean and covariance (weights: prepare's popularity)
 
 
 @dataclass
@@ -127,7 +142,7 @@ class TrainConfig:
     id_lr: float = 0.05
     num_negatives: int = 256  # uniform negatives shared by the whole step
     loss_positions: Literal["all", "last"] = "all"  # InfoNCE at every position or the last one
-    patience: int = 5  # epochs without validation NDCG@10 gain before stopping
+    patience: int = 5  # validations without NDCG@10 gain before stopping
     eval_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between progress lines
     timeout_s: int = 600  # process-group timeout (a hung worker fails the run after this)

@@ -97,18 +97,18 @@ def _worker(rank, world, store_path, sharding, method, out_path):
         dist.destroy_process_group()
 
 
-def _sharded(sharding, method):
+def _sharded(sharding, method, world=2):
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.pt")
-        mp.start_processes(_worker, args=(2, os.path.join(d, "store"), sharding, method, out), nprocs=2,
+        mp.start_processes(_worker, args=(world, os.path.join(d, "store"), sharding, method, out), nprocs=world,
                            join=True, start_method="spawn")
         return torch.load(out)
 
 
-@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
-def test_two_sharded_workers_match_one_process(sharding):
+@pytest.mark.parametrize("sharding, world", [("row_wise", 2), ("table_wise", 2), ("column_wise", 2), ("row_wise", 4)])
+def test_sharded_workers_match_one_process(sharding, world):
     ref_losses, ref_table, _ = _single("alphafuse")
-    got = _sharded(sharding, "alphafuse")
+    got = _sharded(sharding, "alphafuse", world)
     assert len(got["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     # the updated fused rows (hence the ID rows) agree after several steps

@@ -68,14 +68,16 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
 
     t = cfg.train
     use_gpu = t.device == "cuda"
-    cpus = int(ray.available_resources().get("CPU", 1))
-    threads = max(1, cpus // t.num_workers)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    # more workers than cores (e.g. 4 on this 2-core machine) must still be schedulable
+    cpu_per_worker = min(1.0, cpus / t.num_workers)
+    threads = max(1, int(cpus) // t.num_workers)
     storage = (out_dir / "ray").resolve()
     trainer = TorchTrainer(
         _ray_worker_loop,
         train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1} if not use_gpu else None),
+                                     resources_per_worker={"CPU": cpu_per_worker} if not use_gpu else None),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
         run_config=RayRunConfig(name=f"train-{cfg.method}-s{cfg.seed}", storage_path=str(storage),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
