@@ -4,6 +4,7 @@
     alphafuse run --config NAME|FILE [key=value ...]     the whole pipeline (or --stages a,b) for one method
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [key=value ...]
     alphafuse presets                                    list the shipped presets
+    alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
 
 Errors caused by input (config, data) print one line and exit with status 2.
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .config import load_config, preset_names
 from .errors import AlphaFuseError
@@ -37,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="stages to run per method (e.g. train,evaluate on a machine holding the earlier ones)")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the shipped presets")
+    d = sub.add_parser("download", help="download a data file, resuming a partial one, and verify its sha256")
+    d.add_argument("url")
+    d.add_argument("--sha256", required=True, help="the expected sha256 digest (64 hex digits)")
+    d.add_argument("--to", required=True, help="destination file (the download goes to <file>.partial first)")
     return p
 
 
@@ -80,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             print("\n".join(preset_names()))
+        elif args.command == "download":
+            from .data.download import download
+
+            # the progress line redraws itself with '\r': only a terminal shows that as intended
+            print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty()))
         elif args.command == "quickstart":
             _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None)
         elif args.command == "compare":

@@ -4,17 +4,27 @@
 
 - ``ml-latest-small``: the MovieLens copy shipped in the package (:mod:`.embedded`).
 - ``movielens``: a folder in an original GroupLens layout: ``ratings.csv`` + ``movies.csv``
-  (+ optional ``tags.csv``) as in ml-latest, ml-latest-small, ml-20m and later; or ``ratings.dat`` +
+  (+ optional ``tags.csv``) as in ml-latest, ml-latest-small, ml-20m and later; ``ratings.dat`` +
   ``movies.dat`` (+ optional ``tags.dat``) as in ml-1m and ml-10m (``::``-separated, no header,
-  latin-1 in ml-1m).
+  latin-1 in ml-1m); or ``u.data`` + ``u.item`` (+ optional ``u.genre``) as in ml-100k.
 - ``recbole``: RecBole atomic files ``<name>.inter`` (+ optional ``<name>.item``) in a folder: TSV
   with typed headers such as ``user_id:token  item_id:token  rating:float  timestamp:float``.
 - ``interactions``: one Parquet / CSV / TSV file of interactions (``data.path``) and optionally one
   of items (``data.items_path``), with the column names ``data.user_col``, ``data.item_col``,
   ``data.time_col``; a column named ``rating``, when present, is the rating.
+- ``amazon2014`` / ``amazon2018`` / ``amazon2023``: the Amazon review releases of McAuley's group
+  (JSON lines, one review or one product per line). ``data.path`` is the reviews file, or a folder
+  holding one reviews file and at most one ``meta_*`` file; ``data.items_path`` names the meta file
+  explicitly. 2014 meta files are Python literals (``{'asin': '...'}``), not JSON; 2023 reviews
+  have millisecond timestamps (converted to seconds) and products are keyed by ``parent_asin``.
+
+Any file may be compressed: a ``.gz`` (gzip) or ``.zst`` (Zstandard) suffix is decompressed on the
+fly, so ``ratings.csv.gz`` stands for ``ratings.csv`` and a truncated or corrupt archive is a
+:class:`DataError` naming it.
 
 Every reader checks its input and raises :class:`DataError` naming the file, the column and the
-0-based data row (header not counted) at fault. Ids are compared as strings (``"31"`` in a CSV
+0-based data row (header not counted) at fault; a JSON-lines line that cannot be parsed at all is
+named by its 1-based line number instead. Ids are compared as strings (``"31"`` in a CSV
 and ``31`` in a Parquet file are the same movie).
 
 Example::
@@ -25,11 +35,14 @@ Example::
 """
 from __future__ import annotations
 
+import ast
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
@@ -47,6 +60,14 @@ _DAT_COLUMNS = {
     "tags.dat": ["UserID", "MovieID", "Tag", "Timestamp"],
 }
 _TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": ",", ".tsv": "\t", ".tab": "\t"}
+# file suffix -> pyarrow codec; the suffix is dropped to find the format of what is inside
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+# ml-100k's 19 genre flag columns, in file order, for a copy without ``u.genre``
+_ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                  "Romance", "Sci-Fi", "Thriller", "War", "Western")
+# ml-100k's u.item fields before the genre flags (names from the ml-100k README)
+_ML100K_ITEM_FIELDS = ["movie id", "movie title", "release date", "video release date", "IMDb URL"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,10 @@ class Source:
         items: one row per catalogue item: ``item_id:str`` (unique, non-empty) followed by the
             text columns (all ``str``, null where missing). MovieLens: ``title``, ``genres``
             (comma-separated), ``tags`` (distinct user tags, comma-separated, ``""`` if none).
-        files: every file read, by role: ``interactions``, and ``items`` / ``tags`` when read.
+            Amazon: ``title``, ``brand``, ``categories``, ``description`` and per release
+            ``price`` / ``features`` / ``main_category`` (see :func:`_amazon`).
+        files: every file read, by role: ``interactions``, and ``items`` / ``tags`` / ``genres``
+            (ml-100k's ``u.genre``) when read.
         columns: canonical interaction column -> its name in ``files["interactions"]``, for error
             messages; ``rating`` is present only when the source has ratings.
         description: one line saying what was read.
@@ -98,29 +122,37 @@ def _locate(cfg: DataConfig) -> tuple[str, dict[str, Path]]:
         return "embedded", {"interactions": _file(folder / "ratings.parquet"),
                             "items": _file(folder / "movies.parquet"), "tags": _file(folder / "tags.parquet")}
     if cfg.source == "movielens":
-        folder = _folder(cfg, "a MovieLens folder (ratings.csv + movies.csv, or ratings.dat + movies.dat)")
+        folder = _folder(cfg, "a MovieLens folder (ratings.csv + movies.csv, ratings.dat + movies.dat, "
+                              "or u.data + u.item)")
         for ext in ("csv", "dat"):
-            if (folder / f"ratings.{ext}").is_file():
-                files = {"interactions": folder / f"ratings.{ext}", "items": _file(folder / f"movies.{ext}")}
-                if (folder / f"tags.{ext}").is_file():
-                    files["tags"] = folder / f"tags.{ext}"
+            ratings = _find(folder, f"ratings.{ext}")
+            if ratings is not None:
+                files = {"interactions": ratings, "items": _required(folder, f"movies.{ext}")}
+                if (tags := _find(folder, f"tags.{ext}")) is not None:
+                    files["tags"] = tags
                 return f"movielens-{ext}", files
-        raise DataError("no MovieLens ratings: expected ratings.csv + movies.csv (ml-latest, ml-20m) or "
-                        f"ratings.dat + movies.dat (ml-1m); found: {_listing(folder)}", file=folder)
+        if (data := _find(folder, "u.data")) is not None:
+            files = {"interactions": data, "items": _required(folder, "u.item")}
+            if (genres := _find(folder, "u.genre")) is not None:
+                files["genres"] = genres
+            return "movielens-100k", files
+        raise DataError("no MovieLens ratings: expected ratings.csv + movies.csv (ml-latest, ml-20m), "
+                        f"ratings.dat + movies.dat (ml-1m) or u.data + u.item (ml-100k); found: "
+                        f"{_listing(folder)}", file=folder)
     if cfg.source == "recbole":
         folder = _folder(cfg, "a folder of RecBole atomic files (<name>.inter, <name>.item)")
-        named = folder / f"{folder.name}.inter"
-        found = sorted(folder.glob("*.inter"))
-        if named.is_file():
+        named = _find(folder, f"{folder.name}.inter")
+        found = [p for p in _visible_files(folder) if _plain_name(p).endswith(".inter")]
+        if named is not None:
             inter = named
         elif len(found) == 1:
             inter = found[0]
         else:
-            raise DataError(f"expected one <name>.inter file (or {named.name}); found: {_listing(folder)}",
+            raise DataError(f"expected one <name>.inter file (or {folder.name}.inter); found: {_listing(folder)}",
                             file=folder)
         files = {"interactions": inter}
-        if inter.with_suffix(".item").is_file():
-            files["items"] = inter.with_suffix(".item")
+        if (item := _find(folder, _plain_name(inter)[:-len(".inter")] + ".item")) is not None:
+            files["items"] = item
         return "recbole", files
     if cfg.source == "interactions":
         if cfg.path is None:
@@ -129,6 +161,8 @@ def _locate(cfg: DataConfig) -> tuple[str, dict[str, Path]]:
         if cfg.items_path is not None:
             files["items"] = _file(Path(cfg.items_path))
         return "interactions", files
+    if cfg.source in _AMAZON:
+        return cfg.source, _amazon_files(cfg)
     raise ConfigError(f"data.source: unknown source {cfg.source!r}")
 
 
@@ -148,6 +182,48 @@ def _file(path: Path) -> Path:
     return path
 
 
+def _find(folder: Path, name: str) -> Path | None:
+    """``folder/name``, or its ``.gz`` / ``.zst`` copy, whichever is a file first; None if none is."""
+    for candidate in (name, *(name + suffix for suffix in _COMPRESSIONS)):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def _required(folder: Path, name: str) -> Path:
+    """Like :func:`_find`, but a missing file is an error naming the uncompressed path."""
+    found = _find(folder, name)
+    return found if found is not None else _file(folder / name)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _amazon_files(cfg: DataConfig) -> dict[str, Path]:
+    """``interactions`` (the reviews file) and, when there is one, ``items`` (the meta file)."""
+    if cfg.path is None:
+        raise ConfigError(f"data.path: required for data.source={cfg.source} (a reviews file, or a folder "
+                          "holding a reviews file and a meta_* file)")
+    path = Path(cfg.path)
+    meta = []
+    if path.is_dir():
+        found = [p for p in _visible_files(path) if Path(_plain_name(p)).suffix in (".json", ".jsonl")]
+        meta = [p for p in found if p.name.startswith("meta")]
+        reviews = [p for p in found if not p.name.startswith("meta")]
+        if len(reviews) != 1 or len(meta) > 1:
+            raise DataError("expected one reviews file (*.json, *.jsonl, optionally .gz / .zst) and at most "
+                            f"one meta_* file; found: {_listing(path)}", file=path)
+        files = {"interactions": reviews[0]}
+    else:
+        files = {"interactions": _file(path)}
+    if cfg.items_path is not None:
+        files["items"] = _file(Path(cfg.items_path))
+    elif meta:
+        files["items"] = meta[0]
+    return files
+
+
 def _listing(folder: Path) -> str:
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "nothing"
@@ -155,22 +231,52 @@ def _listing(folder: Path) -> str:
 
 # ----------------------------------------------------------------------------- reading files
 
+def _plain_name(path: Path) -> str:
+    """The file name without a compression suffix: ``ratings.csv.gz`` -> ``ratings.csv``."""
+    suffix = path.suffix.lower()
+    return path.name[:-len(suffix)] if suffix in _COMPRESSIONS else path.name
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The whole content of a file, decompressed when its suffix is ``.gz`` or ``.zst``.
+
+    Compressed files are inflated in memory: polars reads from the buffer as it would from the
+    file. A truncated or corrupt archive fails here, before any parsing.
+    """
+    codec = _COMPRESSIONS.get(path.suffix.lower())
+    if codec is None:
+        return path.read_bytes()
+    try:
+        with pa.input_stream(str(path), compression=codec) as stream:
+            return stream.read()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot be decompressed as {codec} (truncated or corrupt?): {_first_line(e)}",
+                        file=path) from None
+
+
+def _readable(path: Path) -> Path | io.BytesIO:
+    """What polars should read: the file itself (memory-mapped, lazily) or its decompressed bytes."""
+    return path if path.suffix.lower() not in _COMPRESSIONS else io.BytesIO(_read_bytes(path))
+
+
 def _read_table(path: Path, required: list[str], optional: list[str] = (), everything: bool = False
                 ) -> pl.DataFrame:
     """The ``required`` and present ``optional`` columns (or, with ``everything``, all columns) of a
-    Parquet / CSV / TSV file, chosen by suffix.
+    Parquet / CSV / TSV file, chosen by suffix (after any ``.gz`` / ``.zst``).
 
     CSV fields are read as strings and typed later, so that ids keep their exact text ("007").
     """
-    kind = _TABLE_SUFFIXES.get(path.suffix.lower())
+    kind = _TABLE_SUFFIXES.get(Path(_plain_name(path)).suffix.lower())
     if kind is None:
-        raise DataError(f"unknown file type {path.suffix!r}: expected {', '.join(_TABLE_SUFFIXES)}", file=path)
+        raise DataError(f"unknown file type {path.suffix!r}: expected {', '.join(_TABLE_SUFFIXES)}, "
+                        f"optionally followed by {' or '.join(_COMPRESSIONS)}", file=path)
+    source = _readable(path)
     try:
         if kind == "parquet":
-            frame = pl.scan_parquet(path)
+            frame = pl.scan_parquet(source)
         else:
             # empty fields stay "" here: a missing id is reported as such, text renders it as ""
-            frame = pl.scan_csv(path, separator=kind, infer_schema=False, empty_string_is_null=False)
+            frame = pl.scan_csv(source, separator=kind, infer_schema=False, empty_string_is_null=False)
         names = frame.collect_schema().names()
         _require_columns(names, required, path)
         keep = names if everything else [*required, *(c for c in optional if c in names and c not in required)]
@@ -179,41 +285,139 @@ def _read_table(path: Path, required: list[str], optional: list[str] = (), every
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a header and data rows", file=path) from None
     except (pl.exceptions.PolarsError, OSError) as e:
-        what = "Parquet" if kind == "parquet" else "CSV"
-        raise DataError(f"cannot be read as {what}: {_first_line(e)}", file=path) from None
+        if kind == "parquet":
+            raise DataError(f"cannot be read as Parquet: {_first_line(e)}", file=path) from None
+        raise DataError(f"cannot be read as CSV: {_not_utf8(path) or _first_line(e)}", file=path) from None
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Where a text file stops being UTF-8 (``line 3 is not UTF-8 ...``), or None if it is UTF-8.
+
+    Called only after a reader failed, to turn polars' message into a line number.
+    """
+    data = _read_bytes(path)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return (f"line {line} is not UTF-8 (byte 0x{data[e.start]:02x}): expected UTF-8 text; "
+                "re-encode the file, e.g. iconv -f latin1 -t utf-8")
+    return None
+
+
+def _read_headerless(path: Path, separator: str, names: list[str], what: str) -> pl.DataFrame:
+    """A delimited text file without header or quoting (the GroupLens formats), all fields as str.
+
+    UTF-8 is tried first, then latin-1 (ml-1m and ml-100k titles such as "Misérables, Les").
+    """
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    text = text.rstrip("\r\n")  # ml-100k's u.genre ends in a blank line, which is not a record
+    if len(separator) > 1:
+        if _DAT_SEPARATOR in text:
+            row = text.count("\n", 0, text.index(_DAT_SEPARATOR))
+            raise DataError(f"contains the control character \\x1f: not {what}", file=path, row=row)
+        text, separator = text.replace(separator, _DAT_SEPARATOR), _DAT_SEPARATOR
+    try:
+        return pl.read_csv(io.BytesIO(text.encode()), has_header=False, separator=separator, quote_char=None,
+                           schema={n: pl.String for n in names}, empty_string_is_null=False)
+    except pl.exceptions.NoDataError:
+        raise DataError(f"is empty: expected {what}", file=path) from None
+    except pl.exceptions.PolarsError as e:
+        raise DataError(f"is not {what} with fields {' | '.join(names)}: {_first_line(e)}", file=path) from None
 
 
 def _read_dat(path: Path) -> pl.DataFrame:
     """A MovieLens ``.dat`` file (``::``-separated, no header) with the GroupLens column names."""
-    names = _DAT_COLUMNS[path.name]
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")  # ml-1m: titles such as "Misérables, Les (1995)"
-    if _DAT_SEPARATOR in text:
-        row = text.count("\n", 0, text.index(_DAT_SEPARATOR))
-        raise DataError("contains the control character \\x1f: not a MovieLens .dat file", file=path, row=row)
-    try:
-        return pl.read_csv(io.BytesIO(text.replace("::", _DAT_SEPARATOR).encode()), has_header=False,
-                           separator=_DAT_SEPARATOR, quote_char=None, schema={n: pl.String for n in names},
-                           empty_string_is_null=False)
-    except pl.exceptions.NoDataError:
-        raise DataError("is empty: expected one '::'-separated record per line", file=path) from None
-    except pl.exceptions.PolarsError as e:
-        raise DataError(f"is not a MovieLens .dat file with fields {'::'.join(names)}: {_first_line(e)}",
-                        file=path) from None
+    names = _DAT_COLUMNS[_plain_name(path)]
+    return _read_headerless(path, "::", names, "a MovieLens .dat file ('::'-separated records)")
 
 
 def _read_recbole(path: Path) -> pl.DataFrame:
     """A RecBole atomic file, all fields as strings, typed headers (``item_id:token``) kept."""
     try:
         # RecBole files are unquoted TSV: a '"' inside a title is text, not a quote
-        return pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False, empty_string_is_null=False)
+        return pl.read_csv(_readable(path), separator="\t", quote_char=None, infer_schema=False,
+                           empty_string_is_null=False)
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a typed header such as user_id:token", file=path) from None
     except pl.exceptions.PolarsError as e:
         raise DataError(f"cannot be read as a RecBole atomic file (TSV): {_first_line(e)}", file=path) from None
+
+
+def _read_json_lines(path: Path, schema: dict[str, pl.DataType], literal_dicts: bool = False) -> pl.DataFrame:
+    """The fields ``schema`` names of a JSON-lines file: one row per non-blank line, in file order.
+
+    Other fields are not parsed into columns; an absent field is null. Lists, objects and numbers
+    read into a ``String`` field keep their JSON text (``5``, ``["a", "b"]``). With
+    ``literal_dicts``, lines may also be Python literal dicts (Amazon 2014 meta files); polars has no
+    vectorised reader for those, so such a file is re-encoded line by line with
+    :func:`ast.literal_eval` (never ``eval``) and then read as JSON.
+    """
+    source = _readable(path)
+    try:
+        frame = pl.read_ndjson(source, schema=schema)
+    except pl.exceptions.PolarsError as e:
+        error = e
+    else:
+        if frame.height == 0:
+            raise DataError("is empty: expected one JSON object per line", file=path)
+        return frame
+    # the slow paths below need the lines themselves
+    data = source.getvalue() if isinstance(source, io.BytesIO) else path.read_bytes()
+    if literal_dicts:
+        data = _literal_dicts_as_json(data, list(schema), path)
+        try:
+            return pl.read_ndjson(data, schema=schema)
+        except pl.exceptions.PolarsError as e:
+            error = e
+    where = _first_non_json_line(data)
+    if where is not None:
+        raise DataError(f"{where}: expected one JSON object per line", file=path)
+    types = ", ".join(f"{name}: {dtype}" for name, dtype in schema.items())
+    raise DataError(f"cannot be read as JSON lines with fields {types}: {_first_line(error)}", file=path)
+
+
+def _first_non_json_line(data: bytes) -> str | None:
+    """``line N is not a JSON object (why)`` for the first such non-blank line, or None."""
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # UnicodeDecodeError included: JSON text is UTF-8
+            return f"line {number} is not a JSON object ({_first_line(e)})"
+        if not isinstance(record, dict):
+            return f"line {number} is not a JSON object (a JSON {type(record).__name__})"
+    return None
+
+
+def _literal_dicts_as_json(data: bytes, fields: list[str], path: Path) -> bytes:
+    """JSON lines holding the ``fields`` of each line of ``data``, a JSON object or a Python literal dict."""
+    out = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            try:
+                record = ast.literal_eval(line.decode("utf-8"))
+            except (ValueError, SyntaxError, RecursionError) as e:
+                raise DataError(f"line {number} is neither a JSON object nor a Python literal dict "
+                                f"({type(e).__name__}: {_first_line(e)})", file=path) from None
+        if not isinstance(record, dict):
+            raise DataError(f"line {number} is neither a JSON object nor a Python literal dict "
+                            f"(a {type(record).__name__})", file=path)
+        try:
+            out.append(json.dumps({k: record[k] for k in fields if k in record}).encode())
+        except TypeError as e:  # a literal JSON cannot hold: a set, bytes, a complex number
+            raise DataError(f"line {number}: {_first_line(e)}: expected strings, numbers and lists",
+                            file=path) from None
+    return b"\n".join(out)
 
 
 def _first_line(error: Exception) -> str:
@@ -403,6 +607,44 @@ def _movielens(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     return Source(interactions, items, files, cols, where)
 
 
+def _movielens_100k(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
+    """ml-100k: ``u.data`` ratings and ``u.item`` movies with their genre flags, as MovieLens items.
+
+    ``u.data``: tab-separated user id, item id, rating, timestamp; no header. ``u.item``:
+    '|'-separated, latin-1: movie id, title, release date, video release date, IMDb URL, then one
+    0/1 flag per genre, named by ``u.genre`` (``name|index`` lines) or else the standard 19. Items
+    get the columns of the other MovieLens layouts: ``title``, ``genres`` (the flagged genres,
+    ', '-joined; "unknown" is a missing value) and ``tags`` (``""``: ml-100k has none).
+    """
+    cols = {"user_id": "user id", "item_id": "item id", "rating": "rating", "timestamp": "timestamp"}
+    ratings = _read_headerless(files["interactions"], "\t", list(cols.values()), "an ml-100k u.data file")
+    interactions = _interactions(ratings, files["interactions"], cols)
+    genres = _ml100k_genres(files["genres"]) if "genres" in files else list(_ML100K_GENRES)
+    path = files["items"]
+    raw = _read_headerless(path, "|", _ML100K_ITEM_FIELDS + genres, "an ml-100k u.item file")
+    for genre in genres:
+        bad = ~raw[genre].is_in(["0", "1"])
+        if bad.any():
+            row = bad.arg_true()[0]
+            raise DataError(f"genre flag {raw[genre][row]!r} is not 0 or 1", file=path, column=genre, row=row)
+    flagged = pl.concat_list(pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in genres if g != "unknown")
+    items = (_items(raw.select("movie id", "movie title"), path, "movie id")
+             .rename({"movie title": "title"})
+             .with_columns(raw.select(flagged.list.drop_nulls().list.join(", ").alias("genres")).to_series(),
+                           pl.lit("").alias("tags")))
+    return Source(interactions, items, files, cols, f"MovieLens ml-100k files in {files['interactions'].parent}")
+
+
+def _ml100k_genres(path: Path) -> list[str]:
+    """Genre names in flag order from ``u.genre`` (``Action|1`` lines, indices 0, 1, ... in any order)."""
+    table = _read_headerless(path, "|", ["genre", "index"], "an ml-100k u.genre file (name|index lines)")
+    index = table["index"].str.strip_chars().cast(pl.Int64, strict=False)
+    if index.is_null().any() or sorted(index) != list(range(table.height)):
+        row = index.is_null().arg_true()[0] if index.is_null().any() else None
+        raise DataError(f"genre indices must be 0..{table.height - 1}, each once", file=path, column="index", row=row)
+    return table["genre"].str.strip_chars().gather(index.arg_sort()).to_list()
+
+
 def _tag_lists(tags: pl.DataFrame, path: Path, id_col: str, tag_col: str) -> pl.DataFrame:
     """``item_id:str``, ``tags:str``: each item's distinct non-empty tags, first-seen order, ', '-joined."""
     return (pl.DataFrame([_ids(tags[id_col], path).alias("item_id"),
@@ -467,5 +709,109 @@ def _ids_only(interactions: pl.DataFrame) -> pl.DataFrame:
     return interactions.select(pl.col("item_id").unique(maintain_order=True))
 
 
+@dataclass(frozen=True)
+class _AmazonRelease:
+    """Where one Amazon reviews release keeps what :class:`Source` needs.
+
+    Attributes:
+        reviews: canonical interaction column -> review field.
+        units_per_second: review timestamps count seconds (1) or milliseconds (1000).
+        meta_id: the meta field holding the item id that ``reviews["item_id"]`` refers to.
+        meta: meta field -> its polars type as read; lists become text below.
+        text: item text column -> ``(meta field, separator joining a list, or None)``.
+        literal_meta: meta lines may be Python literal dicts instead of JSON.
+    """
+
+    reviews: dict[str, str]
+    units_per_second: int
+    meta_id: str
+    meta: dict[str, pl.DataType]
+    text: dict[str, tuple[str, str | None]]
+    literal_meta: bool = False
+
+
+_OLD_REVIEWS = {"user_id": "reviewerID", "item_id": "asin", "timestamp": "unixReviewTime", "rating": "overall"}
+_AMAZON = {
+    "amazon2014": _AmazonRelease(
+        _OLD_REVIEWS, 1, "asin",
+        {"asin": pl.String, "title": pl.String, "brand": pl.String,
+         "categories": pl.List(pl.List(pl.String)), "description": pl.String, "price": pl.Float64},
+        {"title": ("title", None), "brand": ("brand", None), "categories": ("categories", ", "),
+         "description": ("description", None), "price": ("price", None)},
+        literal_meta=True),
+    # 2018 descriptions are a list of paragraphs on most lines and a plain string on some: read as
+    # text, the lists are decoded below
+    "amazon2018": _AmazonRelease(
+        _OLD_REVIEWS, 1, "asin",
+        {"asin": pl.String, "title": pl.String, "brand": pl.String, "category": pl.List(pl.String),
+         "description": pl.String, "feature": pl.List(pl.String)},
+        {"title": ("title", None), "brand": ("brand", None), "categories": ("category", ", "),
+         "description": ("description", " "), "features": ("feature", ", ")}),
+    # 2023: ratings of variants (asin) count for their product (parent_asin), the unit meta files
+    # describe; ``details`` (a free-form dict of specifications) is not item text and is skipped
+    "amazon2023": _AmazonRelease(
+        {"user_id": "user_id", "item_id": "parent_asin", "timestamp": "timestamp", "rating": "rating"},
+        1000, "parent_asin",
+        {"parent_asin": pl.String, "title": pl.String, "store": pl.String, "main_category": pl.String,
+         "categories": pl.List(pl.String), "description": pl.List(pl.String), "features": pl.List(pl.String)},
+        {"title": ("title", None), "brand": ("store", None), "categories": ("categories", ", "),
+         "description": ("description", " "), "features": ("features", ", "),
+         "main_category": ("main_category", None)}),
+}
+
+
+def _amazon(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
+    """Amazon reviews (one JSON object per line) and, when given, the products' meta file.
+
+    Items: ``item_id`` then ``title``, ``brand`` (2023: the store), ``categories`` (', '-joined;
+    2014's list of category paths flattened, each name once), ``description`` (paragraphs
+    space-joined), and ``price`` (2014) or ``features`` (2018, 2023; ', '-joined) and
+    ``main_category`` (2023). A product listed twice in the meta file (the 2018 files repeat some)
+    keeps its first line; a reviewed product missing from it gets null text. Row numbers in errors
+    count non-blank lines from 0.
+    """
+    release = _AMAZON[layout]
+    path = files["interactions"]
+    reviews = _read_json_lines(path, {field: pl.String for field in release.reviews.values()})
+    interactions = _interactions(reviews, path, release.reviews)
+    if release.units_per_second != 1:
+        interactions = interactions.with_columns(pl.col("timestamp") // release.units_per_second)
+    if "items" not in files:
+        return Source(interactions, _ids_only(interactions), files, release.reviews,
+                      f"Amazon reviews {path} (no meta file)")
+    meta_path = files["items"]
+    meta = _read_json_lines(meta_path, release.meta, literal_dicts=release.literal_meta)
+    text = [_amazon_text(meta[field], sep, meta_path).alias(name) for name, (field, sep) in release.text.items()]
+    first = _ids(meta[release.meta_id], meta_path).is_first_distinct()
+    items = _items(pl.DataFrame([meta[release.meta_id], *text]).filter(first), meta_path, release.meta_id)
+    # every item_id must be in the item table: reviewed products without meta get null text
+    unlisted = interactions.select(pl.col("item_id").unique(maintain_order=True)).filter(
+        ~pl.col("item_id").is_in(items["item_id"].implode()))
+    items = pl.concat([items, unlisted], how="diagonal")
+    return Source(interactions, items, files, release.reviews, f"Amazon reviews {path}, meta {meta_path}")
+
+
+def _amazon_text(values: pl.Series, separator: str | None, path: Path) -> pl.Series:
+    """An Amazon meta field as item text: lists (of lists) joined by ``separator``, each entry once
+    for nested lists; a ``String`` field holding JSON lists (2018 descriptions) decoded first."""
+    if separator is None:
+        return _text(values, path)
+    if values.dtype == pl.String:
+        # polars writes a JSON list read into a String field as '["a", "b"]'
+        listed = values.str.contains(r'^\[\s*(".*")?\s*\]$')
+        if not listed.any():
+            return values
+        try:
+            joined = values.filter(listed).str.json_decode(pl.List(pl.String)).list.join(separator)
+        except pl.exceptions.PolarsError:
+            return values  # a plain description that only looks like a JSON list stays as written
+        return values.clone().scatter(listed.arg_true(), joined)
+    if isinstance(values.dtype.inner, pl.List):
+        values = values.list.eval(pl.element().list.explode(keep_nulls=False, empty_as_null=False)
+                                  ).list.unique(maintain_order=True)
+    return values.list.join(separator)
+
+
 _READERS = {"embedded": _movielens, "movielens-csv": _movielens, "movielens-dat": _movielens,
-            "recbole": _recbole, "interactions": _generic}
+            "movielens-100k": _movielens_100k, "recbole": _recbole, "interactions": _generic,
+            **{name: _amazon for name in _AMAZON}}
