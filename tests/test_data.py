@@ -215,11 +215,12 @@ def test_prepare_sequences_split_and_outputs(tmp_path):
     assert items["is_head"].to_list() == [True, True, False, False, False]
     assert items["text"][0] == "Misérables, Les (1995). Genres: Drama, Musical. Tags: musical, Hugo."
     assert items["text"][3] == "American President, The (1995). Genres: . Tags: ."
-    assert info == {"rows": {"items": 5, "users": 3, "interactions": 11, "train": 5},
+    assert info == {"rows": {"items": 5, "users": 3, "interactions": 11, "train": 5, "valid": 3, "test": 3},
                     "source": f"MovieLens CSV files in {tmp_path / 'ml'}"}
     stats = json.loads((out / "stats.json").read_text())
     assert stats["interactions_read"] == 14 and stats["catalogue_items"] == 6
-    assert stats["dropped"] == {"duplicates": 1, "short_users": 1, "short_user_interactions": 2}
+    assert stats["dropped"] == {"duplicates": 1, "k_core_interactions": 2, "k_core_users": 1, "k_core_items": 0}
+    assert stats["k_core_rounds"] == 2 and stats["split"] == {"kind": "leave_one_out"}
     assert stats["sequence_length"] == {"min": 3, "median": 3.0, "mean": 3.667, "max": 5}
 
 
@@ -227,11 +228,11 @@ def test_prepare_min_rating(tmp_path):
     cfg = DataConfig(source="movielens", path=str(write_movielens_csv(tmp_path / "ml")), min_rating=3.0)
     info = prepare(cfg, tmp_path / "out")
     # ratings < 3 go (rows 3, 4, 12); users 2, 3 and 10 then have two interactions left
-    assert info["rows"] == {"items": 4, "users": 1, "interactions": 4, "train": 2}
+    assert info["rows"] == {"items": 4, "users": 1, "interactions": 4, "train": 2, "valid": 1, "test": 1}
     assert read(tmp_path / "out", "test").row(0) == (0, [1, 0, 2], 3)  # 20, 10, 40 -> 50
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["dropped"] == {"below_min_rating": 3, "duplicates": 1, "short_users": 3,
-                                "short_user_interactions": 6}
+    assert stats["dropped"] == {"below_min_rating": 3, "duplicates": 1, "k_core_interactions": 6,
+                                "k_core_users": 3, "k_core_items": 1}
 
 
 def test_ids_deterministic(tmp_path):
@@ -245,8 +246,8 @@ def test_ids_deterministic(tmp_path):
     random.Random(0).shuffle(shuffled)
     prepare(DataConfig(source="movielens", path=str(write_movielens_csv(tmp_path / "ml2", shuffled))), tmp_path / "c")
     for name in ("items", "users"):
-        assert read(tmp_path / "c", name).drop("popularity", "is_head", strict=False).equals(
-            read(tmp_path / "a", name).drop("popularity", "is_head", strict=False))
+        assert read(tmp_path / "c", name).drop("popularity", "is_head", "never_seen", strict=False).equals(
+            read(tmp_path / "a", name).drop("popularity", "is_head", "never_seen", strict=False))
 
 
 def test_text_template(tmp_path):
@@ -270,7 +271,8 @@ def test_embedded_ml_latest_small(tmp_path):
     assert src.items.height == 9_125
     assert (src.items["tags"] != "").sum() == 689  # movies with at least one of the 1,296 tags
     info = prepare(DataConfig(), tmp_path / "out")
-    assert info["rows"] == {"items": 9_066, "users": 671, "interactions": 100_004, "train": 100_004 - 2 * 671}
+    assert info["rows"] == {"items": 9_066, "users": 671, "interactions": 100_004, "train": 100_004 - 2 * 671,
+                            "valid": 671, "test": 671}
     items = read(tmp_path / "out", "items")
     assert items["item_id"][0] == "1" and items["text"][0] == (
         "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy.")

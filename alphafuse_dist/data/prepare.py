@@ -1,187 +1,231 @@
-"""The ``prepare`` stage: a source's interactions -> dense ids, leave-one-out sequences, item text.
+"""The ``prepare`` stage: a source's interactions -> dense ids, split sequences, item groups, item text.
 
 Steps, in order (counts of every drop go to ``stats.json``):
 
 1. read and check the source (:func:`.sources.load_source`);
-2. keep interactions with ``rating >= data.min_rating`` (when set);
-3. drop exact repeats of (user, item, timestamp), keeping the first in input order;
-4. drop users with fewer than ``data.min_user_interactions`` interactions (one pass);
-5. dense ids: the items of the kept interactions sorted by ``item_id`` get ``item_idx`` 0..N-1, the
-   users sorted by ``user_id`` get ``user_idx`` 0..U-1 (string order: the same input always gives
-   the same ids);
-6. each user's sequence in time order, ties in input order; leave-one-out split: train = all but
-   the last two, valid target = the second last, test target = the last, each with every item
-   before it as history;
-7. item popularity = training interactions; head items = the ``round(head_fraction * N)`` most
-   popular (ties: lower ``item_idx`` first); item text = ``data.text_template`` filled in.
+2. filter (:mod:`.filters`): ``data.min_rating``, ``data.dedupe``, iterative k-core over
+   ``data.min_user_interactions`` / ``data.min_item_interactions``, ``data.max_history``;
+3. dense ids (:mod:`.idmap`): users with kept interactions, and the items with kept interactions
+   (``data.catalogue=interacted``) or every item of the item table (``all``), sorted as strings,
+   get 0..n-1 -- or, with ``data.id_map``, keep a previous run's indices and get new ones appended;
+4. each user's sequence in time order, ties in input order, split by ``data.split``
+   (:mod:`.splits`: leave-one-out, cold-start users, or by time);
+5. item popularity = TRAINING interactions only; head items by ``data.head_rule``:
+   ``top_items`` = the ``round(head_fraction * N)`` most popular items (N: items not retired; ties:
+   lower ``item_idx`` first), ``top_interactions`` = the most popular items that together hold
+   ``head_fraction`` of the training interactions, ``threshold`` = popularity > ``head_threshold``;
+6. item text (:mod:`.text`): cleaned fields in ``data.text_template``, empty text handled by
+   ``data.missing_text``, cut to ``data.text_max_tokens`` tokens of the embedding model's tokenizer.
 
 Output files and columns: ``docs/run-directory.md`` (``prepare/`` row).
 
 Example::
 
     info = prepare(DataConfig(), Path("runs/demo/prepare"))
-    info["rows"]  # {'items': 9066, 'users': 671, 'interactions': 100004, 'train': 98662}
+    info["rows"]  # {'items': 9066, 'users': 671, 'interactions': 100004, 'train': 98662, 'valid': 671, 'test': 671}
 """
 from __future__ import annotations
 
-import string
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DataConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..stages import atomic_write_json
-from .sources import Source, load_source
+from .filters import filter_interactions
+from .idmap import assign_ids, read_id_map
+from .sources import load_source
+from .splits import check_fractions, parse_split_times, split
+from .text import fill_missing, item_text, truncate_tokens
 
 # the Arrow schemas of docs/run-directory.md, written exactly (polars alone would write
 # large_string / large_list, which other readers see as different types)
 SCHEMAS = {
     "items": pa.schema([("item_idx", pa.int32()), ("item_id", pa.string()), ("text", pa.string()),
-                        ("popularity", pa.int32()), ("is_head", pa.bool_())]),
+                        ("popularity", pa.int32()), ("is_head", pa.bool_()), ("never_seen", pa.bool_()),
+                        ("retired", pa.bool_())]),
     "users": pa.schema([("user_idx", pa.int32()), ("user_id", pa.string())]),
     "train": pa.schema([("user_idx", pa.int32()), ("items", pa.list_(pa.int32()))]),
     "valid": pa.schema([("user_idx", pa.int32()), ("history", pa.list_(pa.int32())), ("target", pa.int32())]),
     "test": pa.schema([("user_idx", pa.int32()), ("history", pa.list_(pa.int32())), ("target", pa.int32())]),
 }
-_CONVERSIONS: dict[str | None, Callable[[str], str]] = {None: str, "s": str, "r": repr, "a": ascii}
+# the fewest interactions per user each split needs: leave-one-out keeps one for training and two
+# targets; a held-out cold-start user needs a history besides its target
+_MIN_USER_INTERACTIONS = {"leave_one_out": 3, "cold_start_users": 2, "time": 1}
 
 
-def prepare(cfg: DataConfig, out_dir: Path) -> dict:
+def prepare(cfg: DataConfig, out_dir: Path, *, tokenizer_path: str | None = None) -> dict:
     """Build the ``prepare/`` files of the run directory from the source ``cfg`` names.
 
     Writes ``items.parquet`` (N rows), ``users.parquet`` (U rows), ``train.parquet``,
-    ``valid.parquet``, ``test.parquet`` (U rows each) and ``stats.json`` into ``out_dir``.
+    ``valid.parquet``, ``test.parquet`` and ``stats.json`` into ``out_dir``.
+
+    Args:
+        cfg: the data config.
+        out_dir: the folder to write (created if missing).
+        tokenizer_path: the embedding model's folder, whose tokenizer cuts texts to
+            ``data.text_max_tokens`` tokens; None: the bundled all-MiniLM-L6-v2. Unused when
+            ``text_max_tokens`` is None.
 
     Returns:
-        ``{"rows": {"items": N, "users": U, "interactions": M, "train": M - 2U}, "source": str}``,
-        where M counts the interactions kept after filtering.
+        ``{"rows": {"items": N, "users": U, "interactions": M, "train": T, "valid": V, "test": S},
+        "source": str}``: M interactions kept after filtering, T of them in training, V and S
+        evaluated users.
 
     Raises:
-        DataError: bad input (file, column and row named), an unknown template column, or no user
-            left after filtering.
-        ConfigError: ``head_fraction`` outside [0, 1] or ``min_user_interactions`` below 3.
+        DataError: bad input (file, column and row named), an unknown template column, items
+            without text under ``missing_text=error``, nothing left after filtering, or an
+            empty split part.
+        ConfigError: a data key out of range (the key is named).
     """
-    if not 0.0 <= cfg.head_fraction <= 1.0:
-        raise ConfigError(f"data.head_fraction={cfg.head_fraction}: must be in [0, 1]")
-    if cfg.min_user_interactions < 3:
-        raise ConfigError(f"data.min_user_interactions={cfg.min_user_interactions}: must be >= 3 "
-                          "for the leave-one-out split")
+    _check_config(cfg)
     src = load_source(cfg)
-    text = item_text(cfg.text_template, src)  # before the heavy work: a template typo fails fast
-    kept, dropped = _filter(src, cfg)
+    texts = item_text(cfg, src)  # before the heavy work: a template typo fails fast
+    previous = read_id_map(Path(cfg.id_map)) if cfg.id_map is not None else None
 
-    items = kept.select(pl.col("item_id").unique().sort()).with_row_index("item_idx").with_columns(
-        pl.col("item_idx").cast(pl.Int32))
-    users = kept.select(pl.col("user_id").unique().sort()).with_row_index("user_idx").with_columns(
-        pl.col("user_idx").cast(pl.Int32))
-    sequences = (kept.lazy()
-                 .join(items.lazy(), on="item_id").join(users.lazy(), on="user_id")
-                 .sort("user_idx", "timestamp", "order")
-                 .group_by("user_idx", maintain_order=True)
-                 .agg(pl.col("item_idx").alias("sequence"))
-                 .collect())
-    length = pl.col("sequence").list.len()
-    train = sequences.select("user_idx", pl.col("sequence").list.head(length - 2).alias("items"))
-    valid = sequences.select("user_idx", pl.col("sequence").list.head(length - 2).alias("history"),
-                             pl.col("sequence").list.get(-2).alias("target"))
-    test = sequences.select("user_idx", pl.col("sequence").list.head(length - 1).alias("history"),
-                            pl.col("sequence").list.get(-1).alias("target"))
+    # the filters group by user and item many times: dense uint32 codes make that cheap
+    user_codes = src.interactions.select(pl.col("user_id").unique()).with_row_index("user")
+    item_codes = src.interactions.select(pl.col("item_id").unique()).with_row_index("item")
+    coded = (src.interactions.lazy()
+             .join(user_codes.lazy(), on="user_id", maintain_order="left")
+             .join(item_codes.lazy(), on="item_id", maintain_order="left")
+             .select("order", "user", "item", "timestamp", "rating").collect())
+    kept, dropped, k_core_rounds = filter_interactions(coded, cfg, src)
+    del coded
 
-    popularity = train.select(pl.col("items").explode().alias("item_idx")).group_by("item_idx").len()
-    n_head = round(cfg.head_fraction * items.height)
-    items = (items
-             .join(popularity, on="item_idx", how="left")
-             .join(text, on="item_id", how="left")
-             .with_columns(pl.col("len").fill_null(0).cast(pl.Int32).alias("popularity"))
-             .sort(["popularity", "item_idx"], descending=[True, False])
-             .with_columns((pl.int_range(pl.len()) < n_head).alias("is_head"))
-             .sort("item_idx")
-             .select("item_idx", "item_id", "text", "popularity", "is_head"))
+    # codes are row numbers of the code tables, so a bincount says which ones are still in use
+    kept_items = item_codes.filter(pl.Series(np.bincount(kept["item"].to_numpy(), minlength=item_codes.height) > 0))
+    kept_users = user_codes.filter(pl.Series(np.bincount(kept["user"].to_numpy(), minlength=user_codes.height) > 0))
+    catalogue = src.items["item_id"] if cfg.catalogue == "all" else kept_items["item_id"]
+    items = assign_ids(catalogue, previous.items if previous else None, "item_idx", "item_id")
+    users = assign_ids(kept_users["user_id"], previous.users if previous else None, "user_idx", "user_id")
+    seq = pl.DataFrame({
+        "user_idx": _code_to_index(kept_users, users, "user", "user_idx", "user_id")[kept["user"].to_numpy()],
+        "item_idx": _code_to_index(kept_items, items, "item", "item_idx", "item_id")[kept["item"].to_numpy()],
+        "timestamp": kept["timestamp"], "order": kept["order"],
+    }).sort("user_idx", "timestamp", "order").drop("order")
+    active_users = users.filter(~pl.col("retired")).select("user_idx", "user_id")
+    (train, valid, test), split_facts = split(seq, active_users, cfg, src.files["interactions"])
+
+    popularity = (train.lazy().select(pl.col("items").explode().alias("item_idx"))
+                  .group_by("item_idx").len().collect())
+    items = items.join(popularity, on="item_idx", how="left", maintain_order="left").with_columns(
+        pl.col("len").fill_null(0).cast(pl.Int32).alias("popularity")).drop("len")
+    items, n_head = _head(items, cfg)
+    items, text_facts = _texts(items, texts, previous.items if previous else None, cfg, src.files.get("items"),
+                               tokenizer_path)
+    items = items.with_columns((pl.col("popularity") == 0).alias("never_seen")).select(SCHEMAS["items"].names)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("items", items), ("users", users), ("train", train), ("valid", valid), ("test", test)):
+    for name, frame in (("items", items), ("users", users.select("user_idx", "user_id")), ("train", train),
+                        ("valid", valid), ("test", test)):
         pq.write_table(frame.to_arrow().cast(SCHEMAS[name]), out_dir / f"{name}.parquet", compression="zstd")
 
-    lengths = sequences.select(length.alias("n"))["n"]
-    rows = {"items": items.height, "users": users.height, "interactions": kept.height,
-            "train": kept.height - 2 * users.height}
+    lengths = seq.group_by("user_idx").len()["len"]
+    n_train = int(train["items"].list.len().sum())
+    rows = {"items": items.height, "users": users.height, "interactions": kept.height, "train": n_train,
+            "valid": valid.height, "test": test.height}
     atomic_write_json(out_dir / "stats.json", {
         "source": src.description,
         "files": {role: str(path) for role, path in src.files.items()},
         **rows,
         "interactions_read": src.interactions.height,
         "catalogue_items": src.items.height,
+        "catalogue": cfg.catalogue,
+        "split": split_facts,
+        "head_rule": cfg.head_rule,
         "head_items": n_head,
+        "never_seen_items": int(items["never_seen"].sum()),
+        "id_map": {"path": cfg.id_map, "new_items": int((items["item_idx"] >= previous.items.height).sum()),
+                   "retired_items": int(items["retired"].sum()),
+                   "new_users": int((users["user_idx"] >= previous.users.height).sum()),
+                   "retired_users": int(users["retired"].sum())} if previous else None,
+        **text_facts,
         "dropped": dropped,
+        "k_core_rounds": k_core_rounds,
         "sequence_length": {"min": lengths.min(), "median": lengths.median(), "mean": round(lengths.mean(), 3),
                             "max": lengths.max()},
     })
     return {"rows": rows, "source": src.description}
 
 
-def item_text(template: str, src: Source) -> pl.DataFrame:
-    """``item_id:str``, ``text:str`` for every catalogue item: ``template`` filled in as by
-    ``str.format`` from the item's columns (``item_id`` and the text columns).
-
-    Missing values render as ""; runs of whitespace become one space, ends are stripped.
-    Conversions and format specs (``{title!r}``, ``{title:.40}``) work as in ``str.format``.
-
-    Raises:
-        ConfigError: the template is not a valid format string or has positional fields.
-        DataError: a field names no column of the item table (the columns are listed).
-    """
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ConfigError(f"data.text_template={template!r}: {e}") from None
-    items = src.items
-    pieces: list[pl.Expr] = []
-    for literal, field, spec, conversion in parts:
-        if literal:
-            pieces.append(pl.lit(literal))
-        if field is None:
-            continue
-        if field == "" or field.isdigit():
-            raise ConfigError(f"data.text_template={template!r}: fields must name item columns, "
-                              f"e.g. {{title}}; found {{{field}}}")
-        if field not in items.columns:
-            raise DataError(f"data.text_template names an item column that does not exist; item columns: "
-                            f"{', '.join(items.columns)}", file=src.files.get("items"), column=field)
-        value = pl.col(field).cast(pl.String).fill_null("")
-        if spec or conversion:
-            # rare, so a per-item Python call is acceptable here; plain fields stay vectorised
-            convert = _CONVERSIONS[conversion]
-            value = value.map_elements(lambda v, c=convert, s=spec: format(c(v), s), return_dtype=pl.String)
-        pieces.append(value)
-    text = pl.concat_str(pieces) if pieces else pl.lit("")
-    return items.select("item_id", text.str.replace_all(r"\s+", " ").str.strip_chars().alias("text"))
+def _code_to_index(codes: pl.DataFrame, ids: pl.DataFrame, code: str, idx: str, key: str) -> np.ndarray:
+    """An int32 array mapping each code of ``codes`` (``code``, ``key``) to its ``idx`` in ``ids``
+    (-1 for codes not in use), so that a gather replaces a join over every interaction."""
+    pairs = codes.join(ids.select(idx, key), on=key)
+    lut = np.full(int(codes[code].max()) + 1 if codes.height else 0, -1, dtype=np.int32)
+    lut[pairs[code].to_numpy()] = pairs[idx].to_numpy()
+    return lut
 
 
-def _filter(src: Source, cfg: DataConfig) -> tuple[pl.DataFrame, dict[str, int]]:
-    """The interactions that steps 2-4 keep (input order), and how many each step dropped."""
-    kept = src.interactions
-    dropped = {}
-    if cfg.min_rating is not None:
-        if "rating" not in src.columns:
-            raise DataError(f"data.min_rating={cfg.min_rating} is set but this source has no ratings",
-                            file=src.files["interactions"])
-        before = kept.height
-        kept = kept.filter(pl.col("rating") >= cfg.min_rating)  # unrated interactions go too
-        dropped["below_min_rating"] = before - kept.height
-    before = kept.height
-    kept = kept.unique(subset=["user_id", "item_id", "timestamp"], keep="first", maintain_order=True)
-    dropped["duplicates"] = before - kept.height
-    per_user = pl.len().over("user_id")
-    short = kept.filter(per_user < cfg.min_user_interactions)
-    kept = kept.filter(per_user >= cfg.min_user_interactions)
-    dropped["short_users"] = short["user_id"].n_unique()
-    dropped["short_user_interactions"] = short.height
-    if kept.height == 0:
-        raise DataError(f"no user has data.min_user_interactions={cfg.min_user_interactions} interactions "
-                        f"after filtering (dropped: {dropped})", file=src.files["interactions"])
-    return kept, dropped
+def _check_config(cfg: DataConfig) -> None:
+    """The data keys prepare alone checks (``config.validate`` checks across sections)."""
+    if not 0.0 <= cfg.head_fraction <= 1.0:
+        raise ConfigError(f"data.head_fraction={cfg.head_fraction}: must be in [0, 1]")
+    if cfg.head_rule == "threshold" and cfg.head_threshold is None:
+        raise ConfigError("data.head_threshold: required for data.head_rule=threshold (head items have "
+                          "more training interactions than this)")
+    if cfg.head_rule not in ("top_items", "top_interactions", "threshold"):
+        raise ConfigError(f"data.head_rule={cfg.head_rule!r}: expected top_items, top_interactions or threshold")
+    if cfg.catalogue not in ("interacted", "all"):
+        raise ConfigError(f"data.catalogue={cfg.catalogue!r}: expected interacted or all")
+    if cfg.text_max_tokens is not None and cfg.text_max_tokens < 1:
+        raise ConfigError(f"data.text_max_tokens={cfg.text_max_tokens}: must be >= 1 (or None: no cut)")
+    if cfg.split not in _MIN_USER_INTERACTIONS:
+        raise ConfigError(f"data.split={cfg.split!r}: expected {', '.join(_MIN_USER_INTERACTIONS)}")
+    least = _MIN_USER_INTERACTIONS[cfg.split]
+    if cfg.min_user_interactions < least:
+        raise ConfigError(f"data.min_user_interactions={cfg.min_user_interactions}: must be >= {least} "
+                          f"for data.split={cfg.split}")
+    # a typo in the split settings fails before the data is read
+    if cfg.split == "time":
+        parse_split_times(cfg.split_times)
+    if cfg.split == "cold_start_users":
+        check_fractions(cfg.split_fractions)
+
+
+def _head(items: pl.DataFrame, cfg: DataConfig) -> tuple[pl.DataFrame, int]:
+    """``items`` (``item_idx``, ``popularity``, ``retired``) with ``is_head`` by ``data.head_rule``,
+    and the number of head items. Retired items are never head items."""
+    rank = ["retired", "popularity", "item_idx"]  # the order of popularity, ties to lower idx
+    ranked = items.sort(rank, descending=[False, True, False])
+    if cfg.head_rule == "top_items":
+        n_head = round(cfg.head_fraction * int((~items["retired"]).sum()))
+        head = pl.int_range(pl.len()) < n_head
+    elif cfg.head_rule == "top_interactions":
+        # an item is head while the more popular ones hold less than the share: the smallest
+        # prefix of the ranking holding head_fraction of all training interactions
+        before = pl.col("popularity").cum_sum() - pl.col("popularity")
+        head = (before < cfg.head_fraction * pl.col("popularity").sum()) & (pl.col("popularity") > 0)
+    else:
+        head = pl.col("popularity") > cfg.head_threshold
+    ranked = ranked.with_columns((head & ~pl.col("retired")).alias("is_head"))
+    return ranked.sort("item_idx"), int(ranked["is_head"].sum())
+
+
+def _texts(items: pl.DataFrame, texts: pl.DataFrame, previous: pl.DataFrame | None, cfg: DataConfig,
+           items_file, tokenizer_path: str | None) -> tuple[pl.DataFrame, dict]:
+    """``items`` with ``text``: the current text for items in use, the previous run's text for
+    retired items; and the counts of placeholders and token cuts for ``stats.json``."""
+    current = items.filter(~pl.col("retired")).join(texts, on="item_id", how="left", maintain_order="left")
+    current, placeholders = fill_missing(current, cfg, items_file)
+    truncated = 0
+    if cfg.text_max_tokens is not None:
+        if tokenizer_path is None:
+            from ..embed.encoder import resolve_model
+
+            tokenizer_path = resolve_model("all-MiniLM-L6-v2")
+        cut, truncated = truncate_tokens(current["text"], tokenizer_path, cfg.text_max_tokens)
+        current = current.with_columns(cut)
+    parts = [current.drop("empty")]
+    if previous is not None:
+        parts.append(items.filter("retired").join(previous.select("item_id", "text"), on="item_id",
+                                                  maintain_order="left"))
+    facts = {"placeholder_texts": placeholders, "truncated_texts": truncated,
+             "text_max_tokens": cfg.text_max_tokens}
+    return pl.concat(parts).sort("item_idx"), facts
