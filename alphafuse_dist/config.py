@@ -145,6 +145,8 @@ class TrainConfig:
     patience: int = 5  # validations without NDCG@10 gain before stopping
     eval_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between progress lines
+    checkpoint_every: int = 1  # epochs between sharded checkpoints (Ray Train runs)
+    max_failures: int = 1  # worker failures a run survives by restarting from its last checkpoint
     timeout_s: int = 600  # process-group timeout (a hung worker fails the run after this)
 
 
@@ -194,7 +196,8 @@ class RunConfig:
             raise ConfigError("model.dim and decompose.null_dims must be multiples of 4 (TorchRec table widths)")
         for key, value in (("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
                            ("train.epochs", t.epochs), ("model.max_len", m.max_len),
-                           ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks)):
+                           ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks),
+                           ("train.checkpoint_every", t.checkpoint_every), ("train.eval_every", t.eval_every)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
         if t.batch_size % t.num_workers:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig, config_from_dict, section_hash
 from .loop import TrainInputs, save_model, train_worker
 
 
@@ -33,23 +33,28 @@ def _ray_worker_loop(payload: dict) -> None:
     import torch
 
     quiet_libraries()
-
     cfg = config_from_dict(payload["config"])
     inputs = TrainInputs(**payload["inputs"])
     torch.set_num_threads(max(1, payload["threads"]))
     rank = ray.train.get_context().get_world_rank()
 
-    def report(row: dict, best: dict | None) -> None:
+    def report(row: dict, write_checkpoint) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        if best is not None and rank == 0:
-            # the best-so-far model, as a Ray Train checkpoint (copied to the run's storage path)
-            with tempfile.TemporaryDirectory() as d:
-                save_model(Path(d), best["best"])
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
+        if write_checkpoint is None:
             ray.train.report(metrics)
+            return
+        # every worker writes its own shards into its own folder and reports it; Ray Train
+        # gathers the folders into one checkpoint in the run's storage
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint(d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    result = train_worker(cfg, inputs, report=report)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            result = train_worker(cfg, inputs, report=report, resume_from=d)
+    else:
+        result = train_worker(cfg, inputs, report=report)
     if rank == 0:
         # final report: the best model with the whole history (early stopping may end any epoch)
         with tempfile.TemporaryDirectory() as d:
@@ -72,16 +77,19 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     # more workers than cores (e.g. 4 on this 2-core machine) must still be schedulable
     cpu_per_worker = min(1.0, cpus / t.num_workers)
     threads = max(1, int(cpus) // t.num_workers)
-    storage = (out_dir / "ray").resolve()
+    # Outside the stage's temporary folder, keyed by the training config: a rerun after a crash of
+    # the whole job finds the same Ray Train run and resumes from its last checkpoint.
+    storage = (out_dir.parent / ".ray-train").resolve()
+    run_name = f"train-{cfg.method}-s{cfg.seed}-{section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.decompose)}"
     trainer = TorchTrainer(
         _ray_worker_loop,
         train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker} if not use_gpu else None),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
-        run_config=RayRunConfig(name=f"train-{cfg.method}-s{cfg.seed}", storage_path=str(storage),
+        run_config=RayRunConfig(name=run_name, storage_path=str(storage),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                failure_config=FailureConfig(max_failures=0)),
+                                failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     result = trainer.fit()
     if result.error:
@@ -89,8 +97,8 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     with result.checkpoint.as_directory() as d:
         for name in ("model.safetensors", "history.json"):
             shutil.copy2(os.path.join(d, name), out_dir / name)
-    # the stage output is the model; Ray's own run folder (checkpoint copies) is not kept in it
-    shutil.rmtree(storage, ignore_errors=True)
+    # the stage output is the model; the run's checkpoints are no longer needed once it is written
+    shutil.rmtree(storage / run_name, ignore_errors=True)
     return {"workers": t.num_workers}
 
 

@@ -103,9 +103,16 @@ def validate(model, hist: np.ndarray, targets: np.ndarray, ks, device, item_chun
     return {k: float(v / max(sums[0].item(), 1)) for k, v in zip(keys, sums[1:])} | {"users": int(sums[0])}
 
 
-def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict, dict | None], None] | None = None,
-                 log: Callable[[str], None] = print) -> TrainResult:
-    """Train one model; every worker of a run calls this with the same arguments."""
+def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict, Callable | None], None] | None = None,
+                 resume_from: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train one model; every worker of a run calls this with the same arguments.
+
+    Args:
+        report: called by every worker after each epoch with the epoch's row and, every
+            ``train.checkpoint_every`` epochs, a function ``write(folder)`` that writes this
+            worker's part of a checkpoint (a collective; Ray Train reports the folder).
+        resume_from: a checkpoint folder written that way: training continues after its epoch.
+    """
     rank, world = _world()
     t = cfg.train
     device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -152,9 +159,22 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
             f"x {per_worker} sequences, {steps} steps/epoch, backend {t.backend}, device {device}")
     history: list[dict] = []
     best = TrainResult(best_epoch=-1, best_metric=-math.inf)
-    bad_epochs = 0
+    bad_epochs, first_epoch = 0, 0
+    if resume_from is not None:
+        from .checkpoint import load_checkpoint
+
+        progress, history = load_checkpoint(Path(resume_from), model=model, net=net, dense_opt=dense_opt,
+                                            id_opt=id_opt, best=best)
+        first_epoch, bad_epochs = int(progress["epochs_done"]), int(progress["bad_epochs"])
+        if rank == 0:
+            log(f"[train] resumed from checkpoint {resume_from} after epoch {first_epoch} "
+                f"(best validation NDCG@10 {best.best_metric:.4f} at epoch {best.best_epoch})")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for epoch in range(t.epochs):
+    for epoch in range(first_epoch, t.epochs):
+        if bad_epochs >= t.patience:
+            break  # resumed after the early stop had already been decided
+        # dropout's RNG reseeded per (seed, epoch, rank): a resumed epoch draws what it drew before
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000 + rank)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(win_in))
         t0 = time.time()
         loss_sum, loss_n = 0.0, 0.0
@@ -206,7 +226,18 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
                 + (f", val NDCG@10 {row.get('val_NDCG@10', float('nan')):.4f} HR@10 {row.get('val_HR@10', float('nan')):.4f}"
                    if "val_NDCG@10" in row else "") + (" (best)" if improved else ""))
         if report is not None:
-            report(row, {"improved": improved, "best": best} if improved else None)
+            writer = None
+            if (epoch + 1) % t.checkpoint_every == 0:
+                from .checkpoint import save_checkpoint
+
+                progress = {"epochs_done": epoch + 1, "best_metric": best.best_metric,
+                            "best_epoch": best.best_epoch, "bad_epochs": bad_epochs}
+                snapshot = list(history)
+
+                def writer(folder, progress=progress, snapshot=snapshot):
+                    save_checkpoint(Path(folder), model=model, net=net, dense_opt=dense_opt, id_opt=id_opt,
+                                    progress=progress, best=best, history=snapshot)
+            report(row, writer)
         if bad_epochs >= t.patience:
             if rank == 0:
                 log(f"[train] early stop: no validation gain for {t.patience} evaluations (best epoch {best.best_epoch})")
