@@ -114,18 +114,28 @@ ITEMS = "item_id,title\na,Alpha\nb,Beta\nc,Gamma\n"
 GOOD = "user_id,item_id,timestamp\nu,a,1\nu,b,2\nu,c,3\n"
 
 
-@pytest.mark.parametrize("case", ["missing_column", "empty", "unknown_item", "unknown_key"])
+CASES = {  # case -> (interactions file name, its bytes, items file text, words the error must name)
+    "missing_column": ("inter.csv", b"user_id,item_id\nu,a\n", ITEMS, ["inter.csv", "timestamp"]),
+    "empty": ("inter.csv", b"user_id,item_id,timestamp\n", ITEMS, ["inter.csv", "no data rows"]),
+    "unknown_item": ("inter.csv", (GOOD + "u,zzz,4\n").encode(), ITEMS, ["inter.csv", "item_id", "zzz"]),
+    "unknown_key": ("inter.csv", GOOD.encode(), ITEMS, ["train.epochz"]),
+    "null_user": ("inter.csv", (GOOD + ",a,4\n").encode(), ITEMS, ["inter.csv", "user_id"]),
+    "negative_time": ("inter.csv", (GOOD + "u,a,-5\n").encode(), ITEMS, ["inter.csv", "timestamp"]),
+    "unparsable_time": ("inter.csv", (GOOD + "u,a,yesterday\n").encode(), ITEMS, ["inter.csv", "timestamp"]),
+    "not_utf8": ("inter.csv", GOOD.encode() + b"u\xe9,a,4\n", ITEMS, ["inter.csv", "utf-8"]),
+    "truncated_gzip": ("inter.csv.gz", __import__("gzip").compress(GOOD.encode())[:-12], ITEMS, ["inter.csv.gz"]),
+    "corrupt_parquet": ("inter.parquet", b"PAR1 not really parquet PAR1", ITEMS, ["inter.parquet"]),
+    "duplicate_item_text": ("inter.csv", GOOD.encode(), ITEMS + "a,Another Alpha\n", ["items.csv", "item_id"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_cli_bad_input_one_line_error_no_manifest(case, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    inter = tmp_path / "inter.csv"
-    items = _write(tmp_path / "items.csv", ITEMS)
-    content, needles = {
-        "missing_column": ("user_id,item_id\nu,a\n", ["inter.csv", "timestamp"]),
-        "empty": ("user_id,item_id,timestamp\n", ["inter.csv", "no data rows"]),
-        "unknown_item": (GOOD + "u,zzz,4\n", ["inter.csv", "item_id", "zzz"]),
-        "unknown_key": (GOOD, ["train.epochz"]),
-    }[case]
-    _write(inter, content)
+    name, content, items_text, needles = CASES[case]
+    inter = tmp_path / name
+    inter.write_bytes(content)
+    items = _write(tmp_path / "items.csv", items_text)
     overrides = ["data.source=interactions", "data.text_template={title}", f"data.path={inter}", f"data.items_path={items}", f"run_dir={run_dir}"]
     if case == "unknown_key":
         overrides.append("train.epochz=2")
