@@ -58,21 +58,34 @@ def prepare_stage(cfg: RunConfig, log: Log = print) -> Path:
     from .data.sources import source_inputs
 
     run_dir = cfg.run_path
-    return run_stage(run_dir, "prepare", config_hash=section_hash(cfg.data), inputs=source_inputs(cfg.data),
-                     build=lambda tmp: prepare(cfg.data, tmp), log=log)
+    tokenizer = None
+    if cfg.data.text_max_tokens is not None:
+        from .embed.encoder import resolve_model
+
+        tokenizer = resolve_model(cfg.embed.model)  # texts are cut by the tokens of the model that embeds them
+    return run_stage(run_dir, "prepare", config_hash=section_hash(cfg.data, tokenizer),
+                     inputs=source_inputs(cfg.data),
+                     build=lambda tmp: prepare(cfg.data, tmp, tokenizer_path=tokenizer), log=log)
 
 
 def embed_stage(cfg: RunConfig, log: Log = print) -> Path:
+    from .embed.cache import model_fingerprint
+    from .embed.encoder import resolve_model
     from .embed.job import embed_items
 
     run_dir = cfg.run_path
     prep = require_stage(run_dir, "prepare")
 
+    # outside the stage folder and hidden, so that it survives reruns of the stage and is not part
+    # of the stage's fingerprint
+    cache_dir = Path(cfg.embed.cache_dir).expanduser() if cfg.embed.cache_dir else run_dir / ".embed-cache"
+
     def build(tmp: Path) -> dict:
         ensure_ray(cfg, log)
-        return embed_items(prep / "items.parquet", cfg.embed, tmp)
+        return embed_items(prep / "items.parquet", cfg.embed, tmp, cache_dir=cache_dir)
 
-    return run_stage(run_dir, "embed", config_hash=section_hash(cfg.embed),
+    # the model folder's fingerprint joins the hash: new weights under the same name rerun the stage
+    return run_stage(run_dir, "embed", config_hash=section_hash(cfg.embed, model_fingerprint(resolve_model(cfg.embed.model))),
                      inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build, log=log)
 
 
@@ -81,14 +94,26 @@ def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
 
     run_dir = cfg.run_path
     emb = require_stage(run_dir, "embed")
-    num_items = read_manifest(require_stage(run_dir, "prepare"))["rows"]["items"]
+    prep = require_stage(run_dir, "prepare")
+    num_items = read_manifest(prep)["rows"]["items"]
 
     def build(tmp: Path) -> dict:
         ensure_ray(cfg, log)
-        return decompose(emb, cfg.decompose, cfg.model.dim, num_items, tmp)
+        weights = None
+        if cfg.decompose.weighted_mean:
+            import numpy as np
+            import pyarrow.parquet as pq
 
+            items = pq.read_table(prep / "items.parquet", columns=["item_idx", "popularity"])
+            weights = np.zeros(num_items)
+            weights[items.column("item_idx").to_numpy()] = items.column("popularity").to_numpy()
+        return decompose(emb, cfg.decompose, cfg.model.dim, num_items, tmp, weights=weights)
+
+    inputs = {"embed": stage_digest(run_dir, "embed")}
+    if cfg.decompose.weighted_mean:  # the weights are prepare's popularity column
+        inputs["prepare"] = stage_digest(run_dir, "prepare")
     return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
-                     inputs={"embed": stage_digest(run_dir, "embed")}, build=build, log=log)
+                     inputs=inputs, build=build, log=log)
 
 
 def train_stage(cfg: RunConfig, log: Log = print) -> Path:

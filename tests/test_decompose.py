@@ -170,3 +170,90 @@ def test_decompose_rejects_duplicate_and_missing_items(ray_session, tmp_path):
         decompose(tmp_path / "embed", DecomposeConfig(null_dims=2), dim=4, num_items=201, out_dir=tmp_path)
     with pytest.raises(DataError, match=r"nothing: no part-\*\.parquet embedding fragments"):
         decompose(tmp_path / "nothing", DecomposeConfig(null_dims=2), dim=4, num_items=200, out_dir=tmp_path)
+
+
+def numpy_table(X, d, d_n, *, scale=1.0, whiten=True, weights=None):
+    """METHOD.md section 2 written out in numpy: mu, C about mu, C = U S U^T, P, (sE - mu) P."""
+    E = scale * X.astype(np.float64)
+    mu = E.mean(0) if weights is None else np.average(E, axis=0, weights=weights)
+    C = (E - mu).T @ (E - mu) / (len(E) - 1)
+    S, U = np.linalg.eigh(C)
+    S, U = S[::-1], U[:, ::-1]
+    U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])  # the basis's sign rule
+    P = U[:, :d] / np.sqrt(S[:d]) if whiten else U[:, :d]
+    return (E - mu) @ P, S
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_stage_equals_the_numpy_construction(ray_session, embeddings, tmp_path, whiten):
+    folder, _, X = embeddings
+    d, d_n = 24, 8
+    decompose(folder, DecomposeConfig(null_dims=d_n, whiten=whiten, scale=40.0), dim=d, num_items=N, out_dir=tmp_path)
+    table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
+    expected, _ = numpy_table(X, d, d_n, scale=40.0, whiten=whiten)
+    assert rel_err(table, expected) < 1e-5
+    # "cover" keeps the first d_s = d - d_n columns of this table and replaces the rest by the ID part
+    assert rel_err(table[:, :d - d_n], expected[:, :d - d_n]) < 1e-5
+    assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_popularity_weighted_mean(ray_session, embeddings, tmp_path):
+    folder, _, X = embeddings
+    popularity = np.random.default_rng(4).integers(0, 50, size=N).astype(np.float64)
+    info = decompose(folder, DecomposeConfig(null_dims=8, weighted_mean=True), dim=24, num_items=N, out_dir=tmp_path,
+                     weights=popularity)
+    table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
+    expected, _ = numpy_table(X, 24, 8, weights=popularity)
+    assert rel_err(table, expected) < 1e-5
+    basis = NullSpaceBasis.load(tmp_path)
+    assert rel_err(basis.mean, np.average(X.astype(np.float64), axis=0, weights=popularity)) < 1e-10
+    # the weighted centre is not the row mean, so the table's columns are not centred
+    assert np.abs(table.mean(0)).max() > 1e-3 and info["d_null"] == 8
+    with pytest.raises(ConfigError, match=r"decompose\.weighted_mean=true needs item popularities"):
+        decompose(folder, DecomposeConfig(null_dims=8, weighted_mean=True), dim=24, num_items=N, out_dir=tmp_path,
+                  weights=np.zeros(N))
+
+
+def test_threshold_rule_keeps_all_dims_and_counts_small_eigenvalues(ray_session, embeddings, tmp_path):
+    folder, _, X = embeddings
+    cfg = DecomposeConfig(null_rule="threshold", null_threshold=0.25, scale=40.0, null_dims=8)
+    _, S = numpy_table(X, D_L, 1, scale=40.0)
+    d_n = int((S <= 0.25).sum())
+    assert 0 < d_n < D_L  # the fixture's spectrum straddles the threshold
+    with pytest.raises(ConfigError, match=rf"set model\.dim={D_L} and decompose\.null_dims={d_n} "
+                                          r"\(now model\.dim=32, decompose\.null_dims=8\)"):
+        decompose(folder, cfg, dim=32, num_items=N, out_dir=tmp_path)
+    cfg.null_dims = d_n
+    info = decompose(folder, cfg, dim=D_L, num_items=N, out_dir=tmp_path)
+    meta = json.loads((tmp_path / "basis.json").read_text())
+    assert (meta["d"], meta["d_null"], info["d"], info["d_null"]) == (D_L, d_n, D_L, d_n)
+    table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
+    expected, _ = numpy_table(X, D_L, d_n, scale=40.0)
+    assert rel_err(table, expected) < 1e-4
+    with pytest.raises(ConfigError, match=r"decompose\.null_rule=threshold needs decompose\.null_threshold"):
+        decompose(folder, DecomposeConfig(null_rule="threshold"), dim=D_L, num_items=N, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"use decompose\.method=exact"):
+        decompose(folder, DecomposeConfig(null_rule="threshold", null_threshold=0.25, method="randomized"),
+                  dim=D_L, num_items=N, out_dir=tmp_path)
+
+
+def test_project_maps_new_items_with_the_frozen_basis(embeddings):
+    _, _, X = embeddings
+    basis = NullSpaceBasis.fit(X[:2000].mean(0, dtype=np.float64), np.cov(X[:2000], rowvar=False), dim=16,
+                               null_dims=4)
+    new = X[2000:]  # items that were not part of the fit
+    assert np.array_equal(basis.project(new), basis.transform(new))
+    assert np.array_equal(basis.project(X)[:2000], basis.transform(X[:2000]))  # old rows unchanged
+
+
+def test_top_d_spectrum_is_enough(embeddings):
+    _, _, X = embeddings
+    mu, C = X.mean(0, dtype=np.float64), np.cov(X, rowvar=False)
+    full = NullSpaceBasis.fit(mu, C, dim=16, null_dims=4)
+    values, vectors = np.linalg.eigh(C)
+    top = NullSpaceBasis.from_spectrum(mu, values[-16:], vectors[:, -16:], dim=16, null_dims=4,
+                                       total_variance=np.trace(C))
+    assert np.abs(top.transform(X) - full.transform(X)).max() < 1e-4
+    np.testing.assert_allclose(top.explained_variance(), full.explained_variance()[:16], rtol=1e-10)
+    with pytest.raises(ValueError, match="total_variance is needed"):
+        NullSpaceBasis.from_spectrum(mu, values[-16:], vectors[:, -16:], dim=16, null_dims=4)

@@ -74,7 +74,7 @@ def test_embed_job_equals_plain_encode(ray_session, tmp_path):
     out = tmp_path / "embed"
     out.mkdir()
     info = embed_items(items, EmbedConfig(batch_size=16, rows_per_file=15, device="cpu"), out)
-    assert info == {"rows": {"items": 40}, "dim": 384}
+    assert info == {"rows": {"items": 40}, "dim": 384, "encoded": 40, "cached": 0}  # no cache_dir: all encoded
 
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) >= 3  # ~15 rows per file

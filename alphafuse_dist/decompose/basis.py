@@ -8,10 +8,21 @@ Shapes: ``d_l`` language-model dimension, ``d`` model width (``model.dim``), ``d
     E_lang = (s E - mu) P           float32 [N, d]
 
 whose last ``d_n`` columns are the null-space coordinates that the trainable ID part is added to.
+Only the top ``k >= d`` eigenpairs need to be stored (the randomized path computes no more).
+
+Choosing d_n (``decompose.null_rule``):
+
+- ``count``: d_n = ``decompose.null_dims``, d = ``model.dim`` (reference default 128 / 64: the
+  "null space" is principal components d_s+1..d, whitened to unit variance).
+- ``threshold``: the reference's DreamRec path. All d_l directions are kept (d = d_l) and
+  d_n = #{k : S_k <= ``decompose.null_threshold``}, S the eigenvalues of the covariance of
+  ``scale * E`` (DreamRec: scale 40, threshold 0.25). See :func:`threshold_null_dims`.
 
 Example::
 
     basis = NullSpaceBasis.fit(mu, cov, dim=128, null_dims=64)
+    # or, from the top-k spectrum of the randomized path:
+    basis = NullSpaceBasis.from_spectrum(mu, values, vectors, dim=128, null_dims=64, total_variance=t)
     E_lang = basis.transform(E)               # float32 [N, 128], identity covariance on E
     basis.save(folder); NullSpaceBasis.load(folder)
 """
@@ -41,14 +52,16 @@ class NullSpaceBasis:
     """Mean, sorted eigendecomposition of the covariance, and the sizes of the projection.
 
     Attributes:
-        mean: mu, float64 [d_l], the mean of ``scale * E``.
-        eigenvalues: S, float64 [d_l], descending.
-        eigenvectors: U, float64 [d_l, d_l]; column k belongs to ``eigenvalues[k]``, its entry of
+        mean: mu, float64 [d_l], the (optionally popularity-weighted) mean of ``scale * E``.
+        eigenvalues: S, float64 [k], descending, d <= k <= d_l (k = d_l for the exact path).
+        eigenvectors: U, float64 [d_l, k]; column j belongs to ``eigenvalues[j]``, its entry of
             largest magnitude is positive (a deterministic sign).
         dim: d, the model width (columns of the projection).
         null_dims: d_n, the trailing columns of the projection that form the null space.
         whiten: divide each kept direction by its standard deviation.
         scale: s, the factor the raw embeddings are multiplied by before centring.
+        total_variance: trace of the covariance, for explained-variance ratios when only the top
+            k < d_l eigenvalues are stored; None: the sum of the stored eigenvalues (all d_l).
     """
 
     mean: np.ndarray
@@ -58,15 +71,21 @@ class NullSpaceBasis:
     null_dims: int
     whiten: bool = True
     scale: float = 1.0
+    total_variance: float | None = None
 
     def __post_init__(self) -> None:
-        d_l = self.mean.shape[0]
-        if self.mean.shape != (d_l,) or self.eigenvalues.shape != (d_l,) or self.eigenvectors.shape != (d_l, d_l):
+        d_l, k = self.mean.shape[0], self.eigenvalues.shape[0]
+        if self.mean.shape != (d_l,) or self.eigenvalues.shape != (k,) or self.eigenvectors.shape != (d_l, k) \
+                or k > d_l:
             raise ValueError(f"NullSpaceBasis: inconsistent shapes mean {self.mean.shape}, eigenvalues "
                              f"{self.eigenvalues.shape}, eigenvectors {self.eigenvectors.shape}")
+        if k < d_l and self.total_variance is None:
+            raise ValueError(f"NullSpaceBasis: only {k} of {d_l} eigenvalues given; total_variance is needed")
         if not 0 < self.dim <= d_l:
             raise ConfigError(f"model.dim={self.dim}: must be in 1..{d_l}, the dimension d_l of the "
                               "language embeddings")
+        if self.dim > k:
+            raise ValueError(f"NullSpaceBasis: model.dim={self.dim} directions needed, only {k} eigenpairs given")
         if not 0 < self.null_dims < self.dim:
             raise ConfigError(f"decompose.null_dims={self.null_dims}: must be in (0, model.dim={self.dim})")
         if self.whiten:
@@ -90,16 +109,31 @@ class NullSpaceBasis:
             cov: float [d_l, d_l], the covariance of ``scale * E``.
             dim, null_dims, whiten, scale: as the attributes.
         """
-        cov = np.asarray(cov, dtype=np.float64)
-        values, vectors = np.linalg.eigh(cov)
-        order = np.argsort(values)[::-1]
-        values, vectors = values[order], vectors[:, order]
+        values, vectors = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
+        return cls.from_spectrum(mean, values, vectors, dim, null_dims, whiten, scale)
+
+    @classmethod
+    def from_spectrum(cls, mean: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray, dim: int,
+                      null_dims: int, whiten: bool = True, scale: float = 1.0,
+                      total_variance: float | None = None) -> "NullSpaceBasis":
+        """A basis from (part of) an eigendecomposition, in any order and with any signs.
+
+        Args:
+            mean: float [d_l], the mean of ``scale * E``.
+            eigenvalues: float [k], d <= k <= d_l.
+            eigenvectors: float [d_l, k], orthonormal columns.
+            total_variance: the covariance's trace; needed when k < d_l.
+            dim, null_dims, whiten, scale: as the attributes.
+        """
+        order = np.argsort(eigenvalues)[::-1]
+        values, vectors = np.asarray(eigenvalues, np.float64)[order], np.asarray(eigenvectors, np.float64)[:, order]
         # eigenvectors are defined up to sign; fixing it makes the basis (and the semantic table
-        # built from it) reproducible across LAPACK builds and machines
+        # built from it) reproducible across LAPACK builds, machines and the two decompositions
         pivots = np.argmax(np.abs(vectors), axis=0)
         vectors = vectors * np.sign(vectors[pivots, np.arange(vectors.shape[1])])
         return cls(np.asarray(mean, dtype=np.float64).copy(), np.ascontiguousarray(values),
-                   np.ascontiguousarray(vectors), int(dim), int(null_dims), bool(whiten), float(scale))
+                   np.ascontiguousarray(vectors), int(dim), int(null_dims), bool(whiten), float(scale),
+                   None if total_variance is None else float(total_variance))
 
     @property
     def d_l(self) -> int:
@@ -130,22 +164,33 @@ class NullSpaceBasis:
             raise ValueError(f"NullSpaceBasis.transform: expected embeddings [n, {self.d_l}], got {E.shape}")
         return ((self.scale * E.astype(np.float64) - self.mean) @ self.projection).astype(np.float32)
 
+    def project(self, E_new: np.ndarray) -> np.ndarray:
+        """Semantic coordinates of items that were not part of the fit (e.g. new items added before
+        retraining): the same frozen map as :meth:`transform`, float [n, d_l] -> float32 [n, d].
+
+        The basis is NOT refitted, so existing rows of the semantic table stay valid and a new
+        item's coordinates are comparable with the old ones.
+        """
+        return self.transform(E_new)
+
     def explained_variance(self) -> np.ndarray:
-        """Cumulative explained-variance ratio, float64 [d_l]: entry k is the share of the total
-        variance in the first k+1 directions (round-off negative eigenvalues count as 0)."""
+        """Cumulative explained-variance ratio, float64 [k]: entry j is the share of the total
+        variance in the first j+1 directions (round-off negative eigenvalues count as 0)."""
         values = np.clip(self.eigenvalues, 0.0, None)
-        return np.cumsum(values) / values.sum()
+        total = self.total_variance if self.total_variance is not None else values.sum()
+        return np.cumsum(values) / total
 
     def save(self, folder: Path) -> None:
         """Write ``basis.safetensors`` (mean, eigenvalues, eigenvectors, float64) and ``basis.json``
-        (format_version, d_l, d, d_null, whiten, scale)."""
+        (format_version, d_l, d, d_null, whiten, scale, total_variance, stored eigenpairs k)."""
         folder = Path(folder)
         atomic_write_bytes(folder / TENSORS_FILE, save_tensors({
             "mean": np.ascontiguousarray(self.mean), "eigenvalues": np.ascontiguousarray(self.eigenvalues),
             "eigenvectors": np.ascontiguousarray(self.eigenvectors)}))
         atomic_write_json(folder / META_FILE, {
             "format_version": FORMAT_VERSION, "d_l": self.d_l, "d": self.dim, "d_null": self.null_dims,
-            "whiten": self.whiten, "scale": self.scale})
+            "whiten": self.whiten, "scale": self.scale, "total_variance": self.total_variance,
+            "eigenpairs": int(self.eigenvalues.shape[0])})
 
     @classmethod
     def load(cls, folder: Path) -> "NullSpaceBasis":
@@ -164,4 +209,15 @@ class NullSpaceBasis:
         if missing:
             raise DataError(f"missing tensors {sorted(missing)}", file=tensors_path)
         return cls(tensors["mean"], tensors["eigenvalues"], tensors["eigenvectors"], meta["d"], meta["d_null"],
-                   meta["whiten"], meta["scale"])
+                   meta["whiten"], meta["scale"], meta.get("total_variance"))
+
+
+def threshold_null_dims(eigenvalues: np.ndarray, threshold: float) -> int:
+    """d_n under the threshold rule: the number of eigenvalues ``<= threshold``.
+
+    Args:
+        eigenvalues: all d_l eigenvalues of the covariance of ``scale * E`` (the threshold refers
+            to that scale: DreamRec uses scale 40 with threshold 0.25).
+        threshold: ``decompose.null_threshold``.
+    """
+    return int(np.count_nonzero(np.asarray(eigenvalues) <= threshold))

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from scipy.linalg.blas import dsyrk  # scipy comes with sentence-transformers
 
 from ..errors import DataError
 
@@ -60,6 +62,8 @@ class Moments:
         """The moments of the union of both row sets."""
         return Moments(self.count + other.count, self.weight + other.weight,
                        self.total + other.total, self.gram + other.gram)
+
+    __add__ = merge  # lets tree_reduce sum Moments and plain arrays alike
 
 
 def fragment_dim(files: list[str]) -> int:
@@ -120,35 +124,44 @@ def partial_moments(path: str, weights: np.ndarray | None = None, batch_rows: in
     for idx, X in iter_fragment(path, batch_rows):
         X = X.astype(np.float64)
         if weights is None:
-            w_sum, wX = float(len(X)), X
+            w_sum, wX, rootwX = float(len(X)), X, X
         else:
             outside = idx[(idx < 0) | (idx >= len(weights))]
             if len(outside):
                 raise DataError(f"item_idx {outside[0]} has no weight (weights cover 0..{len(weights) - 1})",
                                 file=path, column=INDEX_COLUMN)
             w = np.asarray(weights, dtype=np.float64)[idx]
-            w_sum, wX = float(w.sum()), X * w[:, None]
+            if (w < 0).any():
+                raise DataError(f"item_idx {idx[np.argmax(w < 0)]} has a negative weight; weights are counts",
+                                file=path, column=INDEX_COLUMN)
+            w_sum, wX, rootwX = float(w.sum()), X * w[:, None], X * np.sqrt(w)[:, None]
         if total is None:
-            total, gram = np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1]))
+            # Fortran order: dsyrk accumulates into it in place
+            total, gram = np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1]), order="F")
         count += len(X)
         weight += w_sum
         total += wX.sum(axis=0)
-        gram += wX.T @ X
+        # sum w x x^T = (sqrt(w) X)^T (sqrt(w) X): the symmetric rank-k update computes only the
+        # upper triangle, half the flops of X^T X (the dominant cost for d_l in the thousands).
+        # rootwX.T is the Fortran-ordered [d_l, b] view, so no copy is made.
+        gram = dsyrk(1.0, rootwX.T, beta=1.0, c=gram, trans=0, overwrite_c=1)
     if total is None:
         raise DataError("has no rows", file=path)
-    return Moments(count, weight, total, gram)
+    upper = np.triu(gram)
+    return Moments(count, weight, total, upper + np.triu(upper, 1).T)
 
 
 _partial_moments_task = ray.remote(num_cpus=1)(partial_moments)
 
 
 @ray.remote(num_cpus=1)
-def _merge_task(*parts: Moments) -> Moments:
-    return functools.reduce(Moments.merge, parts)
+def _merge_task(*parts):
+    return functools.reduce(operator.add, parts)
 
 
-def tree_reduce(refs: list, fan_in: int = 4) -> Moments:
-    """Combine partial moments (ObjectRefs) level by level, ``fan_in`` at a time, in Ray tasks.
+def tree_reduce(refs: list, fan_in: int = 4):
+    """Sum partial results (ObjectRefs of ``Moments``, arrays, or anything with ``+``) level by
+    level, ``fan_in`` at a time, in Ray tasks.
 
     Each merge task starts as soon as its inputs exist; only the final result reaches the driver.
     """

@@ -3,10 +3,17 @@
 Data flow (METHOD.md section 2, steps 1-6)::
 
     embed/part-*.parquet (item_idx, vector[d_l])
-      -> distributed_covariance: one Ray task per fragment + tree reduce -> mu [d_l], C [d_l, d_l]
-      -> NullSpaceBasis.fit (exact eigh)         -> decompose/basis.safetensors + basis.json
+      -> method "exact": distributed_covariance (one Ray task per fragment + tree reduce)
+                         -> mu [d_l], C [d_l, d_l] -> eigh -> all d_l eigenpairs
+         method "randomized": randomized_covariance_eigh (rsvd.py, 2 + power_iters passes of one
+                         Ray task per fragment) -> mu, top-d eigenpairs, trace of C
+      -> null_rule: "count" (d_n = null_dims) or "threshold" (d = d_l, d_n = #S_k <= null_threshold)
+      -> NullSpaceBasis.from_spectrum            -> decompose/basis.safetensors + basis.json
       -> one Ray task per fragment: transform     -> decompose/semantic.safetensors  float32 [N, d]
-      -> decompose/spectrum.json
+      -> decompose/spectrum.json + spectrum.png
+
+With ``weighted_mean`` the centre is the popularity-weighted mean mu_w and C is the unweighted
+scatter about it, sum_i (x_i - mu_w)(x_i - mu_w)^T / (N - 1) (METHOD.md section 2, steps 1-2).
 
 Example::
 
@@ -23,10 +30,12 @@ import ray
 from safetensors.numpy import save_file
 
 from ..config import DecomposeConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..stages import atomic_write_json
-from .basis import NullSpaceBasis
+from .basis import NullSpaceBasis, threshold_null_dims
 from .covariance import INDEX_COLUMN, distributed_covariance, iter_fragment
+from .rsvd import column_sums, randomized_covariance_eigh
+from .spectrum import SPECTRUM_PLOT, plot_spectrum
 
 PART_GLOB = "part-*.parquet"
 SEMANTIC_FILE = "semantic.safetensors"
@@ -77,48 +86,98 @@ def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> n
     return table
 
 
-def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, out_dir: Path) -> dict:
+def _check_config(cfg: DecomposeConfig, weights: np.ndarray | None) -> None:
+    if cfg.null_rule == "threshold":
+        if cfg.null_threshold is None:
+            raise ConfigError("decompose.null_rule=threshold needs decompose.null_threshold (DreamRec: 0.25 "
+                              "with decompose.scale=40)")
+        if cfg.method != "exact":
+            raise ConfigError(f"decompose.null_rule=threshold counts small eigenvalues, which "
+                              f"decompose.method={cfg.method} does not compute; use decompose.method=exact")
+    if cfg.weighted_mean and (weights is None or not np.sum(weights) > 0):
+        raise ConfigError("decompose.weighted_mean=true needs item popularities (prepare's items.parquet) with a "
+                          "positive sum; every item has popularity 0 here")
+
+
+def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndarray | None):
+    """``(n, mean, eigenvalues, eigenvectors, total_variance or None)`` of ``scale * E`` by
+    ``decompose.method``; eigenpairs in any order."""
+    if cfg.method == "randomized":
+        return randomized_covariance_eigh(files, k=dim, oversample=cfg.oversample, power_iters=cfg.power_iters,
+                                          scale=cfg.scale, weights=weights if cfg.weighted_mean else None)
+    n, mean, cov = distributed_covariance(files, scale=cfg.scale)
+    if cfg.weighted_mean:
+        # scatter about mu_w = scatter about mu + n (mu - mu_w)(mu - mu_w)^T
+        shift = mean - cfg.scale * column_sums(files, weights).mean(weighted=True)
+        mean, cov = mean - shift, cov + n / (n - 1) * np.outer(shift, shift)
+    values, vectors = np.linalg.eigh(cov)
+    return n, mean, values, vectors, None
+
+
+def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, out_dir: Path,
+              weights: np.ndarray | None = None) -> dict:
     """Fit the null-space basis on all item embeddings and write the frozen semantic table.
 
     Args:
         embed_dir: the embed stage folder (``part-*.parquet`` with ``item_idx``, ``vector[d_l]``).
-        cfg: the ``decompose`` config section (null_dims d_n, whiten, scale).
+        cfg: the ``decompose`` config section.
         dim: d, the model width (``model.dim``).
         num_items: N, from prepare's manifest; every item_idx 0..N-1 must be embedded once.
         out_dir: receives ``basis.safetensors``, ``basis.json``, ``semantic.safetensors``
-            (``semantic: float32 [N, d]``) and ``spectrum.json``.
+            (``semantic: float32 [N, d]``), ``spectrum.json`` and ``spectrum.png``.
+        weights: item popularity, float [N] indexed by item_idx; used with ``decompose.weighted_mean``.
 
     Returns:
-        ``{"rows": {"items": N}, "d_l": d_l, "explained_variance_semantic": share of the total
-        variance in the d kept directions}`` for the stage manifest.
+        ``{"rows": {"items": N}, "d_l": d_l, "d": d, "d_null": d_n, "explained_variance_semantic":
+        share of the total variance in the d kept directions, ...}`` for the stage manifest.
+
+    Raises:
+        ConfigError: under ``null_rule=threshold`` when the resulting d / d_n differ from
+            ``model.dim`` / ``decompose.null_dims`` (the message gives the values to set).
     """
     embed_dir, out_dir = Path(embed_dir), Path(out_dir)
+    _check_config(cfg, weights)
     files = sorted(str(p) for p in embed_dir.glob(PART_GLOB))
     if not files:
         raise DataError(f"no {PART_GLOB} embedding fragments; run the embed stage first", file=embed_dir)
     t0 = time.time()
-    n, mean, cov = distributed_covariance(files, scale=cfg.scale)
+    n, mean, values, vectors, total_variance = _spectrum(files, cfg, dim, weights)
     if n != num_items:
         raise DataError(f"the embeddings have {n} rows but prepare has {num_items} items; rerun the embed stage",
                         file=embed_dir)
-    t_cov = time.time() - t0
-    basis = NullSpaceBasis.fit(mean, cov, dim=dim, null_dims=cfg.null_dims, whiten=cfg.whiten, scale=cfg.scale)
+    t_spectrum = time.time() - t0
+    null_dims = cfg.null_dims
+    if cfg.null_rule == "threshold":
+        d_l, null_dims = len(values), threshold_null_dims(values, cfg.null_threshold)
+        # the model's width is fixed before this stage runs (TorchRec tables, presets): the rule
+        # may not silently change it, so the config must already state what the rule yields
+        if (dim, cfg.null_dims) != (d_l, null_dims):
+            raise ConfigError(
+                f"decompose.null_rule=threshold (decompose.null_threshold={cfg.null_threshold:g}, "
+                f"decompose.scale={cfg.scale:g}) keeps all d_l={d_l} directions with {null_dims} eigenvalues "
+                f"<= the threshold: set model.dim={d_l} and decompose.null_dims={null_dims} (now model.dim={dim}, "
+                f"decompose.null_dims={cfg.null_dims})")
+    basis = NullSpaceBasis.from_spectrum(mean, values, vectors, dim=dim, null_dims=null_dims, whiten=cfg.whiten,
+                                         scale=cfg.scale, total_variance=total_variance)
     basis.save(out_dir)
     table = semantic_table(files, basis, num_items)
     save_file({SEMANTIC_TENSOR: table}, str(out_dir / SEMANTIC_FILE))
 
     explained = basis.explained_variance()
     info = {
+        "d_l": basis.d_l, "d": dim, "d_null": null_dims,
         "explained_variance_semantic": float(explained[dim - 1]),
         "explained_variance_row_space": float(explained[basis.semantic_dims - 1]),
     }
     atomic_write_json(out_dir / SPECTRUM_FILE, {
-        "d_l": basis.d_l, "d": dim, "d_null": cfg.null_dims, "d_semantic": basis.semantic_dims,
-        "whiten": cfg.whiten, "scale": cfg.scale, "items": num_items,
+        "d_semantic": basis.semantic_dims, "method": cfg.method, "null_rule": cfg.null_rule,
+        "null_threshold": cfg.null_threshold, "weighted_mean": cfg.weighted_mean,
+        "whiten": cfg.whiten, "scale": cfg.scale, "items": num_items, "total_variance": basis.total_variance,
         "eigenvalues": basis.eigenvalues.tolist(), "cumulative_explained_variance": explained.tolist(), **info,
     })
-    print(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: covariance "
-          f"{t_cov:.1f}s, total {time.time() - t0:.1f}s; the d={dim} kept directions explain "
+    plot_spectrum(basis, out_dir / SPECTRUM_PLOT)
+    print(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method} spectrum "
+          f"{t_spectrum:.1f}s, total {time.time() - t0:.1f}s; the d={dim} kept directions explain "
           f"{info['explained_variance_semantic']:.1%} of the variance ({info['explained_variance_row_space']:.1%} "
           f"in the first d_s={basis.semantic_dims})", flush=True)
-    return {"rows": {"items": num_items}, "d_l": basis.d_l, **info}
+    return {"rows": {"items": num_items}, **info}

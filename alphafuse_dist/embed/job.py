@@ -3,10 +3,13 @@
 Data flow::
 
     prepare/items.parquet (item_idx:int32, text:string), N rows
-      -> read_parquet -> blocks of ~embed.batch_size rows
+      -> sha256(text) looked up in the embedding cache (cache.py): cached rows are copied to
+         embed/part-cached-*.parquet, only the other texts go on
+      -> blocks of ~embed.batch_size rows
       -> map_batches(_EncodeBatches): one actor per embed.num_actors, model loaded once per actor
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file, rows in any order
+      -> the new vectors are added to the cache as one new file
       -> embed/info.json
 
 Each actor reserves exactly 1 CPU (plus 1 GPU on CUDA): an actor that reserves 2 CPUs on a
@@ -15,8 +18,9 @@ Ray must already be initialised by the caller (the pipeline's ``ensure_ray``).
 
 Example::
 
-    info = embed_items(Path("runs/q/prepare/items.parquet"), EmbedConfig(), Path("runs/q/embed"))
-    info  # {"rows": {"items": 9742}, "dim": 384}
+    info = embed_items(Path("runs/q/prepare/items.parquet"), EmbedConfig(), Path("runs/q/embed"),
+                       cache_dir=Path("runs/q/.embed-cache"))
+    info  # {"rows": {"items": 9742}, "dim": 384, "encoded": 9742, "cached": 0}
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from ray.data.datasource import FilenameProvider
 from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
 from ..stages import atomic_write_json
+from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import load_encoder, resolve_model
 
 INDEX_COLUMN = "item_idx"
@@ -66,11 +71,8 @@ class _EncodeBatches:
         texts = batch.column(TEXT_COLUMN)
         vectors = self.encoder.encode(texts.to_pylist(), batch_size=len(texts), convert_to_numpy=True,
                                       normalize_embeddings=self.normalize, show_progress_bar=False)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        return pa.table({
-            INDEX_COLUMN: batch.column(INDEX_COLUMN).cast(pa.int32()),
-            VECTOR_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
-        })
+        return pa.table({INDEX_COLUMN: batch.column(INDEX_COLUMN).cast(pa.int32()),
+                         VECTOR_COLUMN: _vector_array(vectors)})
 
 
 class _PartFilenames(FilenameProvider):
@@ -121,17 +123,68 @@ def _check_items(items_parquet: Path) -> int:
     return meta.num_rows
 
 
-def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path) -> dict:
-    """Encode every item's text with the frozen language model (Ray Data, actor pool).
+def _vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def _write_cached_parts(out_dir: Path, cache: EmbeddingCache, keys: np.ndarray, item_idx: np.ndarray,
+                        rows_per_file: int) -> int:
+    """Copy the cached vectors of ``keys`` (``S32`` [m], item ``item_idx`` int32 [m]) into
+    ``part-cached-*.parquet`` files of at most ``rows_per_file`` rows; returns the number of files."""
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    held, files = 0, 0
+
+    def flush(rows: int) -> None:
+        nonlocal pending, held, files
+        idx = np.concatenate([p[0] for p in pending])
+        X = np.concatenate([p[1] for p in pending])
+        table = pa.table({INDEX_COLUMN: pa.array(idx[:rows], pa.int32()), VECTOR_COLUMN: _vector_array(X[:rows])})
+        pq.write_table(table, out_dir / f"part-cached-{files:06d}.parquet")
+        files += 1
+        pending, held = ([(idx[rows:], X[rows:])], len(idx) - rows) if rows < len(idx) else ([], 0)
+
+    for rows, vectors in cache.lookup(keys):
+        pending.append((item_idx[rows], vectors))
+        held += len(rows)
+        while held >= rows_per_file:
+            flush(rows_per_file)
+    if held:
+        flush(held)
+    return files
+
+
+def _cache_new_vectors(cache: EmbeddingCache, parts: list[Path], keys_by_item: dict[int, bytes]) -> None:
+    """Add the vectors the encode job wrote (``parts``) to the cache as one new file."""
+    keys, vectors = [], []
+    for path in parts:
+        table = pq.read_table(path, columns=[INDEX_COLUMN, VECTOR_COLUMN])
+        keys.append(np.array([keys_by_item[i] for i in table.column(INDEX_COLUMN).to_pylist()], dtype="S32"))
+        column = table.column(VECTOR_COLUMN).combine_chunks()
+        vectors.append(column.flatten().to_numpy().reshape(len(column), column.type.list_size))
+    if keys:
+        cache.add(np.concatenate(keys), np.concatenate(vectors))
+
+
+def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir: Path | None = None,
+                batch_encoder: type = _EncodeBatches) -> dict:
+    """Encode every item's text with the frozen language model (Ray Data, actor pool), reusing cached
+    vectors of texts already encoded with the same model and settings.
 
     Args:
         items_parquet: prepare's ``items.parquet`` (``item_idx:int32``, ``text:string``), N rows.
         cfg: the ``embed`` config section.
         out_dir: an existing, empty folder; receives ``part-*.parquet`` (``item_idx:int32``,
             ``vector: fixed_size_list<float32>[d_l]``, N rows in all, any order) and ``info.json``.
+            Cached items go to ``part-cached-*.parquet``, newly encoded ones to the job's files.
+        cache_dir: the embedding cache (see ``cache.py``); None encodes everything and caches nothing.
+        batch_encoder: the Ray Data callable class that encodes a batch (a pyarrow batch of
+            ``item_idx``, ``text`` -> ``item_idx``, ``vector``), constructed with the keyword
+            arguments of :class:`_EncodeBatches`; tests pass a stand-in that counts its texts.
 
     Returns:
-        ``{"rows": {"items": N}, "dim": d_l}`` for the stage manifest.
+        ``{"rows": {"items": N}, "dim": d_l, "encoded": texts encoded now, "cached": items taken
+        from the cache}`` for the stage manifest.
     """
     items_parquet, out_dir = Path(items_parquet), Path(out_dir)
     if any(out_dir.glob(PART_GLOB)):
@@ -147,37 +200,62 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path) -> dict:
         raise DataError("has no items to embed", file=items_parquet)
     device = _actor_device(cfg, ray.cluster_resources())
     model_path = resolve_model(cfg.model)
-    print(f"[embed] {num_items} items, model {cfg.model} ({model_path}), {cfg.num_actors} actor(s) on {device}",
-          flush=True)
 
     t0 = time.time()
-    ds = (ray.data.read_parquet(str(items_parquet))
-          .select_columns([INDEX_COLUMN, TEXT_COLUMN])
-          # prepare writes one row group; without splitting it a single actor would get every item
-          .repartition(target_num_rows_per_block=cfg.batch_size)
-          .map_batches(_EncodeBatches, batch_format="pyarrow", batch_size=cfg.batch_size,
-                       fn_constructor_kwargs={"model": cfg.model, "device": device,
-                                              "max_seq_length": cfg.max_seq_length,
-                                              "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
-                                              "num_actors": cfg.num_actors},
-                       compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                       num_cpus=1, num_gpus=1 if device == "cuda" else 0))
-    ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
-                     min_rows_per_file=cfg.rows_per_file, max_rows_per_file=cfg.rows_per_file)
+    items = pq.read_table(items_parquet, columns=[INDEX_COLUMN, TEXT_COLUMN])
+    item_idx = items.column(INDEX_COLUMN).to_numpy().astype(np.int32)
+    keys = text_keys(items.column(TEXT_COLUMN).to_pylist())
+    cache = None
+    if cache_dir is not None:
+        namespace = cache_namespace(model_path, normalize=cfg.normalize, max_seq_length=cfg.max_seq_length,
+                                    precision="fp16" if device == "cuda" else "fp32")
+        cache = EmbeddingCache(cache_dir, namespace)
+    hit = cache.contains(keys) if cache else np.zeros(num_items, dtype=bool)
+    num_cached = int(hit.sum())
+    print(f"[embed] {num_items} items ({num_cached} cached), model {cfg.model} ({model_path}), "
+          f"{cfg.num_actors} actor(s) on {device}", flush=True)
+    if num_cached:
+        _write_cached_parts(out_dir, cache, keys[hit], item_idx[hit], cfg.rows_per_file)
+
+    todo = items.filter(pa.array(~hit))
+    if len(todo):
+        ds = (ray.data.from_arrow(todo)
+              # one block would give a single actor every item
+              .repartition(target_num_rows_per_block=cfg.batch_size)
+              .map_batches(batch_encoder, batch_format="pyarrow", batch_size=cfg.batch_size,
+                           fn_constructor_kwargs={"model": cfg.model, "device": device,
+                                                  "max_seq_length": cfg.max_seq_length,
+                                                  "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
+                                                  "num_actors": cfg.num_actors},
+                           compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                           num_cpus=1, num_gpus=1 if device == "cuda" else 0))
+        ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
+                         min_rows_per_file=cfg.rows_per_file, max_rows_per_file=cfg.rows_per_file)
+        if cache:
+            new_parts = sorted(p for p in out_dir.glob(PART_GLOB) if not p.name.startswith("part-cached-"))
+            _cache_new_vectors(cache, new_parts, dict(zip(item_idx[~hit].tolist(), keys[~hit])))
     seconds = time.time() - t0
 
     parts = sorted(out_dir.glob(PART_GLOB))
     written = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     if written != num_items:
         raise DataError(f"the embed job wrote {written} rows for {num_items} items", file=out_dir)
-    dim = pq.read_schema(parts[0]).field(VECTOR_COLUMN).type.list_size
-    rate = num_items / seconds
+    dims = {pq.read_schema(p).field(VECTOR_COLUMN).type.list_size for p in parts}
+    if len(dims) > 1:
+        raise DataError(f"cached and new vectors differ in d_l ({sorted(dims)}); delete the cache folder "
+                        f"{cache.folder if cache else ''}", file=out_dir)
+    dim = dims.pop()
+    num_encoded = num_items - num_cached
+    rate = num_encoded / max(seconds, 1e-9)
     atomic_write_json(out_dir / "info.json", {
         "encoder": cfg.model, "path": model_path, "d_l": dim, "normalize": cfg.normalize,
         "max_seq_length": cfg.max_seq_length, "device": device, "num_actors": cfg.num_actors,
         "threads_per_actor": cfg.threads_per_actor or "node cores // num_actors",
-        "items": num_items, "files": len(parts), "seconds": round(seconds, 3), "items_per_s": round(rate, 1),
+        "items": num_items, "encoded": num_encoded, "cached": num_cached,
+        "cache": str(cache.folder) if cache else None,
+        "files": len(parts), "seconds": round(seconds, 3), "items_per_s": round(rate, 1),
     })
-    print(f"[embed] {num_items} items -> {len(parts)} files, d_l={dim}, {seconds:.1f}s ({rate:.0f} items/s, "
-          "actor start and model load included)", flush=True)
-    return {"rows": {"items": num_items}, "dim": dim}
+    speed = f" ({rate:.0f} encoded items/s, actor start and model load included)" if num_encoded else ""
+    print(f"[embed] {num_items} items ({num_encoded} encoded, {num_cached} from the cache) -> {len(parts)} files, "
+          f"d_l={dim}, {seconds:.1f}s{speed}", flush=True)
+    return {"rows": {"items": num_items}, "dim": dim, "encoded": num_encoded, "cached": num_cached}

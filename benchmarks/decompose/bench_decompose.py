@@ -1,0 +1,178 @@
+"""Decompose benchmark: our fragment-wise covariance + eigh (and the randomized solver) against the
+reference's in-memory ``np.cov`` + ``np.linalg.svd``.
+
+Per size ``N x d_l`` (float32 rows with a decaying spectrum and a non-zero mean):
+
+1. The rows are written once as Parquet fragments of 50,000 rows (as the embed stage writes them)
+   and as one ``.npy`` file (the reference's input; it holds E in memory, as its code does).
+2. reference: a fresh subprocess loads E, then times ``C = np.cov(E, rowvar=False)`` +
+   ``np.linalg.svd(C)``; peak memory = that process's ``ru_maxrss`` (E included).
+3. ours: a fresh subprocess starts local Ray (``num_cpus=2``) and times ``distributed_covariance`` +
+   ``np.linalg.eigh``; peak memory = the peak of the summed RSS of the driver and all its
+   descendant processes (raylet, GCS, workers), sampled from /proc every 20 ms; Ray's idle RSS
+   before the timed part is reported too.
+4. randomized: the same Ray subprocess times ``randomized_covariance_eigh(k=128)`` and reports the
+   largest relative error of the top-128 eigenvalues against the exact ones, and the smallest
+   cosine of the principal angles between the two top-128 subspaces.
+
+Usage::
+
+    python benchmarks/decompose/bench_decompose.py --sizes 1000000x384 200000x3072 --work /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 50_000  # rows per Parquet fragment and per generation step
+
+
+def generate(n: int, d_l: int, folder: Path) -> None:
+    """Write ``folder/part-*.parquet`` and ``folder/E.npy`` (float32 [n, d_l])."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    # decaying spectrum: column j of the mixing matrix scaled by 0.98^j
+    mix = rng.normal(size=(d_l, d_l)) * (0.98 ** np.arange(d_l))[:, None] / np.sqrt(d_l)
+    mean = rng.uniform(-1, 1, size=d_l)
+    E = np.lib.format.open_memmap(folder / "E.npy", mode="w+", dtype=np.float32, shape=(n, d_l))
+    for k, start in enumerate(range(0, n, CHUNK)):
+        rows = min(CHUNK, n - start)
+        X = (rng.standard_normal((rows, d_l), dtype=np.float32) @ mix.astype(np.float32) + mean).astype(np.float32)
+        E[start:start + rows] = X
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), d_l)
+        idx = pa.array(np.arange(start, start + rows, dtype=np.int32))
+        pq.write_table(pa.table({"item_idx": idx, "vector": vectors}), folder / f"part-{k:05d}.parquet")
+    E.flush()
+
+
+def run_reference(folder: Path) -> dict:
+    E = np.load(folder / "E.npy")
+    t0 = time.perf_counter()
+    C = np.cov(E, rowvar=False)
+    U, S, _ = np.linalg.svd(C)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Summed VmRSS of ``root`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/status") as f:
+                kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+        rss[int(entry)] = kb
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / 1024
+
+
+class PeakSampler:
+    """Peak of the summed RSS of this process tree, sampled every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_ours(folder: Path, k: int) -> dict:
+    import ray
+
+    from alphafuse_dist.decompose.covariance import distributed_covariance
+    from alphafuse_dist.decompose.rsvd import randomized_covariance_eigh
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    files = sorted(str(p) for p in folder.glob("part-*.parquet"))
+    time.sleep(2)  # let Ray's start-up settle before the idle reading
+    idle = _tree_rss_mb(os.getpid())
+    with PeakSampler() as sampler:
+        t0 = time.perf_counter()
+        _, _, cov = distributed_covariance(files)
+        values, vectors = np.linalg.eigh(cov)
+        seconds = time.perf_counter() - t0
+    values, vectors = values[::-1], vectors[:, ::-1]
+    t0 = time.perf_counter()
+    _, _, r_values, r_vectors, _ = randomized_covariance_eigh(files, k=k)
+    r_seconds = time.perf_counter() - t0
+    ray.shutdown()
+    cosines = np.linalg.svd(vectors[:, :k].T @ r_vectors, compute_uv=False)
+    return {"seconds": seconds, "peak_rss_mb": sampler.peak, "idle_rss_mb": idle,
+            "randomized_seconds": r_seconds,
+            "randomized_max_rel_eigenvalue_error": float(np.abs(r_values / values[:k] - 1).max()),
+            "randomized_min_subspace_cosine": float(cosines.min())}
+
+
+def child(args: list[str]) -> dict:
+    """Run one measurement in a fresh interpreter (clean ru_maxrss / process tree)."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["1000000x384", "200000x3072"])
+    parser.add_argument("--work", default="/tmp/alphafuse-bench-decompose")
+    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--role", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "reference":
+        print(json.dumps(run_reference(Path(args.folder))))
+        return
+    if args.role == "ours":
+        print(json.dumps(run_ours(Path(args.folder), args.k)))
+        return
+    for size in args.sizes:
+        n, d_l = map(int, size.split("x"))
+        folder = Path(args.work) / size
+        t0 = time.perf_counter()
+        generate(n, d_l, folder)
+        gen = time.perf_counter() - t0
+        ref = child(["--role", "reference", "--folder", str(folder)])
+        ours = child(["--role", "ours", "--folder", str(folder), "--k", str(args.k)])
+        result = {"size": size, "generate_s": round(gen, 1), "reference": ref, "ours": ours,
+                  "speedup": ref["seconds"] / ours["seconds"],
+                  "peak_memory_ratio_ours_over_reference": ours["peak_rss_mb"] / ref["peak_rss_mb"]}
+        print(json.dumps(result), flush=True)
+        shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()
