@@ -98,12 +98,18 @@ def test_local_cluster_listens_on_loopback_only(local_cluster):
 
 
 def test_pipeline_job_writes_finite_metrics(local_cluster, tmp_path: Path):
+    from test_pipeline_e2e import _write_dataset  # a small learnable data set: every stage, quickly
+
+    _write_dataset(tmp_path)
     run_dir = tmp_path / "run"
     job_id = f"alphafuse-test-{uuid.uuid4().hex[:8]}"
     ray_cli(local_cluster, "job", "submit", "--address", local_cluster["RAY_API_SERVER_ADDRESS"],
             "--submission-id", job_id, "--runtime-env", "cluster/runtime_env.yaml", "--no-wait", "--",
             "python", "jobs/run_pipeline.py", "--config", "quickstart",
-            "train.epochs=1", "train.num_workers=2", f"run_dir={run_dir}")
+            "data.source=interactions", f"data.path={tmp_path / 'inter.csv'}",
+            f"data.items_path={tmp_path / 'items.csv'}", "data.text_template={title}. Genres: {genres}.",
+            "model.dim=32", "decompose.null_dims=16", "model.max_len=8", "train.batch_size=32",
+            "train.epochs=2", "train.num_workers=2", f"run_dir={run_dir}")
 
     status = wait_for_job(local_cluster, job_id, JOB_TIMEOUT_S)
     logs = ray_cli(local_cluster, "job", "logs", "--address", local_cluster["RAY_API_SERVER_ADDRESS"], job_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from test_pipeline_e2e import _write_dataset
 
-EPOCHS = 40
+EPOCHS = 25
 
 
 def _command(data: Path, run_dir: Path) -> list[str]:
@@ -90,7 +90,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
             while killed is None and proc.poll() is None and time.time() < deadline:
                 if seen is None and len(list(run_dir.glob(".ray-train/*/checkpoint_*"))) >= 2:
                     seen = time.time()
-                if seen is not None and time.time() > seen + 4:
+                if seen is not None and time.time() > seen + 3:
                     workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
                     if workers:
                         killed = workers[0]
