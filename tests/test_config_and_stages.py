@@ -2,13 +2,12 @@
 one-line errors for bad input with no manifest left behind."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from alphafuse_dist.cli import main
-from alphafuse_dist.config import RunConfig, config_from_dict, load_config, parse_override, preset_names
+from alphafuse_dist.config import config_from_dict, load_config, parse_override, preset_names
 from alphafuse_dist.errors import ConfigError
 from alphafuse_dist.stages import fingerprint_path, read_manifest, run_stage
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import RunConfig
-from ..model.sasrec import SASRecEncoder
+from ..model.sasrec import SASRecEncoder, user_states_from_table
 from ..train.data import eval_inputs
 from .metrics import grouped_metrics, target_ranks
 
@@ -28,16 +28,6 @@ def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, SASRecEn
                             normalize_inputs=m.similarity == "cosine")
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
     return tensors["item_table"], encoder.eval()
-
-
-@torch.no_grad()
-def user_states(encoder: SASRecEncoder, table: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
-    """User states [U, d] of left-padded histories [U, L] (pad id = N) with a precomputed table."""
-    pad = table.shape[0]
-    valid = hist != pad
-    x = torch.zeros(*hist.shape, table.shape[1])
-    x[valid] = table[hist[valid]]
-    return encoder(x, valid)[:, -1]
 
 
 def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: str = "test") -> dict:
@@ -56,7 +46,8 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
     ranks = []
     step = cfg.eval.user_batch
     for s in range(0, len(users), step):
-        states = user_states(encoder, table, hist_t[s:s + step])
+        with torch.no_grad():
+            states = user_states_from_table(encoder, table, hist_t[s:s + step])
         ranks.append(target_ranks(states, table, tgt_t[s:s + step], similarity=cfg.model.similarity,
                                   item_chunk=cfg.eval.item_chunk,
                                   exclude=exclude_all[s:s + step] if exclude_all else None))

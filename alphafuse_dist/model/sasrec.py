@@ -68,6 +68,14 @@ class SASRecEncoder(nn.Module):
         return self.ln(x) * keep
 
 
+def user_states_from_table(encoder: SASRecEncoder, table: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """User states [B, d] of left-padded id sequences [B, L] (pad id = N) over a full item table [N, d]."""
+    valid = seqs != table.shape[0]
+    x = torch.zeros(*seqs.shape, table.shape[1], dtype=table.dtype, device=table.device)
+    x[valid] = table[seqs[valid]]
+    return encoder(x, valid)[:, -1]
+
+
 class SequentialRecommender(nn.Module):
     """Item table + SASRec encoder, tied input/output item vectors (METHOD.md section 2, step 9).
 
@@ -86,21 +94,21 @@ class SequentialRecommender(nn.Module):
     def pad_id(self) -> int:
         return self.items.num_items
 
-    def embed_sequences(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """Item vectors [B, L, d] of padded id sequences [B, L] (pad -> zeros). ``table``: a
-        precomputed full item table to index instead of looking up (evaluation)."""
+    def embed_sequences(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Item vectors [B, L, d] of padded id sequences [B, L] (pad -> zeros), looked up."""
         B, L = seqs.shape
         flat = seqs.reshape(-1)
         valid = flat != self.pad_id
         out = torch.zeros(B * L, self.encoder.dim, device=seqs.device)
-        vecs = table[flat[valid]] if table is not None else self.items(flat[valid])
+        vecs = self.items(flat[valid])
         out = out.index_put((valid.nonzero().squeeze(1),), vecs.to(out.dtype))
         return out.view(B, L, -1)
 
     def user_states(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """User states [B, d] = hidden vector at the last position of left-padded ``seqs`` [B, L]."""
-        h = self.encoder(self.embed_sequences(seqs, table), seqs != self.pad_id)
-        return h[:, -1]
+        if table is not None:
+            return user_states_from_table(self.encoder, table, seqs)
+        return self.encoder(self.embed_sequences(seqs), seqs != self.pad_id)[:, -1]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.similarity == "cosine" else x

@@ -70,24 +70,10 @@ def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, d
     return SequentialRecommender(items, encoder, m.similarity, m.temperature)
 
 
-def _forward_loss(model, seqs, targets, negatives, last_only):
-    # DMP/DDP wrap the model: call through the wrapper so dense gradients are synchronised
-    return model(seqs, targets, negatives, last_only) if not isinstance(model, SequentialRecommender) \
-        else model.loss_terms(seqs, targets, negatives, last_only)
-
-
-def _plain(model) -> SequentialRecommender:
-    m = model
-    while not isinstance(m, SequentialRecommender):
-        m = m.module
-    return m
-
-
 @torch.no_grad()
-def validate(model, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int) -> dict:
+def validate(net: SequentialRecommender, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int) -> dict:
     """Full-ranking metrics of this worker's share of users, summed over workers."""
     rank, world = _world()
-    net = _plain(model)
     net.eval()
     table = net.items.full_table()  # a collective with TorchRec: all workers call it
     mine = slice(rank, None, world)
@@ -186,7 +172,8 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
             g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000_003 + step)
             negs = torch.randint(0, N, (t.num_negatives,), generator=g).to(device)
             with autocast:
-                lsum, lcnt = _forward_loss(model, seqs, tgts, negs, t.loss_positions == "last")
+                # through the DMP/DDP wrapper (its forward is the loss) so dense gradients are synchronised
+                lsum, lcnt = model(seqs, tgts, negs, t.loss_positions == "last")
             total = _all_reduce_sum(lcnt.detach().clone().to(torch.float64)).item()
             # normalise by the GLOBAL count; DDP averages gradients over workers, hence * world
             loss = lsum * (world / max(total, 1.0))
@@ -209,7 +196,7 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
                "seq_per_s": round(steps * t.batch_size / (time.time() - t0), 1)}
         improved = False
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            val = validate(model, val_hist, val_tgt, cfg.eval.ks, device, cfg.eval.item_chunk)
+            val = validate(net, val_hist, val_tgt, cfg.eval.ks, device, cfg.eval.item_chunk)
             row |= {f"val_{k}": v for k, v in val.items() if k != "users"}
             metric = val["NDCG@10"] if "NDCG@10" in val else val[f"NDCG@{cfg.eval.ks[0]}"]
             if metric > best.best_metric:
