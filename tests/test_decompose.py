@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
-from alphafuse_dist.decompose.covariance import distributed_covariance, partial_moments
+from alphafuse_dist.decompose.covariance import batch_moments, distributed_covariance, partial_moments
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError, DataError
 
@@ -51,13 +51,33 @@ def rel_err(a, b):
 
 def test_distributed_covariance_equals_numpy(ray_session, embeddings):
     _, files, X = embeddings
-    n, mean, cov = distributed_covariance(files)
+    reference = np.cov(X, rowvar=False)
+    n, mean, cov = distributed_covariance(files)  # float32 GEMMs on centred batches (the default)
     assert n == N
     assert rel_err(mean, X.mean(0, dtype=np.float64)) < 1e-12
-    assert rel_err(cov, np.cov(X, rowvar=False)) < 1e-6
+    assert rel_err(cov, reference) < 1e-6
+    # float64 GEMMs: round-off only
+    _, _, cov64 = distributed_covariance(files, precision="float64")
+    assert rel_err(cov64, reference) < 1e-12
     # the reduce tree's shape does not matter beyond round-off
-    _, _, cov8 = distributed_covariance(files, fan_in=8)
-    assert rel_err(cov8, cov) < 1e-12
+    _, _, cov8 = distributed_covariance(files, fan_in=8, precision="float64")
+    assert rel_err(cov8, cov64) < 1e-12
+    with pytest.raises(ValueError, match="precision"):
+        distributed_covariance(files, precision="float16")
+
+
+def test_float32_scatter_is_exact_to_1e6_with_a_huge_mean():
+    """Centring each batch on its float64 mean first: a mean 1e4 x the spread costs nothing."""
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(20_000, 16)) * np.geomspace(1, 0.05, 16) + 1e4).astype(np.float32)
+    parts = [batch_moments(X[s:s + 4096]) for s in range(0, len(X), 4096)]
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    reference = np.cov(X, rowvar=False)
+    assert total.count == 20_000
+    assert rel_err(total.scatter / (total.weight - 1), reference) < 1e-6
+    assert rel_err(total.mean, X.mean(0, dtype=np.float64)) < 1e-12
 
 
 def test_weighted_and_scaled_covariance(ray_session, embeddings):
@@ -70,12 +90,13 @@ def test_weighted_and_scaled_covariance(ray_session, embeddings):
 
 def test_partial_moments_reads_one_fragment(embeddings):
     _, files, X = embeddings
-    m = partial_moments(files[0], batch_rows=64)  # several batches inside one file
+    m = partial_moments(files[0], batch_rows=64, precision="float64")  # several batches inside one file
     rows = pq.read_table(files[0])
     Xf = np.stack(rows.column("vector").to_numpy(zero_copy_only=False)).astype(np.float64)
     assert m.count == len(Xf) == 700 and m.weight == 700.0
     assert rel_err(m.total, Xf.sum(0)) < 1e-12
-    assert rel_err(m.gram, Xf.T @ Xf) < 1e-12
+    centred = Xf - Xf.mean(0)
+    assert rel_err(m.scatter, centred.T @ centred) < 1e-12
 
 
 def test_whitened_coordinates_have_identity_covariance(embeddings):
@@ -142,8 +163,10 @@ def test_invalid_sizes_and_rank_deficiency_name_the_config_key():
 
 def test_decompose_stage_writes_the_semantic_table(ray_session, embeddings, tmp_path):
     folder, _, X = embeddings
-    info = decompose(folder, DecomposeConfig(null_dims=8, whiten=True, scale=1.0), dim=32, num_items=N,
-                     out_dir=tmp_path)
+    # float64 scatter: this spectrum spans 1e5 over the kept 32 directions, where float32's ~1e-7
+    # relative error of C becomes ~2e-5 in the whitened covariance (covariance.py's notes)
+    info = decompose(folder, DecomposeConfig(null_dims=8, whiten=True, scale=1.0, precision="float64"), dim=32,
+                     num_items=N, out_dir=tmp_path)
     basis = NullSpaceBasis.load(tmp_path)
     table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
     assert table.dtype == np.float32 and table.shape == (N, 32)

@@ -1,20 +1,31 @@
 """Mean and covariance of the item embeddings E, computed with one Ray task per Parquet fragment.
 
-Each task reads ONE fragment (file) of the embed output in row batches and returns its moments
-(count, weight, sum w x, sum w x x^T) in float64; the partial moments are combined by a tree of
-Ray tasks (fan-in 2..8), so neither the driver nor any task ever holds more than one fragment or
-more than ``fan_in`` partials of d_l x d_l. The driver then forms
+Each task streams ONE fragment (file) of the embed output in row batches and returns its moments
+(count, weight, mean, centred scatter); the partial moments are combined by a tree of Ray tasks
+(fan-in 2..8) with the pairwise update of Chan, Golub and LeVeque, so neither the driver nor any
+task ever holds more than one batch of rows or more than ``fan_in`` partials of d_l x d_l. Then
 
-    mu = sum w x / W,        C = (sum w x x^T - W mu mu^T) / (W - 1)        (W = sum w)
+    C = scatter / (W - 1)        (W = sum of weights)
 
 which is ``np.cov(E, rowvar=False)`` without weights (unbiased N-1 form, METHOD.md section 2).
 
-Numerics: forming C from raw second moments cancels the W mu mu^T part of sum w x x^T. In float64
-the absolute error of C_ij is about eps64 * W * (|mu_i mu_j| + |C_ij|) / (W - 1) with eps64 ~ 1e-16,
-i.e. a relative error of ~1e-16 * (1 + |mu_i mu_j| / |C_ij|). For sentence embeddings (|mu_i| / std_i
-of order 1..10) that is ~1e-14, far below anything the eigenbasis is sensitive to; the same sum in
-float32 would lose ~1e-5, which is why the data are promoted to float64 before any product.
-Only data whose mean exceeds its standard deviation by ~1e5 would need a shifted (pivot) variant.
+Numerics. Every batch is centred on its own float64 mean before any product, so the products
+never carry the mean (no ``sum x x^T - W mu mu^T`` cancellation, whatever |mu| / std is). The
+batch's scatter ``Z^T Z`` is then one GEMM in ``precision``:
+
+- ``float32`` (default): the centred rows stay float32 and the GEMM runs in float32 (twice the
+  speed of float64 and no float64 copy of the batch); each batch's result is added in float64.
+  The rounding of a batch's sum of ``b`` products is ~eps32 * sqrt(b) ~ 1e-5 relative at worst and
+  unbiased, and the float64 sum over the ``N / b`` batches averages it down: ~1e-7 relative to
+  max |C| at N = 1M (tests assert < 1e-6 against ``np.cov``). An eigenvalue moves by at most
+  ||dC||_2 (Weyl), so the k-th whitened direction is off by ~1e-7 * S_1 / S_k: nothing for the
+  d = 128 of sentence embeddings (S_1 / S_128 ~ 1e2), ~2e-5 for a spectrum spanning 1e5 (use
+  float64 there).
+- ``float64``: the same with a float64 copy of each batch (~1e-15 relative), for checks.
+
+Why not ``np.cov``: it needs E and a float64 copy of it in one process (the reference's peak
+memory) and uses one machine; ``dsyrk`` is not used because OpenBLAS's syrk kernels run slower
+than its GEMM on this hardware despite half the flops (measured; see benchmarks/decompose).
 
 Example::
 
@@ -33,37 +44,50 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from scipy.linalg.blas import dsyrk  # scipy comes with sentence-transformers
 
 from ..errors import DataError
 
 INDEX_COLUMN = "item_idx"
 VECTOR_COLUMN = "vector"
 BATCH_ROWS = 8192  # rows read at a time inside a fragment: bounds a task's memory, not its result
+READ_BUFFER = 1 << 20  # bytes; with pre_buffer off, a reader holds pages, not the whole row group
+PRECISIONS = ("float32", "float64")
 
 
 @dataclass
 class Moments:
-    """Weighted raw moments of a set of rows x (each of dimension d_l), all float64.
+    """Weighted moments of a set of rows x (each of dimension d_l), all float64.
 
     Attributes:
         count: number of rows.
         weight: W, the sum of the row weights (== count without weights).
-        total: sum w x, float64 [d_l].
-        gram: sum w x x^T, float64 [d_l, d_l].
+        mean: sum w x / W, float64 [d_l] (zeros while W == 0).
+        scatter: sum w (x - mean)(x - mean)^T, float64 [d_l, d_l].
     """
 
     count: int
     weight: float
-    total: np.ndarray
-    gram: np.ndarray
+    mean: np.ndarray
+    scatter: np.ndarray
 
     def merge(self, other: "Moments") -> "Moments":
-        """The moments of the union of both row sets."""
-        return Moments(self.count + other.count, self.weight + other.weight,
-                       self.total + other.total, self.gram + other.gram)
+        """The moments of the union of both row sets (Chan et al.'s pairwise update)."""
+        if other.weight == 0:
+            return Moments(self.count + other.count, self.weight, self.mean, self.scatter)
+        if self.weight == 0:
+            return Moments(self.count + other.count, other.weight, other.mean, other.scatter)
+        weight = self.weight + other.weight
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.weight / weight)
+        scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.weight * other.weight / weight)
+        return Moments(self.count + other.count, weight, mean, scatter)
 
     __add__ = merge  # lets tree_reduce sum Moments and plain arrays alike
+
+    @property
+    def total(self) -> np.ndarray:
+        """sum w x, float64 [d_l]."""
+        return self.mean * self.weight
 
 
 def fragment_dim(files: list[str]) -> int:
@@ -99,10 +123,14 @@ def fragment_dim(files: list[str]) -> int:
 def iter_fragment(path: str, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows of one fragment, ``batch_rows`` at a time.
 
+    The file is read page by page (``pre_buffer`` off): the default pre-buffering would hold a
+    whole row group (614 MB for 50,000 rows at d_l = 3072) on top of the batches.
+
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
     """
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=[INDEX_COLUMN, VECTOR_COLUMN]):
+    reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
+    for batch in reader.iter_batches(batch_size=batch_rows, columns=[INDEX_COLUMN, VECTOR_COLUMN]):
         vectors = batch.column(VECTOR_COLUMN)
         if vectors.null_count or batch.column(INDEX_COLUMN).null_count:
             raise DataError("null entries; every row needs an item_idx and a vector", file=path)
@@ -111,21 +139,46 @@ def iter_fragment(path: str, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.
         yield batch.column(INDEX_COLUMN).to_numpy().astype(np.int64), X
 
 
-def partial_moments(path: str, weights: np.ndarray | None = None, batch_rows: int = BATCH_ROWS) -> Moments:
-    """Moments of one fragment, accumulated in float64.
+def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "float32") -> Moments:
+    """Moments of one batch of rows X [b, d_l] with optional weights w [b] (see the module notes)."""
+    dtype = np.dtype(precision)
+    X = np.asarray(X)
+    if w is None:
+        weight = float(len(X))
+        mean = X.sum(axis=0, dtype=np.float64) / weight
+    else:
+        weight = float(w.sum())
+        if weight == 0:
+            return Moments(len(X), 0.0, np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1])))
+        mean = np.einsum("i,ij->j", w, X, dtype=np.float64) / weight
+    centre = mean.astype(dtype)
+    Z = X.astype(dtype, copy=False) - centre  # a new array: the caller's rows are never modified
+    if w is not None:
+        Z *= np.sqrt(w).astype(dtype)[:, None]
+    scatter = (Z.T @ Z).astype(np.float64)
+    # Z is centred on the rounded centre, not on the exact mean: remove the (tiny) offset term
+    offset = mean - centre.astype(np.float64)
+    scatter -= weight * np.outer(offset, offset)
+    return Moments(len(X), weight, mean, scatter)
+
+
+def partial_moments(path: str, weights: np.ndarray | None = None, batch_rows: int = BATCH_ROWS,
+                    precision: str = "float32") -> Moments:
+    """Moments of one fragment.
 
     Args:
         path: one ``part-*.parquet`` file of the embed output.
         weights: optional per-item weights, float [N] indexed by ``item_idx`` (e.g. popularity);
             None gives every row weight 1.
         batch_rows: rows read at a time.
+        precision: the GEMM precision of each batch's scatter ("float32" or "float64").
     """
-    count, weight, total, gram = 0, 0.0, None, None
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    moments = None
     for idx, X in iter_fragment(path, batch_rows):
-        X = X.astype(np.float64)
-        if weights is None:
-            w_sum, wX, rootwX = float(len(X)), X, X
-        else:
+        w = None
+        if weights is not None:
             outside = idx[(idx < 0) | (idx >= len(weights))]
             if len(outside):
                 raise DataError(f"item_idx {outside[0]} has no weight (weights cover 0..{len(weights) - 1})",
@@ -134,21 +187,11 @@ def partial_moments(path: str, weights: np.ndarray | None = None, batch_rows: in
             if (w < 0).any():
                 raise DataError(f"item_idx {idx[np.argmax(w < 0)]} has a negative weight; weights are counts",
                                 file=path, column=INDEX_COLUMN)
-            w_sum, wX, rootwX = float(w.sum()), X * w[:, None], X * np.sqrt(w)[:, None]
-        if total is None:
-            # Fortran order: dsyrk accumulates into it in place
-            total, gram = np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1]), order="F")
-        count += len(X)
-        weight += w_sum
-        total += wX.sum(axis=0)
-        # sum w x x^T = (sqrt(w) X)^T (sqrt(w) X): the symmetric rank-k update computes only the
-        # upper triangle, half the flops of X^T X (the dominant cost for d_l in the thousands).
-        # rootwX.T is the Fortran-ordered [d_l, b] view, so no copy is made.
-        gram = dsyrk(1.0, rootwX.T, beta=1.0, c=gram, trans=0, overwrite_c=1)
-    if total is None:
+        part = batch_moments(X, w, precision)
+        moments = part if moments is None else moments + part
+    if moments is None:
         raise DataError("has no rows", file=path)
-    upper = np.triu(gram)
-    return Moments(count, weight, total, upper + np.triu(upper, 1).T)
+    return moments
 
 
 _partial_moments_task = ray.remote(num_cpus=1)(partial_moments)
@@ -174,7 +217,7 @@ def tree_reduce(refs: list, fan_in: int = 4):
 
 
 def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.ndarray | None = None,
-                           fan_in: int = 4) -> tuple[int, np.ndarray, np.ndarray]:
+                           fan_in: int = 4, precision: str = "float32") -> tuple[int, np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of ``scale * E`` over all fragments, one Ray task per file.
 
     Args:
@@ -183,19 +226,20 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
         weights: optional per-item frequency weights, float [N] indexed by ``item_idx``: a weight
             of k counts the row k times, the divisor is ``sum(w) - 1`` (``np.cov(fweights=w)``).
         fan_in: partials combined per reduce task (2..8).
+        precision: GEMM precision of the per-batch scatter (``decompose.precision``; module notes).
 
     Returns:
         ``(n, mean, cov)``: the row count, float64 [d_l] and float64 [d_l, d_l].
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     files = [str(Path(f)) for f in files]
     fragment_dim(files)
     weights_ref = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
-    total = tree_reduce([_partial_moments_task.remote(f, weights_ref) for f in files], fan_in)
+    total = tree_reduce([_partial_moments_task.remote(f, weights_ref, BATCH_ROWS, precision) for f in files], fan_in)
     if total.weight <= 1:
         raise DataError(f"the embeddings hold total weight {total.weight:g} over {total.count} rows; a "
                         "covariance needs more than 1", file=Path(files[0]).parent)
-    mean = total.total / total.weight
-    # the cancellation discussed in the module docstring happens here, in float64
-    cov = (total.gram - total.weight * np.outer(mean, mean)) / (total.weight - 1)
-    cov = (cov + cov.T) / 2  # exact symmetry for eigh (the products above differ in the last bit)
-    return total.count, scale * mean, scale * scale * cov
+    cov = total.scatter / (total.weight - 1)
+    cov = (cov + cov.T) / 2  # exact symmetry for eigh (the GEMM's two triangles differ in the last bit)
+    return total.count, scale * total.mean, scale * scale * cov

@@ -105,7 +105,10 @@ def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndar
     if cfg.method == "randomized":
         return randomized_covariance_eigh(files, k=dim, oversample=cfg.oversample, power_iters=cfg.power_iters,
                                           scale=cfg.scale, weights=weights if cfg.weighted_mean else None)
-    n, mean, cov = distributed_covariance(files, scale=cfg.scale)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "float64" if cfg.null_rule == "threshold" else "float32"
+    n, mean, cov = distributed_covariance(files, scale=cfg.scale, precision=precision)
     if cfg.weighted_mean:
         # scatter about mu_w = scatter about mu + n (mu - mu_w)(mu - mu_w)^T
         shift = mean - cfg.scale * column_sums(files, weights).mean(weighted=True)

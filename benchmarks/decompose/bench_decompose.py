@@ -18,6 +18,9 @@ Per size ``N x d_l`` (float32 rows with a decaying spectrum and a non-zero mean)
 Usage::
 
     python benchmarks/decompose/bench_decompose.py --sizes 1000000x384 200000x3072 --work /tmp/bench
+
+Each size runs ``--repeats`` reference/ours pairs alternately (the 2 cores here are shared, so a
+single pair can be skewed by someone else's job) and appends a JSON line to ``results.jsonl``.
 """
 from __future__ import annotations
 
@@ -112,7 +115,7 @@ class PeakSampler:
         self._thread.join()
 
 
-def run_ours(folder: Path, k: int) -> dict:
+def run_ours(folder: Path, k: int, randomized: bool) -> dict:
     import ray
 
     from alphafuse_dist.decompose.covariance import distributed_covariance
@@ -128,13 +131,16 @@ def run_ours(folder: Path, k: int) -> dict:
         values, vectors = np.linalg.eigh(cov)
         seconds = time.perf_counter() - t0
     values, vectors = values[::-1], vectors[:, ::-1]
+    result = {"seconds": seconds, "peak_rss_mb": sampler.peak, "idle_rss_mb": idle}
+    if not randomized:
+        ray.shutdown()
+        return result
     t0 = time.perf_counter()
     _, _, r_values, r_vectors, _ = randomized_covariance_eigh(files, k=k)
     r_seconds = time.perf_counter() - t0
     ray.shutdown()
     cosines = np.linalg.svd(vectors[:, :k].T @ r_vectors, compute_uv=False)
-    return {"seconds": seconds, "peak_rss_mb": sampler.peak, "idle_rss_mb": idle,
-            "randomized_seconds": r_seconds,
+    return result | {"randomized_seconds": r_seconds,
             "randomized_max_rel_eigenvalue_error": float(np.abs(r_values / values[:k] - 1).max()),
             "randomized_min_subspace_cosine": float(cosines.min())}
 
@@ -150,6 +156,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["1000000x384", "200000x3072"])
     parser.add_argument("--work", default="/tmp/alphafuse-bench-decompose")
     parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="reference/ours pairs run alternately; the median ratio is reported")
+    parser.add_argument("--no-randomized", action="store_true", help="skip the randomized solver")
     parser.add_argument("--role", choices=["reference", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,7 +166,7 @@ def main() -> None:
         print(json.dumps(run_reference(Path(args.folder))))
         return
     if args.role == "ours":
-        print(json.dumps(run_ours(Path(args.folder), args.k)))
+        print(json.dumps(run_ours(Path(args.folder), args.k, not args.no_randomized)))
         return
     for size in args.sizes:
         n, d_l = map(int, size.split("x"))
@@ -165,12 +174,24 @@ def main() -> None:
         t0 = time.perf_counter()
         generate(n, d_l, folder)
         gen = time.perf_counter() - t0
-        ref = child(["--role", "reference", "--folder", str(folder)])
-        ours = child(["--role", "ours", "--folder", str(folder), "--k", str(args.k)])
-        result = {"size": size, "generate_s": round(gen, 1), "reference": ref, "ours": ours,
-                  "speedup": ref["seconds"] / ours["seconds"],
-                  "peak_memory_ratio_ours_over_reference": ours["peak_rss_mb"] / ref["peak_rss_mb"]}
+        pairs = []
+        for r in range(args.repeats):
+            ref = child(["--role", "reference", "--folder", str(folder)])
+            last = r == args.repeats - 1 and not args.no_randomized
+            ours = child(["--role", "ours", "--folder", str(folder), "--k", str(args.k)]
+                         + ([] if last else ["--no-randomized"]))
+            pairs.append({"reference": ref, "ours": ours, "speedup": ref["seconds"] / ours["seconds"],
+                          "memory_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
+                          "load_average": os.getloadavg()[0]})
+            print(json.dumps({"size": size, "pair": r + 1} | pairs[-1]), flush=True)
+        result = {"size": size, "generate_s": round(gen, 1), "pairs": pairs,
+                  "median_speedup": float(np.median([p["speedup"] for p in pairs])),
+                  "median_memory_ratio": float(np.median([p["memory_ratio"] for p in pairs])),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "command": " ".join([Path(sys.executable).name, *sys.argv])}
         print(json.dumps(result), flush=True)
+        with open(Path(__file__).with_name("results.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
         shutil.rmtree(folder)
 
 
