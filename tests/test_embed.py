@@ -10,7 +10,7 @@ import pytest
 
 from alphafuse_dist.config import EmbedConfig
 from alphafuse_dist.embed.encoder import load_encoder, resolve_model
-from alphafuse_dist.embed.job import embed_items
+from alphafuse_dist.embed.job import actor_pool, embed_items
 from alphafuse_dist.errors import ConfigError, DataError
 
 TITLES = [
@@ -113,3 +113,16 @@ def test_embed_job_rejects_bad_inputs_before_starting(ray_session, tmp_path):
         embed_items(items, EmbedConfig(device="cuda"), tmp_path)
     with pytest.raises(ConfigError, match=r"embed\.model='no-such-org/no-such-model'"):
         embed_items(items, EmbedConfig(model="no-such-org/no-such-model"), tmp_path)
+
+
+def test_actor_pool_is_sized_to_the_cluster():
+    auto = EmbedConfig()
+    assert actor_pool(auto, {"CPU": 2}) == ("cpu", 1)
+    assert actor_pool(auto, {"CPU": 48}, nodes=3) == ("cpu", 3)  # one per node, all its cores
+    assert actor_pool(auto, {"CPU": 32, "GPU": 4}, nodes=2) == ("cuda", 4)  # one per GPU
+    assert actor_pool(EmbedConfig(device="cpu"), {"CPU": 32, "GPU": 4}, nodes=2) == ("cpu", 2)
+    assert actor_pool(EmbedConfig(num_actors=3), {"CPU": 8, "GPU": 2}) == ("cpu", 3)  # too few GPUs for 3
+    with pytest.raises(ConfigError, match=r"embed\.num_actors=0: must be >= 1"):
+        actor_pool(EmbedConfig(num_actors=0), {"CPU": 8})
+    with pytest.raises(ConfigError, match=r"embed\.device=cuda: the Ray cluster has 1 GPUs, embed\.num_actors=2"):
+        actor_pool(EmbedConfig(device="cuda", num_actors=2), {"CPU": 8, "GPU": 1})

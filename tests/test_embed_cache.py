@@ -32,7 +32,7 @@ class CountingEncoder:
     """Stand-in for ``_EncodeBatches``: a hash 'embedding' of each text, and every text it encodes
     appended to ``<model folder>/.calls.log`` (hidden, so the model fingerprint ignores it)."""
 
-    def __init__(self, model, device, max_seq_length, normalize, threads, num_actors):
+    def __init__(self, model, device, max_seq_length, normalize, threads, actors_per_node):
         self.log = Path(model) / ".calls.log"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -5,8 +5,8 @@ Data flow::
     prepare/items.parquet (item_idx:int32, text:string), N rows
       -> sha256(text) looked up in the embedding cache (cache.py): cached rows are copied to
          embed/part-cached-*.parquet, only the other texts go on
-      -> blocks of ~embed.batch_size rows
-      -> map_batches(_EncodeBatches): one actor per embed.num_actors, model loaded once per actor
+      -> sorted by text length, cut into blocks of ~embed.batch_size rows
+      -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node or GPU), model loaded once per actor
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file, rows in any order
       -> the new vectors are added to the cache as one new file
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
@@ -55,12 +56,12 @@ class _EncodeBatches:
     """
 
     def __init__(self, model: str, device: str, max_seq_length: int | None, normalize: bool,
-                 threads: int | None, num_actors: int):
+                 threads: int | None, actors_per_node: int):
         import torch
 
         # Ray sets OMP_NUM_THREADS=1 from the 1-CPU reservation, but the encoder is the only heavy
         # work on the node (reads and writes are light): by default the actors share its cores
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // num_actors))
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // actors_per_node))
         self.encoder = load_encoder(model, device=device, max_seq_length=max_seq_length)
         if device == "cuda":
             # inference only: fp16 halves memory traffic; outputs are cast back to float32
@@ -83,19 +84,34 @@ class _PartFilenames(FilenameProvider):
         return f"part-{write_uuid}_{task_index:06d}"
 
 
-def _actor_device(cfg: EmbedConfig, cluster: dict) -> str:
-    """``cpu`` or ``cuda`` for the encoder actors, checked against the cluster's resources."""
+def actor_pool(cfg: EmbedConfig, cluster: dict, nodes: int = 1) -> tuple[str, int]:
+    """``(device, actors)`` of the encoder pool, checked against the cluster's resources.
+
+    ``embed.num_actors`` unset sizes the pool to the cluster: one actor per GPU when GPUs are used,
+    otherwise one actor per node (each then runs torch on all of its node's cores: one model
+    instance per node encodes faster than several that split the cores), never so many that no
+    CPU is left for Ray Data's read and write tasks.
+
+    Args:
+        cluster: ``ray.cluster_resources()``.
+        nodes: alive nodes with CPUs.
+    """
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
-    if cfg.num_actors < 1:
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= max(cfg.num_actors or 1, 1))
+    if cfg.num_actors is None:
+        actors = int(gpus) if use_gpu else max(1, min(nodes, int(cpus) - 1))
+    else:
+        actors = cfg.num_actors
+    if cfg.device == "cuda" and gpus < max(actors, 1):
+        raise ConfigError(f"embed.device=cuda: the Ray cluster has {gpus:g} GPUs, embed.num_actors="
+                          f"{max(actors, 1)} actors need one each (or set embed.device=auto/cpu)")
+    if actors < 1:
         raise ConfigError(f"embed.num_actors={cfg.num_actors}: must be >= 1")
-    if cfg.num_actors >= cpus:
-        raise ConfigError(f"embed.num_actors={cfg.num_actors}: the Ray cluster has {cpus:g} CPUs and each "
+    if actors >= cpus:
+        raise ConfigError(f"embed.num_actors={actors}: the Ray cluster has {cpus:g} CPUs and each "
                           "actor holds one for the whole job, which would leave none for the read and "
                           f"write tasks (the job would hang); use at most {max(int(cpus) - 1, 1)}")
-    if cfg.device == "cuda" and gpus < cfg.num_actors:
-        raise ConfigError(f"embed.device=cuda: the Ray cluster has {gpus:g} GPUs, embed.num_actors="
-                          f"{cfg.num_actors} actors need one each (or set embed.device=auto/cpu)")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.num_actors) else "cpu"
+    return ("cuda" if use_gpu and gpus >= actors else "cpu"), actors
 
 
 def _check_items(items_parquet: Path) -> int:
@@ -198,7 +214,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     num_items = _check_items(items_parquet)
     if num_items == 0:
         raise DataError("has no items to embed", file=items_parquet)
-    device = _actor_device(cfg, ray.cluster_resources())
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    device, num_actors = actor_pool(cfg, ray.cluster_resources(), max(nodes, 1))
     model_path = resolve_model(cfg.model)
 
     t0 = time.time()
@@ -213,11 +230,14 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     hit = cache.contains(keys) if cache else np.zeros(num_items, dtype=bool)
     num_cached = int(hit.sum())
     print(f"[embed] {num_items} items ({num_cached} cached), model {cfg.model} ({model_path}), "
-          f"{cfg.num_actors} actor(s) on {device}", flush=True)
+          f"{num_actors} actor(s) on {device}", flush=True)
     if num_cached:
         _write_cached_parts(out_dir, cache, keys[hit], item_idx[hit], cfg.rows_per_file)
 
     todo = items.filter(pa.array(~hit))
+    # Texts of similar length share a batch, as SentenceTransformer.encode arranges within one
+    # call: a batch is padded to its longest text, so mixed lengths waste most of the compute.
+    todo = todo.take(pa.array(np.argsort(pc.utf8_length(todo.column(TEXT_COLUMN)).to_numpy(), kind="stable")))
     if len(todo):
         ds = (ray.data.from_arrow(todo)
               # one block would give a single actor every item
@@ -226,8 +246,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
                            fn_constructor_kwargs={"model": cfg.model, "device": device,
                                                   "max_seq_length": cfg.max_seq_length,
                                                   "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
-                                                  "num_actors": cfg.num_actors},
-                           compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                                                  "actors_per_node": -(-num_actors // max(nodes, 1))},
+                           compute=ray.data.ActorPoolStrategy(size=num_actors),
                            num_cpus=1, num_gpus=1 if device == "cuda" else 0))
         ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
                          min_rows_per_file=cfg.rows_per_file, max_rows_per_file=cfg.rows_per_file)
@@ -249,8 +269,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     rate = num_encoded / max(seconds, 1e-9)
     atomic_write_json(out_dir / "info.json", {
         "encoder": cfg.model, "path": model_path, "d_l": dim, "normalize": cfg.normalize,
-        "max_seq_length": cfg.max_seq_length, "device": device, "num_actors": cfg.num_actors,
-        "threads_per_actor": cfg.threads_per_actor or "node cores // num_actors",
+        "max_seq_length": cfg.max_seq_length, "device": device, "num_actors": num_actors,
+        "threads_per_actor": cfg.threads_per_actor or "node cores // actors per node",
         "items": num_items, "encoded": num_encoded, "cached": num_cached,
         "cache": str(cache.folder) if cache else None,
         "files": len(parts), "seconds": round(seconds, 3), "items_per_s": round(rate, 1),
