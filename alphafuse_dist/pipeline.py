@@ -3,7 +3,8 @@ manifest matches (see ``stages.py``).
 
 Stage folders in the run directory: ``prepare``, ``embed``, ``decompose`` (shared by every method
 and seed run on the same data), then ``train-<method>-s<seed>`` and ``evaluate-<method>-s<seed>``.
-The ID-only baseline (``method=sasrec_id``) needs no embed/decompose.
+A method runs only the stages its item module reads (``config.METHOD_INPUTS``): the ID-only
+baseline (``method=sasrec_id``) needs no embed/decompose, morec/unisrec only embed.
 
 Example::
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig, section_hash
+from .config import METHOD_INPUTS, RunConfig, section_hash
 from .errors import AlphaFuseError
 from .stages import clean_temporaries, read_manifest, require_stage, run_stage, stage_digest
 
@@ -123,12 +124,19 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
     run_dir = cfg.run_path
     prep = require_stage(run_dir, "prepare")
     inputs = {"prepare": stage_digest(run_dir, "prepare")}
-    semantic = None
-    if cfg.method == "alphafuse":
-        semantic = str(require_stage(run_dir, "decompose") / "semantic.safetensors")
+    needs = METHOD_INPUTS[cfg.method]
+    semantic = language = basis = None
+    if needs & {"semantic", "basis"}:
+        decomposed = require_stage(run_dir, "decompose").resolve()
         inputs["decompose"] = stage_digest(run_dir, "decompose")
+        semantic = str(decomposed / "semantic.safetensors") if "semantic" in needs else None
+        basis = str(decomposed) if "basis" in needs else None
+    if "language" in needs:
+        language = str(require_stage(run_dir, "embed").resolve())
+        inputs["embed"] = stage_digest(run_dir, "embed")
     num_items = read_manifest(prep)["rows"]["items"]
-    train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items)
+    train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items,
+                               language_path=language, basis_path=basis)
 
     def build(tmp: Path) -> dict:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -138,7 +146,7 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
         return train_with_ray(cfg, train_inputs, tmp)
 
     h = section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
-                     cfg.decompose if cfg.method == "alphafuse" else None)
+                     cfg.decompose if needs & {"semantic", "basis"} else None)
     return run_stage(run_dir, train_stage_name(cfg), config_hash=h, inputs=inputs, build=build, log=log)
 
 
@@ -189,8 +197,12 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log
     t0 = time.time()
     fns = {"prepare": prepare_stage, "embed": embed_stage, "decompose": decompose_stage,
            "train": train_stage, "evaluate": evaluate_stage}
+    needs = METHOD_INPUTS[cfg.method]
+    skipped = {"embed"} if not needs else set()
+    if not needs & {"semantic", "basis"}:
+        skipped.add("decompose")
     for name in stages:
-        if cfg.method != "alphafuse" and name in ("embed", "decompose"):
+        if name in skipped:
             continue
         log(f"[{name}] ...")
         fns[name](cfg, log)

@@ -3,6 +3,7 @@
     E_item = E_lang + [0_(N x d_s), E_id]          (injection "add")
     E_item = [E_lang[:, :d_s], E_id]               (injection "cover")
     E_item = E_id (N x d, all trainable)            (method "sasrec_id", the ID-only baseline)
+    E_item = E_id, E_id initialised to E_lang / sqrt(d)   (method "llminit", LLMInit baseline)
 
 Two interchangeable storage back ends with identical numerics:
 
@@ -12,8 +13,17 @@ Two interchangeable storage back ends with identical numerics:
   optimiser). Sharded by ``DistributedModelParallel`` (see ``alphafuse_dist.train.sharding``).
 
 Shapes: ``N`` items, ``d`` model width, ``d_n`` null-space (ID) width, ``d_s = d - d_n``.
+
+Every item module (this one and those of ``alphafuse_dist.model.methods``) has the same interface:
+``forward(ids [M]) -> [M, d]``, ``full_table() -> [N, d]``, ``num_items``, ``dim``, ``device``,
+``id_modules`` / ``frozen_modules`` (names of the child modules holding trainable ID tables /
+frozen tables: the loop gives the former to the ID optimiser, checkpoints skip the latter) and,
+with the torchrec back end, ``torchrec_tables()`` (what ``train.sharding.shard_model`` plans).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,18 +34,68 @@ SEMANTIC_TABLE = "semantic"
 ID_TABLE = "item_id"
 
 
+@dataclass
+class TableSpec:
+    """One TorchRec table of an item module, as the sharder needs it.
+
+    Attributes:
+        module: name of the item module's child ``EmbeddingCollection`` holding the table.
+        table: the table's name inside it.
+        initial: float32 [N, D], the weights loaded after sharding (which re-initialises them).
+        frozen: True: zero-lr fused SGD and lookups under ``no_grad`` (rows never change);
+            False: trained by the fused ID optimiser.
+    """
+
+    module: str
+    table: str
+    initial: torch.Tensor
+    frozen: bool
+
+
+def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Tensor:
+    """Rows [M, D] of ``ids`` [M] in an ``EmbeddingCollection`` (a collective once sharded)."""
+    from torchrec import KeyedJaggedTensor
+
+    # one "sample" holding all ids: EmbeddingCollection returns one row per id, in order
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[feature], values=ids, lengths=torch.tensor([ids.numel()], dtype=torch.int32))
+    return ec(kjt)[feature].values()
+
+
+def meta_collection(table: str, feature: str, num_items: int, width: int) -> nn.Module:
+    """An unmaterialised one-table ``EmbeddingCollection`` [num_items, width] (weights loaded after sharding)."""
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+
+    return EmbeddingCollection(tables=[EmbeddingConfig(name=table, embedding_dim=width, num_embeddings=num_items,
+                                                       feature_names=[feature])], device=torch.device("meta"))
+
+
+@torch.no_grad()
+def chunked_table(forward: Callable[[torch.Tensor], torch.Tensor], num_items: int, dim: int,
+                  device: torch.device, chunk: int) -> torch.Tensor:
+    """``forward`` over all ids 0..N-1 in chunks: [N, dim] (every rank must call it with torchrec)."""
+    parts = [forward(torch.arange(s, min(s + chunk, num_items), device=device)) for s in range(0, num_items, chunk)]
+    return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
 class FusedItemTable(nn.Module):
     """Look up fused item vectors.
 
     Args:
         num_items: N.
         dim: d, the model width.
-        null_dims: d_n, width of the trainable ID part (ignored for ``sasrec_id``: the ID part is d wide).
-        method: "alphafuse" or "sasrec_id".
+        null_dims: d_n, width of the trainable ID part (ignored for ``sasrec_id`` / ``llminit``:
+            the ID part is d wide).
+        method: "alphafuse", "sasrec_id" or "llminit".
         injection: "add" or "cover" (alphafuse only).
-        semantic: float32 [N, d] frozen semantic table (alphafuse only). With the torchrec back end
-            it must be (re)loaded after sharding: see ``load_semantic``.
-        id_init: "zeros" or "normal" (std ``id_init_std``).
+        semantic: float32 [N, d] whitened PCA coordinates of the language embeddings (the decompose
+            stage's table): frozen part of alphafuse; initial ID rows of llminit, scaled by
+            1/sqrt(d) (whitened coordinates have unit variance, so rows have norm ~sqrt(d); the
+            scaled rows have the RMS norm ~1 of sasrec_id's N(0, 1/d) init, so the same
+            ``train.id_lr`` moves them at the same relative rate and the two baselines differ
+            only in the init's direction; with cosine similarity the scale changes no score).
+            With the torchrec back end tables are (re)loaded after sharding: see ``torchrec_tables``.
+        id_init: "zeros" or "normal" (std ``id_init_std``); alphafuse only.
         backend: "torch" or "torchrec".
 
     Example::
@@ -49,19 +109,21 @@ class FusedItemTable(nn.Module):
                  id_init_std: float = 1.0, backend: str = "torch", device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None):
         super().__init__()
-        if method not in ("alphafuse", "sasrec_id"):
-            raise ValueError(f"method {method!r}: expected alphafuse or sasrec_id")
+        if method not in ("alphafuse", "sasrec_id", "llminit"):
+            raise ValueError(f"method {method!r}: expected alphafuse, sasrec_id or llminit")
         self.num_items, self.dim, self.method, self.injection, self.backend = num_items, dim, method, injection, backend
         self.has_semantic = method == "alphafuse"
         self._device = torch.device(device)
         self.id_dim = null_dims if self.has_semantic else dim
         self.sem_dim = dim - null_dims
-        if self.has_semantic:
+        if method != "sasrec_id":
             if semantic is None or tuple(semantic.shape) != (num_items, dim):
-                raise ValueError(f"alphafuse needs a semantic table of shape ({num_items}, {dim}), "
+                raise ValueError(f"{method} needs a semantic table of shape ({num_items}, {dim}), "
                                  f"got {None if semantic is None else tuple(semantic.shape)}")
         init = torch.zeros(num_items, self.id_dim)
-        if id_init == "normal" or not self.has_semantic:
+        if method == "llminit":
+            init = semantic.to(torch.float32) / dim ** 0.5
+        elif id_init == "normal" or not self.has_semantic:
             # the ID-only baseline cannot start from zeros: every item would be identical
             std = id_init_std if self.has_semantic else 1.0 / self.id_dim ** 0.5
             init = torch.randn(num_items, self.id_dim, generator=generator) * std
@@ -72,41 +134,36 @@ class FusedItemTable(nn.Module):
                 self.semantic = nn.Embedding(num_items, dim, _weight=semantic.to(device, torch.float32).clone())
                 self.semantic.weight.requires_grad_(False)
         elif backend == "torchrec":
-            from torchrec import EmbeddingCollection, EmbeddingConfig
-
-            meta = torch.device("meta")
-            self.id_ec = EmbeddingCollection(tables=[EmbeddingConfig(
-                name=ID_TABLE, embedding_dim=self.id_dim, num_embeddings=num_items,
-                feature_names=[ID_FEATURE])], device=meta)
+            self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, num_items, self.id_dim)
             if self.has_semantic:
-                self.semantic_ec = EmbeddingCollection(tables=[EmbeddingConfig(
-                    name=SEMANTIC_TABLE, embedding_dim=dim, num_embeddings=num_items,
-                    feature_names=[SEMANTIC_FEATURE])], device=meta)
+                self.semantic_ec = meta_collection(SEMANTIC_TABLE, SEMANTIC_FEATURE, num_items, dim)
                 self.initial_semantic = semantic.to(torch.float32).clone()
         else:
             raise ValueError(f"backend {backend!r}: expected torch or torchrec")
+        torchrec = backend == "torchrec"
+        self.id_modules = ("id_ec",) if torchrec else ("ids",)
+        self.frozen_modules = (("semantic_ec",) if torchrec else ("semantic",)) if self.has_semantic else ()
+
+    def torchrec_tables(self) -> list[TableSpec]:
+        """The TorchRec tables to shard: the ID table, then the frozen semantic table (alphafuse)."""
+        specs = [TableSpec("id_ec", ID_TABLE, self.initial_ids, frozen=False)]
+        if self.has_semantic:
+            specs.append(TableSpec("semantic_ec", SEMANTIC_TABLE, self.initial_semantic, frozen=True))
+        return specs
 
     # ------------------------------------------------------------------ lookups
-    def _torchrec_lookup(self, ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        from torchrec import KeyedJaggedTensor
-
-        # one "sample" holding all ids: EmbeddingCollection returns one row per id, in order
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[feature], values=ids, lengths=torch.tensor([ids.numel()], dtype=torch.int32))
-        return ec(kjt)[feature].values()
-
     def lookup_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Trainable ID rows [M, id_dim] of ``ids`` [M]."""
         if self.backend == "torch":
             return self.ids(ids)
-        return self._torchrec_lookup(self.id_ec, ID_FEATURE, ids)
+        return torchrec_lookup(self.id_ec, ID_FEATURE, ids)
 
     def lookup_semantic(self, ids: torch.Tensor) -> torch.Tensor:
         """Frozen semantic rows [M, d] of ``ids`` [M] (no gradient ever flows into them)."""
         with torch.no_grad():
             if self.backend == "torch":
                 return self.semantic(ids)
-            return self._torchrec_lookup(self.semantic_ec, SEMANTIC_FEATURE, ids)
+            return torchrec_lookup(self.semantic_ec, SEMANTIC_FEATURE, ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Fused vectors [M, d] of item ids [M] (all in 0..N-1; the caller handles padding).
@@ -123,13 +180,9 @@ class FusedItemTable(nn.Module):
             return torch.cat([sem[:, : self.sem_dim], sem[:, self.sem_dim:] + id_part], dim=1)
         return torch.cat([sem[:, : self.sem_dim], id_part], dim=1)
 
-    @torch.no_grad()
     def full_table(self, chunk: int = 65_536) -> torch.Tensor:
         """All N fused vectors [N, d] (a collective with torchrec: every rank gets the whole table)."""
-        device = self.device
-        parts = [self.forward(torch.arange(s, min(s + chunk, self.num_items), device=device))
-                 for s in range(0, self.num_items, chunk)]
-        return torch.cat(parts) if parts else torch.empty(0, self.dim)
+        return chunked_table(self.forward, self.num_items, self.dim, self.device, chunk)
 
     @property
     def device(self) -> torch.device:

@@ -2,9 +2,10 @@
 
 What is saved, every worker writing only the shards it holds:
 
-- the model's state: encoder, trainable ID table (TorchRec ``ShardedTensor``s or a plain tensor).
-  The frozen semantic table is NOT saved: it is rebuilt from the decompose stage's output, which
-  is as fast as loading it and keeps checkpoints small;
+- the model's state: encoder, adapters, trainable ID table (TorchRec ``ShardedTensor``s or a plain
+  tensor). Frozen tables (the item module's ``frozen_modules``: alphafuse's semantic table, the
+  baselines' language features) are NOT saved: they are rebuilt from the embed / decompose stage
+  outputs, which is as fast as loading them and keeps checkpoints small;
 - the optimiser states (dense Adam; the ID table's fused or plain optimiser), tensors only: DCP
   cannot store param groups, and table-wise loading fails on empty entries;
 - progress counters (epochs done, best metric/epoch, validations without gain) as tensors.
@@ -43,7 +44,9 @@ def _tensors_only(opt_state: dict) -> dict:
 
 
 def _model_state(net: torch.nn.Module) -> dict:
-    return {k: v for k, v in net.state_dict().items() if "semantic" not in k}
+    """The model's state without the item module's frozen tables."""
+    frozen = tuple(f"items.{name}." for name in net.items.frozen_modules)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith(frozen)}
 
 
 def _optimizers(model, dense_opt, id_opt) -> dict:

@@ -2,8 +2,9 @@
 
 It runs the same way under Ray Train (``TorchTrainer`` workers), torchrun, or a single process
 without any process group (plain torch). Each worker takes every ``world``-th window of the
-epoch's shuffled order; negatives are drawn from a generator seeded by (seed, epoch, step), so
-all workers share them; the loss is normalised by the global number of positions, so the
+epoch's shuffled order; negatives (and bert4rec's masks) are drawn from a generator seeded by
+(seed, epoch, step) for the whole batch, so every sequence gets the same draws whatever the number
+of workers; the loss is normalised by the global number of positions, so the
 gradients equal those of one process on the whole batch.
 """
 from __future__ import annotations
@@ -20,20 +21,25 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..config import RunConfig
+from ..config import METHOD_INPUTS, RunConfig
 from ..evaluate.metrics import metrics_from_ranks, target_ranks
-from ..model.item_table import FusedItemTable
-from ..model.sasrec import SASRecEncoder, SequentialRecommender
-from .data import eval_inputs, training_windows
+from ..model.methods import build_item_module
+from ..model.backbones import build_encoder, draw_cloze_mask
+from ..model.losses import expected_count_log_q
+from ..model.sasrec import SequentialRecommender
+from .data import eval_inputs, item_counts, read_embeddings, training_windows
 
 
 @dataclass
 class TrainInputs:
-    """Where a training run reads from (prepare and decompose stage folders)."""
+    """Where a training run reads from (prepare, embed and decompose stage folders); what each
+    method needs is ``config.METHOD_INPUTS``."""
 
     prepare_dir: str
-    semantic_path: str | None  # decompose/semantic.safetensors (alphafuse only)
+    semantic_path: str | None  # decompose/semantic.safetensors (methods needing "semantic")
     num_items: int
+    language_path: str | None = None  # the embed stage folder, part-*.parquet (methods needing "language")
+    basis_path: str | None = None  # the decompose stage folder, basis.safetensors/.json (whitenrec)
 
 
 @dataclass
@@ -57,17 +63,40 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, device: torch.device) -> SequentialRecommender:
-    """The unsharded model, identically initialised on every worker (seeded)."""
+def split_parameters(model: torch.nn.Module, items: torch.nn.Module) -> tuple[list, list]:
+    """(dense, ID) trainable parameters of ``model`` (the model itself, or its DDP / DMP wrapper).
+
+    ID: the item module's ID tables (``items.id_modules``); dense: everything else that needs a
+    gradient (encoder, adapters). Frozen tables (``items.frozen_modules``) are in neither. Names
+    are matched as ``items.<module>.`` so that the wrappers' name prefixes do not matter.
+    """
+    def under(name: str, modules) -> bool:
+        return any(f".items.{m}." in f".{name}" for m in modules)
+
+    dense, ids = [], []
+    for name, p in model.named_parameters():
+        if under(name, items.id_modules):
+            ids.append(p)
+        elif p.requires_grad and not under(name, items.frozen_modules):
+            dense.append(p)
+    return dense, ids
+
+
+def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, device: torch.device,
+                language: torch.Tensor | None = None, basis=None) -> SequentialRecommender:
+    """The unsharded model, identically initialised on every worker (seeded).
+
+    Args:
+        semantic: float32 [N, d] decompose table; language: float32 [N, d_l] embed vectors in
+            item_idx order; basis: the decompose stage's NullSpaceBasis. Each only where
+            ``config.METHOD_INPUTS[cfg.method]`` names it.
+    """
     m, t = cfg.model, cfg.train
     gen = torch.Generator().manual_seed(cfg.seed)
-    items = FusedItemTable(num_items, m.dim, cfg.decompose.null_dims, method=cfg.method, injection=m.injection,
-                           semantic=semantic, id_init=m.id_init, id_init_std=m.id_init_std, backend=t.backend,
-                           device=device, generator=gen)
+    items = build_item_module(cfg, num_items, semantic, language, device, gen, basis=basis)
     torch.manual_seed(cfg.seed)
-    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
-                            normalize_inputs=m.similarity == "cosine").to(device)
-    return SequentialRecommender(items, encoder, m.similarity, m.temperature)
+    encoder = build_encoder(m).to(device)
+    return SequentialRecommender(items, encoder, m.similarity, m.temperature, loss=t.loss, ce_chunk=t.ce_chunk)
 
 
 @torch.no_grad()
@@ -89,6 +118,35 @@ def validate(net: SequentialRecommender, hist: np.ndarray, targets: np.ndarray, 
     return {k: float(v / max(sums[0].item(), 1)) for k, v in zip(keys, sums[1:])} | {"users": int(sums[0])}
 
 
+def sampling_probs(cfg: RunConfig, train_parquet: Path, num_items: int) -> torch.Tensor | None:
+    """Negative-sampling distribution q [N] (float64): None for uniform; for popularity
+    ``count_j ** alpha / sum`` over the training counts (items never trained on are never drawn)."""
+    t = cfg.train
+    if t.negative_sampler == "uniform":
+        return None
+    weights = torch.from_numpy(item_counts(train_parquet, num_items)).double()
+    weights = torch.where(weights > 0, weights ** t.popularity_alpha, weights)
+    return weights / weights.sum()
+
+
+def draw_negatives(cfg: RunConfig, generator: torch.Generator, num_items: int, probs: torch.Tensor | None,
+                   rank: int, world: int) -> torch.Tensor:
+    """This worker's negatives of one step: [K] shared by the step, or [B_local, K] per sequence
+    (drawn [batch_size, K] for the GLOBAL batch, then rows ``rank::world``, the rows the loop gives
+    this worker), or an empty [0] for full_ce. Uniform or from ``probs`` (with replacement)."""
+    t = cfg.train
+    if t.loss == "full_ce":
+        return torch.empty(0, dtype=torch.long)
+    shape = (t.num_negatives,) if t.negatives == "shared" else (t.batch_size, t.num_negatives)
+    count = math.prod(shape)
+    if probs is None:
+        ids = torch.randint(0, num_items, (count,), generator=generator)
+    else:
+        ids = torch.multinomial(probs, count, replacement=True, generator=generator)
+    ids = ids.view(shape)
+    return ids if t.negatives == "shared" else ids[rank::world]
+
+
 def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict, Callable | None], None] | None = None,
                  resume_from: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train one model; every worker of a run calls this with the same arguments.
@@ -107,10 +165,16 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
         torch.cuda.set_device(device)
     N = inputs.num_items
     pad = N
-    semantic = None
-    if cfg.method == "alphafuse":
-        semantic = load_file(inputs.semantic_path)["semantic"]
-    model = build_model(cfg, N, semantic, device)
+    needs = METHOD_INPUTS[cfg.method]
+    semantic = load_file(inputs.semantic_path)["semantic"] if "semantic" in needs else None
+    language = basis = None
+    if "language" in needs:
+        language = torch.from_numpy(read_embeddings(Path(inputs.language_path), N))
+    if "basis" in needs:
+        from ..decompose.basis import NullSpaceBasis
+
+        basis = NullSpaceBasis.load(Path(inputs.basis_path))
+    model = build_model(cfg, N, semantic, device, language=language, basis=basis)
     net = model
     if t.backend == "torchrec":
         if world == 1 and not dist.is_initialized():
@@ -119,14 +183,14 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
 
         model = shard_model(model, sharding=t.sharding, id_optimizer_name=t.id_optimizer, id_lr=t.id_lr,
                             device=device, log=log)
-        dense_params = [p for n, p in model.named_parameters() if "items." not in n and p.requires_grad]
+        dense_params, _ = split_parameters(model, net.items)  # ID tables: fused optimiser, in backward
         id_opt = None
     else:
         from .sharding import id_optimizer
 
+        dense_params, id_params = split_parameters(net, net.items)
         id_cls, id_kwargs = id_optimizer(t.id_optimizer, t.id_lr, t.weight_decay)
-        id_opt = id_cls(net.items.ids.parameters(), **id_kwargs)
-        dense_params = list(net.encoder.parameters())
+        id_opt = id_cls(id_params, **id_kwargs) if id_params else None
         if world > 1:
             model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     dense_opt = torch.optim.Adam(dense_params, lr=t.lr, weight_decay=t.weight_decay)
@@ -134,6 +198,12 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
     prep = Path(inputs.prepare_dir)
     win_in, win_tgt = training_windows(prep / "train.parquet", cfg.model.max_len, pad)
     _, val_hist, val_tgt = eval_inputs(prep / "valid.parquet", cfg.model.max_len, pad)
+    probs = sampling_probs(cfg, prep / "train.parquet", N)
+    log_q = None
+    if t.logq:
+        q = probs if probs is not None else torch.full((N,), 1.0 / N, dtype=torch.float64)
+        log_q = expected_count_log_q(q, t.num_negatives).to(device)
+    cloze = cfg.model.backbone == "bert4rec"
     per_worker = t.batch_size // world
     steps = len(win_in) // t.batch_size
     if steps == 0:
@@ -170,10 +240,12 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
             seqs = torch.as_tensor(win_in[rows], device=device)
             tgts = torch.as_tensor(win_tgt[rows], device=device)
             g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000_003 + step)
-            negs = torch.randint(0, N, (t.num_negatives,), generator=g).to(device)
+            negs = draw_negatives(cfg, g, N, probs, rank, world).to(device)
+            # bert4rec: the masked positions of the window's last L items (tgts), drawn after the negatives
+            masked = draw_cloze_mask(g, tgts != pad, t.batch_size, rank, world, cfg.model.mask_prob) if cloze else None
             with autocast:
                 # through the DMP/DDP wrapper (its forward is the loss) so dense gradients are synchronised
-                lsum, lcnt = model(seqs, tgts, negs, t.loss_positions == "last")
+                lsum, lcnt = model(seqs, tgts, negs, t.loss_positions == "last", masked, log_q)
             total = _all_reduce_sum(lcnt.detach().clone().to(torch.float64)).item()
             # normalise by the GLOBAL count; DDP averages gradients over workers, hence * world
             loss = lsum * (world / max(total, 1.0))

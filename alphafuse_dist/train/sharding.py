@@ -1,10 +1,15 @@
-"""TorchRec sharding of the fused item table: plans, fused optimisers, weight loading.
+"""TorchRec sharding of the item module's tables: plans, fused optimisers, weight loading.
 
-The two tables live in separate ``EmbeddingCollection``s, so the sharder never merges them:
+Every table lives in its own ``EmbeddingCollection``, so the sharder never merges them; the item
+module lists them (``torchrec_tables()``, see ``alphafuse_dist.model.item_table.TableSpec``):
 
-- ``items.semantic_ec`` (frozen): fused SGD with lr 0, and every lookup runs under ``no_grad``, so
-  its rows stay bit-identical (checked by tests).
-- ``items.id_ec`` (trainable null-space ID rows): a fused optimiser applied in backward.
+- frozen tables (alphafuse's ``items.semantic_ec``, the baselines' ``items.features_ec``): fused
+  SGD with lr 0, and every lookup runs under ``no_grad``, so their rows stay bit-identical
+  (checked by tests).
+- trainable ID tables (``items.id_ec``): the fused ID optimiser, applied in backward.
+
+Dense parameters inside the item module (the baselines' adapters) are not sharded: DMP wraps them
+with the encoder in DDP, so their gradients are synchronised like the encoder's.
 
 Only the FUSED compute kernel works for EmbeddingCollection on CPU with fbgemm-gpu-cpu 1.8 (the
 dense kernel and data-parallel corrupt the heap there), so every plan asks for it explicitly.
@@ -16,7 +21,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from ..model.item_table import ID_TABLE, SEMANTIC_TABLE
 
 
 def id_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> tuple[type, dict]:
@@ -49,8 +53,11 @@ def _generator(kind: str, world: int, table_rank: int):
 
 def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_lr: float,
                 device: torch.device, log=print) -> nn.Module:
-    """Wrap ``model`` (a SequentialRecommender with a torchrec item table) in
+    """Wrap ``model`` (a SequentialRecommender with a torchrec item module) in
     DistributedModelParallel over the default process group, then load the tables' weights.
+
+    Each table of ``model.items.torchrec_tables()`` gets its plan (with ``table_wise``, the k-th
+    table goes to rank k mod world) and its optimiser: the fused ID optimiser, or zero-lr SGD.
 
     Returns the DMP module; call it like the model (the dense part is wrapped in DDP).
     """
@@ -66,15 +73,17 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
         raise ConfigError("train.id_optimizer=adam: TorchRec has no fused Adam on CPU; "
                           "use adagrad, rowwise_adagrad or sgd (or train.backend=torch)")
     cls, kwargs = id_optimizer(id_optimizer_name, id_lr)
-    _apply_optimizer_in_backward(cls, items.id_ec.parameters(), kwargs)
+    specs = items.torchrec_tables()
     sharder = EmbeddingCollectionSharder()
-    plans = {"items.id_ec": construct_module_sharding_plan(
-        items.id_ec, {ID_TABLE: _generator(sharding, world, 0)}, sharder=sharder,
-        local_size=world, world_size=world, device_type=device.type)}
-    if items.has_semantic:
-        _apply_optimizer_in_backward(torch.optim.SGD, items.semantic_ec.parameters(), {"lr": 0.0})
-        plans["items.semantic_ec"] = construct_module_sharding_plan(
-            items.semantic_ec, {SEMANTIC_TABLE: _generator(sharding, world, 1)}, sharder=sharder,
+    plans = {}
+    for k, spec in enumerate(specs):
+        ec = getattr(items, spec.module)
+        if spec.frozen:
+            _apply_optimizer_in_backward(torch.optim.SGD, ec.parameters(), {"lr": 0.0})
+        else:
+            _apply_optimizer_in_backward(cls, ec.parameters(), kwargs)
+        plans[f"items.{spec.module}"] = construct_module_sharding_plan(
+            ec, {spec.table: _generator(sharding, world, k)}, sharder=sharder,
             local_size=world, world_size=world, device_type=device.type)
     plan = ShardingPlan(plans)
     if dist.get_rank() == 0:
@@ -82,9 +91,8 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                    plan=plan, sharders=[sharder], device=device)
     # sharding re-initialises (EBC) or may copy (EC) table weights: always load them afterwards
-    load_table(dmp, "items.id_ec.embeddings.item_id.weight", items.initial_ids)
-    if items.has_semantic:
-        load_table(dmp, "items.semantic_ec.embeddings.semantic.weight", items.initial_semantic)
+    for spec in specs:
+        load_table(dmp, f"items.{spec.module}.embeddings.{spec.table}.weight", spec.initial)
     return dmp
 
 

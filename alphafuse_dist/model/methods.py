@@ -1,0 +1,305 @@
+"""The paper's baselines behind the one ``method`` switch (METHOD.md section 5), same encoder.
+
+Each method is an item module with the interface of
+:class:`~alphafuse_dist.model.item_table.FusedItemTable` (``forward(ids [M]) -> [M, d]``,
+``full_table() -> [N, d]``, ``num_items``, ``dim``, ``device``, ``id_modules``,
+``frozen_modules``, ``torchrec_tables()``), with the torch or torchrec storage back end:
+
+====================  =====================================================================
+method                item vector of item i (``E`` [N, d_l] frozen language embeddings)
+====================  =====================================================================
+alphafuse             frozen whitened PCA coordinates + trainable null-space ID part
+sasrec_id             trainable ID row [d]
+llminit               trainable ID row [d], initialised to the whitened PCA coordinates / sqrt(d)
+morec                 GELU(E_i W + c), W [d_l, d] trainable (MoRec: frozen LM + dense adapter)
+whitenrec             Z_i W + c, Z = whitened E over all non-degenerate principal directions
+unisrec               sum_k softmax(E_i W_g)_k (E_i - b_k) W_k  (+ ID row with unisrec_with_ids)
+rlmrec                trainable ID row [d]; an MLP maps it to the whitened PCA coordinates and
+                      ``rlmrec_weight * (1 - cos)`` is added to the loss (``extra_loss``)
+====================  =====================================================================
+
+Frozen tables are ``nn.Embedding`` without gradient (torch) or ``EmbeddingCollection``s trained by
+a zero-lr fused SGD and looked up under ``no_grad`` (torchrec), never saved in checkpoints (they
+are rebuilt from the embed / decompose stage outputs). Adapters are dense parameters (the dense
+Adam of the training loop; DDP / DMP synchronise their gradients); ID tables get the ID optimiser.
+
+Shapes: ``N`` items, ``d`` model width, ``d_l`` language-model width, ``M`` looked-up ids.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import METHOD_INPUTS, RunConfig
+from ..decompose.basis import NullSpaceBasis
+from .item_table import (ID_FEATURE, ID_TABLE, FusedItemTable, TableSpec, chunked_table, meta_collection,
+                         torchrec_lookup)
+
+FEATURES_TABLE = "features"
+FEATURES_FEATURE = "item_features"
+# whitenrec drops principal directions whose variance is below this fraction of the largest: the
+# decompose stage's covariance is a float32 GEMM accurate to ~1e-7..1e-5 of its largest entry
+# (decompose.covariance), so smaller eigenvalues (e.g. the d_l - N + 1 zero ones when there are
+# fewer items than d_l) are rounding, which whitening would blow up to unit variance
+WHITEN_MIN_RELATIVE_EIGENVALUE = 1e-5
+# TorchRec's fused kernels need table widths that are multiples of this
+TORCHREC_WIDTH_MULTIPLE = 4
+
+
+def _linear(in_dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear`` with torch's default init drawn from ``generator`` (identical on every worker)."""
+    layer = nn.Linear(in_dim, out_dim)
+    bound = 1.0 / math.sqrt(in_dim)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
+def id_rows(num_items: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Initial ID rows float32 [N, d] ~ N(0, 1/d), the init of sasrec_id (row RMS norm ~1)."""
+    return torch.randn(num_items, dim, generator=generator) / dim ** 0.5
+
+
+def whitened_features(E: np.ndarray, basis: NullSpaceBasis) -> np.ndarray:
+    """WhitenRec's input: the language embeddings in every whitened principal direction.
+
+    ``Z = (s E - mu) U_k diag(S_k)^-1/2`` over the stored eigenpairs whose eigenvalue exceeds
+    ``WHITEN_MIN_RELATIVE_EIGENVALUE`` x the largest (near-zero ones are rank deficiency, e.g.
+    fewer items than d_l, or rounding). The exact decomposition stores all d_l eigenpairs; the
+    randomized one only the top ``model.dim``, and then only those are used.
+
+    Args:
+        E: float [N, d_l], the raw language embeddings in item_idx order.
+        basis: the decompose stage's :class:`NullSpaceBasis` (its mean, scale and eigenpairs; its
+            own ``whiten`` / ``dim`` settings are not used).
+
+    Returns:
+        float32 [N, k]: centred, decorrelated, unit variance (the covariance of the rows is I_k).
+    """
+    values = basis.eigenvalues
+    keep = values > WHITEN_MIN_RELATIVE_EIGENVALUE * max(float(values[0]), 0.0)
+    if not keep.any():
+        raise ValueError("whitenrec: the language embeddings have no variance (all eigenvalues ~0)")
+    P = basis.eigenvectors[:, keep] / np.sqrt(values[keep])
+    return ((basis.scale * np.asarray(E, dtype=np.float64) - basis.mean) @ P).astype(np.float32)
+
+
+class AdapterItems(nn.Module):
+    """Base of the adapter item modules: a frozen per-item feature table [N, d_x] and an optional
+    trainable ID table [N, d]; subclasses define ``forward`` from the two lookups.
+
+    Args:
+        features: float [N, d_x], frozen (with torchrec stored zero-padded to a width that is a
+            multiple of 4; lookups return the first d_x columns).
+        dim: d, the width of the item vectors.
+        id_init: float [N, d] initial ID rows, or None for no ID table.
+        backend: "torch" or "torchrec" (tables loaded after sharding: see ``torchrec_tables``).
+    """
+
+    def __init__(self, features: torch.Tensor, dim: int, *, id_init: torch.Tensor | None, backend: str,
+                 device: torch.device | str):
+        super().__init__()
+        features = features.to(torch.float32)
+        self.num_items, self.feature_dim = features.shape
+        self.dim, self.backend, self._device = dim, backend, torch.device(device)
+        self.has_ids = id_init is not None
+        if self.has_ids and tuple(id_init.shape) != (self.num_items, dim):
+            raise ValueError(f"id_init: expected ({self.num_items}, {dim}), got {tuple(id_init.shape)}")
+        if backend == "torch":
+            self.features = nn.Embedding(self.num_items, self.feature_dim, _weight=features.to(device).clone())
+            self.features.weight.requires_grad_(False)
+            if self.has_ids:
+                self.ids = nn.Embedding(self.num_items, dim, _weight=id_init.to(device, torch.float32).clone())
+            self.frozen_modules, self.id_modules = ("features",), ("ids",) if self.has_ids else ()
+        elif backend == "torchrec":
+            pad = -self.feature_dim % TORCHREC_WIDTH_MULTIPLE
+            self.initial_features = F.pad(features, (0, pad)).clone()
+            self.features_ec = meta_collection(FEATURES_TABLE, FEATURES_FEATURE, self.num_items,
+                                               self.feature_dim + pad)
+            if self.has_ids:
+                self.initial_ids = id_init.to(torch.float32).clone()
+                self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, self.num_items, dim)
+            self.frozen_modules, self.id_modules = ("features_ec",), ("id_ec",) if self.has_ids else ()
+        else:
+            raise ValueError(f"backend {backend!r}: expected torch or torchrec")
+
+    def torchrec_tables(self) -> list[TableSpec]:
+        """The TorchRec tables to shard: the ID table (if any), then the frozen feature table."""
+        specs = [TableSpec("id_ec", ID_TABLE, self.initial_ids, frozen=False)] if self.has_ids else []
+        return specs + [TableSpec("features_ec", FEATURES_TABLE, self.initial_features, frozen=True)]
+
+    def lookup_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """Frozen feature rows [M, d_x] of ``ids`` [M] (no gradient ever flows into them)."""
+        with torch.no_grad():
+            if self.backend == "torch":
+                return self.features(ids)
+            return torchrec_lookup(self.features_ec, FEATURES_FEATURE, ids)[:, :self.feature_dim]
+
+    def lookup_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Trainable ID rows [M, d] of ``ids`` [M]."""
+        if self.backend == "torch":
+            return self.ids(ids)
+        return torchrec_lookup(self.id_ec, ID_FEATURE, ids)
+
+    def full_table(self, chunk: int = 65_536) -> torch.Tensor:
+        """All N item vectors [N, d] (a collective with torchrec: every rank gets the whole table)."""
+        return chunked_table(self.forward, self.num_items, self.dim, self.device, chunk)
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.weight.device if self.backend == "torch" else self._device
+
+
+class MoRecItems(AdapterItems):
+    """MoRec with a frozen language model: ``GELU(E_i W + c)``, W [d_l, d], c [d] trainable.
+
+    Example::
+
+        items = MoRecItems(torch.randn(5, 12), 8, generator=torch.Generator().manual_seed(0))
+        items(torch.tensor([0, 3])).shape  # torch.Size([2, 8])
+    """
+
+    def __init__(self, language: torch.Tensor, dim: int, *, generator: torch.Generator, backend: str = "torch",
+                 device: torch.device | str = "cpu"):
+        super().__init__(language, dim, id_init=None, backend=backend, device=device)
+        self.adapter = _linear(self.feature_dim, dim, generator).to(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors [M, d] of ids [M] in 0..N-1 (a collective with torchrec)."""
+        return F.gelu(self.adapter(self.lookup_features(ids.reshape(-1).long())))
+
+
+class WhitenRecItems(AdapterItems):
+    """WhitenRec: whitened language embeddings Z [N, k] (see :func:`whitened_features`), then a
+    trainable linear projection ``Z_i W + c``, W [k, d]. No ID table."""
+
+    def __init__(self, whitened: torch.Tensor, dim: int, *, generator: torch.Generator, backend: str = "torch",
+                 device: torch.device | str = "cpu"):
+        super().__init__(whitened, dim, id_init=None, backend=backend, device=device)
+        self.adapter = _linear(self.feature_dim, dim, generator).to(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors [M, d] of ids [M] in 0..N-1 (a collective with torchrec)."""
+        return self.adapter(self.lookup_features(ids.reshape(-1).long()))
+
+
+class UniSRecItems(AdapterItems):
+    """UniSRec's MoE whitening adaptor over frozen E, optionally plus a trainable ID row.
+
+        expert_k(E_i) = (E_i - b_k) W_k            b_k [d_l], W_k [d_l, d]
+        gate(E_i)     = softmax(E_i W_g)           W_g [d_l, n]
+        v_i           = sum_k gate_k(E_i) expert_k(E_i)  (+ ID row, ``with_ids``: transductive)
+
+    Init as in UniSRec: W_k ~ N(0, 0.02^2), b_k = 0, W_g = 0 (uniform gates at the start). UniSRec's
+    input dropout and noisy gating are not used (deterministic adaptor, like the other methods).
+    """
+
+    def __init__(self, language: torch.Tensor, dim: int, *, experts: int, generator: torch.Generator,
+                 id_init: torch.Tensor | None = None, backend: str = "torch", device: torch.device | str = "cpu"):
+        super().__init__(language, dim, id_init=id_init, backend=backend, device=device)
+        if experts < 1:
+            raise ValueError(f"experts={experts}: must be >= 1")
+        d_l = self.feature_dim
+        self.expert_bias = nn.Parameter(torch.zeros(experts, d_l, device=device))
+        self.expert_weight = nn.Parameter((torch.randn(experts, d_l, dim, generator=generator) * 0.02).to(device))
+        self.gate_weight = nn.Parameter(torch.zeros(d_l, experts, device=device))
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert weights [M, n] of language rows [M, d_l]; each row sums to 1."""
+        return torch.softmax(x @ self.gate_weight, dim=-1)
+
+    def mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """The MoE adaptor [M, d] of language rows x [M, d_l]."""
+        # (x - b_k) W_k = x W_k - b_k W_k, without materialising the [M, n, d_l] differences
+        experts = torch.einsum("ml,kld->mkd", x, self.expert_weight) \
+            - torch.einsum("kl,kld->kd", self.expert_bias, self.expert_weight)
+        return (self.gates(x).unsqueeze(-1) * experts).sum(1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors [M, d] of ids [M] in 0..N-1 (a collective with torchrec)."""
+        ids = ids.reshape(-1).long()
+        out = self.mixture(self.lookup_features(ids))
+        return out + self.lookup_ids(ids) if self.has_ids else out
+
+
+class RLMRecItems(AdapterItems):
+    """RLMRec-Gen: trainable ID rows [N, d] (the item vectors, as sasrec_id) aligned generatively
+    with the language side: an MLP maps each item's ID vector to its frozen whitened PCA
+    coordinates T_i [d_t] (the decompose stage's table), and ``extra_loss`` adds
+
+        weight * sum_i (1 - cos(MLP(v_i), T_i))      over the distinct items of the step
+
+    The cosine form is RLMRec-Gen's (scale-free: ID vectors and unit-variance targets live at
+    different scales); its node masking is not used (every item of the step is reconstructed).
+    With several workers each sums over the distinct items of its own share of the step, so an
+    item in k workers' shares is reconstructed with weight k (one process: weight 1); the
+    InfoNCE part keeps exact parity with one process.
+    MLP: Linear(d, (d + d_t) // 2) -> LeakyReLU -> Linear(., d_t), as in the RLMRec code.
+    """
+
+    def __init__(self, targets: torch.Tensor, dim: int, *, weight: float, id_init: torch.Tensor,
+                 generator: torch.Generator, backend: str = "torch", device: torch.device | str = "cpu"):
+        super().__init__(targets, dim, id_init=id_init, backend=backend, device=device)
+        hidden = (dim + self.feature_dim) // 2
+        self.weight = weight
+        self.decoder = nn.Sequential(_linear(dim, hidden, generator), nn.LeakyReLU(),
+                                     _linear(hidden, self.feature_dim, generator)).to(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors [M, d] (the ID rows) of ids [M] in 0..N-1 (a collective with torchrec)."""
+        return self.lookup_ids(ids.reshape(-1).long())
+
+    def extra_loss(self, ids: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """The weighted reconstruction loss, summed over the rows: a scalar.
+
+        Args:
+            ids: [M] distinct item ids of the step (a collective with torchrec: the targets' lookup).
+            vecs: [M, d] their item vectors (``self(ids)``, with gradient).
+        """
+        recon = self.decoder(vecs)
+        target = self.lookup_features(ids.reshape(-1).long()).to(recon.dtype)
+        return self.weight * (1.0 - F.cosine_similarity(recon, target, dim=-1)).sum()
+
+
+def build_item_module(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, language: torch.Tensor | None,
+                      device: torch.device, generator: torch.Generator, basis: NullSpaceBasis | None = None) -> nn.Module:
+    """The item module of ``cfg.method`` (identical on every worker given the same seeded generator).
+
+    Args:
+        semantic: float32 [N, d], the decompose stage's whitened PCA table (alphafuse, llminit, rlmrec).
+        language: float32 [N, d_l], the embed stage's vectors in item_idx order (morec, whitenrec, unisrec).
+        basis: the decompose stage's basis (whitenrec).
+
+    Raises:
+        ValueError: when an input the method needs (``config.METHOD_INPUTS``) is missing or has
+            the wrong number of rows.
+    """
+    m, method, backend = cfg.model, cfg.method, cfg.train.backend
+    given = {"semantic": semantic, "language": language, "basis": basis}
+    for name in sorted(METHOD_INPUTS[method]):
+        if given[name] is None:
+            raise ValueError(f"method={method} needs the {name} input")
+        if name != "basis" and given[name].shape[0] != num_items:
+            raise ValueError(f"method={method}: the {name} table has {given[name].shape[0]} rows, expected {num_items}")
+    if method in ("alphafuse", "sasrec_id", "llminit"):
+        return FusedItemTable(num_items, m.dim, cfg.decompose.null_dims, method=method, injection=m.injection,
+                              semantic=semantic, id_init=m.id_init, id_init_std=m.id_init_std, backend=backend,
+                              device=device, generator=generator)
+    if method == "morec":
+        return MoRecItems(language, m.dim, generator=generator, backend=backend, device=device)
+    if method == "whitenrec":
+        whitened = torch.from_numpy(whitened_features(language.numpy(), basis))
+        return WhitenRecItems(whitened, m.dim, generator=generator, backend=backend, device=device)
+    if method == "unisrec":
+        ids = id_rows(num_items, m.dim, generator) if m.unisrec_with_ids else None
+        return UniSRecItems(language, m.dim, experts=m.unisrec_experts, generator=generator, id_init=ids,
+                            backend=backend, device=device)
+    if method == "rlmrec":
+        return RLMRecItems(semantic, m.dim, weight=m.rlmrec_weight, id_init=id_rows(num_items, m.dim, generator),
+                           generator=generator, backend=backend, device=device)
+    raise ValueError(f"method={method!r}: no item module")
