@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import load_config, preset_names
+from .config import METHODS, load_config, preset_names
 from .errors import AlphaFuseError
 
 
@@ -32,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*")
     c = sub.add_parser("compare", help="several methods x seeds on the same prepared data, one table")
     c.add_argument("--config", default="quickstart")
-    c.add_argument("--methods", default="alphafuse,sasrec_id")
+    c.add_argument("--methods", default="alphafuse,sasrec_id",
+                   help=f"comma-separated methods, any of {','.join(METHODS)}")
     c.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     c.add_argument("--output", default=None, help="also write the table as JSON here")
+    c.add_argument("--title", default=None, help="title of <run_dir>/report/report.md")
     c.add_argument("--stages", default="prepare,embed,decompose,train,evaluate",
                    help="stages to run per method (e.g. train,evaluate on a machine holding the earlier ones)")
     c.add_argument("overrides", nargs="*")
@@ -57,11 +59,12 @@ def _stages(text: str) -> tuple[str, ...]:
 
 
 def _compare(config: str, overrides: list[str], methods: str, seeds: str | None, output: str | None,
-             stages: str = "prepare,embed,decompose,train,evaluate") -> None:
+             stages: str = "prepare,embed,decompose,train,evaluate", title: str | None = None) -> None:
     from .evaluate.stage import format_table
     from .pipeline import compare
 
     cfg = load_config(config, overrides)
+    title = title or f"{cfg.name}: {methods}"
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         load_config(config, overrides + [f"method={m}"])  # validates the method name up front
@@ -75,8 +78,32 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
 
     atomic_write_bytes(path, body.encode())
     if output:
-        atomic_write_bytes(__import__("pathlib").Path(output), body.encode())
+        atomic_write_bytes(Path(output), body.encode())
     print(f"\nresults: {path}")
+    if "evaluate" in stages:
+        report_dir = _write_report(cfg, rows, method_list, seed_list, title)
+        print(f"report: {report_dir / 'report.md'} (+ report.json, metrics_by_group.png, training_curves.png)")
+
+
+def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: list[int], title: str) -> Path:
+    """The methods x seeds report (mean ± std, improvement row, plots) in <run_dir>/report/."""
+    import copy
+
+    from .evaluate.report import build_report, write_report
+    from .pipeline import train_stage_name
+
+    runs, i = [], 0
+    for method in methods:
+        for seed in seeds:
+            c = copy.deepcopy(cfg)
+            c.method, c.seed = method, seed
+            history = cfg.run_path / train_stage_name(c) / "history.json"
+            runs.append((rows[i][1], json.loads(history.read_text()) if history.exists() else None))
+            i += 1
+    proposed = "alphafuse" if "alphafuse" in methods else methods[0]
+    folder = cfg.run_path / "report"
+    write_report(build_report(runs, proposed=proposed), folder, title=title, k=cfg.eval.ks[0])
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             # the progress line redraws itself with '\r': only a terminal shows that as intended
             print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty()))
         elif args.command == "quickstart":
-            _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None)
+            _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None,
+                     title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")
         elif args.command == "compare":
-            _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages)
+            _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title)
         elif args.command == "run":
             from .evaluate.stage import format_table
             from .pipeline import run_pipeline

@@ -1,4 +1,5 @@
-"""Full-ranking evaluation kernels: target ranks, top-k, HR / NDCG / MRR, head/tail groups.
+"""Evaluation kernels: full-ranking target ranks and top-k (also over row-sharded tables), sampled
+candidate ranks (the LLM-ESR protocol), HR / NDCG / MRR, per-group metrics.
 
 Shapes: ``U`` users in a batch, ``N`` items, ``d`` width, ``k`` cut-off, ``C`` item chunk.
 
@@ -24,6 +25,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,7 +83,8 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
 
 
 def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, similarity: Similarity = "dot",
-                      item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                      item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None,
+                      score_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """The ``k`` best items of each user over all items, best first, merged chunk by chunk.
 
     Order: higher score first, then smaller item id, the same order :func:`target_ranks` counts.
@@ -94,6 +97,9 @@ def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, simila
         item_chunk: items scored at once; memory is ``O(U x (item_chunk + k))``.
         exclude: ``U`` 1-D long tensors, items never recommended to each user (e.g. the history).
             They score ``-inf``, so they fill the tail only when fewer than ``k`` others remain.
+        score_dtype: ``torch.float64`` (default: exact, kernel-independent scores, see the module
+            notes) or a fast serving precision such as ``torch.bfloat16`` on GPU (GEMM-bound;
+            the tie rule still holds, but near-equal scores may swap against the exact order).
 
     Returns:
         ``(scores, ids)``: ``[U, k]`` float32 scores and ``[U, k]`` long item ids.
@@ -107,12 +113,14 @@ def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, simila
     if not 1 <= k <= num_items:
         raise ValueError(f"k={k}: must lie in 1..{num_items} (the number of items)")
     device = item_table.device
-    users = _prepare(user_states.to(device), similarity)
+    users = _prepare(user_states.to(device), similarity, score_dtype)
     blocked = _pairs_by_item(exclude, num_users, num_items, device)
 
     best_scores = torch.empty(num_users, 0, device=device)
     best_ids = torch.empty(num_users, 0, dtype=torch.long, device=device)
-    for start, end, scores in _chunk_scores(users, item_table, similarity, item_chunk):
+    # the finiteness scan of every chunk costs as much as the GEMM at low precision: exact mode only
+    for start, end, scores in _chunk_scores(users, item_table, similarity, item_chunk,
+                                            check=score_dtype == torch.float64):
         rows, cols = _pairs_in(blocked, start, end)
         scores[rows, cols] = -math.inf
         chunk_scores, chunk_cols = _topk_in_id_order(scores, min(k, end - start))
@@ -123,6 +131,156 @@ def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, simila
         order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :k]
         best_scores, best_ids = candidates.gather(1, order), candidate_ids.gather(1, order)
     return best_scores, best_ids
+
+
+def merge_topk(parts: Sequence[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor, Tensor]:
+    """Merge per-shard top lists into the global top ``k``, in :func:`full_ranking_topk`'s order
+    (higher score first, then smaller item id).
+
+    Args:
+        parts: ``(scores [U, k_i], ids [U, k_i])`` per shard, ids already global; entries with
+            score ``-inf`` and id ``-1`` are padding (a shard with fewer than ``k`` items).
+        k: items per user.
+
+    Returns:
+        ``([U, k] scores, [U, k] ids)``.
+    """
+    scores = torch.cat([p[0] for p in parts], dim=1)
+    ids = torch.cat([p[1] for p in parts], dim=1)
+    # id order first, then a stable sort by score: equal scores keep the smaller id ahead;
+    # padding ids (-1) sort first among the -inf scores, so they are moved behind real -inf items
+    pad = ids < 0
+    by_id = torch.sort(torch.where(pad, torch.iinfo(torch.long).max, ids), dim=1, stable=True).indices
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def sharded_topk(user_states: Tensor, local_rows: Tensor, row_offset: int, k: int, *,
+                 similarity: Similarity = "dot", item_chunk: int = 65_536,
+                 exclude: Sequence[Tensor] | None = None, group=None) -> tuple[Tensor, Tensor]:
+    """:func:`full_ranking_topk` over an item table split by rows across the ranks of a process
+    group: each rank ranks its own rows, the per-rank top lists are all-gathered and merged.
+
+    Every rank passes the same ``user_states`` and gets the same result, equal to
+    :func:`full_ranking_topk` on the whole table (scores are computed per (user, item) pair
+    exactly as there, and the merge keeps the id tie rule).
+
+    Args:
+        local_rows: ``[n_r, d]`` this rank's rows, items ``row_offset .. row_offset + n_r - 1``
+            (may be empty).
+        k: items per user, at most the total number of items.
+        exclude: global item ids per user, as in :func:`full_ranking_topk`.
+        group: the ``torch.distributed`` process group (None: the default group).
+    """
+    import torch.distributed as dist
+
+    num_users = user_states.shape[0]
+    device = user_states.device
+    local_n = local_rows.shape[0]
+    if local_n:
+        local_exclude = None
+        if exclude is not None:
+            local_exclude = [e[(e >= row_offset) & (e < row_offset + local_n)] - row_offset for e in exclude]
+        scores, ids = full_ranking_topk(user_states, local_rows, min(k, local_n), similarity=similarity,
+                                        item_chunk=item_chunk, exclude=local_exclude)
+        ids = ids + row_offset
+    else:
+        scores = torch.empty(num_users, 0, device=device)
+        ids = torch.empty(num_users, 0, dtype=torch.long, device=device)
+    # pad to k columns so that every rank contributes tensors of one shape to the all-gather
+    fill = k - scores.shape[1]
+    scores = torch.cat([scores.float(), torch.full((num_users, fill), -math.inf, device=device)], dim=1)
+    ids = torch.cat([ids, torch.full((num_users, fill), -1, dtype=torch.long, device=device)], dim=1)
+    world = dist.get_world_size(group)
+    all_scores = [torch.empty_like(scores) for _ in range(world)]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_scores, scores.contiguous(), group=group)
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    total = torch.tensor([local_n], device=device)
+    dist.all_reduce(total, group=group)
+    if not 1 <= k <= int(total):
+        raise ValueError(f"k={k}: must lie in 1..{int(total)} (the number of items)")
+    return merge_topk(list(zip(all_scores, all_ids)), k)
+
+
+def sample_negatives(num_items: int, interacted: Sequence[np.ndarray], users: np.ndarray, n: int,
+                     seed: int) -> np.ndarray:
+    """``n`` distinct items per user drawn uniformly from the items the user never interacted with
+    (the LLM-ESR / sampled protocol's candidates; the target must be listed in ``interacted``).
+
+    Each user's draw depends only on ``(seed, user id)``: the same user gets the same negatives
+    in every batch, shard and run.
+
+    Args:
+        num_items: N.
+        interacted: per user, int array of every item the user interacted with (history, target).
+        users: ``[U]`` user ids (seed the per-user generators).
+        n: negatives per user.
+
+    Returns:
+        ``[U, n]`` int64.
+
+    Raises:
+        ValueError: naming the user when fewer than ``n`` items are left to draw from.
+    """
+    out = np.empty((len(users), n), dtype=np.int64)
+    for row, (user, seen) in enumerate(zip(users, interacted)):
+        seen = np.unique(np.asarray(seen, dtype=np.int64))
+        free = num_items - len(seen)
+        if free < n:
+            raise ValueError(f"user {int(user)}: only {free} items never interacted with, {n} negatives needed")
+        rng = np.random.default_rng([seed, int(user)])
+        picked = np.empty(0, dtype=np.int64)
+        while len(picked) < n:  # rejection sampling; a dense user falls back to an explicit draw
+            if free < 4 * n:
+                picked = rng.choice(np.setdiff1d(np.arange(num_items), seen), size=n, replace=False)
+                break
+            cand = rng.integers(0, num_items, size=2 * (n - len(picked)))
+            cand = cand[~np.isin(cand, seen) & ~np.isin(cand, picked)]
+            _, first = np.unique(cand, return_index=True)
+            picked = np.concatenate([picked, cand[np.sort(first)]])[:n]
+        out[row] = picked
+    return out
+
+
+def sampled_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, negatives: Tensor, *,
+                  similarity: Similarity = "dot") -> Tensor:
+    """0-based rank of each target among itself and its user's sampled negatives.
+
+    Counted like :func:`target_ranks` (higher score, or equal score and smaller id), with the
+    same float64-then-float32 scores, so a candidate set holding every item gives the same ranks.
+
+    Args:
+        user_states: ``[U, d]``.
+        item_table: ``[N, d]``.
+        targets: ``[U]`` long.
+        negatives: ``[U, S]`` long, from :func:`sample_negatives` (never the target).
+
+    Returns:
+        ``[U]`` long ranks in ``0..S``.
+    """
+    num_users, _ = _check_inputs(user_states, item_table, 1)
+    if negatives.dim() != 2 or negatives.shape[0] != num_users:
+        raise ValueError(f"negatives: expected [{num_users}, S], got {list(negatives.shape)}")
+    device = item_table.device
+    users = _prepare(user_states.to(device), similarity)
+    targets, negatives = targets.to(device), negatives.to(device)
+    target_scores = (users * _prepare(item_table[targets], similarity)).sum(dim=1).float().unsqueeze(1)
+    neg = _prepare(item_table[negatives.reshape(-1)], similarity).view(*negatives.shape, -1)
+    neg_scores = torch.einsum("ud,usd->us", users, neg).float()
+    ahead = (neg_scores > target_scores) | ((neg_scores == target_scores) & (negatives < targets.unsqueeze(1)))
+    return ahead.sum(dim=1)
+
+
+def metrics_by_group(ranks: Tensor, groups: dict[str, Tensor], ks: Sequence[int] = (10, 20)) -> dict[str, dict[str, float]]:
+    """:func:`metrics_from_ranks` overall and for each named user mask ``[U]`` bool in ``groups``."""
+    out = {"overall": metrics_from_ranks(ranks, ks)}
+    for name, mask in groups.items():
+        if mask.shape != ranks.shape or mask.dtype != torch.bool:
+            raise ValueError(f"group {name!r}: expected a bool mask of shape {list(ranks.shape)}")
+        out[name] = metrics_from_ranks(ranks[mask.to(ranks.device)], ks)
+    return out
 
 
 def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
@@ -203,26 +361,26 @@ def _check_inputs(user_states: Tensor, item_table: Tensor, item_chunk: int) -> t
     return user_states.shape[0], item_table.shape[0]
 
 
-def _prepare(x: Tensor, similarity: Similarity) -> Tensor:
-    """``[R, d]`` -> float64, L2-normalised rows for cosine."""
-    x = x.to(torch.float64)
+def _prepare(x: Tensor, similarity: Similarity, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``[R, d]`` -> ``dtype`` (float64 unless a fast path asks otherwise), L2-normalised rows for cosine."""
+    x = x.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if similarity == "cosine":
-        return F.normalize(x, dim=1)
-    if similarity == "dot":
-        return x
-    raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
+        x = F.normalize(x, dim=1)
+    elif similarity != "dot":
+        raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
+    return x.to(dtype)
 
 
 def _chunk_scores(users: Tensor, item_table: Tensor, similarity: Similarity,
-                  item_chunk: int) -> Iterator[tuple[int, int, Tensor]]:
+                  item_chunk: int, check: bool = True) -> Iterator[tuple[int, int, Tensor]]:
     """Yield ``(start, end, scores)`` with ``scores`` ``[U, end - start]`` float32 per item chunk."""
     for start in range(0, item_table.shape[0], item_chunk):
         end = min(start + item_chunk, item_table.shape[0])
         chunk = item_table[start:end]
         # non-finite item scores would break both the counting and the top-k selection silently
-        if not torch.isfinite(chunk).all():
+        if check and not torch.isfinite(chunk).all():
             raise ValueError(f"item_table rows {start}..{end - 1}: contain NaN or infinite values")
-        yield start, end, (users @ _prepare(chunk, similarity).T).float()
+        yield start, end, (users @ _prepare(chunk, similarity, users.dtype).T).float()
 
 
 def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: int, device: torch.device,

@@ -1,8 +1,13 @@
-"""The evaluate stage: full ranking of every test user's target over all items.
+"""The evaluate stage: rank every test user's target, by ``eval.protocol``.
 
 Reads a trained model (``model.safetensors``: the fused item table and the encoder) and prepare's
-``test.parquet``; writes ``metrics.json`` with HR / NDCG / MRR at each k, overall and for head and
-tail target items. The history is not masked unless ``eval.exclude_history`` (as in the paper).
+``test.parquet``; writes ``metrics.json`` with HR / NDCG / MRR at each k, overall and per group:
+head / tail target items, head / tail users (history length), never-seen target items.
+
+Protocols (METHOD.md section 4): ``full`` ranks the target among all N items (chunked, exact,
+deterministic ties; the paper's cold-start-user table and the public baselines' leave-one-out);
+``sampled`` ranks it among ``eval.sampled_negatives`` items the user never interacted with
+(LLM-ESR's long-tail protocol). The history is not masked unless ``eval.exclude_history``.
 """
 from __future__ import annotations
 
@@ -10,52 +15,95 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
 from ..config import RunConfig
-from ..model.sasrec import SASRecEncoder, user_states_from_table
+from ..errors import ConfigError
+from ..model.backbones import build_encoder
+from ..model.sasrec import user_states_from_table
 from ..train.data import eval_inputs
-from .metrics import grouped_metrics, target_ranks
+from .metrics import metrics_by_group, sample_negatives, sampled_ranks, target_ranks
 
 
-def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, SASRecEncoder]:
-    """(fused item table [N, d], encoder in eval mode) from a train stage's model.safetensors."""
+def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(fused item table [N, d], encoder of ``model.backbone`` in eval mode) from a train stage's
+    model.safetensors."""
     tensors = load_file(str(model_path))
-    m = cfg.model
-    encoder = SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
-                            normalize_inputs=m.similarity == "cosine")
+    encoder = build_encoder(cfg.model)
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
     return tensors["item_table"], encoder.eval()
 
 
+def _groups(cfg: RunConfig, items: "pa.Table", hist_lengths: np.ndarray, targets: np.ndarray) -> tuple[dict, dict]:
+    """Per-user boolean masks of the reported groups, and the rules that made them."""
+    e = cfg.eval
+    popularity = items.column("popularity").to_numpy().astype(np.int64)
+    if e.tail_item_threshold is not None:
+        head_items = popularity >= e.tail_item_threshold
+        item_rule = f"tail items: training popularity < {e.tail_item_threshold}"
+    else:
+        head_items = items.column("is_head").to_numpy(zero_copy_only=False)
+        item_rule = f"head items: prepare's is_head (data.head_rule={cfg.data.head_rule})"
+    if e.tail_user_threshold is not None:
+        user_threshold = e.tail_user_threshold
+    else:  # the 20% of users with the longest histories are the head
+        user_threshold = int(np.quantile(hist_lengths, 0.8, method="higher")) if len(hist_lengths) else 1
+    tail_users = hist_lengths < user_threshold
+    never_seen = items.column("never_seen").to_numpy(zero_copy_only=False)
+    groups = {"head": head_items[targets], "tail": ~head_items[targets],
+              "head_users": ~tail_users, "tail_users": tail_users, "never_seen": never_seen[targets]}
+    rules = {"items": item_rule, "users": f"tail users: fewer than {user_threshold} history items",
+             "never_seen": "targets with no training interaction"}
+    return {k: torch.as_tensor(np.asarray(v, dtype=bool)) for k, v in groups.items()}, rules
+
+
 def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: str = "test") -> dict:
-    """Metrics of one split (``valid`` or ``test``) with the run's similarity and k values."""
+    """Metrics of one split (``valid`` or ``test``) under ``eval.protocol``, overall and by group."""
     t0 = time.time()
+    e = cfg.eval
     table, encoder = load_model(model_path, cfg)
     N = table.shape[0]
     users, hist, targets = eval_inputs(prepare_dir / f"{split}.parquet", cfg.model.max_len, N)
-    is_head = torch.as_tensor(pq.read_table(prepare_dir / "items.parquet", columns=["is_head"])
-                              .column("is_head").to_numpy(zero_copy_only=False))
+    items = pq.read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head", "never_seen"])
+    full_hist = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
+    hist_lengths = pc.list_value_length(full_hist).to_numpy(zero_copy_only=False).astype(np.int64)
     hist_t, tgt_t = torch.as_tensor(hist), torch.as_tensor(targets)
-    exclude_all = None
-    if cfg.eval.exclude_history:
-        full = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history").to_pylist()
-        exclude_all = [torch.as_tensor(h, dtype=torch.long) for h in full]
+    histories = None
+    if e.exclude_history or e.protocol == "sampled":
+        histories = [np.asarray(h, dtype=np.int64) for h in full_hist.to_pylist()]
+    negatives = None
+    if e.protocol == "sampled":
+        # the user's whole history AND the target are never negatives
+        seen = [np.append(h, t) for h, t in zip(histories, targets)]
+        try:
+            negatives = torch.as_tensor(sample_negatives(N, seen, users, e.sampled_negatives, e.negative_seed))
+        except ValueError as err:
+            raise ConfigError(f"eval.sampled_negatives={e.sampled_negatives}: {err}") from None
+    exclude_all = [torch.as_tensor(h) for h in histories] if e.exclude_history else None
     ranks = []
-    step = cfg.eval.user_batch
+    step = e.user_batch
     for s in range(0, len(users), step):
         with torch.no_grad():
             states = user_states_from_table(encoder, table, hist_t[s:s + step])
-        ranks.append(target_ranks(states, table, tgt_t[s:s + step], similarity=cfg.model.similarity,
-                                  item_chunk=cfg.eval.item_chunk,
-                                  exclude=exclude_all[s:s + step] if exclude_all else None))
-    ranks = torch.cat(ranks)
-    metrics = grouped_metrics(ranks, tgt_t, is_head, cfg.eval.ks)
-    return {"split": split, "method": cfg.method, "seed": cfg.seed, "items": N,
-            "history_masked": cfg.eval.exclude_history, "similarity": cfg.model.similarity,
-            "seconds": round(time.time() - t0, 2), "metrics": metrics}
+        if negatives is not None:
+            ranks.append(sampled_ranks(states, table, tgt_t[s:s + step], negatives[s:s + step],
+                                       similarity=cfg.model.similarity))
+        else:
+            ranks.append(target_ranks(states, table, tgt_t[s:s + step], similarity=cfg.model.similarity,
+                                      item_chunk=e.item_chunk,
+                                      exclude=exclude_all[s:s + step] if exclude_all else None))
+    ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+    groups, rules = _groups(cfg, items, hist_lengths, targets)
+    metrics = metrics_by_group(ranks, groups, e.ks)
+    return {"split": split, "method": cfg.method, "seed": cfg.seed, "items": N, "protocol": e.protocol,
+            "sampled_negatives": e.sampled_negatives if e.protocol == "sampled" else None,
+            "history_masked": e.exclude_history, "similarity": cfg.model.similarity, "data_split": cfg.data.split,
+            "groups": rules, "seconds": round(time.time() - t0, 2), "metrics": metrics}
 
 
 def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path) -> dict:

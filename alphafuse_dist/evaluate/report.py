@@ -1,0 +1,199 @@
+"""The comparison report of methods x seeds, as in the paper's tables: mean and std per method,
+an improvement row of the proposed method over the best baseline, per-group metrics and plots.
+
+Inputs are the evaluate stage's ``metrics.json`` contents (one per method and seed) and, for the
+training curves, the train stage's ``history.json``. Outputs (written atomically into one folder):
+
+- ``report.md``: one table per metric group (overall, then head/tail items, tail/head users,
+  never-seen targets, whichever the runs have), ``mean ± std`` over seeds, the best baseline and
+  the improvement row; the protocol (split, full ranking or sampled, history masked or not).
+- ``report.json``: the same numbers for machines, plus every seed's raw metrics.
+- ``metrics_by_group.png``: NDCG@k per group and method, std as error bars.
+- ``training_curves.png``: training loss and validation NDCG@10 per epoch, one line per run.
+
+Example::
+
+    report = build_report([(metrics_json, history_json), ...], proposed="alphafuse")
+    write_report(report, Path("runs/q/report"))
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..stages import atomic_write_bytes, atomic_write_json
+
+GROUP_ORDER = ("overall", "head", "tail", "head_users", "tail_users", "never_seen")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def build_report(runs: list[tuple[dict, dict | None]], proposed: str = "alphafuse") -> dict:
+    """Aggregate runs into per-method statistics.
+
+    Args:
+        runs: ``(metrics, history)`` per method x seed: ``metrics`` is a metrics.json content
+            (``method``, ``seed``, ``metrics: {group: {metric: value, users}}``, protocol facts);
+            ``history`` a history.json content or None.
+        proposed: the method the improvement row is computed for; every other method is a baseline.
+
+    Returns:
+        ``{"methods": [...], "groups": {group: {method: {metric: [mean, std]}}}, "users": {group: n},
+        "improvement": {group: {metric: {"best_baseline": m, "relative": r}}}, "protocol": {...},
+        "runs": [...]}``.
+    """
+    if not runs:
+        raise ValueError("no runs to report")
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for metrics, _ in runs:
+        by_method[metrics["method"]].append(metrics)
+    methods = sorted(by_method, key=lambda m: (m == proposed, m))  # baselines first, proposed last
+    groups = [g for g in GROUP_ORDER if any(g in m["metrics"] for m, _ in runs)]
+    stats: dict[str, dict[str, dict[str, list[float]]]] = {}
+    users: dict[str, int] = {}
+    for group in groups:
+        stats[group] = {}
+        for method in methods:
+            rows = [r["metrics"][group] for r in by_method[method] if group in r["metrics"]]
+            if not rows:
+                continue
+            names = [k for k in rows[0] if k != "users"]
+            stats[group][method] = {k: list(_mean_std([r[k] for r in rows])) for k in names}
+            users[group] = int(rows[0].get("users", 0))
+    improvement: dict[str, dict[str, dict]] = {}
+    if proposed in by_method and len(methods) > 1:
+        for group, per_method in stats.items():
+            if proposed not in per_method:
+                continue
+            improvement[group] = {}
+            for metric, (value, _) in per_method[proposed].items():
+                baselines = {m: s[metric][0] for m, s in per_method.items() if m != proposed and metric in s}
+                if not baselines:
+                    continue
+                best = max(baselines, key=baselines.get)
+                rel = (value - baselines[best]) / baselines[best] if baselines[best] > 0 else None
+                improvement[group][metric] = {"best_baseline": best, "best_value": baselines[best], "relative": rel}
+    first = runs[0][0]
+    protocol = {k: first.get(k) for k in ("data_split", "split", "protocol", "history_masked", "similarity", "items",
+                                          "sampled_negatives") if k in first}
+    return {"methods": methods, "proposed": proposed, "seeds": {m: sorted(r["seed"] for r in by_method[m])
+                                                                 for m in methods},
+            "groups": stats, "users": users, "improvement": improvement, "protocol": protocol,
+            "runs": [{"metrics": m, "history": h} for m, h in runs]}
+
+
+def _metric_columns(report: dict, group: str) -> list[str]:
+    any_method = next(iter(report["groups"][group].values()))
+    def key(name: str) -> tuple:
+        kind, k = name.split("@")
+        return int(k), ("HR", "NDCG", "MRR").index(kind) if kind in ("HR", "NDCG", "MRR") else 9
+    return sorted(any_method, key=key)
+
+
+def to_markdown(report: dict, title: str = "Comparison") -> str:
+    """The report as Markdown tables (see the module docstring)."""
+    p = report["protocol"]
+    lines = [f"# {title}", ""]
+    facts = [f"data split `{p.get('data_split', '?')}` (evaluated: {p.get('split', '?')})", f"protocol `{p.get('protocol', 'full')}`"
+             + (f" ({p['sampled_negatives']} sampled negatives)" if p.get("sampled_negatives") else ""),
+             f"history masked: {p.get('history_masked', False)}", f"similarity `{p.get('similarity', '?')}`",
+             f"{p.get('items', '?')} items"]
+    lines += ["Protocol: " + ", ".join(facts) + ".",
+              "Seeds: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in report["seeds"].items())
+              + ". Cells: mean ± sample std over seeds.", ""]
+    for group, per_method in report["groups"].items():
+        cols = _metric_columns(report, group)
+        lines += [f"## {group} ({report['users'].get(group, 0)} test cases)", "",
+                  "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for method, values in per_method.items():
+            best = {c: max(per_method[m][c][0] for m in per_method) for c in cols}
+            cells = []
+            for c in cols:
+                mean, std = values[c]
+                cell = f"{mean:.4f} ± {std:.4f}"
+                cells.append(f"**{cell}**" if mean == best[c] and len(per_method) > 1 else cell)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        imp = report["improvement"].get(group)
+        if imp:
+            lines.append(f"| improv. of {report['proposed']} over the best baseline | "
+                         + " | ".join(f"{imp[c]['relative'] * 100:+.1f}% (vs {imp[c]['best_baseline']})"
+                                      if c in imp and imp[c]["relative"] is not None else "n/a" for c in cols)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plots(report: dict, folder: Path, k: int) -> list[str]:
+    """metrics_by_group.png and training_curves.png; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    metric = f"NDCG@{k}"
+    groups = [g for g in report["groups"] if all(metric in v for v in report["groups"][g].values())]
+    if groups:
+        methods = report["methods"]
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * max(1, len(methods)) / 2), 4))
+        width = 0.8 / max(len(methods), 1)
+        for i, method in enumerate(methods):
+            means = [report["groups"][g].get(method, {}).get(metric, [np.nan, 0])[0] for g in groups]
+            stds = [report["groups"][g].get(method, {}).get(metric, [np.nan, 0])[1] for g in groups]
+            ax.bar(np.arange(len(groups)) + i * width, means, width, yerr=stds, capsize=3, label=method)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2)
+        ax.set_xticklabels([f"{g}\n({report['users'].get(g, 0)})" for g in groups])
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} by group (mean ± std over seeds; test cases in brackets)")
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, folder / "metrics_by_group.png"))
+        plt.close(fig)
+    curves = [(r["metrics"]["method"], r["metrics"]["seed"], r["history"]) for r in report["runs"] if r["history"]]
+    if curves:
+        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+        for method, seed, hist in curves:
+            epochs = [e["epoch"] for e in hist.get("epochs", [])]
+            ax_loss.plot(epochs, [e["loss"] for e in hist["epochs"]], label=f"{method} s{seed}")
+            val = [(e["epoch"], e["val_NDCG@10"]) for e in hist["epochs"] if "val_NDCG@10" in e]
+            if val:
+                ax_val.plot(*zip(*val), marker=".", label=f"{method} s{seed}")
+        ax_loss.set_xlabel("epoch"), ax_loss.set_ylabel("training loss"), ax_loss.set_title("training loss")
+        ax_val.set_xlabel("epoch"), ax_val.set_ylabel("validation NDCG@10"), ax_val.set_title("validation NDCG@10")
+        ax_val.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, folder / "training_curves.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return path.name
+
+
+def write_report(report: dict, folder: Path, title: str = "Comparison", k: int = 10) -> list[Path]:
+    """Write report.md, report.json and the PNG plots into ``folder``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "report.md", to_markdown(report, title).encode())
+    atomic_write_json(folder / "report.json", report)
+    names = ["report.md", "report.json", *_plots(report, folder, k)]
+    return [folder / n for n in names]
+
+
+def load_runs(pairs: list[tuple[Path, Path | None]]) -> list[tuple[dict, dict | None]]:
+    """Read (metrics.json, history.json or None) file pairs."""
+    return [(json.loads(Path(m).read_text()), json.loads(Path(h).read_text()) if h and Path(h).exists() else None)
+            for m, h in pairs]

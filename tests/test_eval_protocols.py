@@ -1,0 +1,172 @@
+"""Sharded top-k, sampled-candidate ranks (LLM-ESR protocol) and per-group metrics."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from alphafuse_dist.evaluate.metrics import (full_ranking_topk, merge_topk, metrics_by_group, sample_negatives,
+                                             sampled_ranks, sharded_topk, target_ranks)
+
+
+def test_merge_topk_hand_computed_keeps_the_id_tie_rule():
+    a = (torch.tensor([[3.0, 1.0]]), torch.tensor([[4, 0]]))
+    b = (torch.tensor([[3.0, 1.0, -float("inf")]]), torch.tensor([[2, 7, -1]]))  # -1: padding
+    scores, ids = merge_topk([a, b], 4)
+    assert ids.tolist() == [[2, 4, 0, 7]] and scores.tolist() == [[3.0, 3.0, 1.0, 1.0]]
+
+
+def _sharded_worker(rank, world, store_path, states, table, k, exclude, out):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        bounds = np.linspace(0, len(table), world + 1).astype(int)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        scores, ids = sharded_topk(states, table[lo:hi], int(lo), k, similarity="cosine", item_chunk=7,
+                                   exclude=exclude)
+        torch.save((scores, ids), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_topk_equals_single_process_exactly(tmp_path, world):
+    gen = torch.Generator().manual_seed(world)
+    # integer-valued vectors: many exact score ties across shard boundaries
+    table = torch.randint(-2, 3, (41, 4), generator=gen).float()
+    states = torch.randint(-2, 3, (9, 4), generator=gen).float()
+    exclude = [torch.randint(0, 41, (3,), generator=gen) for _ in range(9)]
+    k = 12
+    expected = full_ranking_topk(states, table, k, similarity="cosine", item_chunk=5, exclude=exclude)
+    mp.start_processes(_sharded_worker, args=(world, str(tmp_path / "store"), states, table, k, exclude,
+                                              str(tmp_path / "out")), nprocs=world, start_method="spawn")
+    for rank in range(world):
+        scores, ids = torch.load(f"{tmp_path / 'out'}.{rank}")
+        assert torch.equal(ids, expected[1]) and torch.equal(scores, expected[0])
+
+
+def test_sampled_negatives_avoid_history_and_target_and_are_reproducible():
+    rng = np.random.default_rng(0)
+    num_items, n = 500, 100
+    interacted = [rng.choice(num_items, size=rng.integers(1, 380), replace=False) for _ in range(300)]
+    users = np.arange(300) * 7
+    neg = sample_negatives(num_items, interacted, users, n, seed=5)
+    assert neg.shape == (300, n)
+    for row, seen in zip(neg, interacted):
+        assert len(np.unique(row)) == n  # distinct
+        assert not np.isin(row, seen).any()  # never the history or the target
+        assert row.min() >= 0 and row.max() < num_items
+    # a user's draw depends on (seed, user) only: same in another batch/order, different seed differs
+    again = sample_negatives(num_items, interacted[::-1], users[::-1], n, seed=5)[::-1]
+    assert np.array_equal(neg, again)
+    assert not np.array_equal(neg, sample_negatives(num_items, interacted, users, n, seed=6))
+    # roughly uniform over the free items: every item drawn, none hugely over-represented
+    counts = np.bincount(sample_negatives(num_items, [np.array([0])] * 2000, np.arange(2000), n, 1).ravel(),
+                         minlength=num_items)
+    assert counts[0] == 0 and counts[1:].min() > 0.6 * counts[1:].mean() and counts.max() < 1.4 * counts[1:].mean()
+    with pytest.raises(ValueError, match="user 3: only 2 items never interacted with, 5 negatives needed"):
+        sample_negatives(10, [np.arange(8)], np.array([3]), 5, seed=0)
+
+
+def test_sampled_ranks_hand_computed_and_equal_full_ranking_over_all_items():
+    table = torch.tensor([[3.0], [1.0], [2.0], [2.0], [0.5]])
+    states = torch.ones(2, 1)
+    # user 0: target 3 (score 2) vs negatives 0 (3, ahead), 2 (2, tie, smaller id: ahead), 4 (behind)
+    ranks = sampled_ranks(states, table, torch.tensor([3, 1]), torch.tensor([[0, 2, 4], [4, 0, 2]]))
+    assert ranks.tolist() == [2, 2]
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randint(-3, 4, (30, 5), generator=gen).float()
+    states = torch.randn(6, 5, generator=gen)
+    targets = torch.randint(0, 30, (6,), generator=gen)
+    everything = torch.stack([torch.tensor([i for i in range(30) if i != t]) for t in targets.tolist()])
+    assert torch.equal(sampled_ranks(states, table, targets, everything, similarity="cosine"),
+                       target_ranks(states, table, targets, similarity="cosine"))
+
+
+def test_metrics_by_group_at_paper_cutoffs():
+    ranks = torch.tensor([0, 4, 9, 19, 49, 60])
+    groups = {"tail_users": torch.tensor([True, True, False, False, False, False]),
+              "never_seen": torch.zeros(6, dtype=torch.bool)}
+    out = metrics_by_group(ranks, groups, ks=(1, 5, 10, 20, 50))
+    o = out["overall"]
+    assert o["HR@1"] == pytest.approx(1 / 6) and o["HR@5"] == pytest.approx(2 / 6)
+    assert o["HR@50"] == pytest.approx(5 / 6)
+    assert o["NDCG@10"] == pytest.approx((1 + 1 / np.log2(6) + 1 / np.log2(11)) / 6)
+    assert o["MRR@50"] == pytest.approx((1 + 1 / 5 + 1 / 10 + 1 / 20 + 1 / 50) / 6)
+    assert out["tail_users"]["users"] == 2 and out["tail_users"]["MRR@5"] == pytest.approx((1 + 1 / 5) / 2)
+    assert out["never_seen"]["users"] == 0 and out["never_seen"]["NDCG@10"] == 0.0
+    with pytest.raises(ValueError, match="group 'x'"):
+        metrics_by_group(ranks, {"x": torch.ones(3, dtype=torch.bool)})
+
+
+def _prepared(tmp_path, num_items=60, num_users=40, dim=16, max_len=6):
+    """A hand-made prepare folder and model file: popularity i % 7, item 59 never seen."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from alphafuse_dist.config import load_config
+    from alphafuse_dist.model.backbones import build_encoder
+
+    rng = np.random.default_rng(0)
+    prep = tmp_path / "prepare"
+    prep.mkdir()
+    popularity = np.arange(num_items) % 7
+    never_seen = np.zeros(num_items, dtype=bool)
+    never_seen[59] = True
+    popularity[59] = 0
+    pq.write_table(pa.table({"item_idx": pa.array(np.arange(num_items), pa.int32()),
+                             "popularity": pa.array(popularity, pa.int32()),
+                             "is_head": popularity >= 5, "never_seen": never_seen}), prep / "items.parquet")
+    hists = [rng.choice(58, size=rng.integers(1, 12), replace=False).tolist() for _ in range(num_users)]
+    targets = rng.integers(0, num_items, size=num_users)
+    targets[:3] = 59
+    pq.write_table(pa.table({"user_idx": pa.array(np.arange(num_users), pa.int32()),
+                             "history": pa.array(hists, pa.list_(pa.int32())),
+                             "target": pa.array(targets, pa.int32())}), prep / "test.parquet")
+    cfg = load_config("quickstart", [f"model.dim={dim}", "decompose.null_dims=8", f"model.max_len={max_len}",
+                                     "model.dropout=0.0"])
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model)
+    tensors = {"item_table": torch.randn(num_items, dim)} | {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return cfg, prep, hists, targets
+
+
+def test_evaluate_split_full_and_sampled_protocols_with_groups(tmp_path):
+    from alphafuse_dist.errors import ConfigError
+    from alphafuse_dist.evaluate.stage import evaluate_split
+
+    cfg, prep, hists, targets = _prepared(tmp_path)
+    cfg.eval.ks = [1, 5, 10, 20, 50]
+    full = evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+    assert full["protocol"] == "full" and full["sampled_negatives"] is None
+    m = full["metrics"]
+    assert m["overall"]["users"] == 40
+    assert m["head"]["users"] + m["tail"]["users"] == 40
+    assert m["head"]["users"] == int((np.arange(60) % 7 >= 5)[targets].sum() - 0)  # item 59: 59 % 7 = 3, tail
+    assert m["never_seen"]["users"] == int((targets == 59).sum()) >= 3
+    assert m["head_users"]["users"] + m["tail_users"]["users"] == 40
+    lengths = np.array([len(h) for h in hists])
+    threshold = int(np.quantile(lengths, 0.8, method="higher"))
+    assert m["tail_users"]["users"] == int((lengths < threshold).sum())
+    assert set(m["overall"]) >= {"HR@1", "NDCG@5", "MRR@50", "HR@50"}
+
+    cfg.eval.protocol, cfg.eval.sampled_negatives = "sampled", 20
+    cfg.eval.tail_item_threshold, cfg.eval.tail_user_threshold = 4, 5
+    sampled = evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+    s = sampled["metrics"]
+    assert sampled["sampled_negatives"] == 20
+    # 21 candidates instead of 60: every target ranks at least as high, so HR@k can only grow
+    assert s["overall"]["HR@10"] >= m["overall"]["HR@10"] and s["overall"]["HR@50"] == 1.0
+    assert s["tail"]["users"] == int(((np.arange(60) % 7) * (np.arange(60) != 59) < 4)[targets].sum())
+    assert s["tail_users"]["users"] == int((lengths < 5).sum())
+    assert "tail users: fewer than 5 history items" == sampled["groups"]["users"]
+    # the same negatives for every model: a rerun gives identical metrics
+    assert evaluate_split(cfg, tmp_path / "model.safetensors", prep)["metrics"] == s
+    cfg.eval.sampled_negatives = 55
+    with pytest.raises(ConfigError, match=r"eval\.sampled_negatives=55: user \d+: only \d+ items never"):
+        evaluate_split(cfg, tmp_path / "model.safetensors", prep)

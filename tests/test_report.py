@@ -1,0 +1,70 @@
+"""The comparison report: mean/std over seeds, improvement row, Markdown, JSON and plots."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alphafuse_dist.evaluate.report import build_report, to_markdown, write_report
+
+
+def _metrics(method, seed, ndcg, hr, tail_ndcg):
+    return {"method": method, "seed": seed, "split": "test", "protocol": "full", "history_masked": False,
+            "similarity": "cosine", "items": 100,
+            "metrics": {"overall": {"NDCG@10": ndcg, "HR@10": hr, "users": 50},
+                        "tail": {"NDCG@10": tail_ndcg, "HR@10": hr / 2, "users": 20}}}
+
+
+def _history(loss0):
+    return {"epochs": [{"epoch": 1, "loss": loss0, "val_NDCG@10": 0.01}, {"epoch": 2, "loss": loss0 / 2,
+                                                                          "val_NDCG@10": 0.02}]}
+
+
+@pytest.fixture
+def runs():
+    return [(_metrics("alphafuse", 1, 0.10, 0.20, 0.05), _history(5.0)),
+            (_metrics("alphafuse", 2, 0.12, 0.22, 0.07), _history(5.1)),
+            (_metrics("sasrec_id", 1, 0.08, 0.21, 0.02), _history(6.0)),
+            (_metrics("sasrec_id", 2, 0.10, 0.23, 0.02), None),
+            (_metrics("morec", 1, 0.05, 0.10, 0.06), None)]
+
+
+def test_mean_std_and_improvement_over_the_best_baseline(runs):
+    r = build_report(runs)
+    assert r["methods"] == ["morec", "sasrec_id", "alphafuse"]  # baselines first
+    mean, std = r["groups"]["overall"]["alphafuse"]["NDCG@10"]
+    assert mean == pytest.approx(0.11) and std == pytest.approx(0.0141421356)  # sample std of 0.10, 0.12
+    assert r["groups"]["overall"]["morec"]["NDCG@10"] == [0.05, 0.0]  # one seed: std 0
+    imp = r["improvement"]["overall"]["NDCG@10"]
+    assert imp["best_baseline"] == "sasrec_id" and imp["relative"] == pytest.approx(0.11 / 0.09 - 1)
+    # per metric and group, the best baseline may differ: on the tail it is morec
+    assert r["improvement"]["tail"]["NDCG@10"]["best_baseline"] == "morec"
+    assert r["improvement"]["overall"]["HR@10"]["relative"] == pytest.approx(0.21 / 0.22 - 1)
+    assert r["users"] == {"overall": 50, "tail": 20}
+
+
+def test_markdown_json_and_plots_are_written(runs, tmp_path):
+    r = build_report(runs)
+    md = to_markdown(r, "ML test")
+    # columns HR before NDCG at each k; the best mean of a column in bold
+    assert "| method | HR@10 | NDCG@10 |" in md
+    assert "| alphafuse | 0.2100 ± 0.0141 | **0.1100 ± 0.0141** |" in md
+    assert "| sasrec_id | **0.2200 ± 0.0141** | 0.0900 ± 0.0141 |" in md
+    assert "| improv. of alphafuse over the best baseline | -4.5% (vs sasrec_id) | +22.2% (vs sasrec_id) |" in md
+    assert "## tail (20 test cases)" in md and "history masked: False" in md
+    paths = write_report(r, tmp_path / "report", title="ML test")
+    assert sorted(p.name for p in paths) == ["metrics_by_group.png", "report.json", "report.md",
+                                             "training_curves.png"]
+    for p in paths:
+        assert p.stat().st_size > 0
+    assert (tmp_path / "report" / "metrics_by_group.png").read_bytes()[:4] == b"\x89PNG"
+    again = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert again["improvement"]["overall"]["NDCG@10"]["best_baseline"] == "sasrec_id"
+    assert len(again["runs"]) == 5
+
+
+def test_single_method_has_no_improvement_row(runs):
+    r = build_report(runs[:2])
+    assert r["improvement"] == {} and "improv." not in to_markdown(r)
+    with pytest.raises(ValueError, match="no runs"):
+        build_report([])
