@@ -132,8 +132,11 @@ def to_markdown(report: dict, title: str = "Comparison") -> str:
 
 def _plots(report: dict, folder: Path, k: int) -> list[str]:
     """metrics_by_group.png and training_curves.png; returns the file names written."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image: the tables and JSON are still written
+        print("[report] matplotlib is not installed: plots skipped")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
