@@ -54,7 +54,7 @@ def _groups(cfg: RunConfig, items: "pa.Table", hist_lengths: np.ndarray, targets
     else:  # the 20% of users with the longest histories are the head
         user_threshold = int(np.quantile(hist_lengths, 0.8, method="higher")) if len(hist_lengths) else 1
     tail_users = hist_lengths < user_threshold
-    never_seen = items.column("never_seen").to_numpy(zero_copy_only=False)
+    never_seen = popularity == 0  # prepare's never_seen column, by its definition (older runs lack it)
     groups = {"head": head_items[targets], "tail": ~head_items[targets],
               "head_users": ~tail_users, "tail_users": tail_users, "never_seen": never_seen[targets]}
     rules = {"items": item_rule, "users": f"tail users: fewer than {user_threshold} history items",
@@ -69,7 +69,7 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
     table, encoder = load_model(model_path, cfg)
     N = table.shape[0]
     users, hist, targets = eval_inputs(prepare_dir / f"{split}.parquet", cfg.model.max_len, N)
-    items = pq.read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head", "never_seen"])
+    items = pq.read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head"])
     full_hist = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
     hist_lengths = pc.list_value_length(full_hist).to_numpy(zero_copy_only=False).astype(np.int64)
     hist_t, tgt_t = torch.as_tensor(hist), torch.as_tensor(targets)
