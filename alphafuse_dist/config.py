@@ -154,7 +154,9 @@ class TrainConfig:
 
     backend: Literal["torchrec", "torch"] = "torchrec"
     num_workers: int = 2
-    sharding: Literal["row_wise", "table_wise", "column_wise"] = "row_wise"
+    # TorchRec plan of every table: fixed types, or "planner" (TorchRec's EmbeddingShardingPlanner
+    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel needs CUDA
+    sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     batch_size: int = 128  # sequences per step, summed over workers
     epochs: int = 30

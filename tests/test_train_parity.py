@@ -84,15 +84,16 @@ def _worker(rank, world, store_path, sharding, method, out_path):
 
         cfg = _cfg("torchrec", sharding, method)
         net = build_model(cfg, N, _semantic() if method == "alphafuse" else None, torch.device("cpu"))
+        logged = []
         model = shard_model(net, sharding=sharding, id_optimizer_name="adagrad", id_lr=0.1,
-                            device=torch.device("cpu"), log=lambda s: None)
+                            device=torch.device("cpu"), log=logged.append)
         dense = [p for n, p in model.named_parameters() if "items." not in n and p.requires_grad]
         dense_opt = torch.optim.Adam(dense, lr=0.01, weight_decay=cfg.train.weight_decay)
         losses = _run_steps(model, net, dense_opt, None, rank, world)
         table = net.items.full_table()
         sem = net.items.lookup_semantic(torch.arange(N)) if method == "alphafuse" else None
         if rank == 0:
-            torch.save({"losses": losses, "table": table, "semantic": sem}, out_path)
+            torch.save({"losses": losses, "table": table, "semantic": sem, "plan": "\n".join(logged)}, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -105,7 +106,8 @@ def _sharded(sharding, method, world=2):
         return torch.load(out)
 
 
-@pytest.mark.parametrize("sharding, world", [("row_wise", 2), ("table_wise", 2), ("column_wise", 2), ("row_wise", 4)])
+@pytest.mark.parametrize("sharding, world", [("row_wise", 2), ("table_wise", 2), ("column_wise", 2), ("row_wise", 4),
+                                             ("planner", 2)])
 def test_sharded_workers_match_one_process(sharding, world):
     ref_losses, ref_table, _ = _single("alphafuse")
     got = _sharded(sharding, "alphafuse", world)
@@ -113,6 +115,10 @@ def test_sharded_workers_match_one_process(sharding, world):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     # the updated fused rows (hence the ID rows) agree after several steps
     torch.testing.assert_close(got["table"], ref_table, rtol=1e-5, atol=1e-5)
+    # the plan is logged; the planner was held to the fused kernel and the CPU sharding types
+    assert f"TorchRec plan ({sharding}, {world} workers)" in got["plan"]
+    if sharding == "planner":
+        assert "fused" in got["plan"] and "data_parallel" not in got["plan"]
     # and training moved them: the test is not comparing two untouched tables
     assert (ref_table - build_model(_cfg("torch"), N, _semantic(), torch.device("cpu")).items.full_table()).abs().max() > 1e-3
 
@@ -135,3 +141,14 @@ def test_plain_torch_semantic_frozen():
     assert losses[-1] < losses[0]
     assert torch.equal(table[:, :8], sem[:, :8])
     torch.testing.assert_close(table[:, 8:], sem[:, 8:] + ids, rtol=0, atol=1e-6)
+
+
+def test_data_parallel_is_refused_on_cpu_with_the_reason():
+    from alphafuse_dist.errors import ConfigError
+    from alphafuse_dist.train.sharding import check_sharding
+
+    with pytest.raises(ConfigError, match=r"train\.sharding=data_parallel: .*corrupts the heap"):
+        check_sharding("data_parallel", torch.device("cpu"))
+    check_sharding("data_parallel", torch.device("cuda"))  # allowed where the dense kernel works
+    with pytest.raises(ConfigError, match=r"train\.sharding='diagonal'"):
+        check_sharding("diagonal", torch.device("cpu"))

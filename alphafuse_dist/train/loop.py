@@ -182,7 +182,7 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
         from .sharding import shard_model
 
         model = shard_model(model, sharding=t.sharding, id_optimizer_name=t.id_optimizer, id_lr=t.id_lr,
-                            device=device, log=log)
+                            device=device, log=log, batch_size=max(1, t.batch_size // world))
         dense_params, _ = split_parameters(model, net.items)  # ID tables: fused optimiser, in backward
         id_opt = None
     else:

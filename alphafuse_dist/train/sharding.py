@@ -39,8 +39,11 @@ def id_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> tuple[type,
     return table[name]
 
 
+SHARDINGS = ("row_wise", "table_wise", "column_wise", "data_parallel", "planner")
+
+
 def _generator(kind: str, world: int, table_rank: int):
-    from torchrec.distributed.sharding_plan import column_wise, row_wise, table_wise
+    from torchrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
 
     if kind == "row_wise":
         return row_wise(compute_kernel="fused")
@@ -48,16 +51,48 @@ def _generator(kind: str, world: int, table_rank: int):
         return table_wise(rank=table_rank % world, compute_kernel="fused")
     if kind == "column_wise":
         return column_wise(ranks=list(range(world)), compute_kernel="fused")
-    raise ConfigError(f"train.sharding={kind!r}: expected row_wise, table_wise or column_wise")
+    if kind == "data_parallel":
+        return data_parallel()
+    raise ConfigError(f"train.sharding={kind!r}: expected one of {', '.join(SHARDINGS)}")
+
+
+def check_sharding(kind: str, device: torch.device) -> None:
+    """Refuse sharding choices this stack cannot run, before any process group work."""
+    if kind not in SHARDINGS:
+        raise ConfigError(f"train.sharding={kind!r}: expected one of {', '.join(SHARDINGS)}")
+    if kind == "data_parallel" and device.type == "cpu":
+        raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel (dense) kernel corrupts the heap "
+                          "with fbgemm-gpu-cpu 1.8 (STACK notes); on CPU use row_wise, table_wise, column_wise "
+                          "or planner (which is limited to those)")
+
+
+def _planner_plan(items: nn.Module, specs, model: nn.Module, sharder, world: int, device: torch.device,
+                  batch_size: int):
+    """TorchRec's EmbeddingShardingPlanner over the item module's tables, constrained to the
+    FUSED kernel and, on CPU, to the sharding types that work there; one plan for all ranks
+    (``collective_plan``: rank 0 plans and broadcasts)."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingType
+
+    allowed = [ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
+    if device.type == "cuda":
+        allowed.append(ShardingType.DATA_PARALLEL.value)
+    constraints = {spec.table: ParameterConstraints(sharding_types=allowed, compute_kernels=["fused"])
+                   for spec in specs}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device=device.type, local_world_size=world),
+        batch_size=batch_size, constraints=constraints, debug=False)
+    return planner.collective_plan(model, [sharder], dist.group.WORLD)
 
 
 def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_lr: float,
-                device: torch.device, log=print) -> nn.Module:
+                device: torch.device, log=print, batch_size: int = 128) -> nn.Module:
     """Wrap ``model`` (a SequentialRecommender with a torchrec item module) in
     DistributedModelParallel over the default process group, then load the tables' weights.
 
     Each table of ``model.items.torchrec_tables()`` gets its plan (with ``table_wise``, the k-th
-    table goes to rank k mod world) and its optimiser: the fused ID optimiser, or zero-lr SGD.
+    table goes to rank k mod world; with ``planner``, TorchRec's planner chooses under explicit
+    constraints) and its optimiser: the fused ID optimiser, or zero-lr SGD. The plan is logged.
 
     Returns the DMP module; call it like the model (the dense part is wrapped in DDP).
     """
@@ -69,6 +104,7 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
 
     world = dist.get_world_size()
     items = model.items
+    check_sharding(sharding, device)
     if id_optimizer_name == "adam" and device.type == "cpu":
         raise ConfigError("train.id_optimizer=adam: TorchRec has no fused Adam on CPU; "
                           "use adagrad, rowwise_adagrad or sgd (or train.backend=torch)")
@@ -82,10 +118,12 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
             _apply_optimizer_in_backward(torch.optim.SGD, ec.parameters(), {"lr": 0.0})
         else:
             _apply_optimizer_in_backward(cls, ec.parameters(), kwargs)
-        plans[f"items.{spec.module}"] = construct_module_sharding_plan(
-            ec, {spec.table: _generator(sharding, world, k)}, sharder=sharder,
-            local_size=world, world_size=world, device_type=device.type)
-    plan = ShardingPlan(plans)
+        if sharding != "planner":
+            plans[f"items.{spec.module}"] = construct_module_sharding_plan(
+                ec, {spec.table: _generator(sharding, world, k)}, sharder=sharder,
+                local_size=world, world_size=world, device_type=device.type)
+    plan = (_planner_plan(items, specs, model, sharder, world, device, batch_size) if sharding == "planner"
+            else ShardingPlan(plans))
     if dist.get_rank() == 0:
         log(f"[train] TorchRec plan ({sharding}, {world} workers):\n{plan}")
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
