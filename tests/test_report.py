@@ -66,5 +66,7 @@ def test_markdown_json_and_plots_are_written(runs, tmp_path):
 def test_single_method_has_no_improvement_row(runs):
     r = build_report(runs[:2])
     assert r["improvement"] == {} and "improv." not in to_markdown(r)
+    # one seed per method: the mean alone, no "± 0.0000" pretending to be a spread
+    assert "| morec | 0.1000 | 0.0500 |" in to_markdown(build_report(runs[4:]))
     with pytest.raises(ValueError, match="no runs"):
         build_report([])

@@ -107,7 +107,7 @@ def to_markdown(report: dict, title: str = "Comparison") -> str:
              f"{p.get('items', '?')} items"]
     lines += ["Protocol: " + ", ".join(facts) + ".",
               "Seeds: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in report["seeds"].items())
-              + ". Cells: mean ± sample std over seeds.", ""]
+              + ". Cells: mean ± sample std over seeds (the mean alone for a single seed).", ""]
     for group, per_method in report["groups"].items():
         cols = _metric_columns(report, group)
         lines += [f"## {group} ({report['users'].get(group, 0)} test cases)", "",
@@ -115,9 +115,10 @@ def to_markdown(report: dict, title: str = "Comparison") -> str:
         for method, values in per_method.items():
             best = {c: max(per_method[m][c][0] for m in per_method) for c in cols}
             cells = []
+            seeds = len(report["seeds"].get(method, []))
             for c in cols:
                 mean, std = values[c]
-                cell = f"{mean:.4f} ± {std:.4f}"
+                cell = f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"  # one seed: no spread
                 cells.append(f"**{cell}**" if mean == best[c] and len(per_method) > 1 else cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         imp = report["improvement"].get(group)
