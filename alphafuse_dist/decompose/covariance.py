@@ -145,9 +145,10 @@ def iter_fragment(path: str, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.
 
 
 def batch_rows_for(d_l: int) -> int:
-    """Rows per read batch: ~``BATCH_BYTES`` of float32 vectors (10,922 at d_l=384, 1,365 at 3,072;
-    the GEMM's cost per row is within 10% of its best from ~1,300 rows on, measured here)."""
-    return max(256, BATCH_BYTES // (4 * d_l))
+    """Rows per read batch: ~``BATCH_BYTES`` of float32 vectors, at most 8,192 rows (8,192 at
+    d_l=384, 1,365 at 3,072). The GEMM's cost per row is within 10% of its best from ~1,300 rows
+    on; the Parquet reader's buffers grow with the rows per batch (measured in benchmarks/decompose)."""
+    return min(8192, max(256, BATCH_BYTES // (4 * d_l)))
 
 
 class ScatterAccumulator:
