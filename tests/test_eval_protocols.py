@@ -102,8 +102,14 @@ def test_metrics_by_group_at_paper_cutoffs():
         metrics_by_group(ranks, {"x": torch.ones(3, dtype=torch.bool)})
 
 
+def _popularity(num_items):
+    popularity = 1 + np.arange(num_items) % 7
+    popularity[59] = 0
+    return popularity
+
+
 def _prepared(tmp_path, num_items=60, num_users=40, dim=16, max_len=6):
-    """A hand-made prepare folder and model file: popularity i % 7, item 59 never seen."""
+    """A hand-made prepare folder and model file: popularity 1 + i % 7, item 59 never seen (0)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
@@ -114,10 +120,8 @@ def _prepared(tmp_path, num_items=60, num_users=40, dim=16, max_len=6):
     rng = np.random.default_rng(0)
     prep = tmp_path / "prepare"
     prep.mkdir()
-    popularity = np.arange(num_items) % 7
-    never_seen = np.zeros(num_items, dtype=bool)
-    never_seen[59] = True
-    popularity[59] = 0
+    popularity = _popularity(num_items)
+    never_seen = popularity == 0
     pq.write_table(pa.table({"item_idx": pa.array(np.arange(num_items), pa.int32()),
                              "popularity": pa.array(popularity, pa.int32()),
                              "is_head": popularity >= 5, "never_seen": never_seen}), prep / "items.parquet")
@@ -147,7 +151,7 @@ def test_evaluate_split_full_and_sampled_protocols_with_groups(tmp_path):
     m = full["metrics"]
     assert m["overall"]["users"] == 40
     assert m["head"]["users"] + m["tail"]["users"] == 40
-    assert m["head"]["users"] == int((np.arange(60) % 7 >= 5)[targets].sum() - 0)  # item 59: 59 % 7 = 3, tail
+    assert m["head"]["users"] == int((_popularity(60) >= 5)[targets].sum())  # is_head: popularity >= 5
     assert m["never_seen"]["users"] == int((targets == 59).sum()) >= 3
     assert m["head_users"]["users"] + m["tail_users"]["users"] == 40
     lengths = np.array([len(h) for h in hists])
@@ -162,7 +166,7 @@ def test_evaluate_split_full_and_sampled_protocols_with_groups(tmp_path):
     assert sampled["sampled_negatives"] == 20
     # 21 candidates instead of 60: every target ranks at least as high, so HR@k can only grow
     assert s["overall"]["HR@10"] >= m["overall"]["HR@10"] and s["overall"]["HR@50"] == 1.0
-    assert s["tail"]["users"] == int(((np.arange(60) % 7) * (np.arange(60) != 59) < 4)[targets].sum())
+    assert s["tail"]["users"] == int((_popularity(60) < 4)[targets].sum())
     assert s["tail_users"]["users"] == int((lengths < 5).sum())
     assert "tail users: fewer than 5 history items" == sampled["groups"]["users"]
     # the same negatives for every model: a rerun gives identical metrics
