@@ -1,6 +1,6 @@
 """Mean and covariance of the item embeddings E, computed with one Ray task per Parquet fragment.
 
-Each task streams ONE fragment (file) of the embed output in ~32 MB row batches and returns its
+Each task streams ONE fragment (file) of the embed output in ~16 MB row batches and returns its
 moments (count, weight, mean, centred scatter); the partial moments are combined by a tree of Ray
 tasks (fan-in 2..8) with the pairwise update of Chan, Golub and LeVeque, so neither the driver nor
 any task ever holds more than one batch of rows or more than ``fan_in`` partials of d_l x d_l. Then
@@ -11,8 +11,8 @@ which is ``np.cov(E, rowvar=False)`` without weights (unbiased N-1 form, METHOD.
 
 Numerics. Every batch is centred on a shift near the mean (the fragment's first batch's mean)
 before any product, so the products never carry the mean (no ``sum x x^T - W mu mu^T``
-cancellation, whatever |mu| / std is). The batch's scatter ``Z^T Z`` is then GEMMs in ``precision``
-over the upper block triangle (see :class:`ScatterAccumulator`):
+cancellation, whatever |mu| / std is). The batch's scatter ``Z^T Z`` is then one BLAS ``syrk`` in
+``precision`` (numpy's ``Z.T @ Z`` of one buffer; see :class:`ScatterAccumulator`):
 
 - ``float32`` (default): the centred rows stay float32 and the GEMM runs in float32 (twice the
   speed of float64 and no float64 copy of the batch); each batch's result is added in float64.
@@ -25,8 +25,7 @@ over the upper block triangle (see :class:`ScatterAccumulator`):
 - ``float64``: the same with a float64 copy of each batch (~1e-15 relative), for checks.
 
 Why not ``np.cov``: it needs E and a float64 copy of it in one process (the reference's peak
-memory) and uses one machine; ``dsyrk`` is not used because OpenBLAS's syrk kernels run slower
-than its GEMM on this hardware despite half the flops (measured; see benchmarks/decompose).
+memory) and uses one machine (it computes the same syrk, in float64; see benchmarks/decompose).
 
 Example::
 
