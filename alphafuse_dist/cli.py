@@ -2,7 +2,7 @@
 
     alphafuse quickstart [key=value ...]                 AlphaFuse vs ID-only SASRec on the embedded data
     alphafuse run --config NAME|FILE [key=value ...]     the whole pipeline (or --stages a,b) for one method
-    alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [key=value ...]
+    alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
     alphafuse presets                                    list the shipped presets
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
 
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--title", default=None, help="title of <run_dir>/report/report.md")
     c.add_argument("--stages", default="prepare,embed,decompose,train,evaluate",
                    help="stages to run per method (e.g. train,evaluate on a machine holding the earlier ones)")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="train/evaluate this many (method, seed) runs at once in child processes "
+                        "(one-process training only: train.backend=torch train.num_workers=1)")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the shipped presets")
     d = sub.add_parser("download", help="download a data file, resuming a partial one, and verify its sha256")
@@ -59,7 +62,8 @@ def _stages(text: str) -> tuple[str, ...]:
 
 
 def _compare(config: str, overrides: list[str], methods: str, seeds: str | None, output: str | None,
-             stages: str = "prepare,embed,decompose,train,evaluate", title: str | None = None) -> None:
+             stages: str = "prepare,embed,decompose,train,evaluate", title: str | None = None,
+             jobs: int = 1) -> None:
     from .evaluate.stage import format_table
     from .pipeline import compare
 
@@ -69,7 +73,9 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     for m in method_list:
         load_config(config, overrides + [f"method={m}"])  # validates the method name up front
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
-    rows = compare(cfg, method_list, seed_list, stages=_stages(stages))
+    if jobs < 1:
+        raise AlphaFuseError(f"--jobs {jobs}: must be >= 1")
+    rows = compare(cfg, method_list, seed_list, stages=_stages(stages), jobs=jobs)
     table = format_table(rows, ks=tuple(cfg.eval.ks))
     print("\n" + table)
     path = cfg.run_path / "comparison.json"
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None,
                      title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")
         elif args.command == "compare":
-            _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title)
+            _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title,
+                     args.jobs)
         elif args.command == "run":
             from .evaluate.stage import format_table
             from .pipeline import run_pipeline

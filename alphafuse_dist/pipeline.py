@@ -141,7 +141,7 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
     def build(tmp: Path) -> dict:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         if cfg.train.backend == "torch" and cfg.train.num_workers == 1:
-            return train_local(cfg, train_inputs, tmp)
+            return train_local(cfg, train_inputs, tmp, log)
         ensure_ray(cfg, log)
         return train_with_ray(cfg, train_inputs, tmp)
 
@@ -192,8 +192,9 @@ def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, log: Log =
         return _run_stages(cfg, run_dir, stages, log)
 
 
-def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log) -> dict:
-    clean_temporaries(run_dir)
+def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log, clean: bool = True) -> dict:
+    if clean:
+        clean_temporaries(run_dir)
     t0 = time.time()
     fns = {"prepare": prepare_stage, "embed": embed_stage, "decompose": decompose_stage,
            "train": train_stage, "evaluate": evaluate_stage}
@@ -214,14 +215,64 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log
 
 
 def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
-            log: Log = print) -> list[tuple[str, dict]]:
-    """Run several methods x seeds on the same prepared data and splits; return (label, metrics)."""
-    rows = []
+            log: Log = print, jobs: int = 1) -> list[tuple[str, dict]]:
+    """Run several methods x seeds on the same prepared data and splits; return (label, metrics).
+
+    ``jobs > 1`` runs the per-run stages (train, evaluate) of up to ``jobs`` (method, seed) pairs
+    at once in child processes of this machine, after the shared stages (prepare, embed,
+    decompose) ran once here. It is meant for one-process training (``train.backend=torch``,
+    ``train.num_workers=1``): small models leave a GPU mostly idle, and one process per run fills
+    it. Ray Train runs schedule their own workers on the cluster, so they are refused.
+    """
+    runs = []
     for method in methods:
         for seed in seeds:
             c = copy.deepcopy(cfg)
             c.method, c.seed = method, seed
             c.validate()
-            res = run_pipeline(c, stages=stages, log=log)
-            rows.append((f"{method} (seed {seed})", res["metrics"]))
+            runs.append(c)
+    if jobs <= 1:
+        return [(f"{c.method} (seed {c.seed})", run_pipeline(c, stages=stages, log=log)["metrics"]) for c in runs]
+    if cfg.train.backend != "torch" or cfg.train.num_workers != 1:
+        raise AlphaFuseError(f"compare --jobs {jobs}: parallel runs are for one-process training "
+                             "(train.backend=torch train.num_workers=1); with Ray Train the cluster "
+                             "schedules the workers, use --jobs 1")
+    shared = tuple(s for s in stages if s in ("prepare", "embed", "decompose"))
+    per_run = tuple(s for s in stages if s not in shared)
+    run_dir = cfg.run_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_dir_lock(run_dir):
+        clean_temporaries(run_dir)
+        if shared:
+            for c in {c.method: c for c in runs}.values():  # one pass per method: each needs its own inputs
+                _run_stages(c, run_dir, shared, log)
+        return _parallel_runs(runs, per_run, jobs, log)
+
+
+def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int, log: Log) -> list[tuple[str, dict]]:
+    """``stages`` of every run in a pool of ``jobs`` spawned processes (the caller holds the run
+    directory's lock: stage folders are per (method, seed), so the runs never write the same one)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_child_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(_child_run, c, stages) for c in runs]
+        rows = []
+        for c, fut in zip(runs, futures):
+            out = fut.result()  # re-raises the child's error (AlphaFuseError included)
+            log(f"[compare] {c.method} (seed {c.seed}) done in {out['seconds']} s")
+            rows.append((f"{c.method} (seed {c.seed})", out["metrics"]))
     return rows
+
+
+def _child_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # the children share the machine's cores
+
+
+def _child_run(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
+    prefix = f"[{cfg.method} s{cfg.seed}]"
+    return _run_stages(cfg, cfg.run_path, stages, lambda msg: print(f"{prefix} {msg}", flush=True), clean=False)

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from ..config import RunConfig, config_from_dict, section_hash
 from .loop import TrainInputs, save_model, train_worker
@@ -102,9 +103,9 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     return {"workers": t.num_workers}
 
 
-def train_local(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
+def train_local(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """One process, no Ray (plain-torch backend): debugging, and GPU machines without Ray/fbgemm."""
     quiet_libraries()
-    result = train_worker(cfg, inputs)
+    result = train_worker(cfg, inputs, log=log)
     save_model(out_dir, result)
     return {"workers": 1}
