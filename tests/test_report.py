@@ -70,3 +70,13 @@ def test_single_method_has_no_improvement_row(runs):
     assert "| morec | 0.1000 | 0.0500 |" in to_markdown(build_report(runs[4:]))
     with pytest.raises(ValueError, match="no runs"):
         build_report([])
+
+
+def test_an_empty_group_is_named_not_tabulated(runs, tmp_path):
+    for metrics, _ in runs:  # no target was never seen in training: the group has 0 test cases
+        metrics["metrics"]["never_seen"] = {"NDCG@10": 0.0, "HR@10": 0.0, "users": 0}
+    md = to_markdown(build_report(runs), "ML test")
+    section = md.split("## never_seen (0 test cases)")[1]
+    assert section.strip() == "No test case falls in this group."
+    assert "## tail (20 test cases)" in md and "| alphafuse |" in md.split("## never_seen")[0]
+    write_report(build_report(runs), tmp_path / "r")  # the plot leaves the empty group out without error

@@ -208,6 +208,13 @@ class NullSpaceBasis:
         missing = {"mean", "eigenvalues", "eigenvectors"} - tensors.keys()
         if missing:
             raise DataError(f"missing tensors {sorted(missing)}", file=tensors_path)
+        # format 1 as written by 0.1.0 before 2026-11-26 spelled d / d_null as dim / null_dims
+        for key, old in (("d", "dim"), ("d_null", "null_dims")):
+            if key not in meta and old in meta:
+                meta[key] = meta[old]
+        absent = [k for k in ("d", "d_null", "whiten", "scale") if k not in meta]
+        if absent:
+            raise DataError(f"missing keys {absent}; rerun the decompose stage", file=meta_path)
         return cls(tensors["mean"], tensors["eigenvalues"], tensors["eigenvectors"], meta["d"], meta["d_null"],
                    meta["whiten"], meta["scale"], meta.get("total_variance"))
 

@@ -110,6 +110,9 @@ def to_markdown(report: dict, title: str = "Comparison") -> str:
               + ". Cells: mean ± sample std over seeds (the mean alone for a single seed).", ""]
     for group, per_method in report["groups"].items():
         cols = _metric_columns(report, group)
+        if not report["users"].get(group, 0):  # metrics of an empty group are 0 by convention, not results
+            lines += [f"## {group} (0 test cases)", "", "No test case falls in this group.", ""]
+            continue
         lines += [f"## {group} ({report['users'].get(group, 0)} test cases)", "",
                   "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for method, values in per_method.items():
@@ -143,10 +146,11 @@ def _plots(report: dict, folder: Path, k: int) -> list[str]:
 
     written = []
     metric = f"NDCG@{k}"
-    groups = [g for g in report["groups"] if all(metric in v for v in report["groups"][g].values())]
+    groups = [g for g in report["groups"] if report["users"].get(g, 0)
+              and all(metric in v for v in report["groups"][g].values())]
     if groups:
         methods = report["methods"]
-        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * max(1, len(methods)) / 2), 4))
+        fig, ax = plt.subplots(figsize=(min(14, max(6, 0.35 * len(groups) * max(1, len(methods)) + 2)), 4.5))
         width = 0.8 / max(len(methods), 1)
         for i, method in enumerate(methods):
             means = [report["groups"][g].get(method, {}).get(metric, [np.nan, 0])[0] for g in groups]
@@ -156,7 +160,7 @@ def _plots(report: dict, folder: Path, k: int) -> list[str]:
         ax.set_xticklabels([f"{g}\n({report['users'].get(g, 0)})" for g in groups])
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} by group (mean ± std over seeds; test cases in brackets)")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
         fig.tight_layout()
         written.append(_save(fig, folder / "metrics_by_group.png"))
         plt.close(fig)
