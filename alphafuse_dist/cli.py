@@ -3,6 +3,8 @@
     alphafuse quickstart [key=value ...]                 AlphaFuse vs ID-only SASRec on the embedded data
     alphafuse run --config NAME|FILE [key=value ...]     the whole pipeline (or --stages a,b) for one method
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
+    alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving
+    alphafuse recommend --run DIR --history id1,id2,... [--k 10] [--exclude-history] [--json]
     alphafuse presets                                    list the shipped presets
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
 
@@ -48,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("url")
     d.add_argument("--sha256", required=True, help="the expected sha256 digest (64 hex digits)")
     d.add_argument("--to", required=True, help="destination file (the download goes to <file>.partial first)")
+    from .serve import add_export_arguments, add_recommend_arguments
+
+    add_export_arguments(sub.add_parser("export", help="export a trained model for serving: item vectors, "
+                                                      "TorchScript user encoder, model card"))
+    add_recommend_arguments(sub.add_parser("recommend", help="top-k items with titles for a history of item ids"))
     return p
 
 
@@ -130,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title,
                      args.jobs)
+        elif args.command == "export":
+            from .serve import export_command
+
+            export_command(args)
+        elif args.command == "recommend":
+            from .serve import recommend_command
+
+            recommend_command(args)
         elif args.command == "run":
             from .evaluate.stage import format_table
             from .pipeline import run_pipeline

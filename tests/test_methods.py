@@ -252,7 +252,7 @@ def test_train_stage_passes_and_fingerprints_each_methods_inputs(tmp_path, monke
         run_stage(tmp_path, stage, config_hash="x", inputs={}, build=lambda tmp, info=info: info, log=lambda s: None)
     seen = {}
 
-    def fake_train_local(cfg, inputs, out_dir):
+    def fake_train_local(cfg, inputs, out_dir, log=print):
         seen[cfg.method] = inputs
         return {}
 

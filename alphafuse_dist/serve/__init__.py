@@ -1,0 +1,109 @@
+"""Serving hand-off: export a trained model (``export.py``) and recommend from the export (``recommend.py``).
+
+The command-line helpers below import nothing heavy, so the ``alphafuse`` command can register
+them at start-up; torch is loaded only when a command runs.
+
+Example::
+
+    alphafuse export --run runs/quickstart --method alphafuse            # -> runs/quickstart/export-alphafuse-s22
+    alphafuse recommend --run runs/quickstart --history 1,260,1196 --k 5  # table of rank, item id, score, title
+
+    from alphafuse_dist.serve import export_run, recommend
+    recommend(export_run("runs/quickstart"), ["1", "260"], k=5)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import AlphaFuseError
+
+__all__ = [
+    "Recommender",
+    "add_export_arguments",
+    "add_recommend_arguments",
+    "export_command",
+    "export_run",
+    "main_export",
+    "main_recommend",
+    "recommend",
+    "recommend_command",
+]
+
+
+def __getattr__(name: str):  # the library entry points, imported on first use
+    if name == "export_run":
+        from .export import export_run
+
+        return export_run
+    if name in ("recommend", "Recommender"):
+        from . import recommend as module
+
+        return getattr(module, name)
+    raise AttributeError(name)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="alphafuse", help="the trained method (default alphafuse)")
+    p.add_argument("--seed", type=int, default=None, help="the trained seed (default: the method's only model)")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--run DIR [--method M] [--seed S] [--to DIR] [--force]``."""
+    p.add_argument("--run", required=True, help="the run directory holding prepare/ and train-<method>-s<seed>/")
+    _common(p)
+    p.add_argument("--to", default=None, help="export folder (default <run>/export-<method>-s<seed>)")
+    p.add_argument("--force", action="store_true", help="export again even if the export is up to date")
+    return p
+
+
+def add_recommend_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--run DIR --history id1,id2,... [--k 10] [--method M] [--seed S] [--exclude-history] [--json]``."""
+    p.add_argument("--run", required=True, help="a run directory (its export is made if missing) or an export folder")
+    p.add_argument("--history", required=True,
+                   help="comma-separated source item ids, oldest first (the last model.max_len are used)")
+    p.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    _common(p)
+    p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def export_command(args: argparse.Namespace) -> None:
+    """Run ``alphafuse export`` (input errors raise AlphaFuseError for the caller to print)."""
+    from .export import export_run
+
+    out = export_run(args.run, args.method, args.seed, args.to, force=args.force,
+                     log=lambda s: print(s, file=sys.stderr))
+    print(out)
+
+
+def recommend_command(args: argparse.Namespace) -> None:
+    """Run ``alphafuse recommend``: the table (or JSON) on stdout, export progress on stderr."""
+    from .recommend import format_recommendations, recommend
+
+    history = [h.strip() for h in args.history.split(",") if h.strip()]
+    rows = recommend(args.run, history, args.k, method=args.method, seed=args.seed,
+                     exclude_history=args.exclude_history, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps(rows, indent=2) if args.json else format_recommendations(rows))
+
+
+def _main(name: str, add, command, argv: list[str] | None) -> int:
+    args = add(argparse.ArgumentParser(prog=f"alphafuse {name}")).parse_args(argv)
+    try:
+        command(args)
+    except AlphaFuseError as e:
+        print(f"alphafuse: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_export(argv: list[str] | None = None) -> int:
+    """``alphafuse export`` as a function: exit status 0, or 2 with a one-line error on stderr."""
+    return _main("export", add_export_arguments, export_command, argv)
+
+
+def main_recommend(argv: list[str] | None = None) -> int:
+    """``alphafuse recommend`` as a function: exit status 0, or 2 with a one-line error on stderr."""
+    return _main("recommend", add_recommend_arguments, recommend_command, argv)
