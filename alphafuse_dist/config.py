@@ -122,6 +122,13 @@ class DecomposeConfig:
     # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
     # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
     precision: Literal["auto", "float32", "float64"] = "auto"
+    # periodic retraining (issue 7): a previous run's decompose folder whose basis is reused (its
+    # mean and directions project this run's items, so old semantic coordinates and ID vectors
+    # keep their meaning); drift.json reports how well it fits the current items
+    reuse_basis: str | None = None
+    # with reuse_basis: refit the basis when the old one explains less than this share of what the
+    # current items' own top-d directions would (retrain/drift.py: should_refit); None: never refit
+    refit_threshold: float | None = None
 
 
 @dataclass
@@ -181,6 +188,14 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between sharded checkpoints (Ray Train runs)
     max_failures: int = 1  # worker failures a run survives by restarting from its last checkpoint
     timeout_s: int = 600  # process-group timeout (a hung worker fails the run after this)
+    # periodic retraining (issue 7): a previous run's train stage folder (model.safetensors +
+    # config.json) to start from; needs data.id_map (the previous prepare folder) so that item ids
+    # are stable. Rows of old items take their previous ID part, new items start with a zero ID
+    # part (their semantic vector alone), the encoder takes the previous weights.
+    warm_start: str | None = None
+    # when decompose refitted the basis: "carry" maps old ID vectors into the new null space,
+    # "reset" zeroes them (retrain/drift.py: id_vectors_after_refit)
+    warm_start_ids: Literal["carry", "reset"] = "carry"
 
 
 @dataclass
