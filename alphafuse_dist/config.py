@@ -62,6 +62,10 @@ class DataConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # cold_start_users: train/valid/test users
     split_seed: int = 2025  # cold_start_users: seeded rule assigning users to parts
     split_times: list[str] = field(default_factory=list)  # time: [t1, t2] (epoch seconds or ISO 8601)
+    # time: the training part keeps only interactions in [t1 - this many days, t1) (periodic retraining
+    # on a recent window); older ones are dropped from training but stay in valid/test histories.
+    # None: every interaction before t1
+    train_window_days: float | None = None
     # --- stable ids: a previous run's prepare folder whose id maps are kept and extended
     id_map: str | None = None
     # items that get an index: those with a kept interaction, or every item of the item table
@@ -255,12 +259,20 @@ class RunConfig:
         if (m.dim - d.null_dims) % 4 or d.null_dims % 4:
             raise ConfigError("model.dim and decompose.null_dims must be multiples of 4 (TorchRec table widths)")
         for key, value in (("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
-                           ("train.epochs", t.epochs), ("model.max_len", m.max_len),
+                           ("model.max_len", m.max_len),
                            ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks),
                            ("train.checkpoint_every", t.checkpoint_every), ("train.eval_every", t.eval_every),
                            ("model.unisrec_experts", m.unisrec_experts)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
+        for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
+            if value and not self.data.id_map:
+                raise ConfigError(f"{key} needs data.id_map (the previous run's prepare folder): without stable "
+                                  "ids, item i of this run is not item i of the previous one")
+        # 0 epochs saves the initial model: meaningful only as a warm start (the previous model as is)
+        if t.epochs < (0 if t.warm_start else 1):
+            raise ConfigError(f"train.epochs={t.epochs}: must be >= 1 (0 only with train.warm_start: the previous "
+                              "model applied to this run's catalogue)")
         if m.backbone == "bert4rec" and t.loss_positions == "last":
             raise ConfigError("train.loss_positions=last: only for causal backbones (sasrec, gru4rec); "
                               "bert4rec is trained at its masked positions (model.mask_prob)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import METHOD_INPUTS, RunConfig, section_hash
-from .errors import AlphaFuseError
+from .errors import AlphaFuseError, ConfigError
 from .stages import clean_temporaries, read_manifest, require_stage, run_stage, stage_digest
 
 Log = Callable[[str], None]
@@ -90,6 +90,15 @@ def embed_stage(cfg: RunConfig, log: Log = print) -> Path:
                      inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build, log=log)
 
 
+def _previous_digest(folder: str, key: str) -> str:
+    """The manifest digest of a previous run's finished stage folder named by config ``key``."""
+    manifest = read_manifest(Path(folder).expanduser())
+    if not manifest or "digest" not in manifest:
+        raise ConfigError(f"{key}={folder}: not a finished stage folder (no readable manifest.json); "
+                          "the previous run did not complete this stage")
+    return manifest["digest"]
+
+
 def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
     from .decompose.stage import decompose
 
@@ -111,6 +120,8 @@ def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
         return decompose(emb, cfg.decompose, cfg.model.dim, num_items, tmp, weights=weights)
 
     inputs = {"embed": stage_digest(run_dir, "embed")}
+    if cfg.decompose.reuse_basis:  # a rebuilt previous basis reruns this stage
+        inputs["reuse_basis"] = _previous_digest(cfg.decompose.reuse_basis, "decompose.reuse_basis")
     if cfg.decompose.weighted_mean:  # the weights are prepare's popularity column
         inputs["prepare"] = stage_digest(run_dir, "prepare")
     return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
@@ -134,6 +145,8 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
     if "language" in needs:
         language = str(require_stage(run_dir, "embed").resolve())
         inputs["embed"] = stage_digest(run_dir, "embed")
+    if cfg.train.warm_start:  # a retrained previous model reruns this stage
+        inputs["warm_start"] = _previous_digest(cfg.train.warm_start, "train.warm_start")
     num_items = read_manifest(prep)["rows"]["items"]
     train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items,
                                language_path=language, basis_path=basis)

@@ -39,7 +39,7 @@ from ..stages import atomic_write_json
 from .filters import filter_interactions
 from .idmap import assign_ids, read_id_map
 from .sources import load_source
-from .splits import check_fractions, parse_split_times, split
+from .splits import check_fractions, check_train_window, parse_split_times, split
 from .text import fill_missing, item_text, truncate_tokens
 
 # the Arrow schemas of docs/run-directory.md, written exactly (polars alone would write
@@ -185,6 +185,7 @@ def _check_config(cfg: DataConfig) -> None:
     # a typo in the split settings fails before the data is read
     if cfg.split == "time":
         parse_split_times(cfg.split_times)
+    check_train_window(cfg)
     if cfg.split == "cold_start_users":
         check_fractions(cfg.split_fractions)
 

@@ -21,7 +21,9 @@ Kinds:
   interaction in [t1, t2) is a valid user whose target is the first such interaction; a user with one
   at or after t2 is a test user whose target is the first such; the history is every interaction
   strictly before the target's time. Users whose history would be empty cannot be scored by a
-  sequence model and are left out (counted in the stats).
+  sequence model and are left out (counted in the stats). With ``data.train_window_days`` = W the
+  train part keeps only the interactions in [t1 - W days, t1) (a recent window, for periodic
+  retraining); the older ones are dropped from training but still count as valid / test history.
 """
 from __future__ import annotations
 
@@ -59,9 +61,11 @@ def split(seq: pl.DataFrame, users: pl.DataFrame, cfg: DataConfig, interactions_
         parts, facts = cold_start_users(seq, users, cfg.split_fractions, cfg.split_seed)
     elif cfg.split == "time":
         t1, t2 = parse_split_times(cfg.split_times)
-        parts, facts = by_time(seq, t1, t2)
+        parts, facts = by_time(seq, t1, t2, train_window_days=check_train_window(cfg))
     else:
         raise ConfigError(f"data.split={cfg.split!r}: expected leave_one_out, cold_start_users or time")
+    if cfg.split != "time":
+        check_train_window(cfg)
     for name, part in zip(("train", "valid", "test"), parts):
         if part.height == 0:
             raise DataError(f"data.split={cfg.split}: the {name} part is empty ({facts or 'no rows'}); "
@@ -158,6 +162,25 @@ def parse_split_times(values: list[str]) -> tuple[int, int]:
     return times[0], times[1]
 
 
+def check_train_window(cfg: DataConfig) -> float | None:
+    """``data.train_window_days``, checked.
+
+    Raises:
+        ConfigError: naming the key unless it is None, or a finite number of days > 0 with
+            ``data.split=time`` (the window is counted back from t1).
+    """
+    days = cfg.train_window_days
+    if days is None:
+        return None
+    if cfg.split != "time":
+        raise ConfigError(f"data.train_window_days={days}: only for data.split=time (the window is counted back "
+                          f"from t1 of data.split_times), not data.split={cfg.split}")
+    if not (math.isfinite(days) and days > 0):
+        raise ConfigError(f"data.train_window_days={days}: must be a number of days > 0 (or None: all "
+                          "interactions before t1)")
+    return float(days)
+
+
 def _iso_seconds(text: str) -> int:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
@@ -165,11 +188,23 @@ def _iso_seconds(text: str) -> int:
     return math.floor(moment.timestamp())
 
 
-def by_time(seq: pl.DataFrame, t1: int, t2: int) -> tuple[Splits, dict]:
-    """The time split; facts: t1, t2 and the held-out users left out for lack of history."""
+def by_time(seq: pl.DataFrame, t1: int, t2: int, *, train_window_days: float | None = None) -> tuple[Splits, dict]:
+    """The time split; facts: t1, t2, the training window and the held-out users left out for lack
+    of history.
+
+    Args:
+        train_window_days: keep only training interactions at or after ``t1 - days * 86400``
+            (None: all before t1). Histories of valid / test users are not cut.
+    """
     ts = pl.col("timestamp")
-    train = _sequences(seq.filter(ts < t1), "items").collect()
+    in_train = ts < t1
     facts: dict = {"t1": t1, "t2": t2, "without_history": {}}
+    if train_window_days is not None:
+        start = t1 - math.ceil(train_window_days * 86400)
+        in_train = in_train & (ts >= start)
+        facts |= {"train_window_days": train_window_days, "train_start": start,
+                  "dropped_before_window": int(seq.filter(ts < start).height)}
+    train = _sequences(seq.filter(in_train), "items").collect()
     held_out = []
     for name, window in (("valid", (ts >= t1) & (ts < t2)), ("test", ts >= t2)):
         # the first row of each user in the window: rows are in time order within a user

@@ -144,6 +144,9 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     if not files:
         raise DataError(f"no {PART_GLOB} embedding fragments; run the embed stage first", file=embed_dir)
     t0 = time.time()
+    if cfg.reuse_basis:
+        if _reuse_basis(files, cfg, dim, num_items, out_dir) is None:
+            return refit_or_reuse_info(out_dir, num_items)
     n, mean, values, vectors, total_variance = _spectrum(files, cfg, dim, weights)
     if n != num_items:
         raise DataError(f"the embeddings have {n} rows but prepare has {num_items} items; rerun the embed stage",
@@ -183,4 +186,81 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
           f"{t_spectrum:.1f}s, total {time.time() - t0:.1f}s; the d={dim} kept directions explain "
           f"{info['explained_variance_semantic']:.1%} of the variance ({info['explained_variance_row_space']:.1%} "
           f"in the first d_s={basis.semantic_dims})", flush=True)
+    if cfg.reuse_basis:  # reached only when the drift rule asked for a refit
+        info |= {"reused_basis": None, "refit": True}
     return {"rows": {"items": num_items}, **info}
+
+
+DRIFT_FILE = "drift.json"
+PREVIOUS_BASIS_DIR = "previous_basis"
+
+
+def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: int, out_dir: Path) -> dict | None:
+    """``decompose.reuse_basis``: project every item with the previous run's basis (old items keep
+    their coordinates, new ones get ``project``'s), measure drift on the items added since, and
+    refit when ``decompose.refit_threshold`` says so.
+
+    Writes ``drift.json`` either way. Without a refit it also writes the basis (a copy of the old
+    one), the semantic table and ``spectrum.json``, and returns None; with a refit it keeps the
+    old basis under ``previous_basis/`` (the train stage's warm start carries ID vectors from it)
+    and returns the drift facts, and the caller fits a new basis as usual.
+    """
+    from ..retrain.drift import basis_drift, should_refit
+    from ..stages import read_manifest
+
+    prev = Path(cfg.reuse_basis).expanduser()
+    old = NullSpaceBasis.load(prev)
+    if (old.dim, old.null_dims) != (dim, cfg.null_dims):
+        raise ConfigError(f"decompose.reuse_basis={prev}: that basis has d={old.dim}, d_n={old.null_dims}; this "
+                          f"run has model.dim={dim}, decompose.null_dims={cfg.null_dims}")
+    try:
+        old_items = int(read_manifest(prev)["rows"]["items"])
+    except (KeyError, TypeError, ValueError, OSError):
+        raise DataError("decompose.reuse_basis: not a finished decompose stage (no manifest with rows.items)",
+                        file=prev / "manifest.json") from None
+    if old_items > num_items:
+        raise DataError(f"decompose.reuse_basis: the previous run has {old_items} items, this one {num_items}; ids "
+                        "must be stable (data.id_map = the previous run's prepare folder)", file=prev)
+    # the items added since the previous run (stable ids append them after the old ones)
+    new_rows = [X[idx >= old_items] for f in files for idx, X in iter_fragment(f)]
+    added = np.concatenate(new_rows) if new_rows else np.zeros((0, old.d_l), np.float32)
+    facts: dict = {"previous": str(prev), "previous_items": old_items, "items": num_items,
+                   "new_items": int(len(added)), "refit_threshold": cfg.refit_threshold}
+    if len(added) >= 2:
+        report = basis_drift(old, added)
+        facts["drift"] = report.to_dict()
+        if cfg.refit_threshold is not None:
+            refit, reason = should_refit(report, cfg.refit_threshold)
+        else:
+            refit, reason = False, "decompose.refit_threshold is not set: the basis is always reused"
+    else:
+        refit, reason = False, f"{len(added)} new items: too few to measure drift"
+    facts |= {"refit": bool(refit), "reason": reason}
+    atomic_write_json(out_dir / DRIFT_FILE, facts)
+    print(f"[decompose] reuse basis of {prev}: {facts['new_items']} new items, "
+          + (f"old basis explains {facts['drift']['explained_ratio_old_mean']:.1%} of their best d-dim share; "
+             if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason, flush=True)
+    if refit:
+        old.save(out_dir / PREVIOUS_BASIS_DIR)
+        return facts
+    old.save(out_dir)
+    save_file({SEMANTIC_TENSOR: semantic_table(files, old, num_items)}, str(out_dir / SEMANTIC_FILE))
+    explained = old.explained_variance()
+    atomic_write_json(out_dir / SPECTRUM_FILE, {
+        "d_semantic": old.semantic_dims, "reused_from": str(prev), "whiten": old.whiten, "scale": old.scale,
+        "items": num_items, "total_variance": old.total_variance, "eigenvalues": old.eigenvalues.tolist(),
+        "cumulative_explained_variance": explained.tolist(), "d_l": old.d_l, "d": dim, "d_null": old.null_dims,
+        "explained_variance_semantic": float(explained[dim - 1]),
+        "explained_variance_row_space": float(explained[old.semantic_dims - 1]),
+    })
+    plot_spectrum(old, out_dir / SPECTRUM_PLOT)
+    return None
+
+
+def refit_or_reuse_info(out_dir: Path, num_items: int) -> dict:
+    """The stage manifest facts of a run that reused the previous basis."""
+    import json
+
+    drift = json.loads((Path(out_dir) / DRIFT_FILE).read_text())
+    return {"rows": {"items": num_items}, "reused_basis": drift["previous"], "refit": False,
+            "new_items": drift["new_items"]}

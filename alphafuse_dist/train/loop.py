@@ -175,6 +175,13 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
 
         basis = NullSpaceBasis.load(Path(inputs.basis_path))
     model = build_model(cfg, N, semantic, device, language=language, basis=basis)
+    if t.warm_start:
+        from .warm_start import apply_warm_start
+
+        facts = apply_warm_start(cfg, model.items, model.encoder, semantic_path=inputs.semantic_path)
+        if rank == 0:
+            log(f"[train] warm start from {facts['previous']}: {facts['previous_items']} of {facts['items']} items "
+                f"keep their ID rows ({facts['ids']}), the rest start fresh; encoder weights loaded")
     net = model
     if t.backend == "torchrec":
         if world == 1 and not dist.is_initialized():
@@ -301,6 +308,10 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
             if rank == 0:
                 log(f"[train] early stop: no validation gain for {t.patience} evaluations (best epoch {best.best_epoch})")
             break
+    if best.item_table is None:  # no epoch ran (train.epochs=0, e.g. a warm start applied as is)
+        best.best_epoch = 0
+        best.item_table = net.items.full_table().cpu().clone()
+        best.encoder_state = {k: v.detach().cpu().clone() for k, v in net.encoder.state_dict().items()}
     best.history = history
     return best
 
