@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from alphafuse_dist.evaluate.metrics import (full_ranking_topk, merge_topk, metrics_by_group, sample_negatives,
-                                             sampled_ranks, sharded_topk, target_ranks)
+                                             sampled_ranks, sharded_target_ranks, sharded_topk, target_ranks)
 
 
 def test_merge_topk_hand_computed_keeps_the_id_tie_rule():
@@ -46,6 +46,81 @@ def test_sharded_topk_equals_single_process_exactly(tmp_path, world):
     for rank in range(world):
         scores, ids = torch.load(f"{tmp_path / 'out'}.{rank}")
         assert torch.equal(ids, expected[1]) and torch.equal(scores, expected[0])
+
+
+def _ranks_worker(rank, world, store_path, states, table, targets, out):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        bounds = np.linspace(0, len(table), world + 1).astype(int)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        ranks = sharded_target_ranks(states, table[lo:hi], int(lo), targets, table[targets], similarity="cosine",
+                                     item_chunk=4)
+        torch.save(ranks, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_target_ranks_equal_single_process_exactly(tmp_path, world):
+    gen = torch.Generator().manual_seed(10 + world)
+    table = torch.randint(-2, 3, (29, 4), generator=gen).float()  # many exact ties across shards
+    table[5] = table[20]  # a target's exact duplicate in another shard
+    states = torch.randint(-2, 3, (11, 4), generator=gen).float()
+    targets = torch.randint(0, 29, (11,), generator=gen)
+    targets[0], targets[1] = 5, 20
+    expected = target_ranks(states, table, targets, similarity="cosine", item_chunk=3)
+    mp.start_processes(_ranks_worker, args=(world, str(tmp_path / "store"), states, table, targets,
+                                            str(tmp_path / "out")), nprocs=world, start_method="spawn")
+    for rank in range(world):
+        assert torch.equal(torch.load(f"{tmp_path / 'out'}.{rank}"), expected)
+    assert expected[0] != expected[1]  # the duplicates' ranks differ by the id rule, not at random
+
+
+def _tiny_model():
+    from alphafuse_dist.config import load_config
+    from alphafuse_dist.train.loop import build_model
+
+    cfg = load_config("quickstart", ["method=sasrec_id", "model.dim=8", "decompose.null_dims=4", "model.max_len=5",
+                                     "train.backend=torch", "model.dropout=0.0"])
+    net = build_model(cfg, 23, None, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    hist = torch.randint(0, 24, (10, 5), generator=gen).numpy()  # id 23 = padding
+    hist[:, -1] = torch.randint(0, 23, (10,), generator=gen).numpy()
+    targets = torch.randint(0, 23, (10,), generator=gen).numpy()
+    return net, hist, targets
+
+
+def _validate_worker(rank, world, store_path, out):
+    from alphafuse_dist.train.loop import validate
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        net, hist, targets = _tiny_model()
+        torch.save(validate(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3),
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_over_row_shards_equals_one_process(tmp_path, world):
+    """The training loop's validation: each worker holds a row range of the table and a share of
+    the users (10 users, 23 items: uneven on 3 workers); the metrics equal one process's."""
+    from alphafuse_dist.evaluate.metrics import metrics_from_ranks
+    from alphafuse_dist.train.loop import validate
+
+    net, hist, targets = _tiny_model()
+    single = validate(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3)
+    with torch.no_grad():  # and one process equals the plain whole-table kernel
+        net.eval()
+        table = net.normalize(net.items.full_table())
+        states = net.normalize(net.user_states(torch.as_tensor(hist), table))
+        direct = metrics_from_ranks(target_ranks(states, table, torch.as_tensor(targets)), (1, 5, 10))
+    assert single == direct and single["users"] == 10
+    mp.start_processes(_validate_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "out")),
+                       nprocs=world, start_method="spawn")
+    for rank in range(world):
+        assert torch.load(f"{tmp_path / 'out'}.{rank}") == single
 
 
 def test_sampled_negatives_avoid_history_and_target_and_are_reproducible():

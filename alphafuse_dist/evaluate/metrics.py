@@ -82,6 +82,53 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
     return ranks
 
 
+def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: int, targets: Tensor,
+                         target_rows: Tensor, *, similarity: Similarity = "dot", item_chunk: int = 65_536,
+                         group=None) -> Tensor:
+    """:func:`target_ranks` over an item table split by rows across the ranks of a process group:
+    each rank counts the items of its own rows that rank ahead of each user's target, and the
+    counts are summed (one ``all_reduce``).
+
+    Every rank passes the same ``user_states``, ``targets`` and ``target_rows`` and gets the same
+    ranks, equal to :func:`target_ranks` on the whole table (the target's score comes from its own
+    row, computed exactly as there; the target never counts itself, since it lies in one shard
+    and is blocked there as in the single-table case).
+
+    Args:
+        local_rows: ``[n_r, d]`` this rank's rows, items ``row_offset .. row_offset + n_r - 1``
+            (may be empty).
+        targets: ``[U]`` long global item ids.
+        target_rows: ``[U, d]`` the targets' rows of the whole table (``table[targets]``).
+        group: the ``torch.distributed`` process group (None: the default group; without an
+            initialised process group the local counts are returned, i.e. one shard).
+    """
+    import torch.distributed as dist
+
+    num_users = user_states.shape[0]
+    if targets.shape != (num_users,) or targets.dtype != torch.long:
+        raise ValueError(f"targets: expected a long tensor of shape [{num_users}], "
+                         f"got {targets.dtype} of shape {list(targets.shape)}")
+    if target_rows.shape != user_states.shape:
+        raise ValueError(f"target_rows: expected shape {list(user_states.shape)}, got {list(target_rows.shape)}")
+    device = user_states.device
+    users = _prepare(user_states, similarity)
+    ranks = torch.zeros(num_users, dtype=torch.long, device=device)
+    if local_rows.shape[0]:
+        _check_inputs(user_states, local_rows, item_chunk)
+        target_scores = (users * _prepare(target_rows.to(device), similarity)).sum(dim=1).float().unsqueeze(1)
+        local_targets = targets.to(device) - row_offset  # outside 0..n_r-1 when the target is another shard's
+        blocked = _pairs_by_item(None, num_users, local_rows.shape[0], device, targets=local_targets)
+        for start, end, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
+            ids = torch.arange(start, end, device=device)
+            ahead = (scores > target_scores) | ((scores == target_scores) & (ids < local_targets.unsqueeze(1)))
+            rows, cols = _pairs_in(blocked, start, end)
+            ahead[rows, cols] = False
+            ranks += ahead.sum(dim=1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ranks, group=group)
+    return ranks
+
+
 def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, similarity: Similarity = "dot",
                       item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None,
                       score_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:

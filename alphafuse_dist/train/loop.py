@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..config import METHOD_INPUTS, RunConfig
-from ..evaluate.metrics import metrics_from_ranks, target_ranks
+from ..evaluate.metrics import metrics_from_ranks, sharded_target_ranks
 from ..model.methods import build_item_module
 from ..model.backbones import build_encoder, draw_cloze_mask
 from ..model.losses import expected_count_log_q
@@ -100,22 +100,56 @@ def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, d
 
 
 @torch.no_grad()
-def validate(net: SequentialRecommender, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int) -> dict:
-    """Full-ranking metrics of this worker's share of users, summed over workers."""
+def validate(net: SequentialRecommender, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int,
+             user_batch: int = 1024) -> dict:
+    """Full-ranking metrics of all validation users, over row shards of the item table.
+
+    Each worker builds the fused rows of its own item range only (``N / world`` rows, never the
+    whole table) and the user states of its share of users; the states are all-gathered, every
+    worker counts, for every user, the items of its range that rank ahead of the target
+    (``sharded_target_ranks``), and the counts are summed. The ranks equal single-process
+    ``target_ranks`` on the whole table exactly.
+
+    Lookups through the item module are collectives with TorchRec, so every worker makes the same
+    number of them (a worker with less work looks up an empty id list).
+    """
     rank, world = _world()
     net.eval()
-    table = net.items.full_table()  # a collective with TorchRec: all workers call it
-    mine = slice(rank, None, world)
-    h, y = torch.as_tensor(hist[mine], device=device), torch.as_tensor(targets[mine], device=device)
-    ranks = [target_ranks(net.normalize(net.user_states(h[s:s + 1024], table)), net.normalize(table),
-                          y[s:s + 1024], item_chunk=item_chunk) for s in range(0, len(h), 1024)]
+    items = net.items
+    n_items, num_users = items.num_items, len(targets)
+    lo, hi = n_items * rank // world, n_items * (rank + 1) // world
+    widest = -(-n_items // world)
+    parts = []
+    for c in range(-(-widest // item_chunk)):
+        s = min(lo + c * item_chunk, hi)
+        parts.append(items(torch.arange(s, min(s + item_chunk, hi), device=device)))
+    local_rows = net.normalize(torch.cat(parts)) if parts else torch.empty(0, items.dim, device=device)
+
+    # user states: this worker's share (users rank, rank + world, ...), then gathered in user order
+    mine = np.arange(rank, num_users, world)
+    share = -(-num_users // world)
+    states = torch.zeros(share, items.dim, device=device)
+    for b in range(-(-share // user_batch)):
+        sel = mine[b * user_batch:(b + 1) * user_batch]
+        if len(sel):
+            h = torch.as_tensor(hist[sel], device=device)
+            states[b * user_batch: b * user_batch + len(sel)] = net.normalize(net.user_states(h)).float()
+        else:
+            items(torch.empty(0, dtype=torch.long, device=device))  # the collective lookup of an empty batch
+    if world > 1:
+        gathered = [torch.empty_like(states) for _ in range(world)]
+        dist.all_gather(gathered, states)
+        states = torch.stack(gathered, dim=1).reshape(-1, items.dim)[:num_users]  # row r*world + w = user
+    y = torch.as_tensor(targets, device=device)
+    ranks = []
+    for s in range(0, num_users, user_batch):
+        t = y[s:s + user_batch]
+        ranks.append(sharded_target_ranks(states[s:s + user_batch], local_rows, lo, t,
+                                          net.normalize(items(t)).float(), item_chunk=item_chunk))
     ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
-    local = metrics_from_ranks(ranks.cpu(), ks)
-    n = local.pop("users")
-    keys = sorted(local)
-    sums = _all_reduce_sum(torch.tensor([n] + [local[k] * n for k in keys], dtype=torch.float64))
     net.train()
-    return {k: float(v / max(sums[0].item(), 1)) for k, v in zip(keys, sums[1:])} | {"users": int(sums[0])}
+    out = metrics_from_ranks(ranks.cpu(), ks)
+    return out | {"users": int(out.pop("users"))}
 
 
 def sampling_probs(cfg: RunConfig, train_parquet: Path, num_items: int) -> torch.Tensor | None:
@@ -275,7 +309,7 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
                "seq_per_s": round(steps * t.batch_size / (time.time() - t0), 1)}
         improved = False
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            val = validate(net, val_hist, val_tgt, cfg.eval.ks, device, cfg.eval.item_chunk)
+            val = validate(net, val_hist, val_tgt, cfg.eval.ks, device, cfg.eval.item_chunk, cfg.eval.user_batch)
             row |= {f"val_{k}": v for k, v in val.items() if k != "users"}
             metric = val["NDCG@10"] if "NDCG@10" in val else val[f"NDCG@{cfg.eval.ks[0]}"]
             if metric > best.best_metric:
