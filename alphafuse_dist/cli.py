@@ -5,6 +5,8 @@
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
     alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving
     alphafuse recommend --run DIR --history id1,id2,... [--k 10] [--exclude-history] [--json]
+    alphafuse retrain --previous REGISTRY|RUN [--interactions F] [--items F] [--tolerance X] [key=value ...]
+                                                         next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
 
@@ -55,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     add_export_arguments(sub.add_parser("export", help="export a trained model for serving: item vectors, "
                                                       "TorchScript user encoder, model card"))
     add_recommend_arguments(sub.add_parser("recommend", help="top-k items with titles for a history of item ids"))
+    from .retrain.job import add_retrain_arguments
+
+    add_retrain_arguments(sub.add_parser("retrain", help="the next period's model from the previous run: warm "
+                                         "start, compared with the previous model on the newest period, "
+                                         "registered, promoted only if not worse"))
     return p
 
 
@@ -145,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import recommend_command
 
             recommend_command(args)
+        elif args.command == "retrain":
+            from .retrain.job import retrain_command
+
+            retrain_command(args)
         elif args.command == "run":
             from .evaluate.stage import format_table
             from .pipeline import run_pipeline

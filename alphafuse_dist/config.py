@@ -300,10 +300,21 @@ class RunConfig:
         return self
 
 
+# keys added after run directories existed: left out of a section's hash while they hold these
+# defaults, so that stages written before the key existed stay up to date
+_LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None, "warm_start_ids": "carry",
+               "train_window_days": None}
+
+
 def section_hash(*parts: Any) -> str:
     """A stable short hash of config sections (dataclasses or plain values), for manifests."""
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=str)
+    def body(p):
+        if not dataclasses.is_dataclass(p):
+            return p
+        d = dataclasses.asdict(p)
+        return {k: v for k, v in d.items() if not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
+
+    blob = json.dumps([body(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

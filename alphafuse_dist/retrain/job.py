@@ -48,7 +48,11 @@ What it does, in order (nothing in the registry changes before step 5, and ``LAT
    decision is also written to ``<run>/promotion.json``.
 
 Every input error is an :class:`~..errors.AlphaFuseError` (one line), raised before the registry
-or ``LATEST`` is written; the previous run is only read.
+or ``LATEST`` is written; the previous run is only read. A period already registered is rerun only
+with the same inputs and settings (a :class:`ConfigError` otherwise, before any stage runs: its
+files may be served); given a registry as ``previous``, such a rerun starts from the previous run
+it recorded, not from ``LATEST`` (which may be the period itself), so rerunning a finished job is a
+no-op.
 """
 from __future__ import annotations
 
@@ -331,8 +335,8 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
         train_dir, prev_config = _check_previous(prev_dir, method_o, seed_o)
         return train_dir, prev_config, _previous_end(prev_dir, prev_config, registry)
 
-    def period_config(prev_dir: Path | None, prev_config: dict | None):
-        """(the config with the new data paths, for reading the inputs)."""
+    def period_config(prev_config: dict | None):
+        """The base config with the new data paths and data overrides, for reading the inputs."""
         cfg = _base_config(prev_config, config)
         data: dict = {}
         if interactions is not None:
@@ -345,7 +349,7 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
     # 1. the previous run, the inputs, the period
     prev_dir = resolve_previous(previous) if previous is not None else None
     train_dir, prev_config, prev_end = load_previous(prev_dir)
-    data_cfg = period_config(prev_dir, prev_config)
+    data_cfg = period_config(prev_config)
     first_ts, last_ts = _read_inputs(data_cfg, prev_dir)
     end = _seconds(period_end, "period_end") if period_end is not None else last_ts + 1
     if end <= last_ts:
@@ -359,12 +363,16 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
     if rid in registry and by_pointer:
         recorded = registry.get(rid)
         recorded_prev = recorded.extra.get("previous_dir")
-        if (str(prev_dir) if prev_dir else None) != recorded_prev:
+        if recorded_prev is None:
+            raise DataError(f"the time window goes backwards: the new data ends at {_iso(end)}, where the registered "
+                            f"first period {rid!r} ends; pass newer interactions (or rerun that first period with "
+                            "its own command, without a previous run)", file=registry.file)
+        if str(prev_dir) != recorded_prev:
             log(f"[retrain] period {rid} is already registered: rerunning it from its recorded previous run "
                 f"{recorded_prev}")
             prev_dir = Path(recorded_prev) if recorded_prev else None
             train_dir, prev_config, prev_end = load_previous(prev_dir)
-            data_cfg = period_config(prev_dir, prev_config)
+            data_cfg = period_config(prev_config)
     parent = None
     if prev_dir is not None:
         parent = next((e.run_id for e in registry.runs() if e.run_dir == prev_dir), prev_dir.name)
@@ -441,6 +449,13 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
         f"{_iso(end)}); previous run: {prev_dir or 'none (full train)'}; run dir {run_dir}")
 
     from ..stages import atomic_write_json
+
+    if rid in registry:  # a registered run is only rerun as it was: its files may be served
+        trained = _read_json(run_dir / train_stage_name(cfg) / "config.json")
+        strip = lambda d: {k: v for k, v in (d or {}).items() if k != "ray"}  # noqa: E731
+        if _read_json(run_dir / RETRAIN_FILE) != plan or strip(trained) != strip(cfg.to_dict()):
+            raise ConfigError(f"retrain: period {rid} is already registered ({run_dir}) with other inputs or "
+                              "settings; rerun it with the same ones, or pass another run_id for a new run")
 
     with _period_lock(run_dir):
         # 4. the candidate, then the incumbent on the same prepared data
