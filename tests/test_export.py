@@ -232,6 +232,12 @@ def test_retired_items_are_not_exported_nor_recommended(run):
     # a retired item in the history is a valid input, and still never comes back
     top = recommend(run_dir, H0 + sorted(retired), k=5, seed=1, log=_quiet)
     assert len(top) == 5 and not {r["item_id"] for r in top} & retired
+    # configurable: serve them too (a separate export folder; the default export is untouched)
+    served = export_run(run_dir, "alphafuse", 1, tmp_out := run_dir / "export-with-retired", serve_retired=True,
+                        log=_quiet)
+    assert set(pq.read_table(served / "items.parquet").column("item_id").to_pylist()) == set(index)
+    assert pq.read_table(served / "retired_items.parquet").num_rows == 0 and tmp_out == served
+    assert recommend(served, H0, k=1, log=_quiet)[0]["item_id"] == ids_by_idx[int(library.argmax())]
 
 
 def test_recommend_top_k_titles_determinism_and_errors(run):

@@ -55,6 +55,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--to", default=None, help="export folder (default <run>/export-<method>-s<seed>)")
     p.add_argument("--force", action="store_true", help="export again even if the export is up to date")
+    p.add_argument("--serve-retired", action="store_true",
+                   help="also serve items that left the catalogue (default: history inputs only)")
     return p
 
 
@@ -75,6 +77,7 @@ def export_command(args: argparse.Namespace) -> None:
     from .export import export_run
 
     out = export_run(args.run, args.method, args.seed, args.to, force=args.force,
+                     serve_retired=args.serve_retired,
                      log=lambda s: print(s, file=sys.stderr))
     print(out)
 

@@ -137,7 +137,8 @@ class ServingEncoder(nn.Module):
 
 
 def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None = None,
-               out_dir: str | Path | None = None, *, force: bool = False, log: Log = print) -> Path:
+               out_dir: str | Path | None = None, *, force: bool = False, serve_retired: bool = False,
+               log: Log = print) -> Path:
     """Export the model ``train-<method>-s<seed>`` of ``run_dir`` for serving; returns the folder.
 
     Args:
@@ -147,6 +148,8 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
         out_dir: where to write (default ``<run_dir>/export-<method>-s<seed>``); it is replaced
             only once the new export is complete.
         force: export again even when the existing export's manifest matches its inputs.
+        serve_retired: also serve the items that left the catalogue (prepare's ``retired``);
+            by default they are kept as history inputs only (``retired_items.parquet``).
         log: progress lines.
 
     Raises:
@@ -161,8 +164,10 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
         manifest = read_manifest(run_dir / name)
         if manifest is not None:
             inputs[name] = manifest.get("digest")
-    return run_stage(out.parent, out.name, config_hash=section_hash("export", EXPORT_FORMAT, method, seed),
-                     inputs=inputs, build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, log),
+    return run_stage(out.parent, out.name, config_hash=section_hash("export", EXPORT_FORMAT, method, seed,
+                                                                  *(["serve_retired"] if serve_retired else [])),
+                     inputs=inputs,
+                     build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, log, serve_retired),
                      force=force, log=log)
 
 
@@ -346,7 +351,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, seed: int, log: Log) -> dict:
+def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, seed: int, log: Log,
+           serve_retired: bool = False) -> dict:
     t0 = time.time()
     cfg = load_train_config(train_dir)
     table, encoder = _load_model(train_dir / "model.safetensors", cfg)
@@ -358,6 +364,8 @@ def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, s
     raw_inputs = cosine and not getattr(encoder, "normalize_inputs", True)
     inputs = table if raw_inputs else vectors
     retired = items.column("retired").to_numpy(zero_copy_only=False).astype(bool)
+    if serve_retired:
+        retired = np.zeros_like(retired)
     servable_rows, retired_rows = np.flatnonzero(~retired), np.flatnonzero(retired)
     if not len(servable_rows):
         raise DataError("every item is retired: nothing to serve", file=prep / "items.parquet", column="retired")
