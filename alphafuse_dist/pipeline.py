@@ -13,7 +13,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -23,7 +22,7 @@ from typing import Callable
 
 from .config import METHOD_INPUTS, RunConfig, section_hash
 from .errors import AlphaFuseError, ConfigError
-from .stages import clean_temporaries, read_manifest, require_stage, run_stage, stage_digest
+from .stages import clean_temporaries, exclusive_lock, read_manifest, require_stage, run_stage, stage_digest
 
 Log = Callable[[str], None]
 
@@ -179,22 +178,11 @@ def evaluate_stage(cfg: RunConfig, log: Log = print) -> Path:
 STAGES = ("prepare", "embed", "decompose", "train", "evaluate")
 
 
-@contextlib.contextmanager
 def _run_dir_lock(run_dir: Path):
     """One pipeline per run directory at a time: a second one would delete the first one's
     temporary stage folders as leftovers."""
-    import fcntl
-
-    with open(run_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlphaFuseError(f"run_dir {run_dir}: another alphafuse run is using it; wait for it "
-                                 "or choose another run_dir") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return exclusive_lock(run_dir / ".lock", f"run_dir {run_dir}: another alphafuse run is using it; wait for it "
+                                             "or choose another run_dir")
 
 
 def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, log: Log = print) -> dict:

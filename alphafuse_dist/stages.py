@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -150,3 +151,20 @@ def _outputs_digest(folder: Path) -> str:
         if st.st_size <= 16 << 20:
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str):
+    """Hold an advisory ``flock`` on ``path`` for the block; ``AlphaFuseError(busy)`` at once if
+    another process holds it (the lock goes with the process, so a killed holder frees it)."""
+    import fcntl
+
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlphaFuseError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -57,7 +57,6 @@ no-op.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -116,22 +115,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-@contextlib.contextmanager
 def _period_lock(run_dir: Path):
     """One retrain of a period at a time (the candidate, the incumbent and the registration)."""
-    import fcntl
+    from ..stages import exclusive_lock
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".retrain.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlphaFuseError(f"retrain: another retrain of this period is running in {run_dir}; wait for "
-                                 "it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return exclusive_lock(run_dir / ".retrain.lock",
+                          f"retrain: another retrain of this period is running in {run_dir}; wait for it to finish")
 
 
 # ----------------------------------------------------------------------------- the previous run
