@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from alphafuse_dist import __version__
+from alphafuse_dist import __version__, cli
 from alphafuse_dist.config import load_config
 from alphafuse_dist.errors import AlphaFuseError, ConfigError, DataError
 from alphafuse_dist.evaluate.stage import load_model
 from alphafuse_dist.model.backbones import build_encoder
 from alphafuse_dist.model.sasrec import user_states_from_table
 from alphafuse_dist.serve import export as export_mod
-from alphafuse_dist.serve import main_export, main_recommend
 from alphafuse_dist.serve.export import export_run
 from alphafuse_dist.serve.recommend import Recommender, recommend
 from alphafuse_dist.stages import read_manifest, run_stage
@@ -319,13 +318,13 @@ def test_failed_export_leaves_the_previous_one_intact(run, monkeypatch, tmp_path
 
 def test_cli_helpers(run, tmp_path, capsys):
     run_dir, _, _ = run
-    assert main_export(["--run", str(run_dir), "--seed", "1", "--to", str(tmp_path / "exp")]) == 0
+    assert cli.main(["export", "--run", str(run_dir), "--seed", "1", "--to", str(tmp_path / "exp")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "exp")
-    assert main_recommend(["--run", str(tmp_path / "exp"), "--history", " m3, m4,m5 ", "--k", "3"]) == 0
+    assert cli.main(["recommend", "--run", str(tmp_path / "exp"), "--history", " m3, m4,m5 ", "--k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["rank", "item_id", "score", "title"] and len(lines) == 5
     assert lines[2].split()[0] == "1" and "Item" in lines[2]
-    assert main_recommend(["--run", str(run_dir), "--seed", "1", "--history", "m3,zz9", "--json"]) == 2
+    assert cli.main(["recommend", "--run", str(run_dir), "--seed", "1", "--history", "m3,zz9", "--json"]) == 2
     assert "'zz9'" in capsys.readouterr().err
-    assert main_export(["--run", str(tmp_path / "missing")]) == 2
+    assert cli.main(["export", "--run", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err

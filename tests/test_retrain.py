@@ -21,7 +21,7 @@ import pytest
 
 from alphafuse_dist.errors import AlphaFuseError, DataError
 from alphafuse_dist.retrain import Registry, decide_promotion
-from alphafuse_dist.retrain.job import main_retrain, period_run_id, retrain
+from alphafuse_dist.retrain.job import period_run_id, retrain
 from alphafuse_dist.stages import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,7 +255,9 @@ def test_bad_input_is_a_clear_error_and_leaves_latest(world, tmp_path, case):
 def test_cli_reports_bad_input_in_one_line(world, capsys):
     root = world["root"]
     state = _state(root)
-    assert main_retrain(["--previous", str(root), "--interactions", str(world["files"][0])]) == 2
+    from alphafuse_dist import cli
+
+    assert cli.main(["retrain", "--previous", str(root), "--interactions", str(world["files"][0])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("alphafuse: error: ") and "goes backwards" in err[-1]
     assert _state(root) == state

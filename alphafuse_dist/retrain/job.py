@@ -79,7 +79,7 @@ RUNS_DIR = "runs"
 CACHE_DIR = "embed-cache"
 SHARED_STAGES = ("prepare", "embed", "decompose")
 
-__all__ = ["DEFAULT_METRIC", "add_retrain_arguments", "main_retrain", "retrain", "retrain_command"]
+__all__ = ["DEFAULT_METRIC", "add_retrain_arguments", "retrain", "retrain_command"]
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -591,15 +591,3 @@ def format_result(out: dict) -> str:
 def retrain_command(args: argparse.Namespace) -> None:
     """Run ``alphafuse retrain``: progress on stderr, the decision and the registry path on stdout."""
     print(format_result(run_from_args(args)))
-
-
-def main_retrain(argv: list[str] | None = None) -> int:
-    """``alphafuse retrain`` as a function: exit status 0, or 2 with a one-line error on stderr."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = add_retrain_arguments(argparse.ArgumentParser(prog="alphafuse retrain")).parse_args(argv)
-    try:
-        retrain_command(args)
-    except AlphaFuseError as e:
-        print(f"alphafuse: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 
-from ..errors import AlphaFuseError
 
 __all__ = [
     "Recommender",
@@ -25,8 +24,6 @@ __all__ = [
     "add_recommend_arguments",
     "export_command",
     "export_run",
-    "main_export",
-    "main_recommend",
     "recommend",
     "recommend_command",
 ]
@@ -90,23 +87,3 @@ def recommend_command(args: argparse.Namespace) -> None:
     rows = recommend(args.run, history, args.k, method=args.method, seed=args.seed,
                      exclude_history=args.exclude_history, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(rows, indent=2) if args.json else format_recommendations(rows))
-
-
-def _main(name: str, add, command, argv: list[str] | None) -> int:
-    args = add(argparse.ArgumentParser(prog=f"alphafuse {name}")).parse_args(argv)
-    try:
-        command(args)
-    except AlphaFuseError as e:
-        print(f"alphafuse: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main_export(argv: list[str] | None = None) -> int:
-    """``alphafuse export`` as a function: exit status 0, or 2 with a one-line error on stderr."""
-    return _main("export", add_export_arguments, export_command, argv)
-
-
-def main_recommend(argv: list[str] | None = None) -> int:
-    """``alphafuse recommend`` as a function: exit status 0, or 2 with a one-line error on stderr."""
-    return _main("recommend", add_recommend_arguments, recommend_command, argv)
