@@ -200,6 +200,13 @@ class TrainConfig:
     # when decompose refitted the basis: "carry" maps old ID vectors into the new null space,
     # "reset" zeroes them (retrain/drift.py: id_vectors_after_refit)
     warm_start_ids: Literal["carry", "reset"] = "carry"
+    # items with no training interaction (new items of a retraining period, cold catalogue items):
+    # "trained" keeps their ID rows as training left them (zero at a warm start, pushed away from
+    # every user by the negatives otherwise); "neighbours" (alphafuse) sets, after training, their ID
+    # part to the popularity-weighted mean ID part of their train.cold_neighbours nearest trained
+    # items by semantic cosine (train/cold_items.py)
+    cold_items: Literal["trained", "neighbours"] = "trained"
+    cold_neighbours: int = 10
 
 
 @dataclass
@@ -262,13 +269,16 @@ class RunConfig:
                            ("model.max_len", m.max_len),
                            ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks),
                            ("train.checkpoint_every", t.checkpoint_every), ("train.eval_every", t.eval_every),
-                           ("model.unisrec_experts", m.unisrec_experts)):
+                           ("model.unisrec_experts", m.unisrec_experts), ("train.cold_neighbours", t.cold_neighbours)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
         for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
             if value and not self.data.id_map:
                 raise ConfigError(f"{key} needs data.id_map (the previous run's prepare folder): without stable "
                                   "ids, item i of this run is not item i of the previous one")
+        if t.cold_items == "neighbours" and self.method != "alphafuse":
+            raise ConfigError(f"train.cold_items=neighbours: only for method=alphafuse (its ID parts live beside a "
+                              f"frozen semantic table), not method={self.method}")
         # 0 epochs saves the initial model: meaningful only as a warm start (the previous model as is)
         if t.epochs < (0 if t.warm_start else 1):
             raise ConfigError(f"train.epochs={t.epochs}: must be >= 1 (0 only with train.warm_start: the previous "
@@ -303,6 +313,7 @@ class RunConfig:
 # keys added after run directories existed: left out of a section's hash while they hold these
 # defaults, so that stages written before the key existed stay up to date
 _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None, "warm_start_ids": "carry",
+               "cold_items": "trained", "cold_neighbours": 10,
                "train_window_days": None}
 
 

@@ -158,3 +158,71 @@ def test_refit_carries_id_vectors_into_the_new_null_space(tmp_path):
         np.testing.assert_allclose(items.ids.weight[:n_old].detach().numpy(), expect, atol=1e-5)
         assert torch.equal(items.ids.weight[n_old:].detach(), torch.zeros(n - n_old, d_n))
     assert np.abs(carry_id_vectors(old_b, new_b, ids_old.numpy())).max() > 0.1  # the carried rows are not zero
+
+
+def _knn_fill(table, semantic, counts, id_dim, k, injection):
+    """Direct numpy construction of train/cold_items.py's rule, item by item."""
+    table, semantic = table.astype(np.float64), semantic.astype(np.float64)
+    s = table.shape[1] - id_dim
+    ids = table[:, s:] - (semantic[:, s:] if injection == "add" else 0)
+    warm = np.flatnonzero(counts > 0)
+    unit = semantic[:, :s] / np.linalg.norm(semantic[:, :s], axis=1, keepdims=True)
+    out = table.copy()
+    for c in np.flatnonzero(counts == 0):
+        near = warm[np.argsort(-(unit[warm] @ unit[c]), kind="stable")[:k]]
+        w = counts[near] / counts[near].sum()
+        out[c, s:] = w @ ids[near] + (semantic[c, s:] if injection == "add" else 0)
+    return out
+
+
+@pytest.mark.parametrize("injection", ["add", "cover"])
+def test_fill_cold_items_matches_a_direct_construction(injection):
+    from alphafuse_dist.train.cold_items import fill_cold_items
+
+    rng = np.random.default_rng(3)
+    n, d, d_n = 300, 12, 5
+    semantic = rng.normal(size=(n, d)).astype(np.float32)
+    table = semantic + np.concatenate([np.zeros((n, d - d_n)), rng.normal(size=(n, d_n))], 1).astype(np.float32)
+    if injection == "cover":
+        table[:, d - d_n:] = rng.normal(size=(n, d_n))
+    counts = rng.integers(0, 5, size=n)
+    counts[:200:3] = 0
+    got, n_cold = fill_cold_items(torch.from_numpy(table), torch.from_numpy(semantic), torch.from_numpy(counts),
+                                  id_dim=d_n, k=7, injection=injection)
+    assert n_cold == int((counts == 0).sum()) > 60
+    np.testing.assert_allclose(got.numpy(), _knn_fill(table, semantic, counts, d_n, 7, injection), atol=1e-5)
+    assert torch.equal(got[counts > 0], torch.from_numpy(table)[counts > 0])  # trained rows untouched
+    with pytest.raises(ValueError, match="same items"):
+        fill_cold_items(torch.from_numpy(table), torch.from_numpy(semantic[:-1]), torch.from_numpy(counts),
+                        id_dim=d_n, k=7)
+
+
+def test_cold_items_neighbours_fills_never_trained_rows_after_a_warm_start(two_periods):
+    """Period 3 brings 6 items that occur only as test targets (the last item of 6 new users): with
+    train.cold_items=neighbours their ID part is the popularity-weighted mean of their nearest
+    trained items'; every other row is the warm start's."""
+    import polars as pl
+
+    root, _ = two_periods
+    d3 = root / "d3"
+    _write_period(d3, 40, seed=2)
+    (d3 / "items.csv").write_text((d3 / "items.csv").read_text() + "".join(
+        f"m{i},The {GENRES[i % 8]} Story part {i},{GENRES[i % 8]}\n" for i in range(40, 46)))
+    (d3 / "inter.csv").write_text((d3 / "inter.csv").read_text() + "".join(
+        f"x{i},m{j},{2000 + t}\n" for i in range(6) for t, j in enumerate([i, i + 1, i + 2, 40 + i])))
+    common = [f"data.id_map={root / 'r2' / 'prepare'}", f"decompose.reuse_basis={root / 'r2' / 'decompose'}",
+              f"train.warm_start={root / 'r2' / 'train-alphafuse-s22'}", "train.epochs=0"]
+    plain = run_pipeline(_cfg(d3, root / "r5", root / "cache", common))
+    filled = run_pipeline(_cfg(d3, root / "r6", root / "cache", common + ["train.cold_items=neighbours",
+                                                                         "train.cold_neighbours=4"]))
+    assert plain and filled
+    counts = pl.read_parquet(root / "r6" / "prepare" / "items.parquet").sort("item_idx")["popularity"].to_numpy()
+    assert (counts[40:] == 0).all() and (counts == 0).sum() >= 6
+    sem = load_file(str(root / "r6" / "decompose" / "semantic.safetensors"))["semantic"].numpy()
+    before = load_file(str(root / "r5" / "train-alphafuse-s22" / "model.safetensors"))["item_table"].numpy()
+    after = load_file(str(root / "r6" / "train-alphafuse-s22" / "model.safetensors"))["item_table"].numpy()
+    np.testing.assert_allclose(after, _knn_fill(before, sem, counts, 16, 4, "add"), atol=1e-5)
+    np.testing.assert_array_equal(after[counts > 0], before[counts > 0])
+    assert np.abs(after[40:, 16:] - sem[40:, 16:]).min(axis=1).max() > 0  # new items got a non-zero ID part
+    with pytest.raises(ConfigError, match="train.cold_items=neighbours: only for method=alphafuse"):
+        _cfg(d3, root / "r7", root / "cache", ["method=sasrec_id", "train.cold_items=neighbours"])

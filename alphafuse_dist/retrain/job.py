@@ -26,7 +26,9 @@ What it does, in order (nothing in the registry changes before step 5, and ``LAT
    (its test period, which its model never trained on), train = before t1 (within
    ``data.train_window_days`` if set); ``embed.cache_dir = <root>/embed-cache`` (shared by every
    period: only new or changed texts are encoded); ``decompose.reuse_basis = <prev>/decompose``;
-   ``train.warm_start = <prev>/train-<method>-s<seed>``. The run id is the period end in UTC
+   ``train.warm_start = <prev>/train-<method>-s<seed>``; for alphafuse ``train.cold_items =
+   neighbours`` (items without training interactions, e.g. the period's new ones, take the ID part
+   of their semantic neighbours: ``train/cold_items.py``). The run id is the period end in UTC
    (``20160101T000000Z``), so rerunning a killed job with the same inputs lands in the same run
    directory and the stage manifests skip every finished stage.
 4. **Candidate and incumbent**: :func:`~..pipeline.run_pipeline` in the run directory (the
@@ -417,6 +419,9 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
     if items is not None:
         settings["data"]["items_path"] = str(Path(items).absolute())
     base = _base_config(prev_config, config)
+    if (_override_value(overrides, "method") or base.method) == "alphafuse":
+        # new items of the period never trained: their ID part from their semantic neighbours
+        settings["train"]["cold_items"] = "neighbours"
     if prev_dir is not None and METHOD_INPUTS[base.method] & {"semantic", "basis"} \
             and _override_value(overrides, "method") in (None, base.method):
         settings["decompose"]["reuse_basis"] = str(prev_dir / "decompose")

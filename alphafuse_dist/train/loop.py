@@ -346,6 +346,15 @@ def train_worker(cfg: RunConfig, inputs: TrainInputs, *, report: Callable[[dict,
         best.best_epoch = 0
         best.item_table = net.items.full_table().cpu().clone()
         best.encoder_state = {k: v.detach().cpu().clone() for k, v in net.encoder.state_dict().items()}
+    if t.cold_items == "neighbours":
+        from .cold_items import fill_cold_items
+
+        counts = torch.from_numpy(item_counts(prep / "train.parquet", N))
+        best.item_table, n_cold = fill_cold_items(best.item_table, semantic, counts, id_dim=net.items.id_dim,
+                                                  k=t.cold_neighbours, injection=cfg.model.injection)
+        if rank == 0:
+            log(f"[train] {n_cold} items without training interactions: ID part from their "
+                f"{t.cold_neighbours} nearest trained items (train.cold_items=neighbours)")
     best.history = history
     return best
 

@@ -11,9 +11,11 @@ RecBole atomic layout of the source. Per period k >= 1, on the same prepared dat
 - **warm**: ``alphafuse_dist.retrain.retrain(previous=<registry>, ...)``: stable ids, only new
   texts embedded (the shared cache), the previous basis reused, the previous model as the start,
   ``--warm-epochs`` at most; its "incumbent" is **no retrain** (the previous model applied to the
-  new catalogue, new items = their semantic vector alone), scored on the same test period.
+  new catalogue; items without training interactions, new ones included, take the ID part of their
+  semantic neighbours: ``train.cold_items=neighbours``, set by the retrain job), scored on the
+  same test period.
 - **full**: the same period from scratch in another folder: a fresh embedding cache (every text
-  encoded), a fresh basis, a fresh model, ``--full-epochs`` at most.
+  encoded), a fresh basis, a fresh model, ``--full-epochs`` at most, the same ``train.cold_items``.
 
 Printed and written to ``results/<date>.json``: wall time of each, items embedded, NDCG@10 /
 HR@10 on the newest period overall and for targets never seen in training (items new this period),
@@ -115,7 +117,8 @@ def main() -> None:
         full_cfg = load_config("ml-1m", common + [
             f"data.path={folders[k]}", f"data.id_map={cfg['data']['id_map']}", "data.split=time",
             f"data.split_times=[{cfg['data']['split_times'][0]},{cfg['data']['split_times'][1]}]",
-            f"run_dir={full_dir}", f"embed.cache_dir={full_dir / '.embed-cache'}", f"train.epochs={args.full_epochs}"])
+            f"run_dir={full_dir}", f"embed.cache_dir={full_dir / '.embed-cache'}", f"train.epochs={args.full_epochs}",
+            f"train.cold_items={cfg['train']['cold_items']}"])  # as the retrain job set it
         full = run_pipeline(full_cfg)
         full_s = time.time() - t0
         rows.append({
