@@ -79,8 +79,12 @@ def test_embed_job_equals_plain_encode(ray_session, tmp_path):
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) >= 3  # ~15 rows per file
     table = pa.concat_tables(pq.read_table(p) for p in parts)
-    assert table.schema.field("item_idx").type == pa.int32()
-    assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    # required int32 index and fixed-size list of required float32, uncompressed pages
+    from alphafuse_dist.embed.job import vector_schema
+
+    assert table.schema.equals(vector_schema(384)), table.schema
+    assert not table.schema.field("vector").nullable and not table.schema.field("vector").type.value_field.nullable
+    assert {pq.ParquetFile(p).metadata.row_group(0).column(1).compression for p in parts} == {"UNCOMPRESSED"}
     idx = table.column("item_idx").to_numpy()
     assert sorted(idx) == list(range(40))  # every item exactly once
     E = np.empty((40, 384), np.float32)

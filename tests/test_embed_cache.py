@@ -15,7 +15,7 @@ from ray import cloudpickle
 from alphafuse_dist.config import EmbedConfig
 from alphafuse_dist.embed.cache import EmbeddingCache, cache_namespace, model_fingerprint
 from alphafuse_dist.embed.encoder import load_encoder
-from alphafuse_dist.embed.job import embed_items
+from alphafuse_dist.embed.job import embed_items, vector_table
 from test_embed import TITLES
 
 # the stand-in encoder below runs in Ray actors, which cannot import this test module
@@ -40,8 +40,7 @@ class CountingEncoder:
         with open(self.log, "a") as f:
             f.write("".join(json.dumps(t) + "\n" for t in texts))
         X = np.stack([stand_in_vector(t) for t in texts])
-        return pa.table({"item_idx": batch.column("item_idx").cast(pa.int32()),
-                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), STAND_IN_DIM)})
+        return vector_table(batch.column("item_idx").to_numpy(), X)  # as _EncodeBatches returns it
 
 
 def write_items(path: Path, texts: list[str]) -> Path:

@@ -40,7 +40,7 @@ def _plain_job(items: Path, out: Path, batch: int) -> tuple[dict, np.ndarray]:
     import torch
 
     from alphafuse_dist.embed.encoder import load_encoder
-    from alphafuse_dist.embed.job import _vector_array
+    from alphafuse_dist.embed.job import PARQUET_OPTIONS, vector_table
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def _plain_job(items: Path, out: Path, batch: int) -> tuple[dict, np.ndarray]:
     t1 = time.perf_counter()
     vectors = model.encode(table.column("text").to_pylist(), batch_size=batch, convert_to_numpy=True)
     t2 = time.perf_counter()
-    pq.write_table(pa.table({"item_idx": table.column("item_idx"), "vector": _vector_array(vectors)}), out)
+    pq.write_table(vector_table(table.column("item_idx").to_numpy(), vectors), out, **PARQUET_OPTIONS)
     t3 = time.perf_counter()
     return {"load_s": t1 - t0, "encode_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}, vectors
 
