@@ -3,24 +3,32 @@ reference's in-memory ``np.cov`` + ``np.linalg.svd``.
 
 Per size ``N x d_l`` (float32 rows with a decaying spectrum and a non-zero mean):
 
-1. The rows are written once as Parquet fragments of 50,000 rows (as the embed stage writes them)
-   and as one ``.npy`` file (the reference's input; it holds E in memory, as its code does).
-2. reference: a fresh subprocess loads E, then times ``C = np.cov(E, rowvar=False)`` +
-   ``np.linalg.svd(C)``; peak memory = that process's ``ru_maxrss`` (E included).
-3. ours: a fresh subprocess starts local Ray (``num_cpus=2``) and times ``distributed_covariance`` +
-   ``np.linalg.eigh``; peak memory = the peak of the summed RSS of the driver and all its
-   descendant processes (raylet, GCS, workers), sampled from /proc every 20 ms; Ray's idle RSS
-   before the timed part is reported too.
+1. The rows are written once as Parquet fragments of ``--rows-per-file`` rows in the embed stage's
+   layout (``--format embed``: required fields, uncompressed; ``nullable``: the older nullable,
+   snappy layout) and as one ``.npy`` file (the reference's input; it holds E in memory, as its
+   code does).
+2. reference: a fresh subprocess loads E (timed apart: ``load_seconds``), then times
+   ``C = np.cov(E, rowvar=False)`` + ``np.linalg.svd(C)``; peak memory = that process's
+   ``ru_maxrss`` (E included).
+3. ours: a fresh subprocess starts local Ray (``--num-cpus``, default all cores) and times
+   ``distributed_covariance`` + ``np.linalg.eigh`` (reading and decoding the fragments included);
+   peak memory = the peak of the summed RSS (and PSS: shared pages split among the processes) of
+   the driver and all its descendant processes (raylet, GCS, workers), sampled from /proc every
+   20 ms; Ray's idle RSS / PSS before the timed part is reported too.
 4. randomized: the same Ray subprocess times ``randomized_covariance_eigh(k=128)`` and reports the
    largest relative error of the top-128 eigenvalues against the exact ones, and the smallest
    cosine of the principal angles between the two top-128 subspaces.
+
+``speedup`` = reference compute time / ours; ``speedup_with_load`` also counts the reference's
+``np.load`` (ours always includes reading its input).
 
 Usage::
 
     python benchmarks/decompose/bench_decompose.py --sizes 1000000x384 200000x3072 --work /tmp/bench
 
 Each size runs ``--repeats`` reference/ours pairs alternately (the 2 cores here are shared, so a
-single pair can be skewed by someone else's job) and appends a JSON line to ``results.jsonl``.
+single pair can be skewed by someone else's job) and appends a JSON line to ``--results``
+(default ``results.jsonl`` here).
 """
 from __future__ import annotations
 
@@ -37,13 +45,25 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK = 50_000  # rows per Parquet fragment and per generation step
+CHUNK = 50_000  # default rows per Parquet fragment (embed.rows_per_file's default)
 
 
-def generate(n: int, d_l: int, folder: Path) -> None:
-    """Write ``folder/part-*.parquet`` and ``folder/E.npy`` (float32 [n, d_l])."""
+def generate(n: int, d_l: int, folder: Path, chunk: int = CHUNK, fmt: str = "embed") -> None:
+    """Write ``folder/part-*.parquet`` (``chunk`` rows each) and ``folder/E.npy`` (float32 [n, d_l]).
+
+    ``fmt="embed"``: the embed stage's layout (required fields, uncompressed: ``embed.job.vector_table``);
+    ``"nullable"``: nullable fields, snappy pages (pyarrow's defaults, the embed stage's files
+    before 2026-11-27).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from alphafuse_dist.embed.job import PARQUET_OPTIONS, vector_table
+
+    if fmt == "nullable":
+        def vector_table(idx, X):  # noqa: F811 - the older layout
+            return pa.table({"item_idx": pa.array(idx, pa.int32()),
+                             "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])})
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -51,27 +71,30 @@ def generate(n: int, d_l: int, folder: Path) -> None:
     mix = rng.normal(size=(d_l, d_l)) * (0.98 ** np.arange(d_l))[:, None] / np.sqrt(d_l)
     mean = rng.uniform(-1, 1, size=d_l)
     E = np.lib.format.open_memmap(folder / "E.npy", mode="w+", dtype=np.float32, shape=(n, d_l))
-    for k, start in enumerate(range(0, n, CHUNK)):
-        rows = min(CHUNK, n - start)
+    for k, start in enumerate(range(0, n, chunk)):
+        rows = min(chunk, n - start)
         X = (rng.standard_normal((rows, d_l), dtype=np.float32) @ mix.astype(np.float32) + mean).astype(np.float32)
         E[start:start + rows] = X
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), d_l)
-        idx = pa.array(np.arange(start, start + rows, dtype=np.int32))
-        pq.write_table(pa.table({"item_idx": idx, "vector": vectors}), folder / f"part-{k:05d}.parquet")
+        pq.write_table(vector_table(np.arange(start, start + rows), X), folder / f"part-{k:05d}.parquet",
+                       **(PARQUET_OPTIONS if fmt == "embed" else {}))
     E.flush()
 
 
 def run_reference(folder: Path) -> dict:
+    t0 = time.perf_counter()
     E = np.load(folder / "E.npy")
+    load = time.perf_counter() - t0
     t0 = time.perf_counter()
     C = np.cov(E, rowvar=False)
     U, S, _ = np.linalg.svd(C)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "load_seconds": load,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Summed VmRSS of ``root`` and all its descendants, from /proc."""
+def _tree_rss_mb(root: int, field: str = "Rss") -> float:
+    """Summed ``Rss`` (or ``Pss``: shared pages divided among the processes mapping them) of
+    ``root`` and all its descendants, from /proc/<pid>/smaps_rollup."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -80,8 +103,8 @@ def _tree_rss_mb(root: int) -> float:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/status") as f:
-                kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{entry}/smaps_rollup") as f:
+                kb = next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry))
@@ -95,15 +118,16 @@ def _tree_rss_mb(root: int) -> float:
 
 
 class PeakSampler:
-    """Peak of the summed RSS of this process tree, sampled every ``interval`` s in a thread."""
+    """Peak of the summed RSS and PSS of this process tree, sampled every ``interval`` s in a thread."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self._stop = interval, 0.0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            self.peak_pss = max(self.peak_pss, _tree_rss_mb(os.getpid(), "Pss"))
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakSampler":
@@ -115,23 +139,25 @@ class PeakSampler:
         self._thread.join()
 
 
-def run_ours(folder: Path, k: int, randomized: bool) -> dict:
+def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
     import ray
 
     from alphafuse_dist.decompose.covariance import distributed_covariance
     from alphafuse_dist.decompose.rsvd import randomized_covariance_eigh
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
     files = sorted(str(p) for p in folder.glob("part-*.parquet"))
     time.sleep(2)  # let Ray's start-up settle before the idle reading
-    idle = _tree_rss_mb(os.getpid())
+    idle, idle_pss = _tree_rss_mb(os.getpid()), _tree_rss_mb(os.getpid(), "Pss")
     with PeakSampler() as sampler:
         t0 = time.perf_counter()
         _, _, cov = distributed_covariance(files)
+        t1 = time.perf_counter()
         values, vectors = np.linalg.eigh(cov)
-        seconds = time.perf_counter() - t0
+        seconds, eigh_seconds = time.perf_counter() - t0, time.perf_counter() - t1
     values, vectors = values[::-1], vectors[:, ::-1]
-    result = {"seconds": seconds, "peak_rss_mb": sampler.peak, "idle_rss_mb": idle}
+    result = {"seconds": seconds, "eigh_seconds": eigh_seconds, "peak_rss_mb": sampler.peak, "idle_rss_mb": idle, "peak_pss_mb": sampler.peak_pss,
+              "idle_pss_mb": idle_pss, "num_cpus": num_cpus, "fragments": len(files)}
     if not randomized:
         ray.shutdown()
         return result
@@ -143,6 +169,14 @@ def run_ours(folder: Path, k: int, randomized: bool) -> dict:
     return result | {"randomized_seconds": r_seconds,
             "randomized_max_rel_eigenvalue_error": float(np.abs(r_values / values[:k] - 1).max()),
             "randomized_min_subspace_cosine": float(cosines.min())}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 def child(args: list[str]) -> dict:
@@ -159,6 +193,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="reference/ours pairs run alternately; the median ratio is reported")
     parser.add_argument("--no-randomized", action="store_true", help="skip the randomized solver")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Ray's CPUs (default: all cores)")
+    parser.add_argument("--rows-per-file", type=int, default=CHUNK, help="rows per Parquet fragment")
+    parser.add_argument("--format", choices=["embed", "nullable"], default="embed",
+                        help="fragment layout: the embed stage's (default) or the older nullable/snappy one")
+    parser.add_argument("--results", default=str(Path(__file__).with_name("results.jsonl")),
+                        help="JSON-lines file the results are appended to")
     parser.add_argument("--role", choices=["reference", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,31 +206,36 @@ def main() -> None:
         print(json.dumps(run_reference(Path(args.folder))))
         return
     if args.role == "ours":
-        print(json.dumps(run_ours(Path(args.folder), args.k, not args.no_randomized)))
+        print(json.dumps(run_ours(Path(args.folder), args.k, not args.no_randomized, args.num_cpus)))
         return
     for size in args.sizes:
         n, d_l = map(int, size.split("x"))
         folder = Path(args.work) / size
         t0 = time.perf_counter()
-        generate(n, d_l, folder)
+        generate(n, d_l, folder, args.rows_per_file, args.format)
         gen = time.perf_counter() - t0
         pairs = []
         for r in range(args.repeats):
             ref = child(["--role", "reference", "--folder", str(folder)])
             last = r == args.repeats - 1 and not args.no_randomized
-            ours = child(["--role", "ours", "--folder", str(folder), "--k", str(args.k)]
+            ours = child(["--role", "ours", "--folder", str(folder), "--k", str(args.k), "--num-cpus", str(args.num_cpus)]
                          + ([] if last else ["--no-randomized"]))
             pairs.append({"reference": ref, "ours": ours, "speedup": ref["seconds"] / ours["seconds"],
+                          "speedup_with_load": (ref["seconds"] + ref["load_seconds"]) / ours["seconds"],
                           "memory_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
+                          "memory_ratio_pss": ours["peak_pss_mb"] / ref["peak_rss_mb"],
                           "load_average": os.getloadavg()[0]})
             print(json.dumps({"size": size, "pair": r + 1} | pairs[-1]), flush=True)
-        result = {"size": size, "generate_s": round(gen, 1), "pairs": pairs,
+        result = {"size": size, "format": args.format, "rows_per_file": args.rows_per_file,
+                  "generate_s": round(gen, 1), "pairs": pairs,
                   "median_speedup": float(np.median([p["speedup"] for p in pairs])),
                   "median_memory_ratio": float(np.median([p["memory_ratio"] for p in pairs])),
+                  "median_memory_ratio_pss": float(np.median([p["memory_ratio_pss"] for p in pairs])),
+                  "machine": f"{os.cpu_count()} cores, {_cpu_model()}",
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "command": " ".join([Path(sys.executable).name, *sys.argv])}
         print(json.dumps(result), flush=True)
-        with open(Path(__file__).with_name("results.jsonl"), "a") as f:
+        with open(args.results, "a") as f:
             f.write(json.dumps(result) + "\n")
         shutil.rmtree(folder)
 
