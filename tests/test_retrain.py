@@ -131,6 +131,9 @@ def test_second_period_warm_starts_and_is_promoted_by_the_rule(world):
     assert config["train"]["warm_start"] == str(run0 / "train-alphafuse-s22")
     assert config["data"]["id_map"] == str(run0 / "prepare")
     assert config["decompose"]["reuse_basis"] == str(run0 / "decompose")
+    # never-trained items (this period's new ones) take their semantic neighbours' ID part
+    assert config["train"]["cold_items"] == "neighbours"
+    assert "items without training interactions" in world["log1"].text
     # valid = the previous test period, test = the newest period
     assert config["data"]["split_times"] == ["1356998400", str(out0["data_window"]["end"])]
     assert "warm start" in world["log1"].text
