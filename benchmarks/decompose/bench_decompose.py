@@ -92,29 +92,34 @@ def run_reference(folder: Path) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _tree_rss_mb(root: int, field: str = "Rss") -> float:
-    """Summed ``Rss`` (or ``Pss``: shared pages divided among the processes mapping them) of
-    ``root`` and all its descendants, from /proc/<pid>/smaps_rollup."""
+def _tree_memory_mb(root: int) -> tuple[float, float]:
+    """Summed ``Rss`` and ``Pss`` (shared pages divided among the processes mapping them) of
+    ``root`` and all its descendants, in one pass over /proc/<pid>/smaps_rollup."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    kb: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            fields = {}
             with open(f"/proc/{entry}/smaps_rollup") as f:
-                kb = next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
+                for line in f:
+                    if line.startswith(("Rss:", "Pss:")):
+                        fields[line[:3]] = int(line.split()[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-        rss[int(entry)] = kb
-    total, stack = 0, [root]
+        kb[int(entry)] = (fields.get("Rss", 0), fields.get("Pss", 0))
+    rss = pss = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        r, p = kb.get(pid, (0, 0))
+        rss, pss = rss + r, pss + p
         stack.extend(children.get(pid, []))
-    return total / 1024
+    return rss / 1024, pss / 1024
 
 
 class PeakSampler:
@@ -126,8 +131,8 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
-            self.peak_pss = max(self.peak_pss, _tree_rss_mb(os.getpid(), "Pss"))
+            rss, pss = _tree_memory_mb(os.getpid())
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakSampler":
@@ -148,7 +153,7 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
     files = sorted(str(p) for p in folder.glob("part-*.parquet"))
     time.sleep(2)  # let Ray's start-up settle before the idle reading
-    idle, idle_pss = _tree_rss_mb(os.getpid()), _tree_rss_mb(os.getpid(), "Pss")
+    idle, idle_pss = _tree_memory_mb(os.getpid())
     with PeakSampler() as sampler:
         t0 = time.perf_counter()
         _, _, cov = distributed_covariance(files)
