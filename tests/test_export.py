@@ -70,18 +70,13 @@ def _library_scores(run_dir, seed, histories: list[list[int]]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, write_cycle_data):
     """(run_dir, item_id -> item_idx, retired item ids)."""
     from alphafuse_dist.pipeline import prepare_stage
 
     root = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
-    rows = ["user_id,item_id,timestamp"]
-    for u in range(N_USERS):
-        start, length = rng.integers(N_ITEMS), rng.integers(4, 10)
-        rows += [f"u{u},m{(start + t) % N_ITEMS},{1000 + 10 * t}" for t in range(length)]
-    (root / "inter.csv").write_text("\n".join(rows) + "\n")
-    (root / "items.csv").write_text("item_id,title\n" + "".join(f"m{i},Item {i}\n" for i in range(N_ITEMS)))
+    write_cycle_data(root, N_USERS, N_ITEMS, (4, 10), rng)
     run_dir = root / "run"
     prep = prepare_stage(_cfg(run_dir, root), log=_quiet)
     items = pq.read_table(prep / "items.parquet")

@@ -428,7 +428,7 @@ N_ITEMS, N_USERS, D_L = 40, 120, 48
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, write_cycle_data):
     """A prepared cycle data set (item i -> i+1, as tests/test_pipeline_e2e.py) with synthetic
     random language embeddings written as the embed stage would, and a decompose folder."""
     from alphafuse_dist.pipeline import prepare_stage
@@ -436,12 +436,7 @@ def prepared(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("methods")
     rng = np.random.default_rng(0)
-    rows = ["user_id,item_id,timestamp"]
-    for u in range(N_USERS):
-        start, length = rng.integers(N_ITEMS), rng.integers(6, 14)
-        rows += [f"u{u},m{(start + t) % N_ITEMS},{1000 + 10 * t}" for t in range(length)]
-    (root / "inter.csv").write_text("\n".join(rows) + "\n")
-    (root / "items.csv").write_text("item_id,title\n" + "".join(f"m{i},Item {i}\n" for i in range(N_ITEMS)))
+    write_cycle_data(root, N_USERS, N_ITEMS, (6, 14), rng)
     cfg = load_config(None, ["data.source=interactions", f"data.path={root / 'inter.csv'}",
                              f"data.items_path={root / 'items.csv'}", "data.text_template={title}",
                              f"run_dir={root / 'run'}"])
