@@ -144,10 +144,14 @@ def iter_fragment(path: str, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.
 
 
 def batch_rows_for(d_l: int) -> int:
-    """Rows per read batch: ~``BATCH_BYTES`` of float32 vectors, at most 8,192 rows (8,192 at
-    d_l=384, 1,365 at 3,072). The GEMM's cost per row is within 10% of its best from ~1,300 rows
-    on; the Parquet reader's buffers grow with the rows per batch (measured in benchmarks/decompose)."""
-    return min(8192, max(256, BATCH_BYTES // (4 * d_l)))
+    """Rows per read batch: ~``BATCH_BYTES`` of float32 vectors, but at least 4,096 and at most
+    8,192 rows (8,192 at d_l=384, 4,096 = 50 MB at 3,072).
+
+    The floor is the GEMM's: one thread's ``syrk`` of [b, 3072] rows took 115 us/row at b=1,365
+    and 81 us/row at 4,096 (2026-11-27, 2-core Xeon, OpenBLAS); at 384 it is flat from ~8,192. The
+    cap bounds the Parquet reader's buffers, which grow with the rows per batch
+    (benchmarks/decompose/RESULTS.md)."""
+    return min(8192, max(4096, BATCH_BYTES // (4 * d_l)))
 
 
 class ScatterAccumulator:
@@ -157,8 +161,8 @@ class ScatterAccumulator:
     added into a float64 [d_l, d_l] gram in place. numpy computes ``Z.T @ Z`` of one buffer with
     BLAS ``syrk`` (half the flops of a GEMM; a hand-blocked upper triangle measured slower). The shift keeps
     the products centred (no cancellation against the mean); the scatter about the mean follows
-    from the float64 sum ``s = sum w (z - shift)``: ``scatter = G - s s^T / W``; the mean is
-    ``sum w x / W`` summed in float64 from the rows themselves.
+    from the sum ``s = sum w (z - shift)`` (each batch's in ``precision``, added in float64):
+    ``scatter = G - s s^T / W``; the mean is ``sum w x / W`` summed in float64 from the rows themselves.
     """
 
     def __init__(self, d_l: int, precision: str = "float32"):
@@ -183,7 +187,9 @@ class ScatterAccumulator:
         Z = X.astype(self.dtype, copy=False) - self.shift.astype(self.dtype)  # a new array
         if w is None:
             self.weight += float(len(X))
-            self.sums += Z.sum(axis=0, dtype=np.float64)
+            # the column sums of Z as a BLAS gemv in ``precision`` (a quarter of the time of numpy's
+            # float64 axis-0 sum); they only correct the scatter for the shift-to-mean offset
+            self.sums += np.ones(len(Z), dtype=self.dtype) @ Z
             self.totals += X.sum(axis=0, dtype=np.float64)
         else:
             self.weight += float(w.sum())
