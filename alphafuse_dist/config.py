@@ -98,7 +98,7 @@ class EmbedConfig:
     normalize: bool = False
     max_seq_length: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    rows_per_file: int = 50_000  # output Parquet fragment size (decompose runs one task per file)
+    rows_per_file: int = 50_000  # rows per output Parquet file, at least (but the last); 4,096-row groups
     # embedding cache, keyed by (model fingerprint, encode settings, sha256 of the text); kept across
     # reruns of the stage so that only new or changed texts are encoded. None: <run_dir>/.embed-cache
     cache_dir: str | None = None

@@ -11,21 +11,24 @@ from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
-from alphafuse_dist.decompose.covariance import batch_moments, distributed_covariance, partial_moments
+from alphafuse_dist.decompose.covariance import (batch_moments, distributed_covariance, fragment_pieces,
+                                                 partial_moments)
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError, DataError
 
 N, D_L = 3000, 48
 
 
-def write_fragments(folder, X, idx, sizes):
-    """Rows (idx[i], X[i]) split into part-*.parquet files of the given sizes, as embed writes them."""
+def write_fragments(folder, X, idx, sizes, row_group_rows=128):
+    """Rows (idx[i], X[i]) split into part-*.parquet files of the given sizes, as embed writes them
+    (in row groups of ``row_group_rows``, so that the decompose tasks read pieces of files)."""
     files, start = [], 0
     for k, size in enumerate(sizes):
         rows = slice(start, start + size)
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(X[rows].reshape(-1)), X.shape[1])
         path = folder / f"part-{k:03d}.parquet"
-        pq.write_table(pa.table({"item_idx": pa.array(idx[rows], pa.int32()), "vector": vectors}), path)
+        pq.write_table(pa.table({"item_idx": pa.array(idx[rows], pa.int32()), "vector": vectors}), path,
+                       row_group_size=row_group_rows)
         files.append(str(path))
         start += size
     assert start == len(X)
@@ -64,6 +67,41 @@ def test_distributed_covariance_equals_numpy(ray_session, embeddings):
     assert rel_err(cov8, cov64) < 1e-12
     with pytest.raises(ValueError, match="precision"):
         distributed_covariance(files, precision="float16")
+
+
+def test_fragment_pieces_split_files_by_row_groups(ray_session, embeddings, tmp_path):
+    _, files, X = embeddings  # 700, 1, 999, 800, 500 rows in row groups of 128
+    groups = {f: pq.ParquetFile(f).metadata.num_row_groups for f in files}
+    assert list(groups.values()) == [6, 1, 8, 7, 4]
+    for k in (1, 5, 12, 26, 100):
+        pieces = fragment_pieces(files, pieces=k)
+        # every row group of every file exactly once, in order, and no piece spans two files
+        assert [(f, g) for f, gs in pieces for g in gs] == [(f, g) for f in files for g in range(groups[f])]
+        assert len(pieces) >= len(files)
+        assert len(pieces) <= k + len(files)  # ceil(rows / target) per file
+        target = -(-N // k)
+        for f, gs in pieces:  # no piece holds more than its target and one row group
+            meta = pq.ParquetFile(f).metadata
+            assert sum(meta.row_group(g).num_rows for g in gs) < target + 128
+    assert len(fragment_pieces(files, pieces=26)) == 26  # one per row group
+    assert len(fragment_pieces(files)) >= 2  # default: 1 per CPU of the 2-CPU test cluster
+    # pieces of at least min_rows where the file has them (files of 700, 999, 800 and 500 rows)
+    assert [len(gs) for _, gs in fragment_pieces(files, pieces=26, min_rows=600)] == [3, 3, 1, 4, 4, 4, 3, 4]
+
+    # the moments of the pieces of one file add up to the file's
+    pieces = [p for p in fragment_pieces(files, pieces=26) if p[0] == files[2]]
+    whole = partial_moments(files[2], precision="float64")
+    total = partial_moments(pieces[0], precision="float64")
+    for piece in pieces[1:]:
+        total = total + partial_moments(piece, precision="float64")
+    assert total.count == whole.count == 999
+    assert rel_err(total.scatter, whole.scatter) < 1e-12 and rel_err(total.mean, whole.mean) < 1e-12
+
+    empty = tmp_path / "part-empty.parquet"
+    pq.write_table(pq.read_table(files[0]).slice(0, 0), empty)
+    with pytest.raises(DataError, match="has no rows") as e:
+        fragment_pieces([files[0], str(empty)])
+    assert str(empty) in str(e.value)
 
 
 def test_float32_scatter_is_exact_to_1e6_with_a_huge_mean():

@@ -66,7 +66,10 @@ def test_resolve_model_offline(tmp_path):
         resolve_model("no-such-org/no-such-model")
 
 
-def test_embed_job_equals_plain_encode(ray_session, tmp_path):
+def test_embed_job_equals_plain_encode(ray_session, tmp_path, monkeypatch):
+    from alphafuse_dist.embed import job
+
+    monkeypatch.setitem(job.PARQUET_OPTIONS, "row_group_size", 4)  # the default 4,096 at this scale
     items = tmp_path / "items.parquet"
     # stored in reverse order: the output must follow item_idx, not file position
     order = np.arange(len(TITLES))[::-1]
@@ -77,7 +80,11 @@ def test_embed_job_equals_plain_encode(ray_session, tmp_path):
     assert info == {"rows": {"items": 40}, "dim": 384, "encoded": 40, "cached": 0}  # no cache_dir: all encoded
 
     parts = sorted(out.glob("part-*.parquet"))
-    assert len(parts) >= 3  # ~15 rows per file
+    assert len(parts) >= 2  # at least 15 rows per file, but the last
+    # files in row groups of at most 4 rows (the decompose stage splits files by row groups)
+    groups = [pq.ParquetFile(p).metadata.row_group(i).num_rows for p in parts
+              for i in range(pq.ParquetFile(p).metadata.num_row_groups)]
+    assert max(groups) <= 4 and len(groups) >= 10, groups
     table = pa.concat_tables(pq.read_table(p) for p in parts)
     # required int32 index and fixed-size list of required float32, uncompressed pages
     from alphafuse_dist.embed.job import vector_schema

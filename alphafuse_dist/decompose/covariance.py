@@ -1,7 +1,9 @@
-"""Mean and covariance of the item embeddings E, computed with one Ray task per Parquet fragment.
+"""Mean and covariance of the item embeddings E, computed with one Ray task per Parquet piece.
 
-Each task streams ONE fragment (file) of the embed output in ~16 MB row batches and returns its
-moments (count, weight, mean, centred scatter); the partial moments are combined by a tree of Ray
+A piece is a run of row groups of one fragment (file) of the embed output (:func:`fragment_pieces`:
+about two pieces per cluster CPU, so the parallelism does not hang on the number of files; the
+embed stage writes row groups of 4,096 rows). Each task streams one piece in row batches of
+4,096-8,192 rows and returns its moments (count, weight, mean, centred scatter); the partial moments are combined by a tree of Ray
 tasks (fan-in 2..8) with the pairwise update of Chan, Golub and LeVeque, so neither the driver nor
 any task ever holds more than one batch of rows or more than ``fan_in`` partials of d_l x d_l. Then
 
@@ -38,7 +40,7 @@ import functools
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +56,53 @@ BATCH_ROWS = 8192  # default rows per batch of iter_fragment (callers pass their
 BATCH_BYTES = 16 << 20  # float32 bytes per batch of the covariance pass: bounds a task's memory
 READ_BUFFER = 1 << 20  # bytes; with pre_buffer off, a reader holds pages, not the whole row group
 PRECISIONS = ("float32", "float64")
+PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
+
+# A fragment file, or a run of its row groups: (path, (row group indices...)).
+Piece = Union[str, tuple[str, tuple[int, ...]]]
+
+
+def piece_path(piece: Piece) -> str:
+    """The file of a piece (a path or ``(path, row_groups)``)."""
+    return piece if isinstance(piece, str) else str(piece[0])
+
+
+def fragment_pieces(files: list[str], pieces: int | None = None, min_rows: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """Split the fragments into ``(path, row_groups)`` pieces of about equal rows, for about
+    ``pieces`` tasks (None: ``PIECES_PER_CPU`` per CPU of the Ray cluster) of at least ``min_rows``
+    rows where a file has them; never fewer than one piece per file; a row group is never split.
+    Reads the Parquet footers only.
+
+    Raises:
+        DataError: naming a file that cannot be read or has no rows.
+    """
+    if pieces is None:
+        pieces = PIECES_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    groups = {}
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"cannot read it as Parquet ({e})", file=path) from None
+        groups[path] = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        if not sum(groups[path]):
+            raise DataError("has no rows", file=path)
+    target = max(min_rows, -(-sum(map(sum, groups.values())) // max(1, pieces)), 1)  # rows per piece
+    out = []
+    for path, rows in groups.items():
+        # m runs of about equal rows: run j closes once the rows so far reach j/m of the file's
+        total = sum(rows)
+        m = min(len(rows), -(-total // target))
+        run, held, made = [], 0, 0
+        for i, n in enumerate(rows):
+            run.append(i)
+            held += n
+            if held * m >= (made + 1) * total:
+                out.append((path, tuple(run)))
+                run, made = [], made + 1
+        if run:  # row groups of 0 rows after the last cut
+            out[-1] = (path, out[-1][1] + tuple(run))
+    return out
 
 
 @dataclass
@@ -124,17 +173,19 @@ def fragment_dim(files: list[str]) -> int:
     return dims[files[0]]
 
 
-def iter_fragment(path: str, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Rows of one fragment, ``batch_rows`` at a time.
+def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows of one fragment, or of a piece ``(path, row_groups)`` of it, ``batch_rows`` at a time.
 
     The file is read page by page (``pre_buffer`` off): the default pre-buffering would hold a
-    whole row group (614 MB for 50,000 rows at d_l = 3072) on top of the batches.
+    whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches.
 
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
     """
+    path, row_groups = (piece, None) if isinstance(piece, (str, Path)) else piece
     reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
-    for batch in reader.iter_batches(batch_size=batch_rows, columns=[INDEX_COLUMN, VECTOR_COLUMN]):
+    for batch in reader.iter_batches(batch_size=batch_rows, row_groups=row_groups,
+                                     columns=[INDEX_COLUMN, VECTOR_COLUMN]):
         vectors = batch.column(VECTOR_COLUMN)
         if vectors.null_count or batch.column(INDEX_COLUMN).null_count:
             raise DataError("null entries; every row needs an item_idx and a vector", file=path)
@@ -217,12 +268,12 @@ def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "
     return acc.moments()
 
 
-def partial_moments(path: str, weights: np.ndarray | None = None, batch_rows: int | None = None,
+def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows: int | None = None,
                     precision: str = "float32") -> Moments:
-    """Moments of one fragment, streamed in batches into one :class:`ScatterAccumulator`.
+    """Moments of one fragment or piece, streamed in batches into one :class:`ScatterAccumulator`.
 
     Args:
-        path: one ``part-*.parquet`` file of the embed output.
+        piece: one ``part-*.parquet`` file of the embed output, or ``(path, row_groups)`` of one.
         weights: optional per-item weights, float [N] indexed by ``item_idx`` (e.g. popularity);
             None gives every row weight 1.
         batch_rows: rows read at a time (None: :func:`batch_rows_for` d_l).
@@ -231,8 +282,9 @@ def partial_moments(path: str, weights: np.ndarray | None = None, batch_rows: in
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     acc = None
+    path = piece_path(piece)
     rows = batch_rows or batch_rows_for(fragment_dim([path]))
-    for idx, X in iter_fragment(path, rows):
+    for idx, X in iter_fragment(piece, rows):
         w = None
         if weights is not None:
             outside = idx[(idx < 0) | (idx >= len(weights))]
@@ -275,7 +327,8 @@ def tree_reduce(refs: list, fan_in: int = 4):
 
 def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.ndarray | None = None,
                            fan_in: int = 4, precision: str = "float32") -> tuple[int, np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance of ``scale * E`` over all fragments, one Ray task per file.
+    """Mean and unbiased covariance of ``scale * E`` over all fragments, one Ray task per piece
+    (:func:`fragment_pieces`).
 
     Args:
         files: the ``part-*.parquet`` fragments (``item_idx``, ``vector: fixed_size_list[d_l]``).
@@ -291,9 +344,11 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     files = [str(Path(f)) for f in files]
-    fragment_dim(files)
+    d_l = fragment_dim(files)
     weights_ref = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
-    total = tree_reduce([_partial_moments_task.remote(f, weights_ref, None, precision) for f in files], fan_in)
+    # pieces of at least 2 d_l rows: a piece's float64 d_l x d_l partial never outweighs its float32 rows
+    total = tree_reduce([_partial_moments_task.remote(p, weights_ref, None, precision)
+                         for p in fragment_pieces(files, min_rows=2 * d_l)], fan_in)
     if total.weight <= 1:
         raise DataError(f"the embeddings hold total weight {total.weight:g} over {total.count} rows; a "
                         "covariance needs more than 1", file=Path(files[0]).parent)

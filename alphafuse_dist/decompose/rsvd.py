@@ -1,8 +1,9 @@
 """Top-k eigenpairs of the embedding covariance by a randomized range finder over the fragments.
 
 For d_l in the thousands the exact path's d_l x d_l moments (and their eigh) dominate; only the
-top d = model.dim directions are needed. This module never forms C: with X_f the rows of fragment
-f and c the centre (the mean), every pass over the data is one Ray task per fragment returning
+top d = model.dim directions are needed. This module never forms C: with X_f the rows of piece f
+(a run of a fragment's row groups, covariance.fragment_pieces) and c the centre (the mean), every
+pass over the data is one Ray task per piece returning
 
     Y_f = (X_f - 1 c^T)^T ((X_f - 1 c^T) Q)        float64 [d_l, l],  l = k + oversample
 
@@ -30,7 +31,7 @@ import numpy as np
 import ray
 
 from ..errors import ConfigError, DataError
-from .covariance import fragment_dim, iter_fragment, tree_reduce
+from .covariance import Piece, fragment_dim, fragment_pieces, iter_fragment, piece_path, tree_reduce
 
 
 @dataclass
@@ -65,10 +66,11 @@ class ColumnSums:
 
 
 @ray.remote(num_cpus=1)
-def _sums_task(path: str, weights: np.ndarray | None) -> ColumnSums:
+def _sums_task(piece: Piece, weights: np.ndarray | None) -> ColumnSums:
+    path = piece_path(piece)
     d_l = fragment_dim([path])
     sums = ColumnSums(0, 0.0, np.zeros(d_l), np.zeros(d_l), np.zeros(d_l))
-    for idx, X in iter_fragment(path):
+    for idx, X in iter_fragment(piece):
         X = X.astype(np.float64)
         if weights is not None and (idx.min() < 0 or idx.max() >= len(weights)):
             raise DataError(f"item_idx outside 0..{len(weights) - 1}, the items with a weight", file=path,
@@ -79,16 +81,17 @@ def _sums_task(path: str, weights: np.ndarray | None) -> ColumnSums:
 
 
 @ray.remote(num_cpus=1)
-def _product_task(path: str, center: np.ndarray, Q: np.ndarray) -> np.ndarray:
+def _product_task(piece: Piece, center: np.ndarray, Q: np.ndarray) -> np.ndarray:
     Y = np.zeros_like(Q)
-    for _, X in iter_fragment(path):
+    for _, X in iter_fragment(piece):
         Xc = X.astype(np.float64) - center
         Y += Xc.T @ (Xc @ Q)
     return Y
 
 
 def column_sums(files: list[str], weights: np.ndarray | None = None, fan_in: int = 4) -> ColumnSums:
-    """Row count, sums and sums of squares over all fragments, one Ray task per file.
+    """Row count, sums and sums of squares over all fragments, one Ray task per piece
+    (:func:`~.covariance.fragment_pieces`).
 
     Args:
         files: the ``part-*.parquet`` fragments.
@@ -97,7 +100,7 @@ def column_sums(files: list[str], weights: np.ndarray | None = None, fan_in: int
     files = [str(Path(f)) for f in files]
     fragment_dim(files)
     weights = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
-    return tree_reduce([_sums_task.remote(f, weights) for f in files], fan_in)
+    return tree_reduce([_sums_task.remote(p, weights) for p in fragment_pieces(files)], fan_in)
 
 
 def covariance_times(files: list[str], center: np.ndarray, Q: np.ndarray, count: int,
@@ -112,7 +115,8 @@ def covariance_times(files: list[str], center: np.ndarray, Q: np.ndarray, count:
         float64 [d_l, l].
     """
     center_ref, Q_ref = ray.put(np.asarray(center, np.float64)), ray.put(np.ascontiguousarray(Q, np.float64))
-    return tree_reduce([_product_task.remote(f, center_ref, Q_ref) for f in files], fan_in) / (count - 1)
+    return tree_reduce([_product_task.remote(p, center_ref, Q_ref) for p in fragment_pieces(files)],
+                       fan_in) / (count - 1)
 
 
 def randomized_covariance_eigh(files: list[str], k: int, oversample: int = 16, power_iters: int = 4,

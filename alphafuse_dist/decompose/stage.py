@@ -3,13 +3,14 @@
 Data flow (METHOD.md section 2, steps 1-6)::
 
     embed/part-*.parquet (item_idx, vector[d_l])
-      -> method "exact": distributed_covariance (one Ray task per fragment + tree reduce)
+      -> method "exact": distributed_covariance (one Ray task per piece, a run of a fragment's
+                         row groups, about one per cluster CPU + tree reduce)
                          -> mu [d_l], C [d_l, d_l] -> eigh -> all d_l eigenpairs
          method "randomized": randomized_covariance_eigh (rsvd.py, 2 + power_iters passes of one
-                         Ray task per fragment) -> mu, top-d eigenpairs, trace of C
+                         Ray task per piece) -> mu, top-d eigenpairs, trace of C
       -> null_rule: "count" (d_n = null_dims) or "threshold" (d = d_l, d_n = #S_k <= null_threshold)
       -> NullSpaceBasis.from_spectrum            -> decompose/basis.safetensors + basis.json
-      -> one Ray task per fragment: transform     -> decompose/semantic.safetensors  float32 [N, d]
+      -> one Ray task per piece: transform        -> decompose/semantic.safetensors  float32 [N, d]
       -> decompose/spectrum.json + spectrum.png
 
 With ``weighted_mean`` the centre is the popularity-weighted mean mu_w and C is the unweighted
@@ -33,7 +34,7 @@ from ..config import DecomposeConfig
 from ..errors import ConfigError, DataError
 from ..stages import atomic_write_json
 from .basis import NullSpaceBasis, threshold_null_dims
-from .covariance import INDEX_COLUMN, distributed_covariance, iter_fragment
+from .covariance import INDEX_COLUMN, Piece, distributed_covariance, fragment_pieces, iter_fragment, piece_path
 from .rsvd import column_sums, randomized_covariance_eigh
 from .spectrum import SPECTRUM_PLOT, plot_spectrum
 
@@ -44,14 +45,15 @@ SPECTRUM_FILE = "spectrum.json"
 
 
 @ray.remote(num_cpus=1)
-def _transform_fragment(path: str, basis: NullSpaceBasis) -> tuple[np.ndarray, np.ndarray]:
-    """Semantic coordinates of one fragment: (item_idx int64 [n], float32 [n, d])."""
-    parts = [(idx, basis.transform(X)) for idx, X in iter_fragment(path)]
+def _transform_fragment(piece: Piece, basis: NullSpaceBasis) -> tuple[np.ndarray, np.ndarray]:
+    """Semantic coordinates of one fragment or piece: (item_idx int64 [n], float32 [n, d])."""
+    parts = [(idx, basis.transform(X)) for idx, X in iter_fragment(piece)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> np.ndarray:
-    """Transform every fragment in a Ray task and place row i at item_idx i.
+    """Transform every piece of the fragments (:func:`fragment_pieces`) in a Ray task and place row
+    i at item_idx i.
 
     Results are consumed as they finish, so the driver holds the float32 [N, d] table plus at most
     the fragments already done but not yet copied.
@@ -63,7 +65,7 @@ def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> n
     table = np.zeros((num_items, basis.dim), dtype=np.float32)
     seen = np.zeros(num_items, dtype=bool)
     basis_ref = ray.put(basis)
-    pending = {_transform_fragment.remote(f, basis_ref): f for f in files}
+    pending = {_transform_fragment.remote(p, basis_ref): piece_path(p) for p in fragment_pieces(files)}
     while pending:
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         path = pending.pop(ref)

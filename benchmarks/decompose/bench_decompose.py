@@ -4,8 +4,8 @@ reference's in-memory ``np.cov`` + ``np.linalg.svd``.
 Per size ``N x d_l`` (float32 rows with a decaying spectrum and a non-zero mean):
 
 1. The rows are written once as Parquet fragments of ``--rows-per-file`` rows in the embed stage's
-   layout (``--format embed``: required fields, uncompressed; ``nullable``: the older nullable,
-   snappy layout) and as one ``.npy`` file (the reference's input; it holds E in memory, as its
+   layout (``--format embed``: required fields, uncompressed, 4,096-row groups; ``nullable``: the
+   older nullable, snappy layout, one row group per file) and as one ``.npy`` file (the reference's input; it holds E in memory, as its
    code does).
 2. reference: a fresh subprocess loads E (timed apart: ``load_seconds``), then times the
    reference's decomposition as its code runs it: ``mu = np.mean(E, 0)``,
@@ -163,7 +163,7 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
     sample, half a core at 20 ms intervals, which inflated our times by 25-80% on 2 cores)."""
     import ray
 
-    from alphafuse_dist.decompose.covariance import distributed_covariance
+    from alphafuse_dist.decompose.covariance import distributed_covariance, fragment_dim, fragment_pieces
     from alphafuse_dist.decompose.rsvd import randomized_covariance_eigh
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
@@ -177,8 +177,9 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
         values, vectors = np.linalg.eigh(cov)
         times.append((time.perf_counter() - t0, time.perf_counter() - t1))
     values, vectors = values[::-1], vectors[:, ::-1]
+    pieces = len(fragment_pieces(files, min_rows=2 * fragment_dim(files)))  # as distributed_covariance cuts them
     result = {"seconds": times[0][0], "eigh_seconds": times[0][1], "warm_seconds": times[1][0],
-              "num_cpus": num_cpus, "fragments": len(files)}
+              "num_cpus": num_cpus, "fragments": len(files), "pieces": pieces}
     if not randomized:
         ray.shutdown()
         return result
