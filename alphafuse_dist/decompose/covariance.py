@@ -1,11 +1,12 @@
 """Mean and covariance of the item embeddings E, computed with one Ray task per Parquet piece.
 
 A piece is a run of row groups of one fragment (file) of the embed output (:func:`fragment_pieces`:
-about two pieces per cluster CPU, so the parallelism does not hang on the number of files; the
+about one piece per cluster CPU, so the parallelism does not hang on the number of files; the
 embed stage writes row groups of 4,096 rows). Each task streams one piece in row batches of
-4,096-8,192 rows and returns its moments (count, weight, mean, centred scatter); the partial moments are combined by a tree of Ray
-tasks (fan-in 2..8) with the pairwise update of Chan, Golub and LeVeque, so neither the driver nor
-any task ever holds more than one batch of rows or more than ``fan_in`` partials of d_l x d_l. Then
+4,096-8,192 rows and returns its moments (count, weight, mean, centred scatter); the partial
+moments are combined by a tree of Ray tasks (fan-in 2..8) with the pairwise update of Chan, Golub
+and LeVeque, so neither the driver nor any task ever holds more than one batch of rows or more
+than ``fan_in`` partials of d_l x d_l. Then
 
     C = scatter / (W - 1)        (W = sum of weights)
 
@@ -59,12 +60,12 @@ PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
 
 # A fragment file, or a run of its row groups: (path, (row group indices...)).
-Piece = Union[str, tuple[str, tuple[int, ...]]]
+Piece = Union[str, Path, tuple[str, tuple[int, ...]]]
 
 
 def piece_path(piece: Piece) -> str:
     """The file of a piece (a path or ``(path, row_groups)``)."""
-    return piece if isinstance(piece, str) else str(piece[0])
+    return str(piece) if isinstance(piece, (str, Path)) else str(piece[0])
 
 
 def fragment_pieces(files: list[str], pieces: int | None = None, min_rows: int = 1) -> list[tuple[str, tuple[int, ...]]]:

@@ -56,7 +56,7 @@ def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> n
     i at item_idx i.
 
     Results are consumed as they finish, so the driver holds the float32 [N, d] table plus at most
-    the fragments already done but not yet copied.
+    the pieces already done but not yet copied.
 
     Raises:
         DataError: naming the file when an item_idx is outside 0..N-1 or appears twice, or naming
