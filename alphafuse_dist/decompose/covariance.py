@@ -47,7 +47,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from scipy.linalg.blas import dger  # scipy comes with sentence-transformers
 
 from ..errors import DataError
 
@@ -131,6 +130,10 @@ class Moments:
         weight = self.weight + other.weight
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.weight / weight)
+        # imported here, not at the top: the per-piece tasks never merge, and scipy.linalg costs
+        # each fresh Ray worker ~0.1 s of a stage's first call (benchmarks/decompose/first_call.py)
+        from scipy.linalg.blas import dger  # scipy comes with sentence-transformers
+
         scatter = self.scatter + other.scatter  # a new array: the inputs may be read-only (Ray objects)
         # the symmetric rank-1 term in place (BLAS ger on the Fortran view), no d_l x d_l temporary
         dger(self.weight * other.weight / weight, delta, delta, a=scatter.T, overwrite_a=1)
