@@ -329,6 +329,16 @@ def tree_reduce(refs: list, fan_in: int = 4):
     return ray.get(refs[0])
 
 
+def covariance_pieces(files: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """The pieces :func:`distributed_covariance` runs one task on: :func:`fragment_pieces` of at
+    least 2 d_l rows, so that a piece's float64 d_l x d_l partial never outweighs its float32 rows.
+
+    Raises:
+        DataError: as :func:`fragment_dim` and :func:`fragment_pieces`.
+    """
+    return fragment_pieces(files, min_rows=2 * fragment_dim(files))
+
+
 def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.ndarray | None = None,
                            fan_in: int = 4, precision: str = "float32") -> tuple[int, np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of ``scale * E`` over all fragments, one Ray task per piece
@@ -348,11 +358,9 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     files = [str(Path(f)) for f in files]
-    d_l = fragment_dim(files)
+    pieces = covariance_pieces(files)
     weights_ref = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
-    # pieces of at least 2 d_l rows: a piece's float64 d_l x d_l partial never outweighs its float32 rows
-    total = tree_reduce([_partial_moments_task.remote(p, weights_ref, None, precision)
-                         for p in fragment_pieces(files, min_rows=2 * d_l)], fan_in)
+    total = tree_reduce([_partial_moments_task.remote(p, weights_ref, None, precision) for p in pieces], fan_in)
     if total.weight <= 1:
         raise DataError(f"the embeddings hold total weight {total.weight:g} over {total.count} rows; a "
                         "covariance needs more than 1", file=Path(files[0]).parent)

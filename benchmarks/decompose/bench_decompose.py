@@ -163,7 +163,7 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
     sample, half a core at 20 ms intervals, which inflated our times by 25-80% on 2 cores)."""
     import ray
 
-    from alphafuse_dist.decompose.covariance import distributed_covariance, fragment_dim, fragment_pieces
+    from alphafuse_dist.decompose.covariance import covariance_pieces, distributed_covariance
     from alphafuse_dist.decompose.rsvd import randomized_covariance_eigh
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
@@ -177,7 +177,7 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
         values, vectors = np.linalg.eigh(cov)
         times.append((time.perf_counter() - t0, time.perf_counter() - t1))
     values, vectors = values[::-1], vectors[:, ::-1]
-    pieces = len(fragment_pieces(files, min_rows=2 * fragment_dim(files)))  # as distributed_covariance cuts them
+    pieces = len(covariance_pieces(files))
     result = {"seconds": times[0][0], "eigh_seconds": times[0][1], "warm_seconds": times[1][0],
               "num_cpus": num_cpus, "fragments": len(files), "pieces": pieces}
     if not randomized:
