@@ -11,8 +11,8 @@ from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
-from alphafuse_dist.decompose.covariance import (batch_moments, distributed_covariance, fragment_pieces,
-                                                 partial_moments)
+from alphafuse_dist.decompose.covariance import (ScatterAccumulator, batch_moments, distributed_covariance,
+                                                 fragment_pieces, partial_moments, pieces_moments, task_layout)
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError, DataError
 
@@ -102,6 +102,44 @@ def test_fragment_pieces_split_files_by_row_groups(ray_session, embeddings, tmp_
     with pytest.raises(DataError, match="has no rows") as e:
         fragment_pieces([files[0], str(empty)])
     assert str(empty) in str(e.value)
+
+
+def test_threads_share_one_gram_and_tasks_add_up(ray_session, embeddings):
+    """pieces_moments: threads taking pieces from a queue into one gram give the moments of all
+    rows, whatever the thread count; distributed_covariance gives the same with one task per node
+    or one per CPU (a tree reduce of their partials)."""
+    _, files, X = embeddings
+    pieces = fragment_pieces(files, pieces=20)
+    centred = X.astype(np.float64) - X.mean(0, dtype=np.float64)
+    for threads in (1, 3, 7):
+        m = pieces_moments(pieces, threads=threads, precision="float64", batch_rows=100)
+        assert m.count == N and m.weight == N
+        assert rel_err(m.mean, X.mean(0, dtype=np.float64)) < 1e-12
+        assert rel_err(m.scatter, centred.T @ centred) < 1e-12
+    m32 = pieces_moments(pieces, threads=4)  # float32 products, the default
+    assert rel_err(m32.scatter, centred.T @ centred) < 1e-6
+    # weights reach every thread; a bad one names its file
+    w = np.random.default_rng(2).integers(1, 9, size=N).astype(np.float64)
+    mw = pieces_moments(pieces, w, threads=3, precision="float64")
+    assert rel_err(mw.mean, np.average(X, axis=0, weights=w)) < 1e-12 and mw.weight == w.sum()
+    with pytest.raises(DataError, match="item_idx .* has no weight") as e:
+        pieces_moments(pieces, w[:-1], threads=3)
+    assert "part-" in str(e.value)
+
+    assert task_layout() == (1, 2)  # the 2-CPU test cluster: one task of 2 CPUs
+    assert task_layout(task_cpus=1) == (2, 1)
+    with pytest.raises(ValueError, match="task_cpus=0"):
+        task_layout(task_cpus=0)
+    _, mean1, cov1 = distributed_covariance(files, precision="float64")
+    _, mean2, cov2 = distributed_covariance(files, precision="float64", task_cpus=1)
+    assert rel_err(cov1, np.cov(X, rowvar=False)) < 1e-12 and rel_err(cov2, cov1) < 1e-12
+    assert rel_err(mean2, mean1) < 1e-12
+
+    a, b = ScatterAccumulator(D_L), ScatterAccumulator(D_L)
+    with pytest.raises(ValueError, match="sharing one gram"):
+        ScatterAccumulator.combine(a, [b])
+    with pytest.raises(RuntimeError, match="set_shift"):
+        ScatterAccumulator(D_L, shared=a).add(X[:10])
 
 
 def test_float32_scatter_is_exact_to_1e6_with_a_huge_mean():
@@ -249,23 +287,31 @@ def numpy_table(X, d, d_n, *, scale=1.0, whiten=True, weights=None):
 def test_stage_equals_the_numpy_construction(ray_session, embeddings, tmp_path, whiten):
     folder, _, X = embeddings
     d, d_n = 24, 8
+    expected, _ = numpy_table(X, d, d_n, scale=40.0, whiten=whiten)
+    # the formulas, with float64 products: only the float32 table's rounding is left
+    decompose(folder, DecomposeConfig(null_dims=d_n, whiten=whiten, scale=40.0, precision="float64"), dim=d,
+              num_items=N, out_dir=tmp_path)
+    table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
+    assert rel_err(table, expected) < 1e-6
+    # "cover" keeps the first d_s = d - d_n columns of this table and replaces the rest by the ID part
+    assert rel_err(table[:, :d - d_n], expected[:, :d - d_n]) < 1e-6
+    # the default float32 products (batches of a whole 600-row fragment here): C is off by ~1e-6
+    # relative, and whitening divides direction k by sqrt(S_k), so the table by more
     decompose(folder, DecomposeConfig(null_dims=d_n, whiten=whiten, scale=40.0), dim=d, num_items=N, out_dir=tmp_path)
     table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
-    expected, _ = numpy_table(X, d, d_n, scale=40.0, whiten=whiten)
-    assert rel_err(table, expected) < 1e-5
-    # "cover" keeps the first d_s = d - d_n columns of this table and replaces the rest by the ID part
-    assert rel_err(table[:, :d - d_n], expected[:, :d - d_n]) < 1e-5
+    assert rel_err(table, expected) < 1e-4
     assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_popularity_weighted_mean(ray_session, embeddings, tmp_path):
     folder, _, X = embeddings
     popularity = np.random.default_rng(4).integers(0, 50, size=N).astype(np.float64)
-    info = decompose(folder, DecomposeConfig(null_dims=8, weighted_mean=True), dim=24, num_items=N, out_dir=tmp_path,
-                     weights=popularity)
+    # float64 products: the formula, up to the float32 table's rounding (see the test above)
+    info = decompose(folder, DecomposeConfig(null_dims=8, weighted_mean=True, precision="float64"), dim=24,
+                     num_items=N, out_dir=tmp_path, weights=popularity)
     table = load_file(str(tmp_path / "semantic.safetensors"))["semantic"]
     expected, _ = numpy_table(X, 24, 8, weights=popularity)
-    assert rel_err(table, expected) < 1e-5
+    assert rel_err(table, expected) < 1e-6
     basis = NullSpaceBasis.load(tmp_path)
     assert rel_err(basis.mean, np.average(X.astype(np.float64), axis=0, weights=popularity)) < 1e-10
     # the weighted centre is not the row mean, so the table's columns are not centred

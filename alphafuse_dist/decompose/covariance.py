@@ -1,18 +1,26 @@
-"""Mean and covariance of the item embeddings E, computed with one Ray task per Parquet piece.
+"""Mean and covariance of the item embeddings E: one Ray task per node, one thread per CPU.
 
-A piece is a run of row groups of one fragment (file) of the embed output (:func:`fragment_pieces`:
-about one piece per cluster CPU, so the parallelism does not hang on the number of files; the
-embed stage writes row groups of 4,096 rows). Each task streams one piece in row batches of
-4,096-8,192 rows and returns its moments (count, weight, mean, centred scatter); the partial
-moments are combined by a tree of Ray tasks (fan-in 2..8) with the pairwise update of Chan, Golub
-and LeVeque, so neither the driver nor any task ever holds more than one batch of rows or more
-than ``fan_in`` partials of d_l x d_l. Then
+The fragments (files) of the embed output are cut into pieces, runs of row groups of about equal
+rows (:func:`fragment_pieces`; the embed stage writes row groups of 4,096 rows), so the
+parallelism does not hang on the number of files. :func:`distributed_covariance` runs one Ray task
+per node (:func:`task_layout`) holding as many CPUs as the node has; inside it (:func:`pieces_moments`)
+one thread per CPU takes pieces from a queue and streams them in batches of 4,096-8,192 rows:
+pyarrow decodes and BLAS multiplies with the GIL released, every thread adds its batches' products
+into one float64 gram of the task. The tasks' partial moments (count, weight, mean, centred
+scatter) are combined by a tree of Ray tasks (fan-in 2..8) with the pairwise update of Chan,
+Golub and LeVeque, so no process ever holds E: a task holds one batch per thread and one
+d_l x d_l gram. Then
 
     C = scatter / (W - 1)        (W = sum of weights)
 
 which is ``np.cov(E, rowvar=False)`` without weights (unbiased N-1 form, METHOD.md section 2).
 
-Numerics. Every batch is centred on a shift near the mean (the fragment's first batch's mean)
+Why one task per node and not one per piece (until 2026-11-27): on 16 cores, 16 processes each
+held a float64 d_l x d_l partial and a batch and paid a Ray worker's first task; one process with
+16 threads took 0.38 of the reference's peak memory instead of 0.89 at 1M x 384, and its first
+call was faster (benchmarks/decompose/RESULTS.md).
+
+Numerics. Every batch is centred on a shift near the mean (the mean of a task's first batch)
 before any product, so the products never carry the mean (no ``sum x x^T - W mu mu^T``
 cancellation, whatever |mu| / std is). The batch's scatter ``Z^T Z`` is then one BLAS ``syrk`` in
 ``precision`` (numpy's ``Z.T @ Z`` of one buffer; see :class:`ScatterAccumulator`):
@@ -39,6 +47,8 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -57,6 +67,7 @@ BATCH_BYTES = 16 << 20  # float32 bytes per batch of the covariance pass: bounds
 READ_BUFFER = 1 << 20  # bytes; with pre_buffer off, a reader holds pages, not the whole row group
 PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
+PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces): queued, so they balance
 
 # A fragment file, or a run of its row groups: (path, (row group indices...)).
 Piece = Union[str, Path, tuple[str, tuple[int, ...]]]
@@ -177,11 +188,15 @@ def fragment_dim(files: list[str]) -> int:
     return dims[files[0]]
 
 
-def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool = False,
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows of one fragment, or of a piece ``(path, row_groups)`` of it, ``batch_rows`` at a time.
 
     The file is read page by page (``pre_buffer`` off): the default pre-buffering would hold a
-    whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches.
+    whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches. pyarrow's
+    own decoding threads are off by default: the callers run one task per CPU, or one thread per
+    CPU (:func:`pieces_moments`), and on 16 cores pyarrow's pool on top made the covariance's
+    first call 1.3x slower (benchmarks/decompose/RESULTS.md).
 
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
@@ -189,7 +204,7 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[
     path, row_groups = (piece, None) if isinstance(piece, (str, Path)) else piece
     reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
     for batch in reader.iter_batches(batch_size=batch_rows, row_groups=row_groups,
-                                     columns=[INDEX_COLUMN, VECTOR_COLUMN]):
+                                     columns=[INDEX_COLUMN, VECTOR_COLUMN], use_threads=use_threads):
         vectors = batch.column(VECTOR_COLUMN)
         if vectors.null_count or batch.column(INDEX_COLUMN).null_count:
             raise DataError("null entries; every row needs an item_idx and a vector", file=path)
@@ -218,9 +233,13 @@ class ScatterAccumulator:
     the products centred (no cancellation against the mean); the scatter about the mean follows
     from the sum ``s = sum w (z - shift)`` (each batch's in ``precision``, added in float64):
     ``scatter = G - s s^T / W``; the mean is ``sum w x / W`` summed in float64 from the rows themselves.
+
+    Threads of one process may share one gram (``shared``: another accumulator, whose shift and
+    gram this one uses, under its lock) and keep only their own sums and batch buffers: at
+    d_l = 3,072 that saves a 75 MB float64 gram per thread. :meth:`combine` then sums them.
     """
 
-    def __init__(self, d_l: int, precision: str = "float32"):
+    def __init__(self, d_l: int, precision: str = "float32", shared: "ScatterAccumulator | None" = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
         self.dtype = np.dtype(precision)
@@ -228,18 +247,33 @@ class ScatterAccumulator:
         self.shift: np.ndarray | None = None  # float64 value of the rounded shift
         self.sums = np.zeros(d_l)  # sum w (z - shift), of the rounded centred rows the gram sees
         self.totals = np.zeros(d_l)  # sum w x, exact in float64: the mean
-        self.gram = np.zeros((d_l, d_l))
+        self.gram = np.zeros((d_l, d_l)) if shared is None else shared.gram
+        self._lock = threading.Lock() if shared is None else shared._lock
+        self._shared = shared
+        self._rows: np.ndarray | None = None  # the centred rows of a batch, in ``precision``
+        self._product: np.ndarray | None = None  # a batch's Z^T Z, in ``precision``
+
+    def set_shift(self, X: np.ndarray, w: np.ndarray | None = None) -> None:
+        """Fix the shift to the (weighted) mean of the rows X, rounded to ``precision``."""
+        mean = (X.sum(axis=0, dtype=np.float64) / len(X) if w is None
+                else np.einsum("i,ij->j", w, X, dtype=np.float64) / w.sum())
+        self.shift = mean.astype(self.dtype).astype(np.float64)
 
     def add(self, X: np.ndarray, w: np.ndarray | None = None) -> None:
         """Add rows X [b, d_l] with optional weights w [b] (float64, >= 0)."""
         if w is not None and not w.sum() > 0:
             self.count += len(X)
             return
+        if self._shared is not None:
+            self.shift = self._shared.shift
+            if self.shift is None:
+                raise RuntimeError("set_shift() the shared accumulator before its threads add rows")
         if self.shift is None:
-            mean = (X.sum(axis=0, dtype=np.float64) / len(X) if w is None
-                    else np.einsum("i,ij->j", w, X, dtype=np.float64) / w.sum())
-            self.shift = mean.astype(self.dtype).astype(np.float64)
-        Z = X.astype(self.dtype, copy=False) - self.shift.astype(self.dtype)  # a new array
+            self.set_shift(X, w)
+        if self._rows is None or len(self._rows) < len(X):  # buffers reused batch after batch
+            self._rows = np.empty(X.shape, dtype=self.dtype)
+            self._product = np.empty((X.shape[1], X.shape[1]), dtype=self.dtype)
+        Z = np.subtract(X, self.shift.astype(self.dtype), out=self._rows[:len(X)])
         if w is None:
             self.weight += float(len(X))
             # the column sums of Z as a BLAS gemv in ``precision`` (a quarter of the time of numpy's
@@ -252,7 +286,22 @@ class ScatterAccumulator:
             self.totals += np.einsum("i,ij->j", w, X, dtype=np.float64)
             Z *= np.sqrt(w).astype(self.dtype)[:, None]
         self.count += len(X)
-        self.gram += Z.T @ Z
+        product = np.matmul(Z.T, Z, out=self._product)  # outside the lock: the threads' GEMMs overlap
+        with self._lock:
+            self.gram += product
+
+    @classmethod
+    def combine(cls, shared: "ScatterAccumulator", parts: list["ScatterAccumulator"]) -> "ScatterAccumulator":
+        """``shared`` with the counts and sums of the accumulators that added into its gram."""
+        for part in parts:
+            if part is not shared:
+                if part.gram is not shared.gram:
+                    raise ValueError("combine() takes accumulators sharing one gram")
+                shared.count += part.count
+                shared.weight += part.weight
+                shared.sums += part.sums
+                shared.totals += part.totals
+        return shared
 
     def moments(self) -> Moments:
         """The accumulated rows' :class:`Moments`."""
@@ -272,22 +321,14 @@ def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "
     return acc.moments()
 
 
-def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows: int | None = None,
-                    precision: str = "float32") -> Moments:
-    """Moments of one fragment or piece, streamed in batches into one :class:`ScatterAccumulator`.
+def _add_piece(acc: "ScatterAccumulator | None", piece: Piece, weights: np.ndarray | None, rows: int,
+               precision: str) -> "ScatterAccumulator":
+    """Stream one piece's rows into ``acc`` (a new accumulator when None) and return it.
 
-    Args:
-        piece: one ``part-*.parquet`` file of the embed output, or ``(path, row_groups)`` of one.
-        weights: optional per-item weights, float [N] indexed by ``item_idx`` (e.g. popularity);
-            None gives every row weight 1.
-        batch_rows: rows read at a time (None: :func:`batch_rows_for` d_l).
-        precision: the GEMM precision of each batch's scatter ("float32" or "float64").
+    Raises:
+        DataError: naming the file when the piece has no rows or an ``item_idx`` has no valid weight.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    acc = None
-    path = piece_path(piece)
-    rows = batch_rows or batch_rows_for(fragment_dim([path]))
+    path, before = piece_path(piece), (0 if acc is None else acc.count)
     for idx, X in iter_fragment(piece, rows):
         w = None
         if weights is not None:
@@ -302,12 +343,103 @@ def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows:
         if acc is None:
             acc = ScatterAccumulator(X.shape[1], precision)
         acc.add(X, w)
-    if acc is None or acc.count == 0:
+    if acc is None or acc.count == before:
         raise DataError("has no rows", file=path)
-    return acc.moments()
+    return acc
 
 
-_partial_moments_task = ray.remote(num_cpus=1)(partial_moments)
+def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows: int | None = None,
+                    precision: str = "float32") -> Moments:
+    """Moments of one fragment or piece, streamed in batches into one :class:`ScatterAccumulator`.
+
+    Args:
+        piece: one ``part-*.parquet`` file of the embed output, or ``(path, row_groups)`` of one.
+        weights: optional per-item weights, float [N] indexed by ``item_idx`` (e.g. popularity);
+            None gives every row weight 1.
+        batch_rows: rows read at a time (None: :func:`batch_rows_for` d_l).
+        precision: the GEMM precision of each batch's scatter ("float32" or "float64").
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    rows = batch_rows or batch_rows_for(fragment_dim([piece_path(piece)]))
+    return _add_piece(None, piece, weights, rows, precision).moments()
+
+
+def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threads: int = 1,
+                   precision: str = "float32", batch_rows: int | None = None) -> Moments:
+    """Moments of several pieces in this process: ``threads`` threads take the pieces one at a
+    time from a shared queue, each into its own :class:`ScatterAccumulator` (so a slow piece does
+    not hold the others back), and their moments are merged at the end.
+
+    Threads, not one process per piece: the work is pyarrow's decoding and BLAS, which release the
+    GIL, and one process per node pays one Ray worker's first task, holds one d_l x d_l partial
+    per thread rather than per process, and returns one partial (benchmarks/decompose/RESULTS.md).
+    BLAS runs one thread per calling thread meanwhile (threadpoolctl), so the threads do not
+    oversubscribe the cores.
+
+    Raises:
+        DataError: as :func:`partial_moments`, for the first failing piece.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if not pieces:
+        raise ValueError("pieces_moments needs at least one piece")
+    from threadpoolctl import threadpool_limits
+
+    rows = batch_rows or batch_rows_for(fragment_dim([piece_path(pieces[0])]))
+    # one gram for all threads, about one shift: the mean of the first batch of the first piece
+    first = next(iter_fragment(pieces[0], rows), None)
+    if first is None:
+        raise DataError("has no rows", file=piece_path(pieces[0]))
+    shared = ScatterAccumulator(first[1].shape[1], precision)
+    shared.set_shift(first[1])
+    del first
+    queue = iter(list(pieces))
+    lock = threading.Lock()
+
+    def work() -> ScatterAccumulator:
+        acc = ScatterAccumulator(len(shared.sums), precision, shared=shared)
+        while True:
+            with lock:  # an iterator is not thread-safe
+                piece = next(queue, None)
+            if piece is None:
+                return acc
+            _add_piece(acc, piece, weights, rows, precision)
+
+    threads = max(1, min(threads, len(pieces)))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads == 1:
+            accs = [work()]
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="moments") as pool:
+                accs = [f.result() for f in [pool.submit(work) for _ in range(threads)]]
+    return ScatterAccumulator.combine(shared, accs).moments()
+
+
+def _pieces_moments_task(pieces: list[Piece], weights, precision: str) -> Moments:
+    """The Ray task of :func:`distributed_covariance`: as many threads as CPUs Ray gave it."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return pieces_moments(pieces, weights, max(1, int(cpus)), precision)
+
+
+_pieces_moments_remote = ray.remote(_pieces_moments_task)
+
+
+def task_layout(task_cpus: int | None = None) -> tuple[int, int]:
+    """``(tasks, cpus_per_task)`` for :func:`distributed_covariance`: by default one task per node,
+    as many CPUs as the largest alive node has (so on a cluster of equal nodes, one task per node);
+    ``task_cpus`` sets the CPUs per task (e.g. to leave a busy cluster room). Tasks: the cluster's
+    CPUs over ``cpus_per_task``, at least one.
+
+    Raises:
+        ValueError: when ``task_cpus`` < 1.
+    """
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    if task_cpus is None:
+        task_cpus = int(max(nodes, default=1)) or 1
+    if task_cpus < 1:
+        raise ValueError(f"task_cpus={task_cpus}: must be >= 1")
+    return max(1, int(sum(nodes)) // task_cpus), task_cpus
 
 
 @ray.remote(num_cpus=1)
@@ -329,20 +461,26 @@ def tree_reduce(refs: list, fan_in: int = 4):
     return ray.get(refs[0])
 
 
-def covariance_pieces(files: list[str]) -> list[tuple[str, tuple[int, ...]]]:
-    """The pieces :func:`distributed_covariance` runs one task on: :func:`fragment_pieces` of at
-    least 2 d_l rows, so that a piece's float64 d_l x d_l partial never outweighs its float32 rows.
+def covariance_pieces(files: list[str], threads: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """The pieces :func:`distributed_covariance` queues to its threads: :func:`fragment_pieces`,
+    ``PIECES_PER_THREAD`` per thread (``threads``; None: per CPU of the cluster), each of at least
+    one read batch (:func:`batch_rows_for`) where a file has the rows. Threads take pieces as they
+    finish the last, so several pieces per thread even out files that do not split evenly.
 
     Raises:
         DataError: as :func:`fragment_dim` and :func:`fragment_pieces`.
     """
-    return fragment_pieces(files, min_rows=2 * fragment_dim(files))
+    if threads is None:
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return fragment_pieces(files, pieces=PIECES_PER_THREAD * threads, min_rows=batch_rows_for(fragment_dim(files)))
 
 
 def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.ndarray | None = None,
-                           fan_in: int = 4, precision: str = "float32") -> tuple[int, np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance of ``scale * E`` over all fragments, one Ray task per piece
-    (:func:`fragment_pieces`).
+                           fan_in: int = 4, precision: str = "float32",
+                           task_cpus: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of ``scale * E`` over all fragments: one Ray task per node
+    (:func:`task_layout`), each running one thread per CPU over a queue of pieces
+    (:func:`covariance_pieces`, :func:`pieces_moments`); the tasks' partials are tree-reduced.
 
     Args:
         files: the ``part-*.parquet`` fragments (``item_idx``, ``vector: fixed_size_list[d_l]``).
@@ -351,6 +489,7 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
             of k counts the row k times, the divisor is ``sum(w) - 1`` (``np.cov(fweights=w)``).
         fan_in: partials combined per reduce task (2..8).
         precision: GEMM precision of the per-batch scatter (``decompose.precision``; module notes).
+        task_cpus: CPUs (and threads) per task; None: the largest node's CPUs (:func:`task_layout`).
 
     Returns:
         ``(n, mean, cov)``: the row count, float64 [d_l] and float64 [d_l, d_l].
@@ -358,9 +497,14 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     files = [str(Path(f)) for f in files]
-    pieces = covariance_pieces(files)
+    tasks, cpus = task_layout(task_cpus)
+    pieces = covariance_pieces(files, tasks * cpus)
+    tasks = min(tasks, len(pieces))
     weights_ref = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
-    total = tree_reduce([_partial_moments_task.remote(p, weights_ref, None, precision) for p in pieces], fan_in)
+    # pieces dealt round-robin: they have about equal rows (fragment_pieces)
+    refs = [_pieces_moments_remote.options(num_cpus=cpus).remote(pieces[t::tasks], weights_ref, precision)
+            for t in range(tasks)]
+    total = tree_reduce(refs, fan_in)
     if total.weight <= 1:
         raise DataError(f"the embeddings hold total weight {total.weight:g} over {total.count} rows; a "
                         "covariance needs more than 1", file=Path(files[0]).parent)
