@@ -188,15 +188,16 @@ def fragment_dim(files: list[str]) -> int:
     return dims[files[0]]
 
 
-def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool = False,
+def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool = True,
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows of one fragment, or of a piece ``(path, row_groups)`` of it, ``batch_rows`` at a time.
 
     The file is read page by page (``pre_buffer`` off): the default pre-buffering would hold a
-    whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches. pyarrow's
-    own decoding threads are off by default: the callers run one task per CPU, or one thread per
-    CPU (:func:`pieces_moments`), and on 16 cores pyarrow's pool on top made the covariance's
-    first call 1.3x slower (benchmarks/decompose/RESULTS.md).
+    whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches.
+    ``use_threads=False`` turns pyarrow's decoding pool off: :func:`pieces_moments` runs one
+    thread per CPU already, and on 16 cores the pool on top made the covariance's first call 1.3x
+    slower (benchmarks/decompose/RESULTS.md). The one-task-per-piece passes keep it: on 2 cores
+    the randomized solver took 38.7 s instead of 28 s without it (same benchmark, 2026-11-27).
 
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
@@ -322,14 +323,15 @@ def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "
 
 
 def _add_piece(acc: "ScatterAccumulator | None", piece: Piece, weights: np.ndarray | None, rows: int,
-               precision: str) -> "ScatterAccumulator":
-    """Stream one piece's rows into ``acc`` (a new accumulator when None) and return it.
+               precision: str, use_threads: bool = True) -> "ScatterAccumulator":
+    """Stream one piece's rows into ``acc`` (a new accumulator when None) and return it
+    (``use_threads``: pyarrow's decoding pool, see :func:`iter_fragment`).
 
     Raises:
         DataError: naming the file when the piece has no rows or an ``item_idx`` has no valid weight.
     """
     path, before = piece_path(piece), (0 if acc is None else acc.count)
-    for idx, X in iter_fragment(piece, rows):
+    for idx, X in iter_fragment(piece, rows, use_threads=use_threads):
         w = None
         if weights is not None:
             outside = idx[(idx < 0) | (idx >= len(weights))]
@@ -388,7 +390,7 @@ def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threa
 
     rows = batch_rows or batch_rows_for(fragment_dim([piece_path(pieces[0])]))
     # one gram for all threads, about one shift: the mean of the first batch of the first piece
-    first = next(iter_fragment(pieces[0], rows), None)
+    first = next(iter_fragment(pieces[0], rows, use_threads=False), None)
     if first is None:
         raise DataError("has no rows", file=piece_path(pieces[0]))
     shared = ScatterAccumulator(first[1].shape[1], precision)
@@ -404,7 +406,7 @@ def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threa
                 piece = next(queue, None)
             if piece is None:
                 return acc
-            _add_piece(acc, piece, weights, rows, precision)
+            _add_piece(acc, piece, weights, rows, precision, use_threads=False)
 
     threads = max(1, min(threads, len(pieces)))
     with threadpool_limits(limits=1, user_api="blas"):
