@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
-from alphafuse_dist.decompose.covariance import (ScatterAccumulator, batch_moments, distributed_covariance,
+from alphafuse_dist.decompose.covariance import (ScatterAccumulator, batch_moments, covariance_eigh, distributed_covariance,
                                                  fragment_pieces, partial_moments, pieces_moments, task_layout)
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError, DataError
@@ -140,6 +140,20 @@ def test_threads_share_one_gram_and_tasks_add_up(ray_session, embeddings):
         ScatterAccumulator.combine(a, [b])
     with pytest.raises(RuntimeError, match="set_shift"):
         ScatterAccumulator(D_L, shared=a).add(X[:10])
+
+
+def test_covariance_eigh_equals_numpy():
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(200, 120)) * np.geomspace(1, 1e-3, 120)
+    C = np.cov(A, rowvar=False)
+    values, vectors = covariance_eigh(C)
+    ref_values, ref_vectors = np.linalg.eigh(C)
+    assert np.all(np.diff(values) >= 0)  # ascending, as numpy's
+    assert rel_err(values, ref_values) < 1e-12
+    assert rel_err(vectors @ np.diag(values) @ vectors.T, C) < 1e-12
+    assert np.allclose(vectors.T @ vectors, np.eye(120), atol=1e-12)
+    top = np.abs(np.sum(vectors[:, -10:] * ref_vectors[:, -10:], axis=0))  # same directions up to sign
+    assert np.allclose(top, 1, atol=1e-9)
 
 
 def test_float32_scatter_is_exact_to_1e6_with_a_huge_mean():

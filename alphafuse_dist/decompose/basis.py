@@ -102,14 +102,16 @@ class NullSpaceBasis:
     @classmethod
     def fit(cls, mean: np.ndarray, cov: np.ndarray, dim: int, null_dims: int, whiten: bool = True,
             scale: float = 1.0) -> "NullSpaceBasis":
-        """Exact eigendecomposition (``np.linalg.eigh``) of a symmetric covariance.
+        """Exact eigendecomposition (:func:`~.covariance.covariance_eigh`) of a symmetric covariance.
 
         Args:
             mean: float [d_l], the mean of ``scale * E``.
             cov: float [d_l, d_l], the covariance of ``scale * E``.
             dim, null_dims, whiten, scale: as the attributes.
         """
-        values, vectors = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
+        from .covariance import covariance_eigh
+
+        values, vectors = covariance_eigh(cov)
         return cls.from_spectrum(mean, values, vectors, dim, null_dims, whiten, scale)
 
     @classmethod

@@ -5,7 +5,7 @@ Data flow (METHOD.md section 2, steps 1-6)::
     embed/part-*.parquet (item_idx, vector[d_l])
       -> method "exact": distributed_covariance (one Ray task per node, one thread per CPU
                          over a queue of pieces, runs of a fragment's row groups; tree reduce)
-                         -> mu [d_l], C [d_l, d_l] -> eigh -> all d_l eigenpairs
+                         -> mu [d_l], C [d_l, d_l] -> covariance_eigh -> all d_l eigenpairs
          method "randomized": randomized_covariance_eigh (rsvd.py, 2 + power_iters passes of one
                          Ray task per piece) -> mu, top-d eigenpairs, trace of C
       -> null_rule: "count" (d_n = null_dims) or "threshold" (d = d_l, d_n = #S_k <= null_threshold)
@@ -34,7 +34,8 @@ from ..config import DecomposeConfig
 from ..errors import ConfigError, DataError
 from ..stages import atomic_write_json
 from .basis import NullSpaceBasis, threshold_null_dims
-from .covariance import INDEX_COLUMN, Piece, distributed_covariance, fragment_pieces, iter_fragment, piece_path
+from .covariance import (INDEX_COLUMN, Piece, covariance_eigh, distributed_covariance, fragment_pieces, iter_fragment,
+                         piece_path)
 from .rsvd import column_sums, randomized_covariance_eigh
 from .spectrum import SPECTRUM_PLOT, plot_spectrum
 
@@ -115,7 +116,7 @@ def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndar
         # scatter about mu_w = scatter about mu + n (mu - mu_w)(mu - mu_w)^T
         shift = mean - cfg.scale * column_sums(files, weights).mean(weighted=True)
         mean, cov = mean - shift, cov + n / (n - 1) * np.outer(shift, shift)
-    values, vectors = np.linalg.eigh(cov)
+    values, vectors = covariance_eigh(cov)
     return n, mean, values, vectors, None
 
 

@@ -12,7 +12,7 @@ Per size ``N x d_l`` (float32 rows with a decaying spectrum and a non-zero mean)
    ``C = np.cov(E - mu, rowvar=False)``, ``np.linalg.svd(C)`` (centring, cov and svd also timed
    apart); peak memory = that process's ``ru_maxrss`` (E included).
 3. ours: a fresh subprocess starts local Ray (``--num-cpus``, default all cores) and times
-   ``distributed_covariance`` + ``np.linalg.eigh`` (reading and decoding the fragments included)
+   ``distributed_covariance`` + ``covariance_eigh`` (the stage's path; reading and decoding the fragments included)
    twice: the first call (Ray workers start and import our code: ``seconds``) and a warm one
    (``warm_seconds``). Peak memory comes from another fresh subprocess that runs the first call
    under a sampler: the peak of the summed RSS (and PSS: shared pages split among the processes) of
@@ -163,7 +163,8 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
     sample, half a core at 20 ms intervals, which inflated our times by 25-80% on 2 cores)."""
     import ray
 
-    from alphafuse_dist.decompose.covariance import covariance_pieces, distributed_covariance
+    from alphafuse_dist.decompose.covariance import (covariance_eigh, covariance_pieces, distributed_covariance,
+                                                     task_layout)
     from alphafuse_dist.decompose.rsvd import randomized_covariance_eigh
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
@@ -174,12 +175,12 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
         t0 = time.perf_counter()
         _, _, cov = distributed_covariance(files)
         t1 = time.perf_counter()
-        values, vectors = np.linalg.eigh(cov)
+        values, vectors = covariance_eigh(cov)
         times.append((time.perf_counter() - t0, time.perf_counter() - t1))
     values, vectors = values[::-1], vectors[:, ::-1]
     pieces = len(covariance_pieces(files))
     result = {"seconds": times[0][0], "eigh_seconds": times[0][1], "warm_seconds": times[1][0],
-              "num_cpus": num_cpus, "fragments": len(files), "pieces": pieces}
+              "num_cpus": num_cpus, "fragments": len(files), "pieces": pieces, "tasks": task_layout()[0]}
     if not randomized:
         ray.shutdown()
         return result
@@ -198,7 +199,7 @@ def run_ours_memory(folder: Path, num_cpus: int) -> dict:
     summed RSS and PSS of the driver and all its descendants, sampled every 20 ms."""
     import ray
 
-    from alphafuse_dist.decompose.covariance import distributed_covariance
+    from alphafuse_dist.decompose.covariance import covariance_eigh, distributed_covariance
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
     files = sorted(str(p) for p in folder.glob("part-*.parquet"))
@@ -207,7 +208,7 @@ def run_ours_memory(folder: Path, num_cpus: int) -> dict:
     with PeakSampler() as sampler:
         t0 = time.perf_counter()
         _, _, cov = distributed_covariance(files)
-        np.linalg.eigh(cov)
+        covariance_eigh(cov)
         seconds = time.perf_counter() - t0
     ray.shutdown()
     return {"peak_rss_mb": sampler.peak, "idle_rss_mb": idle, "peak_pss_mb": sampler.peak_pss,
