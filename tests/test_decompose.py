@@ -154,6 +154,12 @@ def test_covariance_eigh_equals_numpy():
     assert np.allclose(vectors.T @ vectors, np.eye(120), atol=1e-12)
     top = np.abs(np.sum(vectors[:, -10:] * ref_vectors[:, -10:], axis=0))  # same directions up to sign
     assert np.allclose(top, 1, atol=1e-9)
+    # from SCIPY_EIGH_MIN_DIM on, scipy's dsyevd: the same decomposition
+    big = rng.normal(size=(1100, 1030))
+    C = big.T @ big / 1100
+    values, vectors = covariance_eigh(C)
+    assert rel_err(values, np.linalg.eigvalsh(C)) < 1e-12
+    assert rel_err(vectors @ np.diag(values) @ vectors.T, C) < 1e-12
 
 
 def test_float32_scatter_is_exact_to_1e6_with_a_huge_mean():

@@ -69,6 +69,7 @@ PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
 STRIPES = 16  # locks over the rows of a shared gram (ScatterAccumulator)
 SHIFT_ROWS = 1024  # rows whose mean is the shared shift of pieces_moments (near the mean is enough)
+SCIPY_EIGH_MIN_DIM = 1024  # covariance_eigh: scipy's dsyevd from this d_l on, numpy's below
 PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces): queued, so they balance
 
 # A fragment file, or a run of its row groups: (path, (row group indices...)).
@@ -198,8 +199,8 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool 
     whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches.
     ``use_threads=False`` turns pyarrow's decoding pool off: :func:`pieces_moments` runs one
     thread per CPU already, and on 16 cores the pool on top made the covariance's first call 1.3x
-    slower (benchmarks/decompose/RESULTS.md). The one-task-per-piece passes keep it: on 2 cores
-    the randomized solver took 38.7 s instead of 28 s without it (same benchmark, 2026-11-27).
+    slower (benchmarks/decompose/RESULTS.md). The one-task-per-piece passes (randomized solver,
+    transform) keep pyarrow's default, as they were measured.
 
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
@@ -487,13 +488,19 @@ def tree_reduce(refs: list, fan_in: int = 4):
 def covariance_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All eigenpairs of a symmetric covariance, eigenvalues ascending (as ``np.linalg.eigh``).
 
-    LAPACK's ``dsyevr`` (MRRR) through scipy: at d_l = 3,072 it took 2.4-2.6 s on 2 cores and
-    1.0-1.1 s on 16 against numpy's ``dsyevd`` 3.0-3.1 s and 1.5-1.6 s, on the machines of
-    benchmarks/decompose (2026-11-27; scipy ships its own OpenBLAS build). Both are backward stable.
+    Both use LAPACK's divide and conquer ``dsyevd``; from d_l = ``SCIPY_EIGH_MIN_DIM`` on it is
+    scipy's, which ships a faster OpenBLAS build: 0.88 s against numpy's 1.14-1.19 s for the
+    covariance of the 200k x 3,072 benchmark on 16 cores (2026-11-27, H100 machine's CPU). Below,
+    numpy's takes milliseconds and importing scipy.linalg cold would cost more (0.13-0.39 s).
+    Not MRRR (``dsyevr``): on that covariance, whose 1,308 smallest eigenvalues lie below 1e-12 of
+    the largest, it took 2.2 s.
     """
-    from scipy.linalg import eigh  # as for dger: only the driver needs scipy.linalg
+    cov = np.asarray(cov, dtype=np.float64)
+    if len(cov) < SCIPY_EIGH_MIN_DIM:
+        return np.linalg.eigh(cov)
+    from scipy.linalg import eigh  # as for dger: imported where it is used
 
-    return eigh(np.asarray(cov, dtype=np.float64), driver="evr", check_finite=False)
+    return eigh(cov, driver="evd", check_finite=False)
 
 
 def covariance_pieces(files: list[str], threads: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
