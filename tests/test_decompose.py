@@ -104,10 +104,10 @@ def test_fragment_pieces_split_files_by_row_groups(ray_session, embeddings, tmp_
     assert str(empty) in str(e.value)
 
 
-def test_threads_share_one_gram_and_tasks_add_up(ray_session, embeddings):
-    """pieces_moments: threads taking pieces from a queue into one gram give the moments of all
-    rows, whatever the thread count; distributed_covariance gives the same with one task per node
-    or one per CPU (a tree reduce of their partials)."""
+def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
+    """pieces_moments: threads streaming every n-th piece, about one shift, give the moments of
+    all rows whatever the thread count, and the same bits on every run; distributed_covariance
+    gives the same with one task per node or one per CPU (a tree reduce of their partials)."""
     _, files, X = embeddings
     pieces = fragment_pieces(files, pieces=20)
     centred = X.astype(np.float64) - X.mean(0, dtype=np.float64)
@@ -118,6 +118,9 @@ def test_threads_share_one_gram_and_tasks_add_up(ray_session, embeddings):
         assert rel_err(m.scatter, centred.T @ centred) < 1e-12
     m32 = pieces_moments(pieces, threads=4)  # float32 products, the default
     assert rel_err(m32.scatter, centred.T @ centred) < 1e-6
+    for _ in range(3):  # the threads' timing does not reach the sums
+        again = pieces_moments(pieces, threads=4)
+        assert np.array_equal(again.scatter, m32.scatter) and np.array_equal(again.mean, m32.mean)
     # weights reach every thread; a bad one names its file
     w = np.random.default_rng(2).integers(1, 9, size=N).astype(np.float64)
     mw = pieces_moments(pieces, w, threads=3, precision="float64")
@@ -134,12 +137,13 @@ def test_threads_share_one_gram_and_tasks_add_up(ray_session, embeddings):
     _, mean2, cov2 = distributed_covariance(files, precision="float64", task_cpus=1)
     assert rel_err(cov1, np.cov(X, rowvar=False)) < 1e-12 and rel_err(cov2, cov1) < 1e-12
     assert rel_err(mean2, mean1) < 1e-12
+    _, _, cov32 = distributed_covariance(files)
+    assert np.array_equal(distributed_covariance(files)[2], cov32)
 
-    a, b = ScatterAccumulator(D_L), ScatterAccumulator(D_L)
-    with pytest.raises(ValueError, match="sharing one gram"):
-        ScatterAccumulator.combine(a, [b])
-    with pytest.raises(RuntimeError, match="set_shift"):
-        ScatterAccumulator(D_L, shared=a).add(X[:10])
+    a, b = ScatterAccumulator(D_L, shift=np.zeros(D_L)), ScatterAccumulator(D_L, shift=np.ones(D_L))
+    b.add(X[:10])
+    with pytest.raises(ValueError, match="same shift"):
+        a.absorb(b)
 
 
 def test_covariance_eigh_equals_numpy():

@@ -4,21 +4,21 @@ The fragments (files) of the embed output are cut into pieces, runs of row group
 rows (:func:`fragment_pieces`; the embed stage writes row groups of 4,096 rows), so the
 parallelism does not hang on the number of files. :func:`distributed_covariance` runs one Ray task
 per node (:func:`task_layout`) holding as many CPUs as the node has; inside it (:func:`pieces_moments`)
-one thread per CPU takes pieces from a queue and streams them in batches of 4,096-8,192 rows:
-pyarrow decodes and BLAS multiplies with the GIL released, every thread adds its batches' products
-into one float64 gram of the task. The tasks' partial moments (count, weight, mean, centred
+one thread per CPU streams every n-th piece in batches of 4,096-8,192 rows:
+pyarrow decodes and BLAS multiplies with the GIL released, and each thread adds its batches'
+products into its own float64 gram. The tasks' partial moments (count, weight, mean, centred
 scatter) are combined by a tree of Ray tasks (fan-in 2..8) with the pairwise update of Chan,
-Golub and LeVeque, so no process ever holds E: a task holds one batch per thread and one
-d_l x d_l gram. Then
+Golub and LeVeque, so no process ever holds E: a task holds one batch and one d_l x d_l gram
+per thread. Then
 
     C = scatter / (W - 1)        (W = sum of weights)
 
 which is ``np.cov(E, rowvar=False)`` without weights (unbiased N-1 form, METHOD.md section 2).
 
-Why one task per node and not one per piece (until 2026-11-27): on 16 cores, 16 processes each
-held a float64 d_l x d_l partial and a batch and paid a Ray worker's first task; one process with
-16 threads took 0.38 of the reference's peak memory instead of 0.89 at 1M x 384, and its first
-call was faster (benchmarks/decompose/RESULTS.md).
+Why one task per node and not one per piece (until 2026-11-27): 16 worker processes each paid a
+Ray worker's first task and sent a partial through the object store; one process with 16
+threads took 0.36-0.39 of the reference's peak memory instead of 0.89 at 1M x 384 on 16 cores
+(Ray's idle workers included), and its first call was faster (benchmarks/decompose/RESULTS.md).
 
 Numerics. Every batch is centred on a shift near the mean (the mean of a task's first batch)
 before any product, so the products never carry the mean (no ``sum x x^T - W mu mu^T``
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +66,7 @@ BATCH_BYTES = 16 << 20  # float32 bytes per batch of the covariance pass: bounds
 READ_BUFFER = 1 << 20  # bytes; with pre_buffer off, a reader holds pages, not the whole row group
 PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
-STRIPES = 16  # locks over the rows of a shared gram (ScatterAccumulator)
-SHIFT_ROWS = 1024  # rows whose mean is the shared shift of pieces_moments (near the mean is enough)
+SHIFT_ROWS = 1024  # rows whose mean is the common shift of pieces_moments (near the mean is enough)
 SCIPY_EIGH_MIN_DIM = 1024  # covariance_eigh: scipy's dsyevd from this d_l on, numpy's below
 PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces): queued, so they balance
 
@@ -229,7 +227,7 @@ def batch_rows_for(d_l: int) -> int:
 
 
 class ScatterAccumulator:
-    """Moments of rows added batch by batch, about a fixed shift: the first batch's mean.
+    """Moments of rows added batch by batch, about a fixed shift (by default the first batch's mean).
 
     Each batch is centred on the shift (rounded to ``precision``) and its scatter ``Z^T Z`` is
     added into a float64 [d_l, d_l] gram in place. numpy computes ``Z.T @ Z`` of one buffer with
@@ -238,47 +236,32 @@ class ScatterAccumulator:
     from the sum ``s = sum w (z - shift)`` (each batch's in ``precision``, added in float64):
     ``scatter = G - s s^T / W``; the mean is ``sum w x / W`` summed in float64 from the rows themselves.
 
-    Threads of one process may share one gram (``shared``: another accumulator, whose shift and
-    gram this one uses, under its stripe locks) and keep only their own sums and batch buffers: at
-    d_l = 3,072 that saves a 75 MB float64 gram per thread. :meth:`combine` then sums them.
+    Accumulators given the same ``shift`` (the threads of :func:`pieces_moments`) add up exactly
+    as their rows would: :meth:`absorb`.
     """
 
-    def __init__(self, d_l: int, precision: str = "float32", shared: "ScatterAccumulator | None" = None):
+    def __init__(self, d_l: int, precision: str = "float32", shift: np.ndarray | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
         self.dtype = np.dtype(precision)
         self.count, self.weight = 0, 0.0
-        self.shift: np.ndarray | None = None  # float64 value of the rounded shift
+        # float64 value of the rounded shift
+        self.shift = None if shift is None else np.asarray(shift, np.float64).astype(self.dtype).astype(np.float64)
         self.sums = np.zeros(d_l)  # sum w (z - shift), of the rounded centred rows the gram sees
         self.totals = np.zeros(d_l)  # sum w x, exact in float64: the mean
-        self.gram = np.zeros((d_l, d_l)) if shared is None else shared.gram
-        # a lock per stripe of gram rows: threads add their products stripe by stripe, each
-        # starting at its own stripe, so their adds run in parallel (one lock for the whole gram
-        # held the threads ~50% of the time at d_l = 3,072 on 16 cores)
-        self._locks = [threading.Lock() for _ in range(STRIPES)] if shared is None else shared._locks
-        self._first_stripe = 0 if shared is None else shared._take_stripe()
-        self._stripes_given = 0
-        self._shared = shared
+        self.gram = np.zeros((d_l, d_l))
         self._rows: np.ndarray | None = None  # the centred rows of a batch, in ``precision``
         self._product: np.ndarray | None = None  # a batch's Z^T Z, in ``precision``
-
-    def set_shift(self, X: np.ndarray, w: np.ndarray | None = None) -> None:
-        """Fix the shift to the (weighted) mean of the rows X, rounded to ``precision``."""
-        mean = (X.sum(axis=0, dtype=np.float64) / len(X) if w is None
-                else np.einsum("i,ij->j", w, X, dtype=np.float64) / w.sum())
-        self.shift = mean.astype(self.dtype).astype(np.float64)
 
     def add(self, X: np.ndarray, w: np.ndarray | None = None) -> None:
         """Add rows X [b, d_l] with optional weights w [b] (float64, >= 0)."""
         if w is not None and not w.sum() > 0:
             self.count += len(X)
             return
-        if self._shared is not None:
-            self.shift = self._shared.shift
-            if self.shift is None:
-                raise RuntimeError("set_shift() the shared accumulator before its threads add rows")
         if self.shift is None:
-            self.set_shift(X, w)
+            mean = (X.sum(axis=0, dtype=np.float64) / len(X) if w is None
+                    else np.einsum("i,ij->j", w, X, dtype=np.float64) / w.sum())
+            self.shift = mean.astype(self.dtype).astype(np.float64)
         if self._rows is None or len(self._rows) < len(X):  # buffers reused batch after batch
             self._rows = np.empty(X.shape, dtype=self.dtype)
             self._product = np.empty((X.shape[1], X.shape[1]), dtype=self.dtype)
@@ -295,36 +278,20 @@ class ScatterAccumulator:
             self.totals += np.einsum("i,ij->j", w, X, dtype=np.float64)
             Z *= np.sqrt(w).astype(self.dtype)[:, None]
         self.count += len(X)
-        product = np.matmul(Z.T, Z, out=self._product)  # outside the locks: the threads' GEMMs overlap
-        if self._shared is None:
-            self.gram += product
+        self.gram += np.matmul(Z.T, Z, out=self._product)
+
+    def absorb(self, other: "ScatterAccumulator") -> None:
+        """Add the rows of ``other``, accumulated about the same shift, into this accumulator."""
+        if other.shift is None:  # nothing added, or only rows of weight 0
+            self.count += other.count
             return
-        k = len(self._locks)
-        bounds = [len(product) * j // k for j in range(k + 1)]
-        for j in range(k):
-            stripe = (self._first_stripe + j) % k
-            lo, hi = bounds[stripe], bounds[stripe + 1]
-            with self._locks[stripe]:
-                self.gram[lo:hi] += product[lo:hi]
-
-    def _take_stripe(self) -> int:
-        """The stripe the next sharing accumulator starts its adds at (round robin)."""
-        with self._locks[0]:
-            self._stripes_given += 1
-            return (self._stripes_given - 1) % len(self._locks)
-
-    @classmethod
-    def combine(cls, shared: "ScatterAccumulator", parts: list["ScatterAccumulator"]) -> "ScatterAccumulator":
-        """``shared`` with the counts and sums of the accumulators that added into its gram."""
-        for part in parts:
-            if part is not shared:
-                if part.gram is not shared.gram:
-                    raise ValueError("combine() takes accumulators sharing one gram")
-                shared.count += part.count
-                shared.weight += part.weight
-                shared.sums += part.sums
-                shared.totals += part.totals
-        return shared
+        if self.shift is None or not np.array_equal(self.shift, other.shift):
+            raise ValueError("absorb() takes accumulators about the same shift")
+        self.count += other.count
+        self.weight += other.weight
+        self.sums += other.sums
+        self.totals += other.totals
+        self.gram += other.gram
 
     def moments(self) -> Moments:
         """The accumulated rows' :class:`Moments`."""
@@ -391,15 +358,18 @@ def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows:
 
 def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threads: int = 1,
                    precision: str = "float32", batch_rows: int | None = None) -> Moments:
-    """Moments of several pieces in this process: ``threads`` threads take the pieces one at a
-    time from a shared queue, each into its own :class:`ScatterAccumulator` (so a slow piece does
-    not hold the others back), and their moments are merged at the end.
+    """Moments of several pieces in this process, in ``threads`` threads: thread t streams pieces
+    t, t + threads, ... into its own :class:`ScatterAccumulator`, all about one shift (the mean
+    of the first ``SHIFT_ROWS`` rows), and the threads' accumulators are added in thread order.
+    The result depends on the pieces and the thread count only, not on the threads' timing:
+    the same inputs on the same cluster give the same bits.
 
     Threads, not one process per piece: the work is pyarrow's decoding and BLAS, which release the
-    GIL, and one process per node pays one Ray worker's first task, holds one d_l x d_l partial
-    per thread rather than per process, and returns one partial (benchmarks/decompose/RESULTS.md).
-    BLAS runs one thread per calling thread meanwhile (threadpoolctl), so the threads do not
-    oversubscribe the cores.
+    GIL, and one process per node pays one Ray worker's first task and returns one partial
+    (benchmarks/decompose/RESULTS.md). BLAS runs one thread per calling thread meanwhile
+    (threadpoolctl), so the threads do not oversubscribe the cores. (A gram shared by all
+    threads under locks held 0.37 instead of 0.49 of the reference's memory at d_l = 3,072 on
+    16 cores, but its sum depended on the order the threads reached it.)
 
     Raises:
         DataError: as :func:`partial_moments`, for the first failing piece.
@@ -411,33 +381,30 @@ def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threa
     from threadpoolctl import threadpool_limits
 
     rows = batch_rows or batch_rows_for(fragment_dim([piece_path(pieces[0])]))
-    # one gram for all threads, about one shift: the mean of the first SHIFT_ROWS rows
     first = next(iter_fragment(pieces[0], min(rows, SHIFT_ROWS), use_threads=False), None)
     if first is None:
         raise DataError("has no rows", file=piece_path(pieces[0]))
-    shared = ScatterAccumulator(first[1].shape[1], precision)
-    shared.set_shift(first[1])
+    shift = first[1].sum(axis=0, dtype=np.float64) / len(first[1])
     del first
-    queue = iter(list(pieces))
-    lock = threading.Lock()
 
-    def work() -> ScatterAccumulator:
-        acc = ScatterAccumulator(len(shared.sums), precision, shared=shared)
-        while True:
-            with lock:  # an iterator is not thread-safe
-                piece = next(queue, None)
-            if piece is None:
-                return acc
+    def work(share: list[Piece]) -> ScatterAccumulator:
+        acc = ScatterAccumulator(len(shift), precision, shift=shift)
+        for piece in share:
             _add_piece(acc, piece, weights, rows, precision, use_threads=False)
+        return acc
 
     threads = max(1, min(threads, len(pieces)))
+    shares = [pieces[t::threads] for t in range(threads)]  # pieces have about equal rows
     with threadpool_limits(limits=1, user_api="blas"):
         if threads == 1:
-            accs = [work()]
+            accs = [work(shares[0])]
         else:
             with ThreadPoolExecutor(threads, thread_name_prefix="moments") as pool:
-                accs = [f.result() for f in [pool.submit(work) for _ in range(threads)]]
-    return ScatterAccumulator.combine(shared, accs).moments()
+                accs = list(pool.map(work, shares))  # in thread order, whatever finishes first
+    total = accs[0]
+    for acc in accs[1:]:
+        total.absorb(acc)
+    return total.moments()
 
 
 def _pieces_moments_task(pieces: list[Piece], weights, precision: str) -> Moments:
@@ -506,8 +473,8 @@ def covariance_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def covariance_pieces(files: list[str], threads: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """The pieces :func:`distributed_covariance` queues to its threads: :func:`fragment_pieces`,
     ``PIECES_PER_THREAD`` per thread (``threads``; None: per CPU of the cluster), each of at least
-    one read batch (:func:`batch_rows_for`) where a file has the rows. Threads take pieces as they
-    finish the last, so several pieces per thread even out files that do not split evenly.
+    one read batch (:func:`batch_rows_for`) where a file has the rows. Several pieces per thread,
+    dealt round-robin, even out files that do not split evenly.
 
     Raises:
         DataError: as :func:`fragment_dim` and :func:`fragment_pieces`.
