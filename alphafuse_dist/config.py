@@ -126,6 +126,11 @@ class DecomposeConfig:
     # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
     # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
     precision: Literal["auto", "float32", "float64"] = "auto"
+    # exact method: CPUs (= threads) of each covariance task; None: the largest node's CPUs, capped
+    # by the CPUs free when the stage starts (decompose/covariance.py: task_layout). Set it when
+    # resident actors hold CPUs on several nodes. It changes how the float32 products are summed
+    # (~1e-7 relative), so it is part of the stage's inputs.
+    task_cpus: int | None = None
     # periodic retraining (issue 7): a previous run's decompose folder whose basis is reused (its
     # mean and directions project this run's items, so old semantic coordinates and ID vectors
     # keep their meaning); drift.json reports how well it fits the current items
@@ -272,6 +277,8 @@ class RunConfig:
                            ("model.unisrec_experts", m.unisrec_experts), ("train.cold_neighbours", t.cold_neighbours)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
+        if d.task_cpus is not None and d.task_cpus < 1:
+            raise ConfigError(f"decompose.task_cpus={d.task_cpus}: must be >= 1 (or unset: the largest node's CPUs)")
         for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
             if value and not self.data.id_map:
                 raise ConfigError(f"{key} needs data.id_map (the previous run's prepare folder): without stable "

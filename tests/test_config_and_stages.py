@@ -50,6 +50,9 @@ def test_cross_field_rules_name_the_keys():
         load_config("quickstart", ["train.batch_size=5", "train.num_workers=2"])
     with pytest.raises(ConfigError, match="no such file and no such preset"):
         load_config("nope")
+    with pytest.raises(ConfigError, match=r"decompose\.task_cpus=0"):
+        load_config("quickstart", ["decompose.task_cpus=0"])
+    assert load_config("quickstart", ["decompose.task_cpus=3"]).decompose.task_cpus == 3
 
 
 def test_override_values_typed_by_key():

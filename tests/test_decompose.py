@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
@@ -131,6 +132,20 @@ def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
 
     assert task_layout() == (1, 2)  # the 2-CPU test cluster: one task of 2 CPUs
     assert task_layout(task_cpus=1) == (2, 1)
+
+    @ray.remote(num_cpus=1)
+    class Resident:
+        def ping(self):
+            return 1
+
+    resident = Resident.remote()  # holds one of the 2 CPUs: a 2-CPU task would never start
+    ray.get(resident.ping.remote())
+    try:
+        assert task_layout() == (2, 1)
+        _, _, cov_busy = distributed_covariance(files, precision="float64")
+        assert rel_err(cov_busy, np.cov(X, rowvar=False)) < 1e-12
+    finally:
+        ray.kill(resident)
     with pytest.raises(ValueError, match="task_cpus=0"):
         task_layout(task_cpus=0)
     _, mean1, cov1 = distributed_covariance(files, precision="float64")

@@ -20,7 +20,7 @@ Ray worker's first task and sent a partial through the object store; one process
 threads took 0.36-0.39 of the reference's peak memory instead of 0.89 at 1M x 384 on 16 cores
 (Ray's idle workers included), and its first call was faster (benchmarks/decompose/RESULTS.md).
 
-Numerics. Every batch is centred on a shift near the mean (the mean of a task's first batch)
+Numerics. Every batch is centred on a shift near the mean (the mean of a task's first 1,024 rows)
 before any product, so the products never carry the mean (no ``sum x x^T - W mu mu^T``
 cancellation, whatever |mu| / std is). The batch's scatter ``Z^T Z`` is then one BLAS ``syrk`` in
 ``precision`` (numpy's ``Z.T @ Z`` of one buffer; see :class:`ScatterAccumulator`):
@@ -68,7 +68,7 @@ PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
 SHIFT_ROWS = 1024  # rows whose mean is the common shift of pieces_moments (near the mean is enough)
 SCIPY_EIGH_MIN_DIM = 1024  # covariance_eigh: scipy's dsyevd from this d_l on, numpy's below
-PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces): queued, so they balance
+PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces), dealt round-robin
 
 # A fragment file, or a run of its row groups: (path, (row group indices...)).
 Piece = Union[str, Path, tuple[str, tuple[int, ...]]]
@@ -417,17 +417,21 @@ _pieces_moments_remote = ray.remote(_pieces_moments_task)
 
 
 def task_layout(task_cpus: int | None = None) -> tuple[int, int]:
-    """``(tasks, cpus_per_task)`` for :func:`distributed_covariance`: by default one task per node,
-    as many CPUs as the largest alive node has (so on a cluster of equal nodes, one task per node);
-    ``task_cpus`` sets the CPUs per task (e.g. to leave a busy cluster room). Tasks: the cluster's
-    CPUs over ``cpus_per_task``, at least one.
+    """``(tasks, cpus_per_task)`` for :func:`distributed_covariance`.
+
+    By default each task takes as many CPUs as the largest alive node has (one task per node of
+    an even cluster), but no more than the cluster has free now: a task asking for a whole node
+    would wait forever while an actor holds one of its CPUs. ``task_cpus``
+    (``decompose.task_cpus``) sets the CPUs per task instead, e.g. for a multi-node cluster
+    where resident actors hold a CPU on every node. Tasks: the cluster's CPUs over
+    ``cpus_per_task``, at least one (more tasks than fit at once run as CPUs free up).
 
     Raises:
         ValueError: when ``task_cpus`` < 1.
     """
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     if task_cpus is None:
-        task_cpus = int(max(nodes, default=1)) or 1
+        task_cpus = min(int(max(nodes, default=1)), int(ray.available_resources().get("CPU", 0))) or 1
     if task_cpus < 1:
         raise ValueError(f"task_cpus={task_cpus}: must be >= 1")
     return max(1, int(sum(nodes)) // task_cpus), task_cpus
@@ -471,7 +475,7 @@ def covariance_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def covariance_pieces(files: list[str], threads: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
-    """The pieces :func:`distributed_covariance` queues to its threads: :func:`fragment_pieces`,
+    """The pieces :func:`distributed_covariance` deals to its threads: :func:`fragment_pieces`,
     ``PIECES_PER_THREAD`` per thread (``threads``; None: per CPU of the cluster), each of at least
     one read batch (:func:`batch_rows_for`) where a file has the rows. Several pieces per thread,
     dealt round-robin, even out files that do not split evenly.
@@ -488,7 +492,7 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
                            fan_in: int = 4, precision: str = "float32",
                            task_cpus: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of ``scale * E`` over all fragments: one Ray task per node
-    (:func:`task_layout`), each running one thread per CPU over a queue of pieces
+    (:func:`task_layout`), each running one thread per CPU over its share of the pieces
     (:func:`covariance_pieces`, :func:`pieces_moments`); the tasks' partials are tree-reduced.
 
     Args:

@@ -111,7 +111,7 @@ def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndar
     precision = cfg.precision
     if precision == "auto":
         precision = "float64" if cfg.null_rule == "threshold" else "float32"
-    n, mean, cov = distributed_covariance(files, scale=cfg.scale, precision=precision)
+    n, mean, cov = distributed_covariance(files, scale=cfg.scale, precision=precision, task_cpus=cfg.task_cpus)
     if cfg.weighted_mean:
         # scatter about mu_w = scatter about mu + n (mu - mu_w)(mu - mu_w)^T
         shift = mean - cfg.scale * column_sums(files, weights).mean(weighted=True)
