@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +13,10 @@ from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
-from alphafuse_dist.decompose.covariance import (ScatterAccumulator, batch_moments, covariance_eigh, distributed_covariance,
-                                                 fragment_pieces, partial_moments, pieces_moments, task_layout)
+from alphafuse_dist.decompose import covariance
+from alphafuse_dist.decompose.covariance import (FixedPointGram, ScatterAccumulator, batch_moments, covariance_eigh,
+                                                 distributed_covariance, fragment_pieces, openblas_syrk, partial_moments,
+                                                 pieces_moments, task_layout)
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError, DataError
 
@@ -146,6 +149,11 @@ def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
         assert rel_err(cov_busy, np.cov(X, rowvar=False)) < 1e-12
     finally:
         ray.kill(resident)
+    for _ in range(200):  # ray.kill returns before the CPU is free; the calls below need the default layout
+        if task_layout() == (1, 2):
+            break
+        time.sleep(0.05)
+    assert task_layout() == (1, 2)
     with pytest.raises(ValueError, match="task_cpus=0"):
         task_layout(task_cpus=0)
     _, mean1, cov1 = distributed_covariance(files, precision="float64")
@@ -159,6 +167,59 @@ def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
     b.add(X[:10])
     with pytest.raises(ValueError, match="same shift"):
         a.absorb(b)
+
+
+def test_fixed_point_gram_sums_in_any_order_to_the_same_bits():
+    rng = np.random.default_rng(7)
+    products = []
+    for _ in range(6):
+        Z = rng.normal(size=(50, 20)).astype(np.float32) * rng.uniform(0.1, 10)
+        products.append(Z.T @ Z)
+    exact = np.sum([p.astype(np.float64) for p in products], axis=0)
+    sums = []
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 4, 2]):
+        gram = FixedPointGram.for_rows(20, weight=300, spread=1.0)
+        for k in order:
+            A = products[k].copy()
+            A[np.tril_indices(20, -1)] = 1e30  # the lower triangle is never read
+            gram.add(A, start=k)
+        assert not gram.overflowed
+        sums.append(gram.to_float())
+    assert np.array_equal(sums[0], sums[1])
+    assert np.array_equal(sums[0], sums[0].T)
+    assert np.abs(sums[0] - exact).max() <= 6 * gram.quantum / 2  # half a quantum per add at most
+    # past 2**62 quanta an entry could wrap: the gram says so and ignores further adds
+    small = FixedPointGram.for_rows(20, weight=1, spread=1e-12)
+    small.add(products[0])
+    assert small.overflowed and not small.values.any()
+
+
+def test_float32_pass_falls_back_where_needed(ray_session, embeddings, monkeypatch, caplog):
+    """numpy's matmul stands in where no OpenBLAS syrk is found; a spread the fixed-point gram
+    cannot hold is summed again the float64 way, with a warning; NaN names its file."""
+    _, files, X = embeddings
+    pieces = fragment_pieces(files, pieces=20)
+    centred = X.astype(np.float64) - X.mean(0, dtype=np.float64)
+    assert openblas_syrk() is not None  # numpy's OpenBLAS here: the in-place path is the one measured
+    fast = pieces_moments(pieces, threads=3)
+    monkeypatch.setattr(covariance, "openblas_syrk", lambda: None)
+    plain = pieces_moments(pieces, threads=3)
+    assert rel_err(plain.scatter, centred.T @ centred) < 1e-6 and rel_err(plain.scatter, fast.scatter) < 1e-6
+    monkeypatch.setattr(covariance, "HEADROOM_BITS", -40)
+    with caplog.at_level("WARNING", logger=covariance.__name__):
+        again = pieces_moments(pieces, threads=3)
+    assert "outgrew the fixed-point gram" in caplog.text
+    assert rel_err(again.scatter, centred.T @ centred) < 1e-6 and again.count == N
+    monkeypatch.undo()
+
+    bad = X[:300].copy()
+    bad[123, 7] = np.nan
+    folder = embeddings[0].parent / "nan"
+    folder.mkdir(exist_ok=True)
+    nan_files = write_fragments(folder, bad, np.arange(300), [150, 150])
+    with pytest.raises(DataError, match="NaN or inf") as e:
+        pieces_moments(fragment_pieces(nan_files, pieces=2), threads=2)
+    assert "part-000.parquet" in str(e.value) and "vector" in str(e.value)
 
 
 def test_covariance_eigh_equals_numpy():

@@ -4,12 +4,13 @@ The fragments (files) of the embed output are cut into pieces, runs of row group
 rows (:func:`fragment_pieces`; the embed stage writes row groups of 4,096 rows), so the
 parallelism does not hang on the number of files. :func:`distributed_covariance` runs one Ray task
 per node (:func:`task_layout`) holding as many CPUs as the node has; inside it (:func:`pieces_moments`)
-one thread per CPU streams every n-th piece in batches of 4,096-8,192 rows:
-pyarrow decodes and BLAS multiplies with the GIL released, and each thread adds its batches'
-products into its own float64 gram. The tasks' partial moments (count, weight, mean, centred
-scatter) are combined by a tree of Ray tasks (fan-in 2..8) with the pairwise update of Chan,
-Golub and LeVeque, so no process ever holds E: a task holds one batch and one d_l x d_l gram
-per thread. Then
+one thread per CPU streams every n-th piece in small batches: pyarrow decodes and BLAS multiplies
+with the GIL released. Each thread accumulates its batches' products in a float32 buffer in place
+and, every 8,192 rows, adds them into one fixed-point (int64) gram shared by the task's threads
+(:class:`FixedPointGram`: integer sums, so the result does not depend on the threads' timing).
+The tasks' partial moments (count, weight, mean, centred scatter) are combined by a tree of Ray
+tasks (fan-in 2..8) with the pairwise update of Chan, Golub and LeVeque, so no process ever holds
+E: a task holds one gram, and one small batch and one float32 d_l x d_l buffer per thread. Then
 
     C = scatter / (W - 1)        (W = sum of weights)
 
@@ -19,21 +20,25 @@ Why one task per node and not one per piece (until 2026-11-27): 16 worker proces
 Ray worker's first task and sent a partial through the object store; one process with 16
 threads took 0.36-0.39 of the reference's peak memory instead of 0.89 at 1M x 384 on 16 cores
 (Ray's idle workers included), and its first call was faster (benchmarks/decompose/RESULTS.md).
+Why one shared gram: a float64 gram per thread made 16 threads 6.1 GB at d_l = 3,072.
 
 Numerics. Every batch is centred on a shift near the mean (the mean of a task's first 1,024 rows)
 before any product, so the products never carry the mean (no ``sum x x^T - W mu mu^T``
 cancellation, whatever |mu| / std is). The batch's scatter ``Z^T Z`` is then one BLAS ``syrk`` in
-``precision`` (numpy's ``Z.T @ Z`` of one buffer; see :class:`ScatterAccumulator`):
+``precision``:
 
-- ``float32`` (default): the centred rows stay float32 and the GEMM runs in float32 (twice the
-  speed of float64 and no float64 copy of the batch); each batch's result is added in float64.
-  The rounding of a batch's sum of ``b`` products is ~eps32 * sqrt(b) ~ 1e-5 relative at worst and
-  unbiased, and the float64 sum over the ``N / b`` batches averages it down: ~1e-7 relative to
-  max |C| at N = 1M (tests assert < 1e-6 against ``np.cov``). An eigenvalue moves by at most
+- ``float32`` (default): the centred rows stay float32 and the products are float32 (twice the
+  speed of float64 and no float64 copy of the batch), accumulated in float32 over at most
+  ``FLUSH_ROWS`` + one batch of rows, as one syrk over those rows would, then summed exactly (fixed
+  point, ~1e-14 of the largest entry per add). The rounding of a sum of ``b`` products is
+  ~eps32 * sqrt(b) ~ 1e-5 relative at worst and unbiased, and the exact sum over the
+  ``N / b`` flushes averages it down: 1.7-2e-8 relative (Frobenius) to the float64 scatter at
+  200k x 3,072 and 1M x 384 (tests assert < 1e-6 against ``np.cov``). An eigenvalue moves by at most
   ||dC||_2 (Weyl), so the k-th whitened direction is off by ~1e-7 * S_1 / S_k: nothing for the
   d = 128 of sentence embeddings (S_1 / S_128 ~ 1e2), ~2e-5 for a spectrum spanning 1e5 (use
   float64 there).
-- ``float64``: the same with a float64 copy of each batch (~1e-15 relative), for checks.
+- ``float64``: a float64 copy of each batch and a float64 gram per thread (~1e-15 relative),
+  for checks (:class:`ScatterAccumulator`).
 
 Why not ``np.cov``: it needs E and a float64 copy of it in one process (the reference's peak
 memory) and uses one machine (it computes the same syrk, in float64; see benchmarks/decompose).
@@ -46,7 +51,11 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
 import operator
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +78,10 @@ PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces h
 SHIFT_ROWS = 1024  # rows whose mean is the common shift of pieces_moments (near the mean is enough)
 SCIPY_EIGH_MIN_DIM = 1024  # covariance_eigh: scipy's dsyevd from this d_l on, numpy's below
 PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces), dealt round-robin
+SHARED_BATCH_BYTES = 4 << 20  # float32 bytes per read batch of the shared-gram path (pieces_moments)
+FLUSH_ROWS = 8192  # rows a thread's float32 products accumulate before they go into the shared gram
+HEADROOM_BITS = 16  # the fixed-point gram holds 2**HEADROOM_BITS x its estimated largest entry
+STRIPE_ROWS = 64  # rows of the shared gram under one lock
 
 # A fragment file, or a run of its row groups: (path, (row group indices...)).
 Piece = Union[str, Path, tuple[str, tuple[int, ...]]]
@@ -237,7 +250,8 @@ class ScatterAccumulator:
     ``scatter = G - s s^T / W``; the mean is ``sum w x / W`` summed in float64 from the rows themselves.
 
     Accumulators given the same ``shift`` (the threads of :func:`pieces_moments`) add up exactly
-    as their rows would: :meth:`absorb`.
+    as their rows would: :meth:`absorb`. Subclasses send the products elsewhere
+    (:meth:`_add_scatter`; :class:`SharedGramThread`).
     """
 
     def __init__(self, d_l: int, precision: str = "float32", shift: np.ndarray | None = None):
@@ -249,12 +263,13 @@ class ScatterAccumulator:
         self.shift = None if shift is None else np.asarray(shift, np.float64).astype(self.dtype).astype(np.float64)
         self.sums = np.zeros(d_l)  # sum w (z - shift), of the rounded centred rows the gram sees
         self.totals = np.zeros(d_l)  # sum w x, exact in float64: the mean
-        self.gram = np.zeros((d_l, d_l))
+        self.gram: np.ndarray | None = None  # float64 [d_l, d_l], from the first product on
         self._rows: np.ndarray | None = None  # the centred rows of a batch, in ``precision``
         self._product: np.ndarray | None = None  # a batch's Z^T Z, in ``precision``
 
-    def add(self, X: np.ndarray, w: np.ndarray | None = None) -> None:
-        """Add rows X [b, d_l] with optional weights w [b] (float64, >= 0)."""
+    def add(self, X: np.ndarray, w: np.ndarray | None = None, path: str | None = None) -> None:
+        """Add rows X [b, d_l] with optional weights w [b] (float64, >= 0); ``path``: their file,
+        for errors."""
         if w is not None and not w.sum() > 0:
             self.count += len(X)
             return
@@ -262,9 +277,8 @@ class ScatterAccumulator:
             mean = (X.sum(axis=0, dtype=np.float64) / len(X) if w is None
                     else np.einsum("i,ij->j", w, X, dtype=np.float64) / w.sum())
             self.shift = mean.astype(self.dtype).astype(np.float64)
-        if self._rows is None or len(self._rows) < len(X):  # buffers reused batch after batch
+        if self._rows is None or len(self._rows) < len(X):  # reused batch after batch
             self._rows = np.empty(X.shape, dtype=self.dtype)
-            self._product = np.empty((X.shape[1], X.shape[1]), dtype=self.dtype)
         Z = np.subtract(X, self.shift.astype(self.dtype), out=self._rows[:len(X)])
         if w is None:
             self.weight += float(len(X))
@@ -278,6 +292,14 @@ class ScatterAccumulator:
             self.totals += np.einsum("i,ij->j", w, X, dtype=np.float64)
             Z *= np.sqrt(w).astype(self.dtype)[:, None]
         self.count += len(X)
+        self._add_scatter(Z, path)
+
+    def _add_scatter(self, Z: np.ndarray, path: str | None) -> None:
+        """Add the centred (and weighted) batch's ``Z^T Z`` into the gram."""
+        d = Z.shape[1]
+        if self.gram is None:
+            self.gram = np.zeros((d, d))
+            self._product = np.empty((d, d), dtype=self.dtype)
         self.gram += np.matmul(Z.T, Z, out=self._product)
 
     def absorb(self, other: "ScatterAccumulator") -> None:
@@ -291,17 +313,179 @@ class ScatterAccumulator:
         self.weight += other.weight
         self.sums += other.sums
         self.totals += other.totals
-        self.gram += other.gram
+        if other.gram is not None:
+            self.gram = other.gram.copy() if self.gram is None else self.gram.__iadd__(other.gram)
 
-    def moments(self) -> Moments:
-        """The accumulated rows' :class:`Moments`."""
+    def moments(self, gram: np.ndarray | None = None) -> Moments:
+        """The accumulated rows' :class:`Moments` (``gram``: the rows' ``sum w z z^T`` held
+        elsewhere, e.g. a :class:`FixedPointGram`'s; it is overwritten)."""
         d = len(self.sums)
-        if self.weight == 0:
+        gram = self.gram if gram is None else gram
+        if self.weight == 0 or gram is None:
             return Moments(self.count, 0.0, np.zeros(d), np.zeros((d, d)))
-        gram = self.gram
         offset = self.sums / self.weight
         gram -= self.weight * np.outer(offset, offset)
         return Moments(self.count, self.weight, self.totals / self.weight, gram)
+
+
+@functools.lru_cache(maxsize=None)
+def openblas_syrk():
+    """``cblas_ssyrk`` of an OpenBLAS this process has loaded (numpy's first), as a ctypes function
+    ``syrk(Z, C, beta)``: ``C = Z^T Z + beta * C`` on the upper triangle of a C-ordered float32 C,
+    in place; None where there is none (numpy on MKL or Accelerate).
+
+    Why ctypes: the shared-gram path accumulates a thread's batch products in place (``beta=1``),
+    which numpy's ``matmul`` cannot do (it also fills the lower triangle, a strided pass per batch),
+    and scipy's ``ssyrk`` wrapper holds the GIL (two threads took twice one's time, 2026-11-27).
+    ctypes releases the GIL during the call. The library is found with threadpoolctl, whose
+    ``threadpool_limits`` then applies to these calls as to numpy's; the integer width (ILP64 or
+    LP64) comes from the symbol's ``64_`` suffix or ``openblas_get_config``; a small product is
+    checked against numpy before the function is handed out.
+    """
+    import ctypes
+
+    from threadpoolctl import threadpool_info
+
+    libs = [i["filepath"] for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    for filepath in sorted(libs, key=lambda f: "numpy" not in f):
+        try:
+            lib = ctypes.CDLL(filepath)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", ""):
+                fn = getattr(lib, f"{prefix}cblas_ssyrk{suffix}", None)
+                if fn is None:
+                    continue
+                config = getattr(lib, f"{prefix}openblas_get_config{suffix}", None)
+                if suffix:
+                    ilp64 = True
+                elif config is not None:
+                    config.restype = ctypes.c_char_p
+                    ilp64 = b"USE64BITINT" in (config() or b"")
+                else:
+                    continue  # the integer width is unknown: a wrong guess would crash
+                integer = ctypes.c_int64 if ilp64 else ctypes.c_int
+                fn.restype = None
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, ctypes.c_float,
+                               ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer]
+
+                def syrk(Z: np.ndarray, C: np.ndarray, beta: float, fn=fn) -> None:
+                    # CblasRowMajor=101, CblasUpper=121, CblasTrans=112: C (n x n) = Z^T Z, Z (k x n)
+                    assert Z.dtype == C.dtype == np.float32 and Z.flags.c_contiguous and C.flags.c_contiguous
+                    n, k = C.shape[0], Z.shape[0]
+                    fn(101, 121, 112, n, k, 1.0, Z.ctypes.data, n, beta, C.ctypes.data, n)
+
+                Z = np.arange(15, dtype=np.float32).reshape(5, 3) - 7
+                C = np.full((3, 3), 1.0, np.float32)
+                syrk(Z, C, 1.0)
+                if np.allclose(np.triu(C), np.triu(Z.T @ Z + 1.0)) and C[1, 0] == 1.0:
+                    return syrk
+    return None
+
+
+class FixedPointGram:
+    """A d_l x d_l gram that threads add into concurrently, held as int64 multiples of a power of
+    two, ``quantum``: integer sums do not depend on the order the threads add in, so the result
+    is the same bits on every run, unlike a shared float64 sum. Only the upper triangle is kept.
+
+    Each add rounds ``A / quantum`` to the nearest integer, so an entry is off by at most
+    ``quantum / 2`` per add. ``quantum`` is chosen (:meth:`for_rows`) so that the estimated largest
+    entry is ``2**(62 - HEADROOM_BITS)`` quanta: ~1e-14 relative to it, where the float32 products
+    themselves are ~1e-7. An add first counts its bound (twice the largest diagonal entry: a
+    PSD matrix has no larger entry, and float32 rounding is far below a factor of 2); once the bounds
+    sum past 2**62 an entry could overflow, the gram is marked ``overflowed`` and ignores further
+    adds (the caller redoes the sum another way). The stripes of ``STRIPE_ROWS`` rows each have
+    a lock; each thread starts at its own stripe.
+    """
+
+    LIMIT = 1 << 62
+
+    def __init__(self, d_l: int, quantum: float):
+        self.quantum = float(quantum)
+        self.values = np.zeros((d_l, d_l), dtype=np.int64)
+        self.stripes = [(r, min(d_l, r + STRIPE_ROWS)) for r in range(0, d_l, STRIPE_ROWS)]
+        self._locks = [threading.Lock() for _ in self.stripes]
+        self._lower = [np.tril_indices(r1 - r0, -1) for r0, r1 in self.stripes]
+        self._bound, self._bound_lock = 0, threading.Lock()
+        self.overflowed = False
+
+    @classmethod
+    def for_rows(cls, d_l: int, weight: float, spread: float) -> "FixedPointGram":
+        """A gram for rows of total weight at most ``weight`` whose centred squares average at
+        most ``spread`` per coordinate (estimates; ``HEADROOM_BITS`` covers 65,536x more)."""
+        largest = max(float(weight) * float(spread), np.finfo(np.float64).tiny)
+        return cls(d_l, 2.0 ** np.ceil(np.log2(largest / 2.0 ** (62 - HEADROOM_BITS))))
+
+    def add(self, A: np.ndarray, start: int = 0) -> None:
+        """Add the upper triangle of the PSD float matrix A (its lower one is not added: syrk
+        leaves it as it was), from stripe ``start`` on."""
+        bound = int(np.ceil(2.0 * float(A.diagonal().max()) / self.quantum)) + 1
+        with self._bound_lock:
+            self._bound += bound
+            self.overflowed |= self._bound > self.LIMIT
+            if self.overflowed:
+                return
+        n = len(self.stripes)
+        for k in range(n):
+            i = (start + k) % n
+            r0, r1 = self.stripes[i]
+            block = np.multiply(A[r0:r1, r0:], 1.0 / self.quantum, dtype=np.float64)  # exact: a power of 2
+            block[:, :r1 - r0][self._lower[i]] = 0.0  # below the diagonal: not ours to add
+            np.rint(block, out=block)
+            block = block.astype(np.int64)
+            with self._locks[i]:
+                self.values[r0:r1, r0:] += block
+
+    def to_float(self) -> np.ndarray:
+        """The symmetric float64 gram."""
+        G = self.values.astype(np.float64)
+        G *= self.quantum
+        for i, (r0, r1) in enumerate(self.stripes):  # mirror the upper triangle, stripe by stripe
+            G[r0:r1, :r0] = G[:r0, r0:r1].T
+            G[r0:r1, r0:r1][self._lower[i]] = G[r0:r1, r0:r1].T[self._lower[i]]
+        return G
+
+
+class SharedGramThread(ScatterAccumulator):
+    """One thread's accumulator in :func:`pieces_moments`' float32 path: its batch products add
+    up in a float32 [d_l, d_l] buffer in place (``syrk`` with ``beta=1``: :func:`openblas_syrk`,
+    or numpy's ``matmul`` and an add where there is none) for ``FLUSH_ROWS`` rows, as one
+    8,192-row product would, and then go into the :class:`FixedPointGram` shared by all threads.
+    So a thread holds one float32 d_l x d_l buffer and one small batch, not a float64 gram of its own.
+
+    Raises (from :meth:`add`):
+        DataError: naming the file when a vector holds NaN or inf (the diagonal of the products
+            stops being finite).
+    """
+
+    def __init__(self, d_l: int, shift: np.ndarray, shared: FixedPointGram, order: int):
+        super().__init__(d_l, "float32", shift)
+        self.shared, self.order = shared, order
+        self._pending = 0  # rows in the buffer since the last flush
+        self._buffer = np.zeros((d_l, d_l), dtype=np.float32)  # the lower triangle stays 0 with syrk
+        self._syrk = openblas_syrk()
+
+    def _add_scatter(self, Z: np.ndarray, path: str | None) -> None:
+        if self._syrk is not None:
+            self._syrk(Z, self._buffer, 1.0 if self._pending else 0.0)
+        elif self._pending:
+            if self._product is None:
+                self._product = np.empty_like(self._buffer)
+            self._buffer += np.matmul(Z.T, Z, out=self._product)
+        else:
+            np.matmul(Z.T, Z, out=self._buffer)
+        if not np.isfinite(self._buffer.diagonal()).all():
+            raise DataError("a vector holds NaN or inf", file=path, column=VECTOR_COLUMN)
+        self._pending += len(Z)
+        if self._pending >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the buffered products into the shared gram."""
+        if self._pending:
+            self.shared.add(self._buffer, self.order)
+            self._pending = 0
 
 
 def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "float32") -> Moments:
@@ -311,29 +495,40 @@ def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "
     return acc.moments()
 
 
+def _batch_weights(idx: np.ndarray, weights: np.ndarray | None, path: str) -> np.ndarray | None:
+    """The weights of a batch's rows (None without weights).
+
+    Raises:
+        DataError: naming the file when an ``item_idx`` has no weight or a negative one.
+    """
+    if weights is None:
+        return None
+    outside = idx[(idx < 0) | (idx >= len(weights))]
+    if len(outside):
+        raise DataError(f"item_idx {outside[0]} has no weight (weights cover 0..{len(weights) - 1})",
+                        file=path, column=INDEX_COLUMN)
+    w = np.asarray(weights, dtype=np.float64)[idx]
+    if (w < 0).any():
+        raise DataError(f"item_idx {idx[np.argmax(w < 0)]} has a negative weight; weights are counts",
+                        file=path, column=INDEX_COLUMN)
+    return w
+
+
 def _add_piece(acc: "ScatterAccumulator | None", piece: Piece, weights: np.ndarray | None, rows: int,
                precision: str, use_threads: bool = True) -> "ScatterAccumulator":
     """Stream one piece's rows into ``acc`` (a new accumulator when None) and return it
     (``use_threads``: pyarrow's decoding pool, see :func:`iter_fragment`).
 
     Raises:
-        DataError: naming the file when the piece has no rows or an ``item_idx`` has no valid weight.
+        DataError: naming the file when the piece has no rows, an ``item_idx`` has no valid
+            weight, or (``acc`` a :class:`SharedGramThread`) a vector holds NaN or inf.
     """
     path, before = piece_path(piece), (0 if acc is None else acc.count)
     for idx, X in iter_fragment(piece, rows, use_threads=use_threads):
-        w = None
-        if weights is not None:
-            outside = idx[(idx < 0) | (idx >= len(weights))]
-            if len(outside):
-                raise DataError(f"item_idx {outside[0]} has no weight (weights cover 0..{len(weights) - 1})",
-                                file=path, column=INDEX_COLUMN)
-            w = np.asarray(weights, dtype=np.float64)[idx]
-            if (w < 0).any():
-                raise DataError(f"item_idx {idx[np.argmax(w < 0)]} has a negative weight; weights are counts",
-                                file=path, column=INDEX_COLUMN)
+        w = _batch_weights(idx, weights, path)
         if acc is None:
             acc = ScatterAccumulator(X.shape[1], precision)
-        acc.add(X, w)
+        acc.add(X, w, path)
     if acc is None or acc.count == before:
         raise DataError("has no rows", file=path)
     return acc
@@ -356,23 +551,43 @@ def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows:
     return _add_piece(None, piece, weights, rows, precision).moments()
 
 
+def shared_batch_rows(d_l: int) -> int:
+    """Rows per read batch of :func:`pieces_moments`' float32 path: ``SHARED_BATCH_BYTES`` of
+    float32 vectors, between 1,024 and 8,192 rows (2,730 at d_l = 384, 1,024 = 12.6 MB at 3,072).
+    The products accumulate across batches (:class:`SharedGramThread`), so small batches cost
+    no precision; they keep 16 threads' batches small (benchmarks/decompose/RESULTS.md)."""
+    return min(8192, max(1024, SHARED_BATCH_BYTES // (4 * d_l)))
+
+
 def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threads: int = 1,
                    precision: str = "float32", batch_rows: int | None = None) -> Moments:
     """Moments of several pieces in this process, in ``threads`` threads: thread t streams pieces
-    t, t + threads, ... into its own :class:`ScatterAccumulator`, all about one shift (the mean
-    of the first ``SHIFT_ROWS`` rows), and the threads' accumulators are added in thread order.
-    The result depends on the pieces and the thread count only, not on the threads' timing:
-    the same inputs on the same cluster give the same bits.
+    t, t + threads, ..., all about one shift (the mean of the first ``SHIFT_ROWS`` rows). The
+    result depends on the pieces and the thread count only, not on the threads' timing: the
+    same inputs on the same cluster give the same bits.
+
+    - ``float32`` (default): each thread accumulates its float32 batch products in place for
+      ``FLUSH_ROWS`` rows and adds them into one :class:`FixedPointGram` shared by all threads
+      (integer sums: the order the threads reach it does not matter). Its quantum comes from
+      the rows' count (Parquet footers) or the weights' sum, and the spread of the first rows;
+      should the data outgrow it by more than 2**16 (the gram reports an overflow), the pass is
+      redone the float64 way below, with a warning.
+    - ``float64``: each thread adds its batch products into its own float64 gram
+      (:class:`ScatterAccumulator`), and the grams are added in thread order.
+
+    The threads' sums and totals are added in thread order either way.
 
     Threads, not one process per piece: the work is pyarrow's decoding and BLAS, which release the
     GIL, and one process per node pays one Ray worker's first task and returns one partial
     (benchmarks/decompose/RESULTS.md). BLAS runs one thread per calling thread meanwhile
-    (threadpoolctl), so the threads do not oversubscribe the cores. (A gram shared by all
-    threads under locks held 0.37 instead of 0.49 of the reference's memory at d_l = 3,072 on
-    16 cores, but its sum depended on the order the threads reached it.)
+    (threadpoolctl), so the threads do not oversubscribe the cores. The shared gram is what
+    keeps 16 threads small and fast at d_l = 3,072: a float64 gram per thread took 6.1 GB and
+    4.5 s for the first pass over 200k rows on 16 cores, the shared one 2.1 GB and 2.4 s
+    (benchmarks/decompose/RESULTS.md).
 
     Raises:
-        DataError: as :func:`partial_moments`, for the first failing piece.
+        DataError: as :func:`partial_moments`, for the first failing piece; naming the file
+            whose vector holds NaN or inf (float32 path).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
@@ -380,31 +595,76 @@ def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threa
         raise ValueError("pieces_moments needs at least one piece")
     from threadpoolctl import threadpool_limits
 
-    rows = batch_rows or batch_rows_for(fragment_dim([piece_path(pieces[0])]))
-    first = next(iter_fragment(pieces[0], min(rows, SHIFT_ROWS), use_threads=False), None)
+    d = fragment_dim([piece_path(pieces[0])])
+    first = next(iter_fragment(pieces[0], SHIFT_ROWS, use_threads=False), None)
     if first is None:
         raise DataError("has no rows", file=piece_path(pieces[0]))
     shift = first[1].sum(axis=0, dtype=np.float64) / len(first[1])
-    del first
+    threads = max(1, min(threads, len(pieces)))
+    shares = [pieces[t::threads] for t in range(threads)]  # pieces have about equal rows
 
-    def work(share: list[Piece]) -> ScatterAccumulator:
-        acc = ScatterAccumulator(len(shift), precision, shift=shift)
-        for piece in share:
+    def run(work) -> list[ScatterAccumulator]:
+        with threadpool_limits(limits=1, user_api="blas"):
+            if threads == 1:
+                return [work(0)]
+            with ThreadPoolExecutor(threads, thread_name_prefix="moments") as pool:
+                return list(pool.map(work, range(threads)))  # in thread order, whatever ends first
+
+    if precision == "float32":
+        centred = first[1] - shift.astype(np.float32)
+        spread = float(np.max(np.mean(np.square(centred, dtype=np.float64), axis=0)))
+        spread = spread or float(np.max(np.square(shift))) or 1.0  # identical first rows
+        weight = _pieces_rows(pieces) if weights is None else float(np.sum(weights))
+        shared = FixedPointGram.for_rows(d, weight, spread)
+        rows, first_rows = batch_rows or shared_batch_rows(d), len(first[1])
+        del first, centred
+
+        def stream(t: int) -> ScatterAccumulator:
+            acc = SharedGramThread(d, shift, shared, t * len(shared.stripes) // threads)
+            for piece in shares[t]:
+                _add_piece(acc, piece, weights, rows, precision, use_threads=False)
+            acc.flush()
+            acc._buffer = acc._rows = acc._product = None  # the pass is over: free them
+            return acc
+
+        accs = run(stream)
+        if not shared.overflowed:
+            total = accs[0]
+            for acc in accs[1:]:
+                total.absorb(acc)
+            return total.moments(shared.to_float())
+        logging.getLogger(__name__).warning(
+            "the products outgrew the fixed-point gram (the first %d rows' spread was %.3g); "
+            "summing again in float64 grams per thread", first_rows, spread)
+        del shared, accs
+
+    rows = batch_rows or batch_rows_for(d)
+
+    def work(t: int) -> ScatterAccumulator:
+        acc = ScatterAccumulator(d, precision, shift=shift)
+        for piece in shares[t]:
             _add_piece(acc, piece, weights, rows, precision, use_threads=False)
         return acc
 
-    threads = max(1, min(threads, len(pieces)))
-    shares = [pieces[t::threads] for t in range(threads)]  # pieces have about equal rows
-    with threadpool_limits(limits=1, user_api="blas"):
-        if threads == 1:
-            accs = [work(shares[0])]
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="moments") as pool:
-                accs = list(pool.map(work, shares))  # in thread order, whatever finishes first
+    accs = run(work)
     total = accs[0]
     for acc in accs[1:]:
         total.absorb(acc)
     return total.moments()
+
+
+def _pieces_rows(pieces: list[Piece]) -> int:
+    """Rows of the pieces, from the Parquet footers (each file's read once)."""
+    footers: dict[str, pq.FileMetaData] = {}
+    rows = 0
+    for piece in pieces:
+        path = piece_path(piece)
+        if path not in footers:
+            footers[path] = pq.ParquetFile(path).metadata
+        meta = footers[path]
+        groups = range(meta.num_row_groups) if isinstance(piece, (str, Path)) else piece[1]
+        rows += sum(meta.row_group(g).num_rows for g in groups)
+    return rows
 
 
 def _pieces_moments_task(pieces: list[Piece], weights, precision: str) -> Moments:
@@ -510,6 +770,10 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     files = [str(Path(f)) for f in files]
+    if fragment_dim(files) >= SCIPY_EIGH_MIN_DIM and "scipy.linalg" not in sys.modules:
+        # covariance_eigh will want scipy.linalg next: import it while the tasks run (0.39 s cold
+        # at d_l = 3,072 on 16 cores); the import lock makes a later import wait for this one
+        threading.Thread(target=importlib.import_module, args=("scipy.linalg",), daemon=True).start()
     tasks, cpus = task_layout(task_cpus)
     pieces = covariance_pieces(files, tasks * cpus)
     tasks = min(tasks, len(pieces))
