@@ -15,7 +15,7 @@ from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
 from alphafuse_dist.decompose import covariance
 from alphafuse_dist.decompose.covariance import (FixedPointGram, ScatterAccumulator, batch_moments, covariance_eigh,
-                                                 distributed_covariance, fragment_pieces, openblas_syrk, partial_moments,
+                                                 covariance_pieces, distributed_covariance, fragment_pieces, openblas_syrk, partial_moments,
                                                  pieces_moments, task_layout)
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError, DataError
@@ -122,9 +122,10 @@ def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
         assert rel_err(m.scatter, centred.T @ centred) < 1e-12
     m32 = pieces_moments(pieces, threads=4)  # float32 products, the default
     assert rel_err(m32.scatter, centred.T @ centred) < 1e-6
-    for _ in range(3):  # the threads' timing does not reach the sums
-        again = pieces_moments(pieces, threads=4)
+    for threads in (4, 4, 1, 3, 7):  # neither the threads' timing nor their number reaches the sums
+        again = pieces_moments(pieces, threads=threads)
         assert np.array_equal(again.scatter, m32.scatter) and np.array_equal(again.mean, m32.mean)
+        assert again.count == N and again.weight == N
     # weights reach every thread; a bad one names its file
     w = np.random.default_rng(2).integers(1, 9, size=N).astype(np.float64)
     mw = pieces_moments(pieces, w, threads=3, precision="float64")
@@ -160,8 +161,15 @@ def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
     _, mean2, cov2 = distributed_covariance(files, precision="float64", task_cpus=1)
     assert rel_err(cov1, np.cov(X, rowvar=False)) < 1e-12 and rel_err(cov2, cov1) < 1e-12
     assert rel_err(mean2, mean1) < 1e-12
-    _, _, cov32 = distributed_covariance(files)
+    _, mean32, cov32 = distributed_covariance(files)
     assert np.array_equal(distributed_covariance(files)[2], cov32)
+    # float32: the same bits with one task per CPU (two tasks' integer grams added) as with one task
+    _, mean_tasks, cov_tasks = distributed_covariance(files, task_cpus=1)
+    assert np.array_equal(cov_tasks, cov32) and np.array_equal(mean_tasks, mean32)
+    pieces32 = covariance_pieces(files)
+    assert rel_err(cov32, np.cov(X, rowvar=False)) < 1e-6
+    local = pieces_moments(pieces32, threads=5).scatter / (N - 1)  # in this process, 5 threads
+    assert np.array_equal((local + local.T) / 2, cov32)
 
     a, b = ScatterAccumulator(D_L, shift=np.zeros(D_L)), ScatterAccumulator(D_L, shift=np.ones(D_L))
     b.add(X[:10])

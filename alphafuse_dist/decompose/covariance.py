@@ -53,9 +53,11 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import operator
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +79,12 @@ PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
 SHIFT_ROWS = 1024  # rows whose mean is the common shift of pieces_moments (near the mean is enough)
 SCIPY_EIGH_MIN_DIM = 1024  # covariance_eigh: scipy's dsyevd from this d_l on, numpy's below
-PIECES_PER_THREAD = 4  # pieces per covariance thread (covariance_pieces), dealt round-robin
 SHARED_BATCH_BYTES = 4 << 20  # float32 bytes per read batch of the shared-gram path (pieces_moments)
 FLUSH_ROWS = 8192  # rows a thread's float32 products accumulate before they go into the shared gram
 HEADROOM_BITS = 16  # the fixed-point gram holds 2**HEADROOM_BITS x its estimated largest entry
 STRIPE_ROWS = 64  # rows of the shared gram under one lock
+PIECE_ROWS = 4096  # rows per piece of the covariance pass: one row group of the embed stage's files
+FREE_CPUS_WAIT_S = 1.0  # free_cpus: how long to wait for CPUs a finished task still shows as taken
 
 # A fragment file, or a run of its row groups: (path, (row group indices...)).
 Piece = Union[str, Path, tuple[str, tuple[int, ...]]]
@@ -92,16 +95,18 @@ def piece_path(piece: Piece) -> str:
     return str(piece) if isinstance(piece, (str, Path)) else str(piece[0])
 
 
-def fragment_pieces(files: list[str], pieces: int | None = None, min_rows: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+def fragment_pieces(files: list[str], pieces: int | None = None, min_rows: int = 1,
+                    rows_per_piece: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """Split the fragments into ``(path, row_groups)`` pieces of about equal rows, for about
     ``pieces`` tasks (None: ``PIECES_PER_CPU`` per CPU of the Ray cluster) of at least ``min_rows``
-    rows where a file has them; never fewer than one piece per file; a row group is never split.
+    rows where a file has them, or (``rows_per_piece``) of about that many rows whatever the
+    cluster; never fewer than one piece per file; a row group is never split.
     Reads the Parquet footers only.
 
     Raises:
         DataError: naming a file that cannot be read or has no rows.
     """
-    if pieces is None:
+    if pieces is None and rows_per_piece is None:
         pieces = PIECES_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
     groups = {}
     for path in files:
@@ -112,7 +117,8 @@ def fragment_pieces(files: list[str], pieces: int | None = None, min_rows: int =
         groups[path] = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         if not sum(groups[path]):
             raise DataError("has no rows", file=path)
-    target = max(min_rows, -(-sum(map(sum, groups.values())) // max(1, pieces)), 1)  # rows per piece
+    target = rows_per_piece or -(-sum(map(sum, groups.values())) // max(1, pieces))
+    target = max(min_rows, target, 1)  # rows per piece
     out = []
     for path, rows in groups.items():
         # m runs of about equal rows: run j closes once the rows so far reach j/m of the file's
@@ -410,12 +416,22 @@ class FixedPointGram:
         self._bound, self._bound_lock = 0, threading.Lock()
         self.overflowed = False
 
+    @staticmethod
+    def quantum_for(weight: float, spread: float) -> float:
+        """The quantum for rows of total weight at most ``weight`` whose centred squares average
+        at most ``spread`` per coordinate (estimates; ``HEADROOM_BITS`` covers 65,536x more)."""
+        largest = max(float(weight) * float(spread), np.finfo(np.float64).tiny)
+        return float(2.0 ** np.ceil(np.log2(largest / 2.0 ** (62 - HEADROOM_BITS))))
+
     @classmethod
     def for_rows(cls, d_l: int, weight: float, spread: float) -> "FixedPointGram":
-        """A gram for rows of total weight at most ``weight`` whose centred squares average at
-        most ``spread`` per coordinate (estimates; ``HEADROOM_BITS`` covers 65,536x more)."""
-        largest = max(float(weight) * float(spread), np.finfo(np.float64).tiny)
-        return cls(d_l, 2.0 ** np.ceil(np.log2(largest / 2.0 ** (62 - HEADROOM_BITS))))
+        """A gram with :meth:`quantum_for` ``(weight, spread)``."""
+        return cls(d_l, cls.quantum_for(weight, spread))
+
+    @property
+    def bound(self) -> int:
+        """The sum of the adds' bounds, in quanta: no entry is larger (above ``LIMIT``: overflowed)."""
+        return self._bound
 
     def add(self, A: np.ndarray, start: int = 0) -> None:
         """Add the upper triangle of the PSD float matrix A (its lower one is not added: syrk
@@ -448,10 +464,11 @@ class FixedPointGram:
 
 
 class SharedGramThread(ScatterAccumulator):
-    """One thread's accumulator in :func:`pieces_moments`' float32 path: its batch products add
-    up in a float32 [d_l, d_l] buffer in place (``syrk`` with ``beta=1``: :func:`openblas_syrk`,
-    or numpy's ``matmul`` and an add where there is none) for ``FLUSH_ROWS`` rows, as one
-    8,192-row product would, and then go into the :class:`FixedPointGram` shared by all threads.
+    """One thread's accumulator in :func:`shared_gram_pass`: its batch products add up in a
+    float32 [d_l, d_l] buffer in place (``syrk`` with ``beta=1``: :func:`openblas_syrk`, or
+    numpy's ``matmul`` and an add where there is none) for ``FLUSH_ROWS`` rows of a piece, as one
+    8,192-row product would, and then (and at the piece's end: :meth:`end_piece`) go into the
+    :class:`FixedPointGram` shared by all threads.
     So a thread holds one float32 d_l x d_l buffer and one small batch, not a float64 gram of its own.
 
     Raises (from :meth:`add`):
@@ -486,6 +503,17 @@ class SharedGramThread(ScatterAccumulator):
         if self._pending:
             self.shared.add(self._buffer, self.order)
             self._pending = 0
+
+    def end_piece(self) -> tuple[int, float, np.ndarray, np.ndarray]:
+        """Flush, and return the piece's ``(count, weight, sums, totals)``, starting the next
+        piece from zero: a piece's products and sums then depend on the piece alone, not on what
+        the thread read before it."""
+        self.flush()
+        out = (self.count, self.weight, self.sums.copy(), self.totals.copy())
+        self.count, self.weight = 0, 0.0
+        self.sums[:] = 0.0
+        self.totals[:] = 0.0
+        return out
 
 
 def batch_moments(X: np.ndarray, w: np.ndarray | None = None, precision: str = "float32") -> Moments:
@@ -552,30 +580,179 @@ def partial_moments(piece: Piece, weights: np.ndarray | None = None, batch_rows:
 
 
 def shared_batch_rows(d_l: int) -> int:
-    """Rows per read batch of :func:`pieces_moments`' float32 path: ``SHARED_BATCH_BYTES`` of
-    float32 vectors, between 1,024 and 8,192 rows (2,730 at d_l = 384, 1,024 = 12.6 MB at 3,072).
+    """Rows per read batch of :func:`shared_gram_pass`: ``SHARED_BATCH_BYTES`` of float32
+    vectors, between 1,024 and 8,192 rows (2,730 at d_l = 384, 1,024 = 12.6 MB at 3,072).
     The products accumulate across batches (:class:`SharedGramThread`), so small batches cost
     no precision; they keep 16 threads' batches small (benchmarks/decompose/RESULTS.md)."""
     return min(8192, max(1024, SHARED_BATCH_BYTES // (4 * d_l)))
 
 
+@dataclass
+class GramPartial:
+    """What a :func:`shared_gram_pass` returns: the fixed-point gram of its pieces and each
+    piece's count, weight, sums and totals. Partials add up (``+``: integer grams, pieces
+    appended) and :meth:`moments` sums the pieces' vectors exactly (``math.fsum``), so the
+    moments do not depend on which task or thread read which piece.
+
+    Attributes:
+        shift: float64 [d_l], the common shift; quantum: the gram's unit.
+        values: int64 [d_l, d_l], the upper triangle of ``sum w z z^T`` in quanta.
+        bound: the adds' bounds summed (:attr:`FixedPointGram.bound`).
+        counts, weights: int64 / float64 [pieces]; sums, totals: float64 [pieces, d_l]
+            (``sum w (z - shift)`` and ``sum w x`` of each piece).
+    """
+
+    shift: np.ndarray
+    quantum: float
+    values: np.ndarray
+    bound: int
+    counts: np.ndarray
+    weights: np.ndarray
+    sums: np.ndarray
+    totals: np.ndarray
+
+    @property
+    def overflowed(self) -> bool:
+        """True when an entry may have wrapped around int64: the sum must be redone another way."""
+        return self.bound > FixedPointGram.LIMIT
+
+    def __add__(self, other: "GramPartial") -> "GramPartial":
+        if other.quantum != self.quantum or not np.array_equal(other.shift, self.shift):
+            raise ValueError("GramPartial: only partials of one pass (same shift and quantum) add up")
+        return GramPartial(self.shift, self.quantum, self.values + other.values, self.bound + other.bound,
+                           *(np.concatenate([a, b]) for a, b in ((self.counts, other.counts),
+                                                                 (self.weights, other.weights),
+                                                                 (self.sums, other.sums),
+                                                                 (self.totals, other.totals))))
+
+    def moments(self) -> Moments:
+        """The :class:`Moments` of all the pieces' rows."""
+        if self.overflowed:
+            raise ValueError("the fixed-point gram overflowed; redo the pass with thread_grams_pass")
+        d = len(self.shift)
+        gram = FixedPointGram(d, self.quantum)
+        gram.values = np.asarray(self.values)
+        count, weight = int(self.counts.sum()), math.fsum(self.weights)
+        if weight == 0:
+            return Moments(count, 0.0, np.zeros(d), np.zeros((d, d)))
+        sums = np.array([math.fsum(col) for col in self.sums.T])
+        totals = np.array([math.fsum(col) for col in self.totals.T])
+        scatter = gram.to_float()
+        offset = sums / weight
+        scatter -= weight * np.outer(offset, offset)
+        return Moments(count, weight, totals / weight, scatter)
+
+
+def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """``(shift, quantum)`` of a fixed-point pass over ``pieces``: the mean of the first
+    ``SHIFT_ROWS`` rows of the first piece, and the quantum for the rows' count (Parquet footers)
+    or the weights' sum, and the largest mean square of those first rows about the shift.
+
+    Raises:
+        DataError: naming the first piece's file when it has no rows.
+    """
+    first = next(iter_fragment(pieces[0], SHIFT_ROWS, use_threads=False), None)
+    if first is None:
+        raise DataError("has no rows", file=piece_path(pieces[0]))
+    X = first[1]
+    shift = X.sum(axis=0, dtype=np.float64) / len(X)
+    centred = X - shift.astype(X.dtype)
+    spread = float(np.max(np.mean(np.square(centred, dtype=np.float64), axis=0)))
+    spread = spread or float(np.max(np.square(shift))) or 1.0  # identical first rows
+    weight = _pieces_rows(pieces) if weights is None else float(np.sum(weights))
+    return shift, FixedPointGram.quantum_for(weight, spread)
+
+
+def _run_threads(threads: int, work) -> list:
+    """``work(t)`` for t in 0..threads-1, each in its own thread with BLAS held at one thread
+    (threadpoolctl), results in thread order."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads == 1:
+            return [work(0)]
+        with ThreadPoolExecutor(threads, thread_name_prefix="moments") as pool:
+            return list(pool.map(work, range(threads)))
+
+
+def shared_gram_pass(pieces: list[Piece], weights: np.ndarray | None, threads: int, shift: np.ndarray,
+                     quantum: float, batch_rows: int | None = None) -> GramPartial:
+    """The fixed-point pass of :func:`pieces_moments` and of each task of
+    :func:`distributed_covariance`: ``threads`` threads take pieces from one queue as they free
+    up; each streams a piece in batches (``shared_batch_rows``) into its
+    :class:`SharedGramThread`, which adds the piece's products into one :class:`FixedPointGram`.
+    A piece's products and sums depend on the piece alone and integer sums do not depend on
+    their order, so any split of the pieces between threads and tasks gives the same bits;
+    the queue keeps the threads busy to the end.
+
+    Raises:
+        DataError: naming the file of a piece without rows, an ``item_idx`` without a valid
+            weight, or a vector holding NaN or inf.
+    """
+    d = len(shift)
+    shared = FixedPointGram(d, quantum)
+    rows = batch_rows or shared_batch_rows(d)
+    queue, lock = iter(enumerate(pieces)), threading.Lock()
+    per_piece: list = [None] * len(pieces)
+    threads = max(1, min(threads, len(pieces)))
+
+    def work(t: int) -> None:
+        acc = SharedGramThread(d, shift, shared, t * len(shared.stripes) // threads)
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None or shared.overflowed:
+                return
+            i, piece = item
+            _add_piece(acc, piece, weights, rows, "float32", use_threads=False)
+            per_piece[i] = acc.end_piece()
+
+    _run_threads(threads, work)
+    done = [p for p in per_piece if p is not None]  # all, unless it overflowed
+    return GramPartial(np.asarray(shift, np.float64), quantum, shared.values, shared.bound,
+                       np.array([p[0] for p in done], np.int64), np.array([p[1] for p in done]),
+                       np.array([p[2] for p in done]).reshape(-1, d), np.array([p[3] for p in done]).reshape(-1, d))
+
+
+def thread_grams_pass(pieces: list[Piece], weights: np.ndarray | None = None, threads: int = 1,
+                      precision: str = "float32", batch_rows: int | None = None) -> Moments:
+    """The float64 way of :func:`pieces_moments`: thread t streams pieces t, t + threads, ...
+    into its own :class:`ScatterAccumulator` (a float64 gram), all about one shift, and the
+    accumulators are added in thread order: the same bits for the same pieces and thread count.
+
+    Raises:
+        DataError: as :func:`partial_moments`, for the first failing piece.
+    """
+    d = fragment_dim([piece_path(pieces[0])])
+    first = next(iter_fragment(pieces[0], SHIFT_ROWS, use_threads=False), None)
+    if first is None:
+        raise DataError("has no rows", file=piece_path(pieces[0]))
+    shift = first[1].sum(axis=0, dtype=np.float64) / len(first[1])
+    rows = batch_rows or batch_rows_for(d)
+    threads = max(1, min(threads, len(pieces)))
+
+    def work(t: int) -> ScatterAccumulator:
+        acc = ScatterAccumulator(d, precision, shift=shift)
+        for piece in pieces[t::threads]:
+            _add_piece(acc, piece, weights, rows, precision, use_threads=False)
+        return acc
+
+    accs = _run_threads(threads, work)
+    total = accs[0]
+    for acc in accs[1:]:
+        total.absorb(acc)
+    return total.moments()
+
+
 def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threads: int = 1,
                    precision: str = "float32", batch_rows: int | None = None) -> Moments:
-    """Moments of several pieces in this process, in ``threads`` threads: thread t streams pieces
-    t, t + threads, ..., all about one shift (the mean of the first ``SHIFT_ROWS`` rows). The
-    result depends on the pieces and the thread count only, not on the threads' timing: the
-    same inputs on the same cluster give the same bits.
+    """Moments of several pieces in this process, in ``threads`` threads.
 
-    - ``float32`` (default): each thread accumulates its float32 batch products in place for
-      ``FLUSH_ROWS`` rows and adds them into one :class:`FixedPointGram` shared by all threads
-      (integer sums: the order the threads reach it does not matter). Its quantum comes from
-      the rows' count (Parquet footers) or the weights' sum, and the spread of the first rows;
-      should the data outgrow it by more than 2**16 (the gram reports an overflow), the pass is
-      redone the float64 way below, with a warning.
-    - ``float64``: each thread adds its batch products into its own float64 gram
-      (:class:`ScatterAccumulator`), and the grams are added in thread order.
-
-    The threads' sums and totals are added in thread order either way.
+    - ``float32`` (default): :func:`gram_setup` and :func:`shared_gram_pass`: one fixed-point
+      gram shared by the threads; the result does not depend on the thread count or timing.
+      Should the data outgrow the gram's range (its first rows' spread times 2**16; the gram
+      reports an overflow), the pass is redone by :func:`thread_grams_pass`, with a warning.
+    - ``float64``: :func:`thread_grams_pass` (a float64 gram per thread, added in thread order).
 
     Threads, not one process per piece: the work is pyarrow's decoding and BLAS, which release the
     GIL, and one process per node pays one Ray worker's first task and returns one partial
@@ -587,70 +764,25 @@ def pieces_moments(pieces: list[Piece], weights: np.ndarray | None = None, threa
 
     Raises:
         DataError: as :func:`partial_moments`, for the first failing piece; naming the file
-            whose vector holds NaN or inf (float32 path).
+            whose vector holds NaN or inf (float32).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if not pieces:
         raise ValueError("pieces_moments needs at least one piece")
-    from threadpoolctl import threadpool_limits
-
-    d = fragment_dim([piece_path(pieces[0])])
-    first = next(iter_fragment(pieces[0], SHIFT_ROWS, use_threads=False), None)
-    if first is None:
-        raise DataError("has no rows", file=piece_path(pieces[0]))
-    shift = first[1].sum(axis=0, dtype=np.float64) / len(first[1])
-    threads = max(1, min(threads, len(pieces)))
-    shares = [pieces[t::threads] for t in range(threads)]  # pieces have about equal rows
-
-    def run(work) -> list[ScatterAccumulator]:
-        with threadpool_limits(limits=1, user_api="blas"):
-            if threads == 1:
-                return [work(0)]
-            with ThreadPoolExecutor(threads, thread_name_prefix="moments") as pool:
-                return list(pool.map(work, range(threads)))  # in thread order, whatever ends first
-
     if precision == "float32":
-        centred = first[1] - shift.astype(np.float32)
-        spread = float(np.max(np.mean(np.square(centred, dtype=np.float64), axis=0)))
-        spread = spread or float(np.max(np.square(shift))) or 1.0  # identical first rows
-        weight = _pieces_rows(pieces) if weights is None else float(np.sum(weights))
-        shared = FixedPointGram.for_rows(d, weight, spread)
-        rows, first_rows = batch_rows or shared_batch_rows(d), len(first[1])
-        del first, centred
+        shift, quantum = gram_setup(pieces, weights)
+        partial = shared_gram_pass(pieces, weights, threads, shift, quantum, batch_rows)
+        if not partial.overflowed:
+            return partial.moments()
+        _warn_overflow()
+    return thread_grams_pass(pieces, weights, threads, precision, batch_rows)
 
-        def stream(t: int) -> ScatterAccumulator:
-            acc = SharedGramThread(d, shift, shared, t * len(shared.stripes) // threads)
-            for piece in shares[t]:
-                _add_piece(acc, piece, weights, rows, precision, use_threads=False)
-            acc.flush()
-            acc._buffer = acc._rows = acc._product = None  # the pass is over: free them
-            return acc
 
-        accs = run(stream)
-        if not shared.overflowed:
-            total = accs[0]
-            for acc in accs[1:]:
-                total.absorb(acc)
-            return total.moments(shared.to_float())
-        logging.getLogger(__name__).warning(
-            "the products outgrew the fixed-point gram (the first %d rows' spread was %.3g); "
-            "summing again in float64 grams per thread", first_rows, spread)
-        del shared, accs
-
-    rows = batch_rows or batch_rows_for(d)
-
-    def work(t: int) -> ScatterAccumulator:
-        acc = ScatterAccumulator(d, precision, shift=shift)
-        for piece in shares[t]:
-            _add_piece(acc, piece, weights, rows, precision, use_threads=False)
-        return acc
-
-    accs = run(work)
-    total = accs[0]
-    for acc in accs[1:]:
-        total.absorb(acc)
-    return total.moments()
+def _warn_overflow() -> None:
+    logging.getLogger(__name__).warning(
+        "the products outgrew the fixed-point gram (their first %d rows' spread, 2**%d times over); "
+        "summing again with a float64 gram per thread", SHIFT_ROWS, HEADROOM_BITS)
 
 
 def _pieces_rows(pieces: list[Piece]) -> int:
@@ -667,34 +799,59 @@ def _pieces_rows(pieces: list[Piece]) -> int:
     return rows
 
 
-def _pieces_moments_task(pieces: list[Piece], weights, precision: str) -> Moments:
-    """The Ray task of :func:`distributed_covariance`: as many threads as CPUs Ray gave it."""
+def _shared_gram_task(pieces: list[Piece], weights, shift: np.ndarray, quantum: float) -> GramPartial:
+    """A Ray task of :func:`distributed_covariance` (float32): as many threads as CPUs Ray gave it."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    return pieces_moments(pieces, weights, max(1, int(cpus)), precision)
+    return shared_gram_pass(pieces, weights, max(1, int(cpus)), shift, quantum)
 
 
-_pieces_moments_remote = ray.remote(_pieces_moments_task)
+def _thread_grams_task(pieces: list[Piece], weights, precision: str) -> Moments:
+    """A Ray task of :func:`distributed_covariance` (float64, or float32 after an overflow)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return thread_grams_pass(pieces, weights, max(1, int(cpus)), precision)
+
+
+_shared_gram_remote = ray.remote(_shared_gram_task)
+_thread_grams_remote = ray.remote(_thread_grams_task)
 
 
 def task_layout(task_cpus: int | None = None) -> tuple[int, int]:
     """``(tasks, cpus_per_task)`` for :func:`distributed_covariance`.
 
     By default each task takes as many CPUs as the largest alive node has (one task per node of
-    an even cluster), but no more than the cluster has free now: a task asking for a whole node
-    would wait forever while an actor holds one of its CPUs. ``task_cpus``
+    an even cluster), but no more than the cluster has free (:func:`free_cpus`): a task asking
+    for a whole node would wait forever while an actor holds one of its CPUs. ``task_cpus``
     (``decompose.task_cpus``) sets the CPUs per task instead, e.g. for a multi-node cluster
     where resident actors hold a CPU on every node. Tasks: the cluster's CPUs over
-    ``cpus_per_task``, at least one (more tasks than fit at once run as CPUs free up).
+    ``cpus_per_task``, at least one (more tasks than fit at once run as CPUs free up). The
+    float32 covariance does not depend on the layout, only its speed does.
 
     Raises:
         ValueError: when ``task_cpus`` < 1.
     """
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     if task_cpus is None:
-        task_cpus = min(int(max(nodes, default=1)), int(ray.available_resources().get("CPU", 0))) or 1
+        largest = int(max(nodes, default=1))
+        task_cpus = min(largest, free_cpus(largest)) or 1
     if task_cpus < 1:
         raise ValueError(f"task_cpus={task_cpus}: must be >= 1")
     return max(1, int(sum(nodes)) // task_cpus), task_cpus
+
+
+def free_cpus(want: int, wait: float = FREE_CPUS_WAIT_S) -> int:
+    """The cluster's free CPUs, waiting up to ``wait`` seconds for ``want`` of them.
+
+    Ray's count of free resources lags: right after a task ends, its CPUs still show as taken
+    for a moment (a covariance run straight after another saw 1 free CPU of 16 and ran 16
+    one-CPU tasks: 3.1 s instead of 0.8 s, 2026-11-27, 16 cores). CPUs held by an actor stay
+    taken, so then this waits the whole ``wait``.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        free = int(ray.available_resources().get("CPU", 0))
+        if free >= want or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.02)
 
 
 @ray.remote(num_cpus=1)
@@ -734,18 +891,17 @@ def covariance_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return eigh(cov, driver="evd", check_finite=False)
 
 
-def covariance_pieces(files: list[str], threads: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
-    """The pieces :func:`distributed_covariance` deals to its threads: :func:`fragment_pieces`,
-    ``PIECES_PER_THREAD`` per thread (``threads``; None: per CPU of the cluster), each of at least
-    one read batch (:func:`batch_rows_for`) where a file has the rows. Several pieces per thread,
-    dealt round-robin, even out files that do not split evenly.
+def covariance_pieces(files: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """The pieces of :func:`distributed_covariance`: runs of row groups of about ``PIECE_ROWS``
+    rows (:func:`fragment_pieces`), one row group of the embed stage's files, whatever the
+    cluster: the float32 covariance depends on the pieces, so they must not depend on the CPUs.
+    Small pieces also even out the threads' loads (they take pieces from a queue).
 
     Raises:
         DataError: as :func:`fragment_dim` and :func:`fragment_pieces`.
     """
-    if threads is None:
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return fragment_pieces(files, pieces=PIECES_PER_THREAD * threads, min_rows=batch_rows_for(fragment_dim(files)))
+    fragment_dim(files)
+    return fragment_pieces(files, rows_per_piece=PIECE_ROWS)
 
 
 def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.ndarray | None = None,
@@ -753,7 +909,14 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
                            task_cpus: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of ``scale * E`` over all fragments: one Ray task per node
     (:func:`task_layout`), each running one thread per CPU over its share of the pieces
-    (:func:`covariance_pieces`, :func:`pieces_moments`); the tasks' partials are tree-reduced.
+    (:func:`covariance_pieces`); the tasks' partials are tree-reduced.
+
+    - ``float32``: the driver fixes the shift and quantum (:func:`gram_setup`), each task runs
+      :func:`shared_gram_pass`, and the partials' integer grams add up exactly: the result is
+      the same bits whatever the cluster's size or layout. An overflow of the fixed-point gram
+      (data far wider than its first rows) redoes the pass as ``float64`` does, with a warning.
+    - ``float64``: each task runs :func:`thread_grams_pass`; the partials are merged with Chan's
+      update (:class:`Moments`).
 
     Args:
         files: the ``part-*.parquet`` fragments (``item_idx``, ``vector: fixed_size_list[d_l]``).
@@ -774,14 +937,23 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
         # covariance_eigh will want scipy.linalg next: import it while the tasks run (0.39 s cold
         # at d_l = 3,072 on 16 cores); the import lock makes a later import wait for this one
         threading.Thread(target=importlib.import_module, args=("scipy.linalg",), daemon=True).start()
+    pieces = covariance_pieces(files)
     tasks, cpus = task_layout(task_cpus)
-    pieces = covariance_pieces(files, tasks * cpus)
     tasks = min(tasks, len(pieces))
     weights_ref = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
-    # pieces dealt round-robin: they have about equal rows (fragment_pieces)
-    refs = [_pieces_moments_remote.options(num_cpus=cpus).remote(pieces[t::tasks], weights_ref, precision)
-            for t in range(tasks)]
-    total = tree_reduce(refs, fan_in)
+    total = None
+    if precision == "float32":
+        shift, quantum = gram_setup(pieces, weights)
+        # pieces dealt round-robin: they have about equal rows (fragment_pieces)
+        partial = tree_reduce([_shared_gram_remote.options(num_cpus=cpus).remote(
+            pieces[t::tasks], weights_ref, shift, quantum) for t in range(tasks)], fan_in)
+        if partial.overflowed:
+            _warn_overflow()
+        else:
+            total = partial.moments()
+    if total is None:
+        total = tree_reduce([_thread_grams_remote.options(num_cpus=cpus).remote(pieces[t::tasks], weights_ref, precision)
+                             for t in range(tasks)], fan_in)
     if total.weight <= 1:
         raise DataError(f"the embeddings hold total weight {total.weight:g} over {total.count} rows; a "
                         "covariance needs more than 1", file=Path(files[0]).parent)
