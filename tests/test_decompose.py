@@ -228,6 +228,13 @@ def test_float32_pass_falls_back_where_needed(ray_session, embeddings, monkeypat
     with pytest.raises(DataError, match="NaN or inf") as e:
         pieces_moments(fragment_pieces(nan_files, pieces=2), threads=2)
     assert "part-000.parquet" in str(e.value) and "vector" in str(e.value)
+    holed = folder / "part-holed.parquet"  # a null float inside a vector (not a null vector)
+    values = pa.array([None if i == 5 else float(i) for i in range(3 * D_L)], pa.float32())
+    pq.write_table(pa.table({"item_idx": pa.array([0, 1, 2], pa.int32()),
+                             "vector": pa.FixedSizeListArray.from_arrays(values, D_L)}), holed)
+    with pytest.raises(DataError, match="null entries inside a vector") as e:
+        pieces_moments([str(holed)])
+    assert "part-holed.parquet" in str(e.value)
 
 
 def test_covariance_eigh_equals_numpy():

@@ -229,9 +229,22 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool 
         vectors = batch.column(VECTOR_COLUMN)
         if vectors.null_count or batch.column(INDEX_COLUMN).null_count:
             raise DataError("null entries; every row needs an item_idx and a vector", file=path)
-        # flatten() honours slice offsets, unlike .values
-        X = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), vectors.type.list_size)
-        yield batch.column(INDEX_COLUMN).to_numpy().astype(np.int64), X
+        values = vectors.flatten()  # flatten() honours slice offsets, unlike .values
+        if values.null_count:
+            raise DataError("null entries inside a vector", file=path, column=VECTOR_COLUMN)
+        X = numpy_view(values).reshape(len(vectors), vectors.type.list_size)
+        yield numpy_view(batch.column(INDEX_COLUMN)).astype(np.int64), X
+
+
+def numpy_view(array: pa.Array) -> np.ndarray:
+    """A read-only, zero-copy numpy view of a numeric Arrow array without nulls.
+
+    Why not ``array.to_numpy()``: it imports pandas on first use (0.19-0.35 s), which every
+    fresh Ray worker paid on its first batch: part of the covariance's slower first call
+    (benchmarks/decompose/RESULTS.md).
+    """
+    dtype = np.dtype(array.type.to_pandas_dtype())  # a table lookup; no pandas
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def batch_rows_for(d_l: int) -> int:
