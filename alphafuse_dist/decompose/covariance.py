@@ -705,6 +705,7 @@ def shared_gram_pass(pieces: list[Piece], weights: np.ndarray | None, threads: i
     d = len(shift)
     shared = FixedPointGram(d, quantum)
     rows = batch_rows or shared_batch_rows(d)
+    openblas_syrk()  # found once here, not by every thread at once
     queue, lock = iter(enumerate(pieces)), threading.Lock()
     per_piece: list = [None] * len(pieces)
     threads = max(1, min(threads, len(pieces)))
