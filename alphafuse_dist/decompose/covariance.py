@@ -648,8 +648,8 @@ class GramPartial:
         count, weight = int(self.counts.sum()), math.fsum(self.weights)
         if weight == 0:
             return Moments(count, 0.0, np.zeros(d), np.zeros((d, d)))
-        sums = np.array([math.fsum(col) for col in self.sums.T])
-        totals = np.array([math.fsum(col) for col in self.totals.T])
+        sums = np.array([math.fsum(col) for col in self.sums.T.tolist()])
+        totals = np.array([math.fsum(col) for col in self.totals.T.tolist()])
         scatter = gram.to_float()
         offset = sums / weight
         scatter -= weight * np.outer(offset, offset)
@@ -710,15 +710,21 @@ def shared_gram_pass(pieces: list[Piece], weights: np.ndarray | None, threads: i
     per_piece: list = [None] * len(pieces)
     threads = max(1, min(threads, len(pieces)))
 
+    failed = threading.Event()  # a thread's DataError stops the others at their next piece
+
     def work(t: int) -> None:
         acc = SharedGramThread(d, shift, shared, t * len(shared.stripes) // threads)
         while True:
             with lock:
                 item = next(queue, None)
-            if item is None or shared.overflowed:
+            if item is None or shared.overflowed or failed.is_set():
                 return
             i, piece = item
-            _add_piece(acc, piece, weights, rows, "float32", use_threads=False)
+            try:
+                _add_piece(acc, piece, weights, rows, "float32", use_threads=False)
+            except BaseException:
+                failed.set()
+                raise
             per_piece[i] = acc.end_piece()
 
     _run_threads(threads, work)
