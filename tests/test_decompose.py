@@ -237,6 +237,17 @@ def test_float32_pass_falls_back_where_needed(ray_session, embeddings, monkeypat
     assert "part-holed.parquet" in str(e.value)
 
 
+def test_numpy_view_is_to_numpy_without_pandas():
+    for values, dtype in (([1.5, -2.0, 3.25, 4.0], pa.float32()), ([1.5, -2.0, 3.25, 4.0], pa.float64()),
+                          ([7, -1, 3, 9], pa.int32()), ([7, 1, 3, 2**40], pa.int64()), ([1, 2, 3, 4], pa.uint16())):
+        array = pa.array(values, dtype).slice(1, 3)  # an offset into the buffer
+        view = covariance.numpy_view(array)
+        assert view.dtype == array.to_numpy().dtype and np.array_equal(view, array.to_numpy())
+    with_null = pa.array([1.0, None, 2.0], pa.float32())
+    assert np.isnan(covariance.numpy_view(with_null)[1])  # arrays with nulls go through to_numpy
+    assert list(covariance.numpy_view(pa.array(["a", "b"]))) == ["a", "b"]
+
+
 def test_covariance_eigh_equals_numpy():
     rng = np.random.default_rng(5)
     A = rng.normal(size=(200, 120)) * np.geomspace(1, 1e-3, 120)

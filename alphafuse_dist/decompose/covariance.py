@@ -237,14 +237,21 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool 
 
 
 def numpy_view(array: pa.Array) -> np.ndarray:
-    """A read-only, zero-copy numpy view of a numeric Arrow array without nulls.
+    """A read-only, zero-copy numpy view of a numeric Arrow array without nulls (other arrays:
+    ``to_numpy``).
 
     Why not ``array.to_numpy()``: it imports pandas on first use (0.19-0.35 s), which every
-    fresh Ray worker paid on its first batch: part of the covariance's slower first call
-    (benchmarks/decompose/RESULTS.md).
+    fresh Ray worker paid on its first batch, and the driver on its first read: part of the
+    covariance's slower first call (benchmarks/decompose/RESULTS.md).
     """
-    dtype = np.dtype(array.type.to_pandas_dtype())  # a table lookup; no pandas
+    dtype = NUMPY_TYPES.get(array.type)  # not type.to_pandas_dtype(): pyarrow 25's imports pandas
+    if dtype is None or array.null_count:
+        return array.to_numpy(zero_copy_only=False)
     return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
+NUMPY_TYPES = {getattr(pa, name)(): np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16", "int32",
+                                                                 "int64", "uint8", "uint16", "uint32", "uint64")}
 
 
 def batch_rows_for(d_l: int) -> int:
