@@ -940,7 +940,8 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
 
     - ``float32``: the driver fixes the shift and quantum (:func:`gram_setup`), each task runs
       :func:`shared_gram_pass`, and the partials' integer grams add up exactly: the result is
-      the same bits whatever the cluster's size or layout. An overflow of the fixed-point gram
+      the same bits whatever the number of tasks and threads (on nodes of one CPU type: OpenBLAS
+      picks its float32 kernels by CPU). An overflow of the fixed-point gram
       (data far wider than its first rows) redoes the pass as ``float64`` does, with a warning.
     - ``float64``: each task runs :func:`thread_grams_pass`; the partials are merged with Chan's
       update (:class:`Moments`).

@@ -5,7 +5,7 @@ Data flow (METHOD.md section 2, steps 1-6)::
     embed/part-*.parquet (item_idx, vector[d_l])
       -> method "exact": distributed_covariance (one Ray task per node, one thread per CPU
                          taking pieces (row groups) from a queue into one fixed-point gram;
-                         the tasks' integer grams add up: the same bits on any cluster)
+                         the tasks' integer grams add up: the same bits for any layout)
                          -> mu [d_l], C [d_l, d_l] -> covariance_eigh -> all d_l eigenpairs
          method "randomized": randomized_covariance_eigh (rsvd.py, 2 + power_iters passes of one
                          Ray task per piece) -> mu, top-d eigenpairs, trace of C
