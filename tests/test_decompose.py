@@ -237,6 +237,17 @@ def test_float32_pass_falls_back_where_needed(ray_session, embeddings, monkeypat
     assert "part-holed.parquet" in str(e.value)
 
 
+def test_wide_vectors_take_the_in_place_rank_one_update(tmp_path):
+    """From d_l = SCIPY_EIGH_MIN_DIM on, the shift-to-mean correction runs as BLAS ger in place."""
+    rng = np.random.default_rng(11)
+    d = covariance.SCIPY_EIGH_MIN_DIM + 6
+    X = (rng.normal(size=(400, d)) * np.geomspace(2, 0.1, d) + 3.0).astype(np.float32)
+    files = write_fragments(tmp_path, X, np.arange(400), [150, 250], row_group_rows=100)
+    m = pieces_moments(fragment_pieces(files, pieces=4), threads=2)
+    centred = X.astype(np.float64) - X.mean(0, dtype=np.float64)
+    assert rel_err(m.scatter, centred.T @ centred) < 1e-6 and np.array_equal(m.scatter, m.scatter.T)
+
+
 def test_numpy_view_is_to_numpy_without_pandas():
     for values, dtype in (([1.5, -2.0, 3.25, 4.0], pa.float32()), ([1.5, -2.0, 3.25, 4.0], pa.float64()),
                           ([7, -1, 3, 9], pa.int32()), ([7, 1, 3, 2**40], pa.int64()), ([1, 2, 3, 4], pa.uint16())):

@@ -473,10 +473,19 @@ class FixedPointGram:
             with self._locks[i]:
                 self.values[r0:r1, r0:] += block
 
-    def to_float(self) -> np.ndarray:
-        """The symmetric float64 gram."""
+    def to_float(self, alpha: float = 0.0, x: np.ndarray | None = None) -> np.ndarray:
+        """The symmetric float64 gram, plus ``alpha x x^T`` when ``x`` is given: added to the upper
+        triangle before it is mirrored (in place, BLAS ``syr``, from d_l = ``SCIPY_EIGH_MIN_DIM``
+        on: 0.004 s against 0.04-0.13 s for numpy's outer product at 3,072), so the result is
+        exactly symmetric."""
         G = self.values.astype(np.float64)
         G *= self.quantum
+        if x is not None and len(x) >= SCIPY_EIGH_MIN_DIM:
+            from scipy.linalg.blas import dsyr  # imported while the tasks ran (distributed_covariance)
+
+            dsyr(alpha, x, a=G.T, lower=1, overwrite_a=1)  # G's upper triangle is its transpose's lower
+        elif x is not None:  # small: scipy.linalg would cost more to import cold than this takes
+            G += alpha * np.outer(x, x)
         for i, (r0, r1) in enumerate(self.stripes):  # mirror the upper triangle, stripe by stripe
             G[r0:r1, :r0] = G[:r0, r0:r1].T
             G[r0:r1, r0:r1][self._lower[i]] = G[r0:r1, r0:r1].T[self._lower[i]]
@@ -657,10 +666,8 @@ class GramPartial:
             return Moments(count, 0.0, np.zeros(d), np.zeros((d, d)))
         sums = np.array([math.fsum(col) for col in self.sums.T.tolist()])
         totals = np.array([math.fsum(col) for col in self.totals.T.tolist()])
-        scatter = gram.to_float()
         offset = sums / weight
-        scatter -= weight * np.outer(offset, offset)
-        return Moments(count, weight, totals / weight, scatter)
+        return Moments(count, weight, totals / weight, gram.to_float(-weight, offset))
 
 
 def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -978,13 +985,20 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
         if partial.overflowed:
             _warn_overflow()
         else:
-            total = partial.moments()
+            total = partial.moments()  # its scatter: exactly symmetric (one triangle mirrored), ours
+    symmetric = total is not None
     if total is None:
         total = tree_reduce([_thread_grams_remote.options(num_cpus=cpus).remote(pieces[t::tasks], weights_ref, precision)
                              for t in range(tasks)], fan_in)
     if total.weight <= 1:
         raise DataError(f"the embeddings hold total weight {total.weight:g} over {total.count} rows; a "
                         "covariance needs more than 1", file=Path(files[0]).parent)
-    cov = total.scatter / (total.weight - 1)
-    cov = (cov + cov.T) / 2  # exact symmetry for eigh (the GEMM's two triangles differ in the last bit)
-    return total.count, scale * total.mean, scale * scale * cov
+    if symmetric:  # in place: two 75 MB passes fewer at d_l = 3,072
+        cov = total.scatter
+        cov /= total.weight - 1
+    else:
+        cov = total.scatter / (total.weight - 1)
+        cov = (cov + cov.T) / 2  # exact symmetry for eigh (the GEMM's two triangles differ in the last bit)
+    if scale != 1.0:
+        cov *= scale * scale
+    return total.count, scale * total.mean, cov
