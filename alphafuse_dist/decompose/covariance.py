@@ -4,13 +4,16 @@ The fragments (files) of the embed output are cut into pieces, runs of row group
 rows (:func:`fragment_pieces`; the embed stage writes row groups of 4,096 rows), so the
 parallelism does not hang on the number of files. :func:`distributed_covariance` runs one Ray task
 per node (:func:`task_layout`) holding as many CPUs as the node has; inside it (:func:`pieces_moments`)
-one thread per CPU streams every n-th piece in small batches: pyarrow decodes and BLAS multiplies
-with the GIL released. Each thread accumulates its batches' products in a float32 buffer in place
-and, every 8,192 rows, adds them into one fixed-point (int64) gram shared by the task's threads
-(:class:`FixedPointGram`: integer sums, so the result does not depend on the threads' timing).
-The tasks' partial moments (count, weight, mean, centred scatter) are combined by a tree of Ray
-tasks (fan-in 2..8) with the pairwise update of Chan, Golub and LeVeque, so no process ever holds
-E: a task holds one gram, and one small batch and one float32 d_l x d_l buffer per thread. Then
+one thread per CPU takes pieces (~4,096 rows, whatever the cluster) from a queue and streams each
+in small batches: pyarrow decodes and BLAS multiplies with the GIL released. Each thread
+accumulates its batches' products in a float32 buffer in place and, every 8,192 rows and at each
+piece's end, adds them into one fixed-point (int64) gram shared by the task's threads
+(:class:`FixedPointGram`: integer sums). The tasks' partials (:class:`GramPartial`: the integer
+gram and each piece's sums) add up exactly in a tree of Ray tasks (fan-in 2..8), so the result
+depends on the pieces alone, not on the threads' timing or the number of tasks and threads; no
+process ever holds E: a task holds one gram, and one small batch and one float32 d_l x d_l
+buffer per thread. (``float64`` keeps a float64 gram per thread, merged by the pairwise update
+of Chan, Golub and LeVeque.) Then
 
     C = scatter / (W - 1)        (W = sum of weights)
 
@@ -22,7 +25,7 @@ threads took 0.36-0.39 of the reference's peak memory instead of 0.89 at 1M x 38
 (Ray's idle workers included), and its first call was faster (benchmarks/decompose/RESULTS.md).
 Why one shared gram: a float64 gram per thread made 16 threads 6.1 GB at d_l = 3,072.
 
-Numerics. Every batch is centred on a shift near the mean (the mean of a task's first 1,024 rows)
+Numerics. Every batch is centred on a shift near the mean (the mean of the first 1,024 rows)
 before any product, so the products never carry the mean (no ``sum x x^T - W mu mu^T``
 cancellation, whatever |mu| / std is). The batch's scatter ``Z^T Z`` is then one BLAS ``syrk`` in
 ``precision``:
@@ -342,11 +345,10 @@ class ScatterAccumulator:
         if other.gram is not None:
             self.gram = other.gram.copy() if self.gram is None else self.gram.__iadd__(other.gram)
 
-    def moments(self, gram: np.ndarray | None = None) -> Moments:
-        """The accumulated rows' :class:`Moments` (``gram``: the rows' ``sum w z z^T`` held
-        elsewhere, e.g. a :class:`FixedPointGram`'s; it is overwritten)."""
+    def moments(self) -> Moments:
+        """The accumulated rows' :class:`Moments`."""
         d = len(self.sums)
-        gram = self.gram if gram is None else gram
+        gram = self.gram
         if self.weight == 0 or gram is None:
             return Moments(self.count, 0.0, np.zeros(d), np.zeros((d, d)))
         offset = self.sums / self.weight
