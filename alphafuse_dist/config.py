@@ -128,8 +128,8 @@ class DecomposeConfig:
     precision: Literal["auto", "float32", "float64"] = "auto"
     # exact method: CPUs (= threads) of each covariance task; None: the largest node's CPUs, capped
     # by the CPUs free when the stage starts (decompose/covariance.py: task_layout). Set it when
-    # resident actors hold CPUs on several nodes. It changes how the float32 products are summed
-    # (~1e-7 relative), so it is part of the stage's inputs.
+    # resident actors hold CPUs on several nodes. The float32 covariance does not depend on it
+    # (one fixed-point gram); float64's last bits do, so it stays part of the stage's inputs.
     task_cpus: int | None = None
     # periodic retraining (issue 7): a previous run's decompose folder whose basis is reused (its
     # mean and directions project this run's items, so old semantic coordinates and ID vectors

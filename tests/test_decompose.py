@@ -109,9 +109,9 @@ def test_fragment_pieces_split_files_by_row_groups(ray_session, embeddings, tmp_
 
 
 def test_threads_and_tasks_add_up_deterministically(ray_session, embeddings):
-    """pieces_moments: threads streaming every n-th piece, about one shift, give the moments of
-    all rows whatever the thread count, and the same bits on every run; distributed_covariance
-    gives the same with one task per node or one per CPU (a tree reduce of their partials)."""
+    """pieces_moments: threads sharing the pieces, about one shift, give the moments of all rows
+    whatever the thread count, and (float32) the same bits on every run and for every thread
+    count; distributed_covariance gives the same with one task per node or one per CPU."""
     _, files, X = embeddings
     pieces = fragment_pieces(files, pieces=20)
     centred = X.astype(np.float64) - X.mean(0, dtype=np.float64)
@@ -189,7 +189,7 @@ def test_fixed_point_gram_sums_in_any_order_to_the_same_bits():
         gram = FixedPointGram.for_rows(20, weight=300, spread=1.0)
         for k in order:
             A = products[k].copy()
-            A[np.tril_indices(20, -1)] = 1e30  # the lower triangle is never read
+            A[np.tril_indices(20, -1)] = 1e30  # the lower triangle is never added
             gram.add(A, start=k)
         assert not gram.overflowed
         sums.append(gram.to_float())

@@ -342,8 +342,12 @@ class ScatterAccumulator:
         self.weight += other.weight
         self.sums += other.sums
         self.totals += other.totals
-        if other.gram is not None:
-            self.gram = other.gram.copy() if self.gram is None else self.gram.__iadd__(other.gram)
+        if other.gram is None:
+            return
+        if self.gram is None:
+            self.gram = other.gram.copy()
+        else:
+            self.gram += other.gram
 
     def moments(self) -> Moments:
         """The accumulated rows' :class:`Moments`."""
@@ -970,11 +974,11 @@ def distributed_covariance(files: list[str], scale: float = 1.0, weights: np.nda
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     files = [str(Path(f)) for f in files]
-    if fragment_dim(files) >= SCIPY_EIGH_MIN_DIM and "scipy.linalg" not in sys.modules:
+    pieces = covariance_pieces(files)  # checks every file's columns and d_l
+    if fragment_dim(files[:1]) >= SCIPY_EIGH_MIN_DIM and "scipy.linalg" not in sys.modules:
         # covariance_eigh will want scipy.linalg next: import it while the tasks run (0.39 s cold
         # at d_l = 3,072 on 16 cores); the import lock makes a later import wait for this one
         threading.Thread(target=importlib.import_module, args=("scipy.linalg",), daemon=True).start()
-    pieces = covariance_pieces(files)
     tasks, cpus = task_layout(task_cpus)
     tasks = min(tasks, len(pieces))
     weights_ref = None if weights is None else ray.put(np.asarray(weights, dtype=np.float64))
