@@ -121,15 +121,17 @@ class DecomposeConfig:
     null_rule: Literal["count", "threshold"] = "count"
     null_threshold: float | None = None
     weighted_mean: bool = False  # popularity-weighted mean and covariance (weights: prepare's popularity)
-    # exact method: GEMM precision of each batch's centred scatter (float32: ~1e-7 relative to
-    # max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see decompose/covariance.py).
+    # GEMM precision of each batch's products: exact method, its centred scatter (float32: ~1e-7
+    # relative to max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see
+    # decompose/covariance.py); randomized method, its y (y^T Q) (decompose/rsvd.py).
     # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
     # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
     precision: Literal["auto", "float32", "float64"] = "auto"
-    # exact method: CPUs (= threads) of each covariance task; None: the largest node's CPUs, capped
-    # by the CPUs free when the stage starts (decompose/covariance.py: task_layout). Set it when
-    # resident actors hold CPUs on several nodes. The float32 covariance does not depend on it
-    # (one fixed-point gram); float64's last bits do, so it stays part of the stage's inputs.
+    # CPUs (= threads) of each covariance or randomized-pass task; None: the largest node's CPUs,
+    # capped by the CPUs free when the stage starts (decompose/covariance.py: task_layout). Set it
+    # when resident actors hold CPUs on several nodes. The exact float32 covariance does not depend
+    # on it (one fixed-point gram); float64's and the randomized solver's last bits do, so it stays
+    # part of the stage's inputs.
     task_cpus: int | None = None
     # periodic retraining (issue 7): a previous run's decompose folder whose basis is reused (its
     # mean and directions project this run's items, so old semantic coordinates and ID vectors

@@ -7,7 +7,10 @@ from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
 from alphafuse_dist.decompose.basis import NullSpaceBasis
-from alphafuse_dist.decompose.rsvd import column_sums, covariance_times, randomized_covariance_eigh
+from alphafuse_dist.decompose import rsvd
+from alphafuse_dist.decompose.covariance import covariance_pieces
+from alphafuse_dist.decompose.rsvd import column_sums, covariance_times, randomized_covariance_eigh, range_pass
+from alphafuse_dist.errors import DataError
 from alphafuse_dist.decompose.stage import decompose
 from alphafuse_dist.errors import ConfigError
 from test_decompose import write_fragments
@@ -62,6 +65,43 @@ def test_passes_compute_the_moments_they_claim(ray_session, decaying):
     expected = (X64 - c).T @ ((X64 - c) @ Q) / (N - 1)
     assert np.abs(covariance_times(files, c, Q, N) - expected).max() < 1e-9 * np.abs(expected).max()
     assert sums.trace(c) == pytest.approx(((X64 - c) ** 2).sum() / (N - 1), rel=1e-10)
+    # float32 products (the solver's default): within float32's rounding of the float64 ones
+    assert np.abs(covariance_times(files, c, Q, N, precision="float32") - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_a_pass_gives_the_same_bits_for_any_thread_count(decaying):
+    """Pieces are added in piece order whichever thread ends first; rows about the rounded shift."""
+    _, files, X = decaying
+    pieces = covariance_pieces(files)
+    shift = X[:100].mean(0, dtype=np.float64)
+    Q = np.linalg.qr(np.random.default_rng(3).normal(size=(D_L, 20)))[0]
+    parts = [range_pass(pieces, None, threads, shift, Q, batch_rows=256) for threads in (1, 3, 4)]
+    for part in parts[1:]:
+        assert np.array_equal(part.product, parts[0].product)
+        assert np.array_equal(part.sums.sumsq, parts[0].sums.sumsq)
+    Y = (X.astype(np.float64) - parts[0].sums.shift)
+    assert parts[0].sums.count == N and parts[0].sums.shift.dtype == np.float64
+    np.testing.assert_allclose(parts[0].sums.total, Y.sum(0), rtol=1e-12, atol=1e-9)
+    expected = Y.T @ (Y @ Q)
+    assert np.abs(parts[0].product - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_solver_makes_one_pass_per_power_iteration_plus_one(ray_session, decaying, monkeypatch):
+    _, files, X = decaying
+    calls = []
+    run = rsvd._Passes.run
+    monkeypatch.setattr(rsvd._Passes, "run", lambda self, Q, sums: calls.append(sums) or run(self, Q, sums))
+    randomized_covariance_eigh(files, k=8, power_iters=2)
+    assert calls == [True, False, False]  # the column sums ride on the first product
+
+
+def test_nan_in_a_vector_names_its_file(ray_session, tmp_path):
+    bad = np.random.default_rng(4).normal(size=(300, 16)).astype(np.float32)
+    bad[250, 3] = np.inf
+    files = write_fragments(tmp_path, bad, np.arange(300), [150, 150])
+    with pytest.raises(DataError, match="NaN or inf") as e:
+        randomized_covariance_eigh(files, k=4)
+    assert "part-001.parquet" in str(e.value)
 
 
 def test_randomized_stage_gives_the_exact_table(ray_session, decaying, tmp_path):

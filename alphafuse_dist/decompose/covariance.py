@@ -219,8 +219,8 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool 
     whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches.
     ``use_threads=False`` turns pyarrow's decoding pool off: :func:`pieces_moments` runs one
     thread per CPU already, and on 16 cores the pool on top made the covariance's first call 1.3x
-    slower (benchmarks/decompose/RESULTS.md). The one-task-per-piece passes (randomized solver,
-    transform) keep pyarrow's default, as they were measured.
+    slower (benchmarks/decompose/RESULTS.md); the randomized solver's passes run the same way. The
+    one-task-per-piece transform keeps pyarrow's default, as it was measured.
 
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
@@ -676,10 +676,9 @@ class GramPartial:
         return Moments(count, weight, totals / weight, gram.to_float(-weight, offset))
 
 
-def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """``(shift, quantum)`` of a fixed-point pass over ``pieces``: the mean of the first
-    ``SHIFT_ROWS`` rows of the first piece, and the quantum for the rows' count (Parquet footers)
-    or the weights' sum, and the largest mean square of those first rows about the shift.
+def first_rows_mean(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, X)``: the first ``SHIFT_ROWS`` rows X of the first piece and their float64 mean,
+    a shift near the mean that every thread and task of a pass can share (read on the driver).
 
     Raises:
         DataError: naming the first piece's file when it has no rows.
@@ -688,7 +687,18 @@ def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[
     if first is None:
         raise DataError("has no rows", file=piece_path(pieces[0]))
     X = first[1]
-    shift = X.sum(axis=0, dtype=np.float64) / len(X)
+    return X.sum(axis=0, dtype=np.float64) / len(X), X
+
+
+def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """``(shift, quantum)`` of a fixed-point pass over ``pieces``: the mean of the first
+    ``SHIFT_ROWS`` rows of the first piece, and the quantum for the rows' count (Parquet footers)
+    or the weights' sum, and the largest mean square of those first rows about the shift.
+
+    Raises:
+        DataError: naming the first piece's file when it has no rows.
+    """
+    shift, X = first_rows_mean(pieces)
     centred = X - shift.astype(X.dtype)
     spread = float(np.max(np.mean(np.square(centred, dtype=np.float64), axis=0)))
     spread = spread or float(np.max(np.square(shift))) or 1.0  # identical first rows

@@ -7,8 +7,9 @@ Data flow (METHOD.md section 2, steps 1-6)::
                          taking pieces (row groups) from a queue into one fixed-point gram;
                          the tasks' integer grams add up: the same bits for any layout)
                          -> mu [d_l], C [d_l, d_l] -> covariance_eigh -> all d_l eigenpairs
-         method "randomized": randomized_covariance_eigh (rsvd.py, 2 + power_iters passes of one
-                         Ray task per piece) -> mu, top-d eigenpairs, trace of C
+         method "randomized": randomized_covariance_eigh (rsvd.py, 1 + power_iters passes, each
+                         run as the exact path's: one Ray task per node, threads over pieces)
+                         -> mu, top-d eigenpairs, trace of C
       -> null_rule: "count" (d_n = null_dims) or "threshold" (d = d_l, d_n = #S_k <= null_threshold)
       -> NullSpaceBasis.from_spectrum            -> decompose/basis.safetensors + basis.json
       -> one Ray task per piece: transform        -> decompose/semantic.safetensors  float32 [N, d]
@@ -106,16 +107,17 @@ def _check_config(cfg: DecomposeConfig, weights: np.ndarray | None) -> None:
 def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndarray | None):
     """``(n, mean, eigenvalues, eigenvectors, total_variance or None)`` of ``scale * E`` by
     ``decompose.method``; eigenpairs in any order."""
-    if cfg.method == "randomized":
-        return randomized_covariance_eigh(files, k=dim, oversample=cfg.oversample, power_iters=cfg.power_iters,
-                                          scale=cfg.scale, weights=weights if cfg.weighted_mean else None)
     precision = cfg.precision
     if precision == "auto":
         precision = "float64" if cfg.null_rule == "threshold" else "float32"
+    if cfg.method == "randomized":
+        return randomized_covariance_eigh(files, k=dim, oversample=cfg.oversample, power_iters=cfg.power_iters,
+                                          scale=cfg.scale, weights=weights if cfg.weighted_mean else None,
+                                          precision=precision, task_cpus=cfg.task_cpus)
     n, mean, cov = distributed_covariance(files, scale=cfg.scale, precision=precision, task_cpus=cfg.task_cpus)
     if cfg.weighted_mean:
         # scatter about mu_w = scatter about mu + n (mu - mu_w)(mu - mu_w)^T
-        shift = mean - cfg.scale * column_sums(files, weights).mean(weighted=True)
+        shift = mean - cfg.scale * column_sums(files, weights, task_cpus=cfg.task_cpus).mean(weighted=True)
         mean, cov = mean - shift, cov + n / (n - 1) * np.outer(shift, shift)
     values, vectors = covariance_eigh(cov)
     return n, mean, values, vectors, None
