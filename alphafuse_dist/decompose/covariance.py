@@ -232,7 +232,11 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool 
         vectors = batch.column(VECTOR_COLUMN)
         if vectors.null_count or batch.column(INDEX_COLUMN).null_count:
             raise DataError("null entries; every row needs an item_idx and a vector", file=path)
-        values = vectors.flatten()  # flatten() honours slice offsets, unlike .values
+        # the batch's own slice of the child values: .values ignores the batch's offset, and
+        # flatten() (which honours it) imports pyarrow.compute on first use, 0.05-0.1 s under the
+        # GIL that every thread of a fresh Ray worker's first pass waited for
+        width = vectors.type.list_size
+        values = vectors.values.slice(vectors.offset * width, len(vectors) * width)
         if values.null_count:
             raise DataError("null entries inside a vector", file=path, column=VECTOR_COLUMN)
         X = numpy_view(values).reshape(len(vectors), vectors.type.list_size)
