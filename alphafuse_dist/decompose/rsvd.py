@@ -225,11 +225,11 @@ _range_remote = ray.remote(_range_task)
 class _Passes:
     """The passes of one solve: the pieces, the task layout and the shift are fixed once."""
 
-    def __init__(self, files: list[str], weights: np.ndarray | None, precision: str, fan_in: int,
+    def __init__(self, pieces: list[Piece], weights: np.ndarray | None, precision: str, fan_in: int,
                  task_cpus: int | None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-        self.pieces = covariance_pieces([str(Path(f)) for f in files])  # checks every file's columns and d_l
+        self.pieces = pieces
         tasks, self.cpus = task_layout(task_cpus)
         self.tasks = min(tasks, len(self.pieces))
         self.shift, _ = first_rows_mean(self.pieces)
@@ -241,6 +241,12 @@ class _Passes:
         return tree_reduce([_range_remote.options(num_cpus=self.cpus).remote(
             self.pieces[t::self.tasks], self.weights, self.shift, Q_ref, sums, self.precision)
             for t in range(self.tasks)], self.fan_in)
+
+
+def _pieces(files: list[str]) -> list[Piece]:
+    """The pieces of every pass (:func:`~.covariance.covariance_pieces`: it checks every file's
+    columns and d_l)."""
+    return covariance_pieces([str(Path(f)) for f in files])
 
 
 def _centred_times(part: RangePartial, sums: ColumnSums, center: np.ndarray, Q: np.ndarray) -> np.ndarray:
@@ -262,7 +268,7 @@ def column_sums(files: list[str], weights: np.ndarray | None = None, fan_in: int
         files: the ``part-*.parquet`` fragments.
         weights: optional per-item weights, float [N] indexed by ``item_idx`` (for ``weighted_total``).
     """
-    return _Passes(files, weights, "float64", fan_in, task_cpus).run(None, sums=True).sums
+    return _Passes(_pieces(files), weights, "float64", fan_in, task_cpus).run(None, sums=True).sums
 
 
 def covariance_times(files: list[str], center: np.ndarray, Q: np.ndarray, count: int | None = None,
@@ -277,7 +283,7 @@ def covariance_times(files: list[str], center: np.ndarray, Q: np.ndarray, count:
     Returns:
         float64 [d_l, l].
     """
-    part = _Passes(files, None, precision, fan_in, None).run(Q, sums=True)
+    part = _Passes(_pieces(files), None, precision, fan_in, None).run(Q, sums=True)
     if count is not None and count != part.sums.count:
         raise ValueError(f"count={count}, but the fragments hold {part.sums.count} rows")
     return _centred_times(part, part.sums, center, np.asarray(Q, np.float64))
@@ -312,14 +318,15 @@ def randomized_covariance_eigh(files: list[str], k: int, oversample: int = 16, p
         DataError: as :func:`range_pass`, or when the fragments hold fewer than 2 rows.
     """
     files = [str(Path(f)) for f in files]
-    d_l = fragment_dim(files)
+    pieces = _pieces(files)
+    d_l = fragment_dim(files[:1])  # _pieces checked that every file has the same
     if oversample < 0:
         raise ConfigError(f"decompose.oversample={oversample}: must be >= 0")
     if power_iters < 0:
         raise ConfigError(f"decompose.power_iters={power_iters}: must be >= 0")
     if not 0 < k <= d_l:
         raise ConfigError(f"model.dim={k}: must be in 1..{d_l}, the dimension d_l of the language embeddings")
-    passes = _Passes(files, weights, precision, fan_in, task_cpus)
+    passes = _Passes(pieces, weights, precision, fan_in, task_cpus)
     width = min(k + oversample, d_l)
     Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d_l, width)))
     first = passes.run(Q, sums=True)  # the column sums ride on the first product
