@@ -6,13 +6,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig
-from alphafuse_dist.decompose.basis import NullSpaceBasis
 from alphafuse_dist.decompose import rsvd
+from alphafuse_dist.decompose.basis import NullSpaceBasis
 from alphafuse_dist.decompose.covariance import covariance_pieces
 from alphafuse_dist.decompose.rsvd import column_sums, covariance_times, randomized_covariance_eigh, range_pass
-from alphafuse_dist.errors import DataError
 from alphafuse_dist.decompose.stage import decompose
-from alphafuse_dist.errors import ConfigError
+from alphafuse_dist.errors import ConfigError, DataError
 from test_decompose import write_fragments
 
 N, D_L, K = 5000, 512, 128
@@ -87,7 +86,7 @@ def test_a_pass_gives_the_same_bits_for_any_thread_count(decaying):
 
 
 def test_solver_makes_one_pass_per_power_iteration_plus_one(ray_session, decaying, monkeypatch):
-    _, files, X = decaying
+    _, files, _ = decaying
     calls = []
     run = rsvd._Passes.run
     monkeypatch.setattr(rsvd._Passes, "run", lambda self, Q, sums: calls.append(sums) or run(self, Q, sums))
