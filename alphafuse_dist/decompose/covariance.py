@@ -722,6 +722,29 @@ def _run_threads(threads: int, work) -> list:
             return list(pool.map(work, range(threads)))
 
 
+def pieces_in_threads(pieces: list[Piece], threads: int, start, handle, stop=None) -> None:
+    """Run ``threads`` threads (BLAS at one thread each: :func:`_run_threads`) that take
+    ``(i, piece)`` from one queue, in order, as they free up: ``state = start(t)`` once per
+    thread, then ``handle(state, i, piece)`` per piece, until the queue is empty, ``stop()`` is
+    true or a thread has raised (its error stops the others at their next piece, then surfaces)."""
+    queue, lock, failed = iter(enumerate(pieces)), threading.Lock(), threading.Event()
+
+    def work(t: int) -> None:
+        state = start(t)
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None or failed.is_set() or (stop is not None and stop()):
+                return
+            try:
+                handle(state, *item)
+            except BaseException:
+                failed.set()
+                raise
+
+    _run_threads(max(1, min(threads, len(pieces))), work)
+
+
 def shared_gram_pass(pieces: list[Piece], weights: np.ndarray | None, threads: int, shift: np.ndarray,
                      quantum: float, batch_rows: int | None = None) -> GramPartial:
     """The fixed-point pass of :func:`pieces_moments` and of each task of
@@ -740,28 +763,15 @@ def shared_gram_pass(pieces: list[Piece], weights: np.ndarray | None, threads: i
     shared = FixedPointGram(d, quantum)
     rows = batch_rows or shared_batch_rows(d)
     openblas_syrk()  # found once here, not by every thread at once
-    queue, lock = iter(enumerate(pieces)), threading.Lock()
     per_piece: list = [None] * len(pieces)
     threads = max(1, min(threads, len(pieces)))
 
-    failed = threading.Event()  # a thread's DataError stops the others at their next piece
+    def add(acc: SharedGramThread, i: int, piece: Piece) -> None:
+        _add_piece(acc, piece, weights, rows, "float32", use_threads=False)
+        per_piece[i] = acc.end_piece()
 
-    def work(t: int) -> None:
-        acc = SharedGramThread(d, shift, shared, t * len(shared.stripes) // threads)
-        while True:
-            with lock:
-                item = next(queue, None)
-            if item is None or shared.overflowed or failed.is_set():
-                return
-            i, piece = item
-            try:
-                _add_piece(acc, piece, weights, rows, "float32", use_threads=False)
-            except BaseException:
-                failed.set()
-                raise
-            per_piece[i] = acc.end_piece()
-
-    _run_threads(threads, work)
+    pieces_in_threads(pieces, threads, lambda t: SharedGramThread(d, shift, shared, t * len(shared.stripes) // threads),
+                      add, stop=lambda: shared.overflowed)
     done = [p for p in per_piece if p is not None]  # all, unless it overflowed
     return GramPartial(np.asarray(shift, np.float64), quantum, shared.values, shared.bound,
                        np.array([p[0] for p in done], np.int64), np.array([p[1] for p in done]),

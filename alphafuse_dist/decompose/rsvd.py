@@ -51,8 +51,8 @@ import numpy as np
 import ray
 
 from ..errors import ConfigError, DataError
-from .covariance import (PRECISIONS, VECTOR_COLUMN, Piece, _batch_weights, _run_threads, covariance_pieces,
-                         first_rows_mean, fragment_dim, iter_fragment, piece_path, shared_batch_rows, task_layout,
+from .covariance import (PRECISIONS, VECTOR_COLUMN, Piece, _batch_weights, covariance_pieces, first_rows_mean,
+                         fragment_dim, iter_fragment, piece_path, pieces_in_threads, shared_batch_rows, task_layout,
                          tree_reduce)
 
 
@@ -192,23 +192,12 @@ def range_pass(pieces: list[Piece], weights: np.ndarray | None, threads: int, sh
     shift = np.asarray(shift, np.float64).astype(dtype)
     Q = None if Q is None else np.ascontiguousarray(Q, dtype=dtype)
     rows = batch_rows or shared_batch_rows(len(shift))
-    queue, lock, out = iter(enumerate(pieces)), threading.Lock(), _OrderedSum()
-    failed = threading.Event()  # a thread's DataError stops the others at their next piece
+    out = _OrderedSum()
 
-    def work(t: int) -> None:
-        buffers: dict = {}
-        while True:
-            with lock:
-                item = next(queue, None)
-            if item is None or failed.is_set():
-                return
-            try:
-                out.put(item[0], _piece_pass(item[1], weights, shift, Q, sums, rows, buffers))
-            except BaseException:
-                failed.set()
-                raise
+    def add(buffers: dict, i: int, piece: Piece) -> None:
+        out.put(i, _piece_pass(piece, weights, shift, Q, sums, rows, buffers))
 
-    _run_threads(max(1, min(threads, len(pieces))), work)
+    pieces_in_threads(pieces, threads, lambda t: {}, add)
     return out.total
 
 
