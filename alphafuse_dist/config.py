@@ -124,7 +124,9 @@ class DecomposeConfig:
     # GEMM precision of each batch's products: exact method, its centred scatter (float32: ~1e-7
     # relative to max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see
     # decompose/covariance.py); randomized method, its y (y^T Q) (decompose/rsvd.py); both, the
-    # semantic table's (scale E - mean) @ P (decompose/basis.py: NullSpaceBasis.transform).
+    # semantic table's (scale E - mean) @ P (decompose/basis.py: NullSpaceBasis.transform); exact
+    # method with the count rule and d_l >= 1,024, its eigh: float32 ssyevd with the top model.dim
+    # pairs refined in float64, the rest float32-accurate (covariance_eigh; ~half the time).
     # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
     # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
     precision: Literal["auto", "float32", "float64"] = "auto"

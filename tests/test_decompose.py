@@ -227,9 +227,14 @@ def test_float32_pass_falls_back_where_needed(ray_session, embeddings, monkeypat
     folder = embeddings[0].parent / "nan"
     folder.mkdir(exist_ok=True)
     nan_files = write_fragments(folder, bad, np.arange(300), [150, 150])
-    with pytest.raises(DataError, match="NaN or inf") as e:
+    with pytest.raises(DataError, match="NaN or inf") as e:  # in the first rows: the shift finds it
         pieces_moments(fragment_pieces(nan_files, pieces=2), threads=2)
     assert "part-000.parquet" in str(e.value) and "vector" in str(e.value)
+    bad[123, 7], bad[200, 3] = X[123, 7], np.inf  # in the second file: its thread finds it
+    nan_files = write_fragments(folder, bad, np.arange(300), [150, 150])
+    with pytest.raises(DataError, match="NaN or inf") as e:
+        pieces_moments(fragment_pieces(nan_files, pieces=2), threads=2)
+    assert "part-001.parquet" in str(e.value) and "vector" in str(e.value)
     holed = folder / "part-holed.parquet"  # a null float inside a vector (not a null vector)
     values = pa.array([None if i == 5 else float(i) for i in range(3 * D_L)], pa.float32())
     pq.write_table(pa.table({"item_idx": pa.array([0, 1, 2], pa.int32()),
@@ -315,6 +320,36 @@ def test_covariance_eigh_equals_numpy():
     values, vectors = covariance_eigh(C)
     assert rel_err(values, np.linalg.eigvalsh(C)) < 1e-12
     assert rel_err(vectors @ np.diag(values) @ vectors.T, C) < 1e-12
+
+
+def test_mixed_precision_eigh_refines_the_top_pairs_to_float64():
+    """decompose.precision float32 + the count rule: float32 ssyevd, the top pairs refined in float64."""
+    rng = np.random.default_rng(8)
+    d, top = 1100, 64  # d >= SCIPY_EIGH_MIN_DIM and refine_block(64) = 128 <= d / 2: the mixed path
+    A = rng.normal(size=(d, d)) * 0.99 ** np.arange(d)
+    C = A @ A.T / d
+    ref_values, ref_vectors = np.linalg.eigh(C)
+    values, vectors = covariance_eigh(C, "float32", top=top)
+    assert values.dtype == vectors.dtype == np.float64 and vectors.shape == (d, d)
+    assert np.all(np.diff(values) >= 0)
+    # the top pairs: float64-accurate
+    assert np.abs(values[-top:] / ref_values[-top:] - 1).max() < 1e-10
+    cosines = np.linalg.svd(ref_vectors[:, -top:].T @ vectors[:, -top:], compute_uv=False)
+    assert cosines.min() > 1 - 1e-10
+    residual = np.linalg.norm(C @ vectors[:, -top:] - vectors[:, -top:] * values[-top:], axis=0)
+    assert residual.max() < 1e-8 * ref_values[-1]
+    # the rest: float32-accurate (so the float32 solver did run), and all columns orthonormal to that class
+    rest = np.abs(values[:-top] - ref_values[:-top]) / ref_values[-1]
+    assert 1e-12 < rest.max() < 1e-5
+    assert np.abs(vectors.T @ vectors - np.eye(d)).max() < 1e-5
+    # a block over half of d_l, float64 asked, or no top: the float64 solver, bit for bit
+    for args in [("float32", 600), ("float64", top), ("float32", None)]:
+        v, _ = covariance_eigh(C, *args)
+        assert np.array_equal(v, covariance_eigh(C)[0])
+    with pytest.raises(ValueError, match="precision='float16'"):
+        covariance_eigh(C, "float16", top=top)
+    with pytest.raises(ValueError, match="top=0"):
+        covariance_eigh(C, "float32", top=0)
 
 
 def test_float32_scatter_is_exact_to_1e6_with_a_huge_mean():

@@ -685,13 +685,18 @@ def first_rows_mean(pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
     a shift near the mean that every thread and task of a pass can share (read on the driver).
 
     Raises:
-        DataError: naming the first piece's file when it has no rows.
+        DataError: naming the first piece's file when it has no rows or one of these rows holds
+            NaN or inf (found here, a shift of NaN would make every piece's products NaN, and the
+            thread that failed first would name its own file).
     """
     first = next(iter_fragment(pieces[0], SHIFT_ROWS, use_threads=False), None)
     if first is None:
         raise DataError("has no rows", file=piece_path(pieces[0]))
     X = first[1]
-    return X.sum(axis=0, dtype=np.float64) / len(X), X
+    mean = X.sum(axis=0, dtype=np.float64) / len(X)
+    if not np.isfinite(mean).all():
+        raise DataError("a vector holds NaN or inf", file=piece_path(pieces[0]), column=VECTOR_COLUMN)
+    return mean, X
 
 
 def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -700,7 +705,7 @@ def gram_setup(pieces: list[Piece], weights: np.ndarray | None = None) -> tuple[
     or the weights' sum, and the largest mean square of those first rows about the shift.
 
     Raises:
-        DataError: naming the first piece's file when it has no rows.
+        DataError: as :func:`first_rows_mean`.
     """
     shift, X = first_rows_mean(pieces)
     centred = X - shift.astype(X.dtype)
@@ -937,22 +942,85 @@ def tree_reduce(refs: list, fan_in: int = 4):
     return ray.get(refs[0])
 
 
-def covariance_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def covariance_eigh(cov: np.ndarray, precision: str = "float64",
+                    top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All eigenpairs of a symmetric covariance, eigenvalues ascending (as ``np.linalg.eigh``).
 
-    Both use LAPACK's divide and conquer ``dsyevd``; from d_l = ``SCIPY_EIGH_MIN_DIM`` on it is
-    scipy's, which ships a faster OpenBLAS build: 0.88 s against numpy's 1.14-1.19 s for the
-    covariance of the 200k x 3,072 benchmark on 16 cores (2026-11-27, H100 machine's CPU). Below,
-    numpy's takes milliseconds and importing scipy.linalg cold would cost more (0.13-0.39 s).
-    Not MRRR (``dsyevr``): on that covariance, whose 1,308 smallest eigenvalues lie below 1e-12 of
-    the largest, it took 2.2 s.
+    ``float64`` (default): LAPACK's divide and conquer ``dsyevd``, as numpy's; from d_l =
+    ``SCIPY_EIGH_MIN_DIM`` on scipy's, which ships a faster OpenBLAS build: 0.88 s against numpy's
+    1.14-1.19 s for the covariance of the 200k x 3,072 benchmark on 16 cores (2026-11-27, H100
+    machine's CPU). Below, numpy's takes milliseconds and importing scipy.linalg cold would cost
+    more (0.13-0.39 s). Not MRRR (``dsyevr``): on that covariance, whose 1,308 smallest eigenvalues
+    lie below 1e-12 of the largest, it took 2.2 s; a top-128 subset (``dsyevx``) was no faster,
+    since the reduction to tridiagonal form, which every driver does first, is most of the time.
+
+    ``float32`` with ``top`` (the decompose stage under ``decompose.precision`` float32, ``top`` =
+    ``model.dim``): :func:`mixed_precision_eigh`, when d_l >= ``SCIPY_EIGH_MIN_DIM`` and its
+    refinement block (:func:`refine_block`) is at most half of d_l; otherwise as ``float64``.
+
+    Raises:
+        ValueError: for another ``precision`` or ``top`` outside 1..d_l.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     cov = np.asarray(cov, dtype=np.float64)
-    if len(cov) < SCIPY_EIGH_MIN_DIM:
+    d = len(cov)
+    if top is not None and not 1 <= top <= d:
+        raise ValueError(f"top={top}: expected 1..{d} (the covariance is {d} x {d})")
+    if precision == "float32" and top is not None and d >= SCIPY_EIGH_MIN_DIM and 2 * refine_block(top, d) <= d:
+        return mixed_precision_eigh(cov, top)
+    if d < SCIPY_EIGH_MIN_DIM:
         return np.linalg.eigh(cov)
     from scipy.linalg import eigh  # as for dger: imported where it is used
 
     return eigh(cov, driver="evd", check_finite=False)
+
+
+def refine_block(top: int, d: int) -> int:
+    """Columns :func:`mixed_precision_eigh` refines to get the top ``top`` pairs: ``top`` plus as
+    many again (at least 16), at most d. Extra columns speed up the subspace step: the error of
+    pair k shrinks by S_{block+1} / S_k."""
+    return min(d, top + max(16, top))
+
+
+def mixed_precision_eigh(cov: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenpairs from float32 ``ssyevd``, the top ``top`` of them refined in float64.
+
+    1. ``ssyevd`` on the covariance rounded to float32: about half ``dsyevd``'s time (200k x 3,072
+       benchmark covariance, 2-core Xeon: 1.4-1.6 s against 2.5-3.0 s). Its pairs carry float32's
+       backward error, ~1e-7 of the largest eigenvalue: the error class of the float32 products
+       the covariance is summed from under ``decompose.precision`` float32.
+    2. One step of subspace iteration and Rayleigh-Ritz in float64 on the top
+       ``b = refine_block(top, d)`` vectors V: ``Q = qr(C V)``, ``eigh(Q^T C Q) = W T W^T``; the
+       top ``top`` of T and of ``Q W`` replace those of step 1. On that covariance (top 128, b =
+       256) the refined eigenvalues were within 2e-13 relative of ``dsyevd``'s (float32 alone:
+       3e-6) and the smallest principal cosine of the two top-128 subspaces was 1 - 2e-13
+       (float32 alone: 1 - 8e-7), for 0.2 s on 2 cores.
+
+    Written here because LAPACK has no mixed-precision symmetric eigensolver (its mixed-precision
+    routines, ``dsgesv`` / ``dsposv``, solve linear systems). The pairs below the top ``top``
+    stay float32-accurate: the stage's basis uses the top ``model.dim`` (the whitenrec baseline
+    uses all above 1e-5 of the largest; set ``decompose.precision=float64`` to fit those in
+    float64 too).
+
+    Returns:
+        ``(eigenvalues float64 [d] ascending, eigenvectors float64 [d, d])``, as :func:`covariance_eigh`.
+    """
+    from scipy.linalg import eigh
+
+    cov = np.asarray(cov, dtype=np.float64)
+    values, vectors = eigh(cov.astype(np.float32), driver="evd", check_finite=False)
+    values, vectors = values.astype(np.float64), vectors.astype(np.float64)
+    b = refine_block(top, len(cov))
+    Q, _ = np.linalg.qr(cov @ vectors[:, -b:])
+    ritz, W = np.linalg.eigh(Q.T @ cov @ Q)
+    values[-top:], vectors[:, -top:] = ritz[-top:], Q @ W[:, -top:]
+    # the refined values are exact to float64 rounding, the rest to float32's: at the seam two
+    # pairs closer than float32 rounding may come out of order; sort them back
+    if np.all(np.diff(values) >= 0):
+        return values, vectors
+    order = np.argsort(values, kind="stable")
+    return values[order], vectors[:, order]
 
 
 def covariance_pieces(files: list[str]) -> list[tuple[str, tuple[int, ...]]]:

@@ -7,6 +7,8 @@ Data flow (METHOD.md section 2, steps 1-6)::
                          taking pieces (row groups) from a queue into one fixed-point gram;
                          the tasks' integer grams add up: the same bits for any layout)
                          -> mu [d_l], C [d_l, d_l] -> covariance_eigh -> all d_l eigenpairs
+                         (decompose.precision float32 and the count rule, d_l >= 1,024: float32
+                         ssyevd, the top d pairs refined in float64)
          method "randomized": randomized_covariance_eigh (rsvd.py, 1 + power_iters passes, each
                          run as the exact path's: one Ray task per node, threads over pieces)
                          -> mu, top-d eigenpairs, trace of C
@@ -124,7 +126,9 @@ def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndar
         # scatter about mu_w = scatter about mu + n (mu - mu_w)(mu - mu_w)^T
         shift = mean - cfg.scale * column_sums(files, weights, task_cpus=cfg.task_cpus).mean(weighted=True)
         mean, cov = mean - shift, cov + n / (n - 1) * np.outer(shift, shift)
-    values, vectors = covariance_eigh(cov)
+    # the count rule's basis uses the top d pairs: under float32 those are refined in float64 and
+    # the rest stay float32-accurate (covariance_eigh); the threshold rule counts small eigenvalues
+    values, vectors = covariance_eigh(cov, precision, top=dim if cfg.null_rule == "count" else None)
     return n, mean, values, vectors, None
 
 

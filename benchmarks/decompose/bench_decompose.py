@@ -23,6 +23,13 @@ Per size ``N x d_l`` (float32 rows with a decaying spectrum and a non-zero mean)
    and reports the largest relative error of the top-128 eigenvalues against the exact ones, and
    the smallest cosine of the principal angles between the two top-128 subspaces.
 
+The eigendecomposition timed as ours (``--eigh``) is by default the stage's for model.dim =
+``--k`` under the default ``decompose.precision``: from d_l = 1,024 on, float32 ``ssyevd`` with
+the top k pairs refined in float64 (``covariance_eigh``; until 2026-11-27, seventh session, float64
+``dsyevd`` for all pairs, which ``--eigh float64`` still times). The timing subprocess reports the
+float64 ``dsyevd`` time of the same covariance (``eigh_float64_seconds``) and the timed path's
+largest relative error of the top-k eigenvalues and smallest top-k subspace cosine against it.
+
 ``speedup`` = reference time (centring + cov + svd) / ours (first call); ``speedup_cov_svd``
 counts only the reference's ``np.cov`` + ``svd``; ``speedup_with_load`` adds its ``np.load``
 (ours always includes reading its input); ``speedup_warm`` uses our warm call;
@@ -160,10 +167,21 @@ class PeakSampler:
         self._thread.join()
 
 
-def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
+def _eigh(cov: np.ndarray, eigh: str, k: int):
+    """The eigendecomposition timed as ours: ``stage``, the decompose stage's for model.dim = k
+    under the default ``decompose.precision`` (auto: float32 with the count rule), i.e. float32
+    ``ssyevd`` with the top k pairs refined in float64 from d_l = 1,024 on; ``float64``: ``dsyevd``."""
+    from alphafuse_dist.decompose.covariance import covariance_eigh
+
+    return covariance_eigh(cov, "float32", top=k) if eigh == "stage" else covariance_eigh(cov)
+
+
+def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int, eigh: str = "stage") -> dict:
     """Time ours in a fresh local Ray: the first call (workers start and import our code, as in
     a new job) and a second, warm one; no memory sampler runs meanwhile (it costs ~20 ms of CPU per
-    sample, half a core at 20 ms intervals, which inflated our times by 25-80% on 2 cores)."""
+    sample, half a core at 20 ms intervals, which inflated our times by 25-80% on 2 cores). Then,
+    untimed in the comparison, the float64 ``dsyevd`` of the same covariance: its time and the
+    timed path's top-k eigenvalue error and subspace cosine against it."""
     import ray
 
     from alphafuse_dist.decompose.covariance import (covariance_eigh, covariance_pieces, distributed_covariance,
@@ -178,11 +196,18 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
         t0 = time.perf_counter()
         _, _, cov = distributed_covariance(files)
         t1 = time.perf_counter()
-        values, vectors = covariance_eigh(cov)
+        timed_values, timed_vectors = _eigh(cov, eigh, k)
         times.append((time.perf_counter() - t0, time.perf_counter() - t1))
-    values, vectors = values[::-1], vectors[:, ::-1]
+    t0 = time.perf_counter()
+    values, vectors = covariance_eigh(cov)
+    float64_seconds = time.perf_counter() - t0
+    values, vectors = values[::-1], vectors[:, ::-1]  # descending, as the reference's svd
+    cosines = np.linalg.svd(vectors[:, :k].T @ timed_vectors[:, ::-1][:, :k], compute_uv=False)
     pieces = len(covariance_pieces(files))
-    result = {"seconds": times[0][0], "eigh_seconds": times[0][1], "warm_seconds": times[1][0],
+    result = {"seconds": times[0][0], "eigh_seconds": times[0][1], "warm_seconds": times[1][0], "eigh": eigh,
+              "eigh_float64_seconds": float64_seconds,
+              "eigh_top_k_max_rel_error": float(np.abs(timed_values[::-1][:k] / values[:k] - 1).max()),
+              "eigh_top_k_min_subspace_cosine": float(cosines.min()),
               "num_cpus": num_cpus, "fragments": len(files), "pieces": pieces, "tasks": task_layout()[0]}
     if not randomized:
         ray.shutdown()
@@ -197,14 +222,14 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int) -> dict:
             "randomized_min_subspace_cosine": float(cosines.min())}
 
 
-def run_ours_after_task(folder: Path, num_cpus: int) -> dict:
+def run_ours_after_task(folder: Path, num_cpus: int, k: int, eigh: str = "stage") -> dict:
     """Time our first call in a fresh local Ray that has already run one (no-op) task, as in a
     pipeline job, where the embed stage's Ray Data tasks run before decompose. A fresh job's first
     Ray task costs ~0.3-0.5 s whatever it does (``ray_first_task_seconds``, 2026-11-27); the
     ``seconds`` of :func:`run_ours` include it."""
     import ray
 
-    from alphafuse_dist.decompose.covariance import covariance_eigh, distributed_covariance
+    from alphafuse_dist.decompose.covariance import distributed_covariance
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
     files = sorted(str(p) for p in folder.glob("part-*.parquet"))
@@ -214,18 +239,18 @@ def run_ours_after_task(folder: Path, num_cpus: int) -> dict:
     first_task = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, _, cov = distributed_covariance(files)
-    covariance_eigh(cov)
+    _eigh(cov, eigh, k)
     seconds = time.perf_counter() - t0
     ray.shutdown()
     return {"seconds": seconds, "ray_first_task_seconds": first_task}
 
 
-def run_ours_memory(folder: Path, num_cpus: int) -> dict:
+def run_ours_memory(folder: Path, num_cpus: int, k: int, eigh: str = "stage") -> dict:
     """Peak memory of ours (first call in a fresh local Ray, as timed by :func:`run_ours`): the
     summed RSS and PSS of the driver and all its descendants, sampled every 20 ms."""
     import ray
 
-    from alphafuse_dist.decompose.covariance import covariance_eigh, distributed_covariance
+    from alphafuse_dist.decompose.covariance import distributed_covariance
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
     files = sorted(str(p) for p in folder.glob("part-*.parquet"))
@@ -234,7 +259,7 @@ def run_ours_memory(folder: Path, num_cpus: int) -> dict:
     with PeakSampler() as sampler:
         t0 = time.perf_counter()
         _, _, cov = distributed_covariance(files)
-        covariance_eigh(cov)
+        _eigh(cov, eigh, k)
         seconds = time.perf_counter() - t0
     ray.shutdown()
     return {"peak_rss_mb": sampler.peak, "idle_rss_mb": idle, "peak_pss_mb": sampler.peak_pss,
@@ -259,7 +284,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1000000x384", "200000x3072"])
     parser.add_argument("--work", default="/tmp/alphafuse-bench-decompose")
-    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--k", type=int, default=128,
+                        help="model.dim: the top pairs the stage's eigh refines, and the randomized solver's k")
+    parser.add_argument("--eigh", choices=["stage", "float64"], default="stage",
+                        help="the eigh timed as ours: the stage's (float32 ssyevd, top k refined in float64, "
+                             "from d_l = 1,024 on) or float64 dsyevd for all pairs")
     parser.add_argument("--repeats", type=int, default=3,
                         help="reference/ours pairs run alternately; the median ratio is reported")
     parser.add_argument("--no-randomized", action="store_true", help="skip the randomized solver")
@@ -276,13 +305,13 @@ def main() -> None:
         print(json.dumps(run_reference(Path(args.folder))))
         return
     if args.role == "ours":
-        print(json.dumps(run_ours(Path(args.folder), args.k, not args.no_randomized, args.num_cpus)))
+        print(json.dumps(run_ours(Path(args.folder), args.k, not args.no_randomized, args.num_cpus, args.eigh)))
         return
     if args.role == "ours-after-task":
-        print(json.dumps(run_ours_after_task(Path(args.folder), args.num_cpus)))
+        print(json.dumps(run_ours_after_task(Path(args.folder), args.num_cpus, args.k, args.eigh)))
         return
     if args.role == "ours-memory":
-        print(json.dumps(run_ours_memory(Path(args.folder), args.num_cpus)))
+        print(json.dumps(run_ours_memory(Path(args.folder), args.num_cpus, args.k, args.eigh)))
         return
     for size in args.sizes:
         n, d_l = map(int, size.split("x"))
@@ -294,10 +323,10 @@ def main() -> None:
         for r in range(args.repeats):
             ref = child(["--role", "reference", "--folder", str(folder)])
             last = r == args.repeats - 1 and not args.no_randomized
-            ours = child(["--role", "ours", "--folder", str(folder), "--k", str(args.k), "--num-cpus", str(args.num_cpus)]
-                         + ([] if last else ["--no-randomized"]))
-            after = child(["--role", "ours-after-task", "--folder", str(folder), "--num-cpus", str(args.num_cpus)])
-            memory = child(["--role", "ours-memory", "--folder", str(folder), "--num-cpus", str(args.num_cpus)])
+            common = ["--folder", str(folder), "--k", str(args.k), "--num-cpus", str(args.num_cpus), "--eigh", args.eigh]
+            ours = child(["--role", "ours", *common] + ([] if last else ["--no-randomized"]))
+            after = child(["--role", "ours-after-task", *common])
+            memory = child(["--role", "ours-memory", *common])
             pairs.append({"reference": ref, "ours": ours, "ours_after_task": after, "ours_memory": memory,
                           "speedup": ref["seconds"] / ours["seconds"],
                           "speedup_after_task": ref["seconds"] / after["seconds"],
