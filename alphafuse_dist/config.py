@@ -243,6 +243,9 @@ class EvalConfig:
 class RayConfig:
     address: str | None = None  # None: start Ray in-process; "auto": join the running cluster
     num_cpus: int | None = None  # for an in-process Ray (None: all cores)
+    # seconds a Ray worker may take to run the job's first task (it imports alphafuse_dist, so a
+    # node without the package or a failed runtime_env upload fails here, before any stage runs)
+    ready_timeout_s: float = 300.0
 
 
 @dataclass

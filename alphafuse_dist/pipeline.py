@@ -42,7 +42,53 @@ def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
     # later ray.init() calls in this process tree (library helpers, actors) must find THIS
     # instance even when other Ray instances run on the machine
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    log(f"[ray] resources: {ray.cluster_resources()}")
+    seconds = check_workers(cfg.ray.ready_timeout_s)
+    log(f"[ray] resources: {ray.cluster_resources()}; a worker ran a first task in {seconds:.2f}s")
+
+
+def _worker_version() -> str:
+    """Run in a Ray worker by :func:`check_workers`: the alphafuse_dist version it imports."""
+    from . import __version__
+
+    return __version__
+
+
+def check_workers(timeout_s: float, probe: Callable[[], str] = _worker_version) -> float:
+    """Run one task (no CPUs asked, so actors holding CPUs do not block it) and check that the
+    worker imports the driver's alphafuse_dist; returns the seconds it took.
+
+    A job fails here, before any stage, when its workers cannot start or import the package (a
+    node without it, a failed runtime_env upload) or hold another version of it: otherwise the
+    first Ray stage would fail midway, or worse, run other code. It also pays a fresh job's
+    first-task cost (0.3-0.45 s however small the task: Ray sets up serialization in the driver
+    and the worker; benchmarks/decompose/RESULTS.md) once, up front.
+
+    Raises:
+        ConfigError: naming ``ray.ready_timeout_s`` when no worker ran the task in time, or
+            saying what the worker could not import or which version it found.
+    """
+    import ray
+
+    from . import __version__
+
+    start = time.perf_counter()
+    ref = ray.remote(num_cpus=0)(probe).remote()
+    try:
+        found = ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise ConfigError(f"no Ray worker ran a task within ray.ready_timeout_s={timeout_s:g} s (cluster "
+                          f"{ray.get_runtime_context().gcs_address}): check that its nodes are up and the job's "
+                          "runtime_env (cluster/runtime_env.yaml) installs") from None
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e
+        raise ConfigError(f"a Ray worker could not run alphafuse_dist's first task: {type(cause).__name__}: "
+                          f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''} (is the package "
+                          "installed on every node, or the job's runtime_env working_dir set?)") from None
+    if found != __version__:
+        raise ConfigError(f"the Ray workers import alphafuse_dist {found}, this driver {__version__}: install "
+                          "the same version on every node (or ship it with the job's runtime_env)")
+    return time.perf_counter() - start
 
 
 def train_stage_name(cfg: RunConfig) -> str:

@@ -208,3 +208,32 @@ def test_second_run_on_a_busy_run_dir_is_refused(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(AlphaFuseError, match="another alphafuse run"):
             run_pipeline(load_config("quickstart", [f"run_dir={run_dir}"]), stages=("prepare",))
+
+
+# ----------------------------------------------------------------------------- Ray readiness
+def test_check_workers_fails_fast_with_the_reason(ray_session):
+    """ensure_ray's first task: a worker that cannot import the package, holds another version
+    or never runs the task stops the job before any stage, with the reason."""
+    import time as _time
+
+    from alphafuse_dist.pipeline import check_workers
+
+    assert 0 < check_workers(60.0) < 60
+
+    def cannot_import() -> str:
+        raise ModuleNotFoundError("No module named 'alphafuse_dist'")
+
+    with pytest.raises(ConfigError, match="could not run alphafuse_dist's first task: ModuleNotFoundError: No module "
+                                          "named 'alphafuse_dist'"):
+        check_workers(60.0, cannot_import)
+    with pytest.raises(ConfigError, match="import alphafuse_dist 0.0.0, this driver"):
+        check_workers(60.0, lambda: "0.0.0")
+
+    def never() -> str:
+        _time.sleep(600)
+        return ""
+
+    start = _time.perf_counter()
+    with pytest.raises(ConfigError, match=r"ray.ready_timeout_s=1 s"):
+        check_workers(1.0, never)
+    assert _time.perf_counter() - start < 30

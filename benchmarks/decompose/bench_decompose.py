@@ -33,9 +33,9 @@ largest relative error of the top-k eigenvalues and smallest top-k subspace cosi
 ``speedup`` = reference time (centring + cov + svd) / ours (first call); ``speedup_cov_svd``
 counts only the reference's ``np.cov`` + ``svd``; ``speedup_with_load`` adds its ``np.load``
 (ours always includes reading its input); ``speedup_warm`` uses our warm call;
-``speedup_after_task`` our first call in another fresh Ray that has run one no-op task first
-(a pipeline job's case: the embed stage's tasks run before decompose; a fresh job's first Ray
-task costs ~0.3-0.5 s, whatever it does).
+``speedup_after_task`` our first call in another fresh Ray that has run the pipeline's worker
+check first (a pipeline job's case: ``ensure_ray`` runs ``check_workers``, one small task, before
+any stage; a fresh job's first Ray task costs ~0.3-0.5 s, whatever it does).
 
 Usage::
 
@@ -223,20 +223,20 @@ def run_ours(folder: Path, k: int, randomized: bool, num_cpus: int, eigh: str = 
 
 
 def run_ours_after_task(folder: Path, num_cpus: int, k: int, eigh: str = "stage") -> dict:
-    """Time our first call in a fresh local Ray that has already run one (no-op) task, as in a
-    pipeline job, where the embed stage's Ray Data tasks run before decompose. A fresh job's first
-    Ray task costs ~0.3-0.5 s whatever it does (``ray_first_task_seconds``, 2026-11-27); the
-    ``seconds`` of :func:`run_ours` include it."""
+    """Time our first call in a fresh local Ray that has run the pipeline's worker check first
+    (``pipeline.check_workers``: one small task; ``ensure_ray`` runs it before any stage, so this
+    is a pipeline job's decompose stage, with or without an embed stage before it). A fresh job's
+    first Ray task costs ~0.3-0.5 s whatever it does (``ray_first_task_seconds``; until the
+    seventh session this was a no-op task); the ``seconds`` of :func:`run_ours` include it."""
     import ray
 
     from alphafuse_dist.decompose.covariance import distributed_covariance
+    from alphafuse_dist.pipeline import check_workers
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
     files = sorted(str(p) for p in folder.glob("part-*.parquet"))
     time.sleep(2)  # as in run_ours
-    t0 = time.perf_counter()
-    ray.get(ray.remote(lambda: None).remote())
-    first_task = time.perf_counter() - t0
+    first_task = check_workers(60.0)
     t0 = time.perf_counter()
     _, _, cov = distributed_covariance(files)
     _eigh(cov, eigh, k)
