@@ -19,7 +19,8 @@ from alphafuse_dist.decompose import covariance
 from alphafuse_dist.decompose.covariance import (FixedPointGram, ScatterAccumulator, batch_moments, covariance_eigh,
                                                  covariance_pieces, distributed_covariance, fragment_pieces, openblas_syrk, partial_moments,
                                                  pieces_moments, task_layout)
-from alphafuse_dist.decompose.stage import decompose
+from alphafuse_dist.decompose import stage as stage_module
+from alphafuse_dist.decompose.stage import decompose, semantic_table
 from alphafuse_dist.errors import ConfigError, DataError
 
 N, D_L = 3000, 48
@@ -479,6 +480,42 @@ def test_decompose_rejects_duplicate_and_missing_items(ray_session, tmp_path):
         decompose(tmp_path / "embed", DecomposeConfig(null_dims=2), dim=4, num_items=201, out_dir=tmp_path)
     with pytest.raises(DataError, match=r"nothing: no part-\*\.parquet embedding fragments"):
         decompose(tmp_path / "nothing", DecomposeConfig(null_dims=2), dim=4, num_items=200, out_dir=tmp_path)
+
+
+def test_semantic_table_streams_pieces_from_threads(ray_session, tmp_path, monkeypatch):
+    """One generator task per node, threads over pieces: the same bits for 1 and 2 threads and
+    for one piece per row group; every row at its item_idx; bad ids named with their file."""
+    rng = np.random.default_rng(12)
+    X = rng.normal(size=(1000, 8)).astype(np.float32)
+    order = rng.permutation(1000)
+    files = write_fragments(tmp_path, X[order], order, [300, 1, 699], row_group_rows=64)
+    Q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    basis = NullSpaceBasis.from_spectrum(X.mean(0), np.geomspace(4, 0.5, 8), Q, dim=6, null_dims=2)
+    one = semantic_table(files, basis, 1000, "float32", task_cpus=1)
+    two = semantic_table(files, basis, 1000, "float32", task_cpus=2)
+    monkeypatch.setattr(stage_module, "TRANSFORM_PIECE_ROWS", 64)  # 17 pieces for 2 threads
+    small = semantic_table(files, basis, 1000, "float32", task_cpus=2)
+    assert np.array_equal(one, two) and np.array_equal(one, small)
+    assert np.array_equal(one, basis.transform(X, "float32"))
+
+    def table_of(idx, num_items=1000):
+        folder = tmp_path / f"case{len(list(tmp_path.glob('case*')))}"
+        folder.mkdir()
+        return semantic_table(write_fragments(folder, X, idx, [500, 500], row_group_rows=64), basis, num_items,
+                              "float32", task_cpus=2)
+
+    same_piece = np.arange(1000)
+    same_piece[10] = 20  # both rows in one piece: item 20 twice, item 10 missing
+    with pytest.raises(DataError, match=r"part-000.parquet, column 'item_idx': item_idx 20 occurs more than once"):
+        table_of(same_piece)
+    other_file = np.arange(1000)
+    other_file[900] = 5  # item 5 in both files
+    with pytest.raises(DataError, match=r"column 'item_idx': item_idx 5 occurs more than once"):
+        table_of(other_file)
+    with pytest.raises(DataError, match=r"part-001.parquet, column 'item_idx': item_idx 1000 is outside 0..999"):
+        table_of(np.arange(1001)[np.r_[0:900, 901:1001]])
+    with pytest.raises(DataError, match=r"case\d+: 1 items have no embedding .first item_idx 1000."):
+        table_of(np.arange(1000), num_items=1001)
 
 
 def numpy_table(X, d, d_n, *, scale=1.0, whiten=True, weights=None):

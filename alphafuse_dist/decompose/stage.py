@@ -14,7 +14,8 @@ Data flow (METHOD.md section 2, steps 1-6)::
                          -> mu, top-d eigenpairs, trace of C
       -> null_rule: "count" (d_n = null_dims) or "threshold" (d = d_l, d_n = #S_k <= null_threshold)
       -> NullSpaceBasis.from_spectrum            -> decompose/basis.safetensors + basis.json
-      -> one Ray task per piece: transform (decompose.precision)  -> decompose/semantic.safetensors  float32 [N, d]
+      -> semantic_table: one Ray generator task per node, threads over pieces: transform
+         (decompose.precision), each piece streamed back    -> decompose/semantic.safetensors  float32 [N, d]
       -> decompose/spectrum.json + spectrum.png
 
 With ``weighted_mean`` the centre is the popularity-weighted mean mu_w and C is the unweighted
@@ -27,6 +28,8 @@ Example::
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +42,7 @@ from ..errors import ConfigError, DataError
 from ..stages import atomic_write_json
 from .basis import NullSpaceBasis, threshold_null_dims
 from .covariance import (INDEX_COLUMN, Piece, covariance_eigh, distributed_covariance, fragment_pieces, iter_fragment,
-                         piece_path)
+                         piece_path, pieces_in_threads, task_layout)
 from .rsvd import column_sums, randomized_covariance_eigh
 from .spectrum import SPECTRUM_PLOT, plot_spectrum
 
@@ -49,43 +52,115 @@ SEMANTIC_TENSOR = "semantic"
 SPECTRUM_FILE = "spectrum.json"
 
 
-@ray.remote(num_cpus=1)
-def _transform_fragment(piece: Piece, basis: NullSpaceBasis, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    """Semantic coordinates of one fragment or piece: (item_idx int64 [n], float32 [n, d])."""
-    parts = [(idx, basis.transform(X, precision)) for idx, X in iter_fragment(piece)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+TRANSFORM_PIECE_ROWS = 16_384  # rows per piece of semantic_table: 8 MB of float32 rows out at d = 128
+_END = "end"  # _transform_pass: the pieces are all done
 
 
-def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int, precision: str = "float64") -> np.ndarray:
-    """Transform every piece of the fragments (:func:`fragment_pieces`) in a Ray task and place row
-    i at item_idx i (``precision``: :meth:`NullSpaceBasis.transform`'s).
+@ray.remote
+def _transform_pass(pieces: list[Piece], basis: NullSpaceBasis, precision: str):
+    """One task's share of :func:`semantic_table`, a Ray generator task: one thread per CPU of
+    the task takes pieces from a queue (:func:`~.covariance.pieces_in_threads`, BLAS at one thread
+    each) and each piece's rows go back as soon as they are done, in any order, as
+    ``(path, item_idx int64 [n], float32 [n, d])``.
 
-    Results are consumed as they finish, so the driver holds the float32 [N, d] table plus at most
-    the pieces already done but not yet copied.
+    At most ``2 x threads`` pieces wait here for the caller (a bounded queue), and Ray holds at most
+    ``_generator_backpressure_num_objects`` of them unread (:func:`semantic_table` sets it), so
+    the task's memory does not grow with the catalogue. When the caller stops reading (an error,
+    a cancel), the threads stop at their next piece.
+    """
+    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    done: queue.Queue = queue.Queue(maxsize=2 * threads)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                return done.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def handle(_, i: int, piece: Piece) -> None:
+        parts = [(idx, basis.transform(X, precision)) for idx, X in iter_fragment(piece, use_threads=False)]
+        put((piece_path(piece), np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+
+    def run() -> None:
+        try:
+            pieces_in_threads(pieces, threads, lambda t: None, handle, stop=stop.is_set)
+            put(_END)
+        except BaseException as e:  # surfaces in the generator, so in the caller's ray.get
+            put(e)
+
+    threading.Thread(target=run, name="transform-pass", daemon=True).start()
+    try:
+        while True:
+            item = done.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, str) and item == _END:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _first_repeat(idx: np.ndarray) -> int:
+    """An item_idx that occurs twice in ``idx`` (which has one)."""
+    ordered = np.sort(idx)
+    return int(ordered[np.argmax(ordered[1:] == ordered[:-1])])
+
+
+def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int, precision: str = "float64",
+                   task_cpus: int | None = None) -> np.ndarray:
+    """Transform every row of the fragments and place row i at item_idx i (``precision``:
+    :meth:`NullSpaceBasis.transform`'s).
+
+    Runs as the covariance does: one Ray task per node (:func:`~.covariance.task_layout`,
+    ``task_cpus`` as ``decompose.task_cpus``), its threads taking pieces of about
+    ``TRANSFORM_PIECE_ROWS`` rows from a queue. Each task is a Ray generator that sends every
+    piece back as soon as it is done, so the driver holds the float32 [N, d] table plus a few
+    pieces, whatever N. (It used to run one Ray task per piece: on 2 cores, 1M x 384 rows to d =
+    128 took 2.8-3.3 s that way; benchmarks/decompose/RESULTS.md, seventh session.) The rows do not
+    depend on the layout: a piece's batches are the same for any number of tasks and threads.
 
     Raises:
         DataError: naming the file when an item_idx is outside 0..N-1 or appears twice, or naming
-            the embed folder when items are missing.
+            the embed folder when items are missing; from a task, as :func:`iter_fragment`.
     """
     table = np.zeros((num_items, basis.dim), dtype=np.float32)
-    seen = np.zeros(num_items, dtype=bool)
+    seen, placed = np.zeros(num_items, dtype=bool), 0
+    pieces = fragment_pieces(files, rows_per_piece=TRANSFORM_PIECE_ROWS)
+    tasks, cpus = task_layout(task_cpus)
+    tasks = min(tasks, len(pieces))
     basis_ref = ray.put(basis)
-    pending = {_transform_fragment.remote(p, basis_ref, precision): piece_path(p) for p in fragment_pieces(files)}
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        path = pending.pop(ref)
-        idx, coords = ray.get(ref)
-        outside = idx[(idx < 0) | (idx >= num_items)]
-        if len(outside):
-            raise DataError(f"item_idx {outside[0]} is outside 0..{num_items - 1} (prepare has {num_items} items)",
-                            file=path, column=INDEX_COLUMN)
-        counts = np.bincount(idx, minlength=num_items)
-        twice = np.flatnonzero((counts > 1) | (seen & (counts > 0)))
-        if len(twice):
-            raise DataError(f"item_idx {twice[0]} occurs more than once in the embeddings; each item needs "
-                            "exactly one row", file=path, column=INDEX_COLUMN)
-        seen |= counts > 0
-        table[idx] = coords
+    pending = [_transform_pass.options(num_cpus=cpus, _generator_backpressure_num_objects=2 * cpus).remote(
+        pieces[t::tasks], basis_ref, precision) for t in range(tasks)]
+    try:
+        while pending:
+            (gen,), _ = ray.wait(pending, num_returns=1)
+            try:
+                ref = next(gen)
+            except StopIteration:
+                pending.remove(gen)
+                continue
+            path, idx, coords = ray.get(ref)
+            outside = idx[(idx < 0) | (idx >= num_items)]
+            if len(outside):
+                raise DataError(f"item_idx {outside[0]} is outside 0..{num_items - 1} (prepare has {num_items} items)",
+                                file=path, column=INDEX_COLUMN)
+            # checks in O(piece), not O(N) per piece: a bincount over all N items per piece took
+            # 1 s of the driver's time for 1M items in 80 pieces
+            before = seen[idx]
+            seen[idx] = True
+            total = np.count_nonzero(seen)
+            if before.any() or total - placed != len(idx):
+                twice = idx[before][0] if before.any() else _first_repeat(idx)
+                raise DataError(f"item_idx {twice} occurs more than once in the embeddings; each item needs "
+                                "exactly one row", file=path, column=INDEX_COLUMN)
+            placed = total
+            table[idx] = coords
+    finally:
+        for gen in pending:  # an error stops the other tasks' threads at their next piece
+            ray.cancel(gen)
     if not seen.all():
         missing = np.flatnonzero(~seen)
         raise DataError(f"{len(missing)} items have no embedding (first item_idx {missing[0]}); rerun the embed "
@@ -181,7 +256,7 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     basis = NullSpaceBasis.from_spectrum(mean, values, vectors, dim=dim, null_dims=null_dims, whiten=cfg.whiten,
                                          scale=cfg.scale, total_variance=total_variance)
     basis.save(out_dir)
-    table = semantic_table(files, basis, num_items, _precision(cfg))
+    table = semantic_table(files, basis, num_items, _precision(cfg), cfg.task_cpus)
     save_file({SEMANTIC_TENSOR: table}, str(out_dir / SEMANTIC_FILE))
 
     explained = basis.explained_variance()
@@ -259,7 +334,7 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
         old.save(out_dir / PREVIOUS_BASIS_DIR)
         return facts
     old.save(out_dir)
-    save_file({SEMANTIC_TENSOR: semantic_table(files, old, num_items, _precision(cfg))}, str(out_dir / SEMANTIC_FILE))
+    save_file({SEMANTIC_TENSOR: semantic_table(files, old, num_items, _precision(cfg), cfg.task_cpus)}, str(out_dir / SEMANTIC_FILE))
     explained = old.explained_variance()
     atomic_write_json(out_dir / SPECTRUM_FILE, {
         "d_semantic": old.semantic_dims, "reused_from": str(prev), "whiten": old.whiten, "scale": old.scale,
