@@ -118,9 +118,12 @@ def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int, prec
     ``task_cpus`` as ``decompose.task_cpus``), its threads taking pieces of about
     ``TRANSFORM_PIECE_ROWS`` rows from a queue. Each task is a Ray generator that sends every
     piece back as soon as it is done, so the driver holds the float32 [N, d] table plus a few
-    pieces, whatever N. (It used to run one Ray task per piece: on 2 cores, 1M x 384 rows to d =
-    128 took 2.8-3.3 s that way; benchmarks/decompose/RESULTS.md, seventh session.) The rows do not
-    depend on the layout: a piece's batches are the same for any number of tasks and threads.
+    pieces, whatever N. It used to run one Ray task per piece (each a worker of its own, each
+    paying a fresh worker's first task) and check every piece with a bincount over all N items.
+    For 1M x 384 rows to d = 128 on 16 cores, alternating: first call 0.79-0.82 s against
+    1.07-1.23 s, later calls 0.52-0.65 s against 0.57-0.70 s; on 2 cores the two were even
+    (benchmarks/decompose/RESULTS.md, seventh session). The rows do not depend on the layout: a
+    piece's batches are the same for any number of tasks and threads.
 
     Raises:
         DataError: naming the file when an item_idx is outside 0..N-1 or appears twice, or naming
