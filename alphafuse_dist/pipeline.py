@@ -60,7 +60,7 @@ def check_workers(timeout_s: float, probe: Callable[[], str] = _worker_version) 
     A job fails here, before any stage, when its workers cannot start or import the package (a
     node without it, a failed runtime_env upload) or hold another version of it: otherwise the
     first Ray stage would fail midway, or worse, run other code. It also pays a fresh job's
-    first-task cost (0.3-0.45 s however small the task: Ray sets up serialization in the driver
+    first-task cost (0.26-0.44 s however small the task: Ray sets up serialization in the driver
     and the worker; benchmarks/decompose/RESULTS.md) once, up front.
 
     Raises:
@@ -71,6 +71,8 @@ def check_workers(timeout_s: float, probe: Callable[[], str] = _worker_version) 
 
     from . import __version__
 
+    if not timeout_s > 0:
+        raise ConfigError(f"ray.ready_timeout_s={timeout_s!r}: must be a positive number of seconds")
     start = time.perf_counter()
     ref = ray.remote(num_cpus=0)(probe).remote()
     try:

@@ -219,6 +219,8 @@ def test_check_workers_fails_fast_with_the_reason(ray_session):
     from alphafuse_dist.pipeline import check_workers
 
     assert 0 < check_workers(60.0) < 60
+    with pytest.raises(ConfigError, match=r"ray.ready_timeout_s=0: must be a positive"):
+        check_workers(0)
 
     def cannot_import() -> str:
         raise ModuleNotFoundError("No module named 'alphafuse_dist'")
