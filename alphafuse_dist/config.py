@@ -125,8 +125,9 @@ class DecomposeConfig:
     # relative to max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see
     # decompose/covariance.py); randomized method, its y (y^T Q) (decompose/rsvd.py); both, the
     # semantic table's (scale E - mean) @ P (decompose/basis.py: NullSpaceBasis.transform); exact
-    # method with the count rule and d_l >= 1,024, its eigh: float32 ssyevd with the top model.dim
-    # pairs refined in float64, the rest float32-accurate (covariance_eigh; at d_l = 3,072: 1.4-1.6
+    # method with the count rule, d_l >= 1,024 and model.dim <= about d_l / 4, its eigh: float32
+    # ssyevd with the top 2 model.dim pairs refined in float64, the rest float32-accurate
+    # (covariance_eigh, mixed_precision_eigh; at d_l = 3,072: 1.4-1.6
     # against 2.5-3.0 s on 2 cores, 0.80-0.95 against 0.92-1.06 s on 16).
     # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
     # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise

@@ -42,8 +42,15 @@ def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
     # later ray.init() calls in this process tree (library helpers, actors) must find THIS
     # instance even when other Ray instances run on the machine
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    seconds = check_workers(cfg.ray.ready_timeout_s)
-    log(f"[ray] resources: {ray.cluster_resources()}; a worker ran a first task in {seconds:.2f}s")
+    try:
+        seconds = check_workers(cfg.ray.ready_timeout_s)
+    except BaseException:
+        # not left half-connected: a later ensure_ray in this process (a notebook, a retry after
+        # fixing the runtime_env) must connect and check again, not find Ray up and skip the check
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        raise
+    log(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
 
 
 def _worker_version() -> str:
@@ -54,42 +61,52 @@ def _worker_version() -> str:
 
 
 def check_workers(timeout_s: float, probe: Callable[[], str] = _worker_version) -> float:
-    """Run one task (no CPUs asked, so actors holding CPUs do not block it) and check that the
-    worker imports the driver's alphafuse_dist; returns the seconds it took.
+    """Run one task on every alive node (pinned there, no CPUs asked, so actors holding CPUs do not
+    block it) and check that each node's worker imports the driver's alphafuse_dist version;
+    returns the seconds until all had answered.
 
-    A job fails here, before any stage, when its workers cannot start or import the package (a
-    node without it, a failed runtime_env upload) or hold another version of it: otherwise the
-    first Ray stage would fail midway, or worse, run other code. It also pays a fresh job's
-    first-task cost (0.26-0.44 s however small the task: Ray sets up serialization in the driver
-    and the worker; benchmarks/decompose/RESULTS.md) once, up front.
+    A job fails here, before any stage, when a node's workers cannot start or import the package
+    (a node without it, a failed runtime_env upload) or import another version of it: otherwise a
+    Ray stage would fail midway on that node. (A version string cannot tell apart two different
+    checkouts of one version.) It also pays a fresh job's first-task cost (0.26-0.44 s however
+    small the task: Ray sets up serialization in the driver and the worker;
+    benchmarks/decompose/RESULTS.md) once, up front.
 
     Raises:
-        ConfigError: naming ``ray.ready_timeout_s`` when no worker ran the task in time, or
-            saying what the worker could not import or which version it found.
+        ConfigError: naming ``ray.ready_timeout_s`` and the nodes that did not answer in time, or
+            the node, what its worker could not import or which version it found.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from . import __version__
 
     if not timeout_s > 0:
         raise ConfigError(f"ray.ready_timeout_s={timeout_s!r}: must be a positive number of seconds")
     start = time.perf_counter()
-    ref = ray.remote(num_cpus=0)(probe).remote()
-    try:
-        found = ray.get(ref, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        ray.cancel(ref, force=True)
-        raise ConfigError(f"no Ray worker ran a task within ray.ready_timeout_s={timeout_s:g} s (cluster "
-                          f"{ray.get_runtime_context().gcs_address}): check that its nodes are up and the job's "
-                          "runtime_env (cluster/runtime_env.yaml) installs") from None
-    except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None) or e
-        raise ConfigError(f"a Ray worker could not run alphafuse_dist's first task: {type(cause).__name__}: "
-                          f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''} (is the package "
-                          "installed on every node, or the job's runtime_env working_dir set?)") from None
-    if found != __version__:
-        raise ConfigError(f"the Ray workers import alphafuse_dist {found}, this driver {__version__}: install "
-                          "the same version on every node (or ship it with the job's runtime_env)")
+    remote = ray.remote(num_cpus=0, max_retries=0)(probe)
+    nodes = {remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote():
+             node.get("NodeManagerAddress", node["NodeID"]) for node in ray.nodes() if node.get("Alive")}
+    ready, late = ray.wait(list(nodes), num_returns=len(nodes), timeout=timeout_s)
+    if late:
+        for ref in late:
+            ray.cancel(ref, force=True)
+        raise ConfigError(f"no Ray worker on node(s) {', '.join(sorted(nodes[r] for r in late))} ran a task within "
+                          f"ray.ready_timeout_s={timeout_s:g} s (cluster {ray.get_runtime_context().gcs_address}): "
+                          "check that the nodes are up and the job's runtime_env (cluster/runtime_env.yaml) installs")
+    for ref in ready:
+        try:
+            found = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None) or e
+            last = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+            raise ConfigError(f"a Ray worker on node {nodes[ref]} could not run alphafuse_dist's first task: "
+                              f"{type(cause).__name__}: {last} (is the package installed on every node, or the "
+                              "job's runtime_env working_dir set?)") from None
+        if found != __version__:
+            raise ConfigError(f"a Ray worker on node {nodes[ref]} imports alphafuse_dist {found}, this driver "
+                              f"{__version__}: install the same version on every node (or ship it with the job's "
+                              "runtime_env)")
     return time.perf_counter() - start
 
 

@@ -225,10 +225,10 @@ def test_check_workers_fails_fast_with_the_reason(ray_session):
     def cannot_import() -> str:
         raise ModuleNotFoundError("No module named 'alphafuse_dist'")
 
-    with pytest.raises(ConfigError, match="could not run alphafuse_dist's first task: ModuleNotFoundError: No module "
-                                          "named 'alphafuse_dist'"):
+    with pytest.raises(ConfigError, match=r"on node 127.0.0.1 could not run alphafuse_dist's first task: "
+                                          "ModuleNotFoundError: No module named 'alphafuse_dist'"):
         check_workers(60.0, cannot_import)
-    with pytest.raises(ConfigError, match="import alphafuse_dist 0.0.0, this driver"):
+    with pytest.raises(ConfigError, match="on node 127.0.0.1 imports alphafuse_dist 0.0.0, this driver"):
         check_workers(60.0, lambda: "0.0.0")
 
     def never() -> str:
@@ -236,6 +236,6 @@ def test_check_workers_fails_fast_with_the_reason(ray_session):
         return ""
 
     start = _time.perf_counter()
-    with pytest.raises(ConfigError, match=r"ray.ready_timeout_s=1 s"):
+    with pytest.raises(ConfigError, match=r"node\(s\) 127.0.0.1 ran a task within ray.ready_timeout_s=1 s"):
         check_workers(1.0, never)
     assert _time.perf_counter() - start < 30

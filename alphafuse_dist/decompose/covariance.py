@@ -82,6 +82,10 @@ PRECISIONS = ("float32", "float64")
 PIECES_PER_CPU = 1  # default pieces per cluster CPU (fragment_pieces); pieces have about equal rows
 SHIFT_ROWS = 1024  # rows whose mean is the common shift of pieces_moments (near the mean is enough)
 SCIPY_EIGH_MIN_DIM = 1024  # covariance_eigh: scipy's dsyevd from this d_l on, numpy's below
+# mixed_precision_eigh stops refining when the top pairs' residuals |C v - t v| are below this
+# share of S_1: a tenth of the float32 covariance's own error (~1e-7 of max |C|), ...
+REFINE_RESIDUAL = 1e-8
+REFINE_MAX_STEPS = 3  # ... or after this many subspace steps (each costs two d x d x b GEMMs)
 SHARED_BATCH_BYTES = 4 << 20  # float32 bytes per read batch of the shared-gram path (pieces_moments)
 FLUSH_ROWS = 8192  # rows a thread's float32 products accumulate before they go into the shared gram
 HEADROOM_BITS = 16  # the fixed-point gram holds 2**HEADROOM_BITS x its estimated largest entry
@@ -219,8 +223,8 @@ def iter_fragment(piece: Piece, batch_rows: int = BATCH_ROWS, use_threads: bool 
     whole row group (614 MB for a 50,000-row group at d_l = 3072) on top of the batches.
     ``use_threads=False`` turns pyarrow's decoding pool off: :func:`pieces_moments` runs one
     thread per CPU already, and on 16 cores the pool on top made the covariance's first call 1.3x
-    slower (benchmarks/decompose/RESULTS.md); the randomized solver's passes run the same way. The
-    one-task-per-piece transform keeps pyarrow's default, as it was measured.
+    slower (benchmarks/decompose/RESULTS.md); the randomized solver's passes and the semantic
+    table's transform run the same way.
 
     Yields:
         ``(item_idx, X)``: int64 [b] and float [b, d_l] in the stored precision (float32 from embed).
@@ -984,24 +988,37 @@ def refine_block(top: int, d: int) -> int:
 
 
 def mixed_precision_eigh(cov: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """All eigenpairs from float32 ``ssyevd``, the top ``top`` of them refined in float64.
+    """All eigenpairs from float32 ``ssyevd``, the top ``refine_block(top)`` of them refined in float64.
 
     1. ``ssyevd`` on the covariance rounded to float32: about half ``dsyevd``'s time (200k x 3,072
        benchmark covariance, 2-core Xeon: 1.4-1.6 s against 2.5-3.0 s). Its pairs carry float32's
        backward error, ~1e-7 of the largest eigenvalue: the error class of the float32 products
        the covariance is summed from under ``decompose.precision`` float32.
-    2. One step of subspace iteration and Rayleigh-Ritz in float64 on the top
-       ``b = refine_block(top, d)`` vectors V: ``Q = qr(C V)``, ``eigh(Q^T C Q) = W T W^T``; the
-       top ``top`` of T and of ``Q W`` replace those of step 1. On that covariance (top 128, b =
-       256) the refined eigenvalues were within 2e-13 relative of ``dsyevd``'s (float32 alone:
-       3e-6) and the smallest principal cosine of the two top-128 subspaces was 1 - 2e-13
-       (float32 alone: 1 - 8e-7), for 0.2 s on 2 cores.
+    2. Subspace iteration with Rayleigh-Ritz in float64 on the top ``b = refine_block(top, d)``
+       vectors V: ``Q = qr(C V)``, ``eigh(Q^T C Q) = W T W^T``, ``V = Q W``, until the top
+       ``top`` pairs' residuals ``|C v - t v|`` are at most ``REFINE_RESIDUAL`` of the largest
+       eigenvalue, or ``REFINE_MAX_STEPS`` steps (each step cuts pair k's error by about
+       S_{b+1} / S_k). All b pairs then replace those of step 1, so the seam between refined and
+       float32 pairs lies at least 16 pairs below the top ``top`` (a cluster of near-equal
+       eigenvalues across the top ``top``'s edge is refined as a whole). On the benchmark
+       covariance (top 128, b = 256), one step put the refined eigenvalues within 2e-13 relative of
+       ``dsyevd``'s (float32 alone: 3e-6) and the smallest principal cosine of the two top-128
+       subspaces at 1 - 2e-13 (float32 alone: 1 - 8e-7), for 0.2 s on 2 cores.
+    3. The d - b float32 vectors below are projected off the refined ones and normalised: no
+       column then repeats a refined direction (unprojected, they are orthogonal only to the
+       float32 versions of the refined vectors: 6e-4 off on a power-law spectrum, ~1 with a
+       cluster of eigenvalues at the seam). Among themselves they stay orthogonal to about the
+       square of what was projected off: a float32 eigenvector of eigenvalue S_k is accurate to
+       ~1e-7 S_1 / gap only, so for the benchmark covariance 8e-5 (``ssyevd`` alone: 2e-6).
+
+    The covariance is scaled by its largest diagonal entry before the float32 cast, so no scale
+    of the embeddings under- or overflows float32.
 
     Written here because LAPACK has no mixed-precision symmetric eigensolver (its mixed-precision
-    routines, ``dsgesv`` / ``dsposv``, solve linear systems). The pairs below the top ``top``
-    stay float32-accurate: the stage's basis uses the top ``model.dim`` (the whitenrec baseline
-    uses all above 1e-5 of the largest; set ``decompose.precision=float64`` to fit those in
-    float64 too).
+    routines, ``dsgesv`` / ``dsposv``, solve linear systems). The pairs below the top b stay
+    float32-accurate: the stage's basis uses the top ``model.dim`` (the whitenrec baseline uses
+    all above 1e-5 of the largest; set ``decompose.precision=float64`` to fit those in float64
+    too).
 
     Returns:
         ``(eigenvalues float64 [d] ascending, eigenvectors float64 [d, d])``, as :func:`covariance_eigh`.
@@ -1009,14 +1026,25 @@ def mixed_precision_eigh(cov: np.ndarray, top: int) -> tuple[np.ndarray, np.ndar
     from scipy.linalg import eigh
 
     cov = np.asarray(cov, dtype=np.float64)
-    values, vectors = eigh(cov.astype(np.float32), driver="evd", check_finite=False)
-    values, vectors = values.astype(np.float64), vectors.astype(np.float64)
+    unit = float(np.max(np.abs(np.diagonal(cov)))) or 1.0
+    values, vectors = eigh((cov / unit).astype(np.float32), driver="evd", check_finite=False)
+    values, vectors = values.astype(np.float64) * unit, vectors.astype(np.float64)
     b = refine_block(top, len(cov))
-    Q, _ = np.linalg.qr(cov @ vectors[:, -b:])
-    ritz, W = np.linalg.eigh(Q.T @ cov @ Q)
-    values[-top:], vectors[:, -top:] = ritz[-top:], Q @ W[:, -top:]
-    # the refined values are exact to float64 rounding, the rest to float32's: at the seam two
-    # pairs closer than float32 rounding may come out of order; sort them back
+    refined, C_refined = vectors[:, -b:], cov @ vectors[:, -b:]
+    for _ in range(REFINE_MAX_STEPS):
+        Q, _ = np.linalg.qr(C_refined)
+        CQ = cov @ Q
+        ritz, W = np.linalg.eigh(Q.T @ CQ)
+        refined, C_refined = Q @ W, CQ @ W
+        residual = np.linalg.norm(C_refined[:, -top:] - refined[:, -top:] * ritz[-top:], axis=0).max()
+        if residual <= REFINE_RESIDUAL * max(ritz[-1], 0.0):
+            break
+    rest = vectors[:, :-b]
+    rest -= refined @ (refined.T @ rest)
+    rest /= np.linalg.norm(rest, axis=0)
+    values[-b:], vectors[:, -b:] = ritz, refined
+    # at the seam a refined and a float32 pair closer than float32 rounding may come out of
+    # order; sort them back
     if np.all(np.diff(values) >= 0):
         return values, vectors
     order = np.argsort(values, kind="stable")

@@ -7,8 +7,8 @@ Data flow (METHOD.md section 2, steps 1-6)::
                          taking pieces (row groups) from a queue into one fixed-point gram;
                          the tasks' integer grams add up: the same bits for any layout)
                          -> mu [d_l], C [d_l, d_l] -> covariance_eigh -> all d_l eigenpairs
-                         (decompose.precision float32 and the count rule, d_l >= 1,024: float32
-                         ssyevd, the top d pairs refined in float64)
+                         (decompose.precision float32, the count rule, d_l >= 1,024 and d <= about
+                         d_l / 4: float32 ssyevd, the top 2d pairs refined in float64)
          method "randomized": randomized_covariance_eigh (rsvd.py, 1 + power_iters passes, each
                          run as the exact path's: one Ray task per node, threads over pieces)
                          -> mu, top-d eigenpairs, trace of C
@@ -56,17 +56,21 @@ TRANSFORM_PIECE_ROWS = 16_384  # rows per piece of semantic_table: 8 MB of float
 _END = "end"  # _transform_pass: the pieces are all done
 
 
-@ray.remote
+# no retries: a replayed generator is matched to its first run by position, and the threads yield
+# pieces in whatever order they finish, so a retry could hand the driver some pieces twice and
+# others never (and a false duplicate-item error); a crashed worker surfaces as itself instead
+@ray.remote(max_retries=0)
 def _transform_pass(pieces: list[Piece], basis: NullSpaceBasis, precision: str):
     """One task's share of :func:`semantic_table`, a Ray generator task: one thread per CPU of
     the task takes pieces from a queue (:func:`~.covariance.pieces_in_threads`, BLAS at one thread
     each) and each piece's rows go back as soon as they are done, in any order, as
     ``(path, item_idx int64 [n], float32 [n, d])``.
 
-    At most ``2 x threads`` pieces wait here for the caller (a bounded queue), and Ray holds at most
-    ``_generator_backpressure_num_objects`` of them unread (:func:`semantic_table` sets it), so
-    the task's memory does not grow with the catalogue. When the caller stops reading (an error,
-    a cancel), the threads stop at their next piece.
+    At most ``3 x threads`` pieces wait here for the caller (a bounded queue of 2 per thread, and
+    one more in each thread), and Ray holds at most ``_generator_backpressure_num_objects`` of
+    them unread (:func:`semantic_table` sets it), so the task's memory does not grow with the
+    catalogue. When the generator ends early (an error, a cancel), the threads stop at their next
+    piece or wait for the queue, and the generator waits for them.
     """
     threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     done: queue.Queue = queue.Queue(maxsize=2 * threads)
@@ -90,7 +94,8 @@ def _transform_pass(pieces: list[Piece], basis: NullSpaceBasis, precision: str):
         except BaseException as e:  # surfaces in the generator, so in the caller's ray.get
             put(e)
 
-    threading.Thread(target=run, name="transform-pass", daemon=True).start()
+    producer = threading.Thread(target=run, name="transform-pass", daemon=True)
+    producer.start()
     try:
         while True:
             item = done.get()
@@ -101,6 +106,7 @@ def _transform_pass(pieces: list[Piece], basis: NullSpaceBasis, precision: str):
             yield item
     finally:
         stop.set()
+        producer.join(timeout=30)  # a piece in flight finishes; BLAS's thread limit is restored
 
 
 def _first_repeat(idx: np.ndarray) -> int:
@@ -150,8 +156,8 @@ def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int, prec
             if len(outside):
                 raise DataError(f"item_idx {outside[0]} is outside 0..{num_items - 1} (prepare has {num_items} items)",
                                 file=path, column=INDEX_COLUMN)
-            # checks in O(piece), not O(N) per piece: a bincount over all N items per piece took
-            # 1 s of the driver's time for 1M items in 80 pieces
+            # per piece: indexing of its rows and a count over N bools (microseconds), where a
+            # bincount over all N items took 1 s of the driver's time for 1M items in 80 pieces
             before = seen[idx]
             seen[idx] = True
             total = np.count_nonzero(seen)
@@ -206,7 +212,8 @@ def _spectrum(files: list[str], cfg: DecomposeConfig, dim: int, weights: np.ndar
         mean, cov = mean - shift, cov + n / (n - 1) * np.outer(shift, shift)
     # the count rule's basis uses the top d pairs: under float32 those are refined in float64 and
     # the rest stay float32-accurate (covariance_eigh); the threshold rule counts small eigenvalues
-    values, vectors = covariance_eigh(cov, precision, top=dim if cfg.null_rule == "count" else None)
+    # (min: a model.dim above d_l is the basis's ConfigError to report, below)
+    values, vectors = covariance_eigh(cov, precision, top=min(dim, len(cov)) if cfg.null_rule == "count" else None)
     return n, mean, values, vectors, None
 
 
