@@ -1,7 +1,6 @@
-"""Sharded top-k, sampled-candidate ranks (LLM-ESR protocol) and per-group metrics."""
+"""Exact ranks over chunks, shards and threads, sampled-candidate ranks (LLM-ESR protocol) and per-group metrics."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -9,71 +8,83 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from alphafuse_dist.evaluate.metrics import (full_ranking_topk, merge_topk, metrics_by_group, sample_negatives,
-                                             sampled_ranks, sharded_target_ranks, sharded_topk, target_ranks)
+from alphafuse_dist.evaluate.metrics import (metrics_by_group, sample_negatives, sampled_ranks, sharded_target_ranks,
+                                             target_ranks)
 
 
-def test_merge_topk_hand_computed_keeps_the_id_tie_rule():
-    a = (torch.tensor([[3.0, 1.0]]), torch.tensor([[4, 0]]))
-    b = (torch.tensor([[3.0, 1.0, -float("inf")]]), torch.tensor([[2, 7, -1]]))  # -1: padding
-    scores, ids = merge_topk([a, b], 4)
-    assert ids.tolist() == [[2, 4, 0, 7]] and scores.tolist() == [[3.0, 3.0, 1.0, 1.0]]
-
-
-def _sharded_worker(rank, world, store_path, states, table, k, exclude, out):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    try:
-        bounds = np.linspace(0, len(table), world + 1).astype(int)
-        lo, hi = bounds[rank], bounds[rank + 1]
-        scores, ids = sharded_topk(states, table[lo:hi], int(lo), k, similarity="cosine", item_chunk=7,
-                                   exclude=exclude)
-        torch.save((scores, ids), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_topk_equals_single_process_exactly(tmp_path, world):
-    gen = torch.Generator().manual_seed(world)
-    # integer-valued vectors: many exact score ties across shard boundaries
-    table = torch.randint(-2, 3, (41, 4), generator=gen).float()
-    states = torch.randint(-2, 3, (9, 4), generator=gen).float()
-    exclude = [torch.randint(0, 41, (3,), generator=gen) for _ in range(9)]
-    k = 12
-    expected = full_ranking_topk(states, table, k, similarity="cosine", item_chunk=5, exclude=exclude)
-    mp.start_processes(_sharded_worker, args=(world, str(tmp_path / "store"), states, table, k, exclude,
-                                              str(tmp_path / "out")), nprocs=world, start_method="spawn")
-    for rank in range(world):
-        scores, ids = torch.load(f"{tmp_path / 'out'}.{rank}")
-        assert torch.equal(ids, expected[1]) and torch.equal(scores, expected[0])
-
-
-def _ranks_worker(rank, world, store_path, states, table, targets, out):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    try:
-        bounds = np.linspace(0, len(table), world + 1).astype(int)
-        lo, hi = bounds[rank], bounds[rank + 1]
-        ranks = sharded_target_ranks(states, table[lo:hi], int(lo), targets, table[targets], similarity="cosine",
-                                     item_chunk=4)
-        torch.save(ranks, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_target_ranks_equal_single_process_exactly(tmp_path, world):
-    gen = torch.Generator().manual_seed(10 + world)
-    table = torch.randint(-2, 3, (29, 4), generator=gen).float()  # many exact ties across shards
+def _tie_case():
+    """Integer-valued vectors: many exact score ties, and cosine scores that are zero in exact
+    arithmetic (a float32 kernel gets 5.55e-17 for some chunk shapes and 0.0 for others)."""
+    gen = torch.Generator().manual_seed(12)
+    table = torch.randint(-2, 3, (29, 4), generator=gen).float()
     table[5] = table[20]  # a target's exact duplicate in another shard
     states = torch.randint(-2, 3, (11, 4), generator=gen).float()
     targets = torch.randint(0, 29, (11,), generator=gen)
     targets[0], targets[1] = 5, 20
-    expected = target_ranks(states, table, targets, similarity="cosine", item_chunk=3)
-    mp.start_processes(_ranks_worker, args=(world, str(tmp_path / "store"), states, table, targets,
+    return states, table, targets
+
+
+def _expected_ranks(states, table, targets):
+    """The tie rule over the documented scores (integer arithmetic in numpy, see test_metrics)."""
+    from test_metrics import reference_ranks
+
+    return torch.from_numpy(reference_ranks(states.numpy(), table.numpy(), targets.numpy(), similarity="cosine"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_target_ranks_equal_for_every_chunk_size_and_thread_count(threads):
+    states, table, targets = _tie_case()
+    expected = _expected_ranks(states, table, targets)
+    assert expected[0] != expected[1]  # the duplicates' ranks differ by the id rule, not at random
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for chunk in range(1, len(table) + 1):
+            assert torch.equal(target_ranks(states, table, targets, similarity="cosine", item_chunk=chunk), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_target_ranks_do_not_depend_on_summation_order(similarity):
+    """The same features in another order are the same dot products in exact arithmetic, summed
+    in another order by any kernel: the ranks must not move (float sums put 5.55e-17 or 0.0 there)."""
+    states, table, targets = _tie_case()
+    g = torch.Generator().manual_seed(4)
+    float_states, float_table = torch.randn(30, 24, generator=g), torch.randn(300, 24, generator=g)
+    float_targets = torch.randint(0, 300, (30,), generator=g)
+    for s, t, y in ((states, table, targets), (float_states, float_table, float_targets)):
+        expected = target_ranks(s, t, y, similarity=similarity)
+        for seed in range(20):
+            perm = torch.randperm(s.shape[1], generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(target_ranks(s[:, perm], t[:, perm], y, similarity=similarity, item_chunk=7), expected)
+
+
+def _ranks_worker(rank, world, threads, store_path, states, table, targets, out):
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        bounds = np.linspace(0, len(table), world + 1).astype(int)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        ranks = [sharded_target_ranks(states, table[lo:hi], int(lo), targets, table[targets], similarity="cosine",
+                                      item_chunk=chunk) for chunk in range(1, len(table) + 1)]
+        torch.save(torch.stack(ranks), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_target_ranks_equal_single_process_exactly(tmp_path, world, threads):
+    """Row shards on 1-3 processes, every chunk size of a shard, 1 or 2 threads per process: the
+    summed counts equal the one-process ranks, including exact duplicates in different shards."""
+    states, table, targets = _tie_case()
+    expected = _expected_ranks(states, table, targets)
+    mp.start_processes(_ranks_worker, args=(world, threads, str(tmp_path / "store"), states, table, targets,
                                             str(tmp_path / "out")), nprocs=world, start_method="spawn")
     for rank in range(world):
-        assert torch.equal(torch.load(f"{tmp_path / 'out'}.{rank}"), expected)
-    assert expected[0] != expected[1]  # the duplicates' ranks differ by the id rule, not at random
+        for ranks in torch.load(f"{tmp_path / 'out'}.{rank}"):
+            assert torch.equal(ranks, expected)
 
 
 def _tiny_model():

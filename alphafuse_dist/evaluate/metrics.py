@@ -7,12 +7,15 @@ Both ranking functions score ALL ``N`` items, one chunk of ``C`` items at a time
 ``O(U x C)``, never ``O(U x N)``. Ties are broken by item id: of two items with equal scores the
 one with the smaller id ranks ahead, so results are identical for every chunk size and every run.
 
-Scores are float64 dot products rounded to float32. Float32 products are exact in float64 and a
-float64 sum is far finer than one float32 step, so the rounded score of a (user, item) pair does
-not depend on the kernel that computed it (a matrix product of any chunk shape, or the target's
-own row-wise product). Plain float32 sums differ in the last bits between such kernels, which
-would put a target behind or ahead of its exact duplicates at random. The float64 product takes
-about twice as long as a float32 one on CPU.
+Scores do not depend on how they are computed. Before scoring, each row (user or item) is
+rounded to a fixed-point vector: ``q = round(x * 2**(b - e))`` with ``2**e >= max|x|`` its own
+power-of-two scale and ``b`` bits (22 at ``d = 128``; see :func:`exact_rows`). Cosine rows are
+L2-normalised first, with the sum of squares taken column by column in a fixed order. The score of
+a (user, item) pair is then the integer dot product of the two fixed-point vectors times the two
+scales. Every partial sum is an integer below 2**53, so float64 computes it exactly whatever the
+summation order: a matrix product of any chunk shape, any shard, any thread count or the target's
+own row-wise product gives the same bits. The rounding of the inputs is the stated precision
+(about 2**-22 of a row's largest entry); ties that remain are broken by item id.
 
 Example::
 
@@ -67,8 +70,8 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
                          f"got {int(targets.min())}..{int(targets.max())}")
     device = item_table.device
     targets = targets.to(device)
-    users = _prepare(user_states.to(device), similarity)
-    target_scores = (users * _prepare(item_table[targets], similarity)).sum(dim=1).float().unsqueeze(1)
+    users = exact_rows(user_states.to(device), similarity)
+    target_scores = _row_scores(users, exact_rows(item_table[targets], similarity)).unsqueeze(1)
     # Listing every target as a non-competitor of its own user keeps it from counting itself.
     blocked = _pairs_by_item(exclude, num_users, num_items, device, targets=targets)
 
@@ -111,11 +114,11 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
     if target_rows.shape != user_states.shape:
         raise ValueError(f"target_rows: expected shape {list(user_states.shape)}, got {list(target_rows.shape)}")
     device = user_states.device
-    users = _prepare(user_states, similarity)
+    users = exact_rows(user_states, similarity)
     ranks = torch.zeros(num_users, dtype=torch.long, device=device)
     if local_rows.shape[0]:
         _check_inputs(user_states, local_rows, item_chunk)
-        target_scores = (users * _prepare(target_rows.to(device), similarity)).sum(dim=1).float().unsqueeze(1)
+        target_scores = _row_scores(users, exact_rows(target_rows.to(device), similarity)).unsqueeze(1)
         local_targets = targets.to(device) - row_offset  # outside 0..n_r-1 when the target is another shard's
         blocked = _pairs_by_item(None, num_users, local_rows.shape[0], device, targets=local_targets)
         for start, end, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
@@ -160,7 +163,8 @@ def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, simila
     if not 1 <= k <= num_items:
         raise ValueError(f"k={k}: must lie in 1..{num_items} (the number of items)")
     device = item_table.device
-    users = _prepare(user_states.to(device), similarity, score_dtype)
+    users = exact_rows(user_states.to(device), similarity) if score_dtype == torch.float64 \
+        else _fast_rows(user_states.to(device), similarity, score_dtype)
     blocked = _pairs_by_item(exclude, num_users, num_items, device)
 
     best_scores = torch.empty(num_users, 0, device=device)
@@ -178,77 +182,6 @@ def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, simila
         order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :k]
         best_scores, best_ids = candidates.gather(1, order), candidate_ids.gather(1, order)
     return best_scores, best_ids
-
-
-def merge_topk(parts: Sequence[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor, Tensor]:
-    """Merge per-shard top lists into the global top ``k``, in :func:`full_ranking_topk`'s order
-    (higher score first, then smaller item id).
-
-    Args:
-        parts: ``(scores [U, k_i], ids [U, k_i])`` per shard, ids already global; entries with
-            score ``-inf`` and id ``-1`` are padding (a shard with fewer than ``k`` items).
-        k: items per user.
-
-    Returns:
-        ``([U, k] scores, [U, k] ids)``.
-    """
-    scores = torch.cat([p[0] for p in parts], dim=1)
-    ids = torch.cat([p[1] for p in parts], dim=1)
-    # id order first, then a stable sort by score: equal scores keep the smaller id ahead;
-    # padding ids (-1) sort first among the -inf scores, so they are moved behind real -inf items
-    pad = ids < 0
-    by_id = torch.sort(torch.where(pad, torch.iinfo(torch.long).max, ids), dim=1, stable=True).indices
-    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, order), ids.gather(1, order)
-
-
-def sharded_topk(user_states: Tensor, local_rows: Tensor, row_offset: int, k: int, *,
-                 similarity: Similarity = "dot", item_chunk: int = 65_536,
-                 exclude: Sequence[Tensor] | None = None, group=None) -> tuple[Tensor, Tensor]:
-    """:func:`full_ranking_topk` over an item table split by rows across the ranks of a process
-    group: each rank ranks its own rows, the per-rank top lists are all-gathered and merged.
-
-    Every rank passes the same ``user_states`` and gets the same result, equal to
-    :func:`full_ranking_topk` on the whole table (scores are computed per (user, item) pair
-    exactly as there, and the merge keeps the id tie rule).
-
-    Args:
-        local_rows: ``[n_r, d]`` this rank's rows, items ``row_offset .. row_offset + n_r - 1``
-            (may be empty).
-        k: items per user, at most the total number of items.
-        exclude: global item ids per user, as in :func:`full_ranking_topk`.
-        group: the ``torch.distributed`` process group (None: the default group).
-    """
-    import torch.distributed as dist
-
-    num_users = user_states.shape[0]
-    device = user_states.device
-    local_n = local_rows.shape[0]
-    if local_n:
-        local_exclude = None
-        if exclude is not None:
-            local_exclude = [e[(e >= row_offset) & (e < row_offset + local_n)] - row_offset for e in exclude]
-        scores, ids = full_ranking_topk(user_states, local_rows, min(k, local_n), similarity=similarity,
-                                        item_chunk=item_chunk, exclude=local_exclude)
-        ids = ids + row_offset
-    else:
-        scores = torch.empty(num_users, 0, device=device)
-        ids = torch.empty(num_users, 0, dtype=torch.long, device=device)
-    # pad to k columns so that every rank contributes tensors of one shape to the all-gather
-    fill = k - scores.shape[1]
-    scores = torch.cat([scores.float(), torch.full((num_users, fill), -math.inf, device=device)], dim=1)
-    ids = torch.cat([ids, torch.full((num_users, fill), -1, dtype=torch.long, device=device)], dim=1)
-    world = dist.get_world_size(group)
-    all_scores = [torch.empty_like(scores) for _ in range(world)]
-    all_ids = [torch.empty_like(ids) for _ in range(world)]
-    dist.all_gather(all_scores, scores.contiguous(), group=group)
-    dist.all_gather(all_ids, ids.contiguous(), group=group)
-    total = torch.tensor([local_n], device=device)
-    dist.all_reduce(total, group=group)
-    if not 1 <= k <= int(total):
-        raise ValueError(f"k={k}: must lie in 1..{int(total)} (the number of items)")
-    return merge_topk(list(zip(all_scores, all_ids)), k)
 
 
 def sample_negatives(num_items: int, interacted: Sequence[np.ndarray], users: np.ndarray, n: int,
@@ -296,7 +229,7 @@ def sampled_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, nega
     """0-based rank of each target among itself and its user's sampled negatives.
 
     Counted like :func:`target_ranks` (higher score, or equal score and smaller id), with the
-    same float64-then-float32 scores, so a candidate set holding every item gives the same ranks.
+    same exact scores, so a candidate set holding every item gives the same ranks.
 
     Args:
         user_states: ``[U, d]``.
@@ -311,11 +244,12 @@ def sampled_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, nega
     if negatives.dim() != 2 or negatives.shape[0] != num_users:
         raise ValueError(f"negatives: expected [{num_users}, S], got {list(negatives.shape)}")
     device = item_table.device
-    users = _prepare(user_states.to(device), similarity)
+    users = exact_rows(user_states.to(device), similarity)
     targets, negatives = targets.to(device), negatives.to(device)
-    target_scores = (users * _prepare(item_table[targets], similarity)).sum(dim=1).float().unsqueeze(1)
-    neg = _prepare(item_table[negatives.reshape(-1)], similarity).view(*negatives.shape, -1)
-    neg_scores = torch.einsum("ud,usd->us", users, neg).float()
+    target_scores = _row_scores(users, exact_rows(item_table[targets], similarity)).unsqueeze(1)
+    q, scale = exact_rows(item_table[negatives.reshape(-1)], similarity)
+    neg_scores = (torch.einsum("ud,usd->us", users[0], q.view(*negatives.shape, -1))
+                  * users[1].unsqueeze(1) * scale.view(negatives.shape)).float()
     ahead = (neg_scores > target_scores) | ((neg_scores == target_scores) & (negatives < targets.unsqueeze(1)))
     return ahead.sum(dim=1)
 
@@ -364,32 +298,6 @@ def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str,
     return out
 
 
-def grouped_metrics(ranks: Tensor, targets: Tensor, is_head: Tensor,
-                    ks: Sequence[int] = (10, 20)) -> dict[str, dict[str, float]]:
-    """:func:`metrics_from_ranks` overall and for users whose target is a head / tail item.
-
-    Args:
-        ranks: ``[U]`` 0-based ranks of the targets.
-        targets: ``[U]`` long target item ids.
-        is_head: ``[N]`` bool, the popular (head) items; the others are tail items.
-        ks: cut-offs, each ``>= 1``.
-
-    Returns:
-        ``{"overall": metrics, "head": metrics, "tail": metrics}``; a group without users has
-        ``users == 0`` and zero metrics.
-    """
-    if ranks.shape != targets.shape or ranks.dim() != 1:
-        raise ValueError(f"ranks {list(ranks.shape)} and targets {list(targets.shape)}: "
-                         "expected two 1-D tensors of the same length")
-    if is_head.dtype != torch.bool or is_head.dim() != 1:
-        raise ValueError(f"is_head: expected a 1-D bool tensor over items, got {is_head.dtype} "
-                         f"of shape {list(is_head.shape)}")
-    head = is_head.to(targets.device)[targets].to(ranks.device)
-    return {"overall": metrics_from_ranks(ranks, ks),
-            "head": metrics_from_ranks(ranks[head], ks),
-            "tail": metrics_from_ranks(ranks[~head], ks)}
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def _check_inputs(user_states: Tensor, item_table: Tensor, item_chunk: int) -> tuple[int, int]:
@@ -408,26 +316,66 @@ def _check_inputs(user_states: Tensor, item_table: Tensor, item_chunk: int) -> t
     return user_states.shape[0], item_table.shape[0]
 
 
-def _prepare(x: Tensor, similarity: Similarity, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``[R, d]`` -> ``dtype`` (float64 unless a fast path asks otherwise), L2-normalised rows for cosine."""
-    x = x.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    if similarity == "cosine":
-        x = F.normalize(x, dim=1)
-    elif similarity != "dot":
+def exact_rows(rows: Tensor, similarity: Similarity) -> tuple[Tensor, Tensor]:
+    """Rows in the fixed-point form that makes scores exact (see the module notes).
+
+    Args:
+        rows: ``[R, d]`` float.
+        similarity: ``"dot"``, or ``"cosine"`` (rows L2-normalised first).
+
+    Returns:
+        ``(q, scale)``: ``q`` ``[R, d]`` float64 holding integers of magnitude ``<= 2**b``, and
+        ``scale`` ``[R]`` float64 powers of two, so that row ``r`` is about ``q[r] * scale[r]``.
+        ``b = (52 - ceil(log2 d)) // 2`` keeps every dot product of two such rows below 2**53.
+    """
+    if similarity not in ("dot", "cosine"):
         raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
-    return x.to(dtype)
+    x = rows.to(torch.float64)
+    if similarity == "cosine":
+        # one column at a time: the same additions in the same order for a row in any batch
+        squares = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for column in x.unbind(dim=1):
+            squares += column * column
+        x = x / squares.sqrt().clamp_min(1e-12).unsqueeze(1)
+    bits = (52 - math.ceil(math.log2(max(x.shape[1], 1)))) // 2
+    exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True)).exponent.to(torch.int64)  # max|x| <= 2**exponent
+    # 2**(exponent - bits) built from its IEEE bits: exact on every device
+    scale = (((exponent - bits).clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
+    return torch.round(x / scale), scale.squeeze(1)
 
 
-def _chunk_scores(users: Tensor, item_table: Tensor, similarity: Similarity,
+def exact_scores(users: tuple[Tensor, Tensor], items: tuple[Tensor, Tensor]) -> Tensor:
+    """``[U, C]`` float32 scores of :func:`exact_rows` users against :func:`exact_rows` items."""
+    return ((users[0] @ items[0].T) * users[1].unsqueeze(1) * items[1].unsqueeze(0)).float()
+
+
+def _row_scores(users: tuple[Tensor, Tensor], items: tuple[Tensor, Tensor]) -> Tensor:
+    """``[U]`` float32 scores of user ``u`` against item row ``u`` (equal to :func:`exact_scores`'s)."""
+    return ((users[0] * items[0]).sum(dim=1) * users[1] * items[1]).float()
+
+
+def _fast_rows(x: Tensor, similarity: Similarity, dtype: torch.dtype) -> Tensor:
+    """``[R, d]`` rows in a fast serving precision (e.g. bfloat16), L2-normalised for cosine."""
+    if similarity not in ("dot", "cosine"):
+        raise ValueError(f"similarity={similarity!r}: expected 'dot' or 'cosine'")
+    x = x.float()
+    return (F.normalize(x, dim=1) if similarity == "cosine" else x).to(dtype)
+
+
+def _chunk_scores(users: tuple[Tensor, Tensor] | Tensor, item_table: Tensor, similarity: Similarity,
                   item_chunk: int, check: bool = True) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, end, scores)`` with ``scores`` ``[U, end - start]`` float32 per item chunk."""
+    """Yield ``(start, end, scores)`` with ``scores`` ``[U, end - start]`` float32 per item chunk:
+    exact for :func:`exact_rows` users, in the users' dtype for fast-path users."""
     for start in range(0, item_table.shape[0], item_chunk):
         end = min(start + item_chunk, item_table.shape[0])
         chunk = item_table[start:end]
         # non-finite item scores would break both the counting and the top-k selection silently
         if check and not torch.isfinite(chunk).all():
             raise ValueError(f"item_table rows {start}..{end - 1}: contain NaN or infinite values")
-        yield start, end, (users @ _prepare(chunk, similarity, users.dtype).T).float()
+        if isinstance(users, tuple):
+            yield start, end, exact_scores(users, exact_rows(chunk, similarity))
+        else:
+            yield start, end, (users @ _fast_rows(chunk, similarity, users.dtype).T).float()
 
 
 def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: int, device: torch.device,

@@ -250,7 +250,6 @@ def _self_check(scripted: torch.jit.ScriptModule, encoder: nn.Module, table: tor
     """Largest |score difference| over all items between the exported path (scripted encoder on
     exported input rows, dot with exported vectors) and the library path, on fixed histories of
     length 1 .. max_len + 2."""
-    from ..evaluate.metrics import _prepare
     from ..model.sasrec import user_states_from_table
 
     N, L = table.shape[0], cfg.model.max_len
@@ -266,8 +265,10 @@ def _self_check(scripted: torch.jit.ScriptModule, encoder: nn.Module, table: tor
         x[i, L + 2 - len(h):] = inputs[h]
         valid[i, L + 2 - len(h):] = True
     with torch.no_grad():
-        library = _prepare(user_states_from_table(encoder, table, seqs), cfg.model.similarity) \
-            @ _prepare(table, cfg.model.similarity).T
+        states, rows = user_states_from_table(encoder, table, seqs).double(), table.double()
+        if cfg.model.similarity == "cosine":
+            states, rows = F.normalize(states, dim=1), F.normalize(rows, dim=1)
+        library = states @ rows.T
         exported = scripted(x, valid).double() @ vectors.double().T
     return float((library - exported).abs().max())
 
