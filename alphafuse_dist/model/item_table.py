@@ -58,7 +58,7 @@ def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Ten
 
     # one "sample" holding all ids: EmbeddingCollection returns one row per id, in order
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=[feature], values=ids, lengths=torch.tensor([ids.numel()], dtype=torch.int32))
+        keys=[feature], values=ids, lengths=torch.tensor([ids.numel()], dtype=torch.int32, device=ids.device))
     return ec(kjt)[feature].values()
 
 
