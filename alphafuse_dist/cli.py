@@ -24,6 +24,15 @@ from .config import METHODS, load_config, preset_names
 from .errors import AlphaFuseError
 
 
+def _byte_size(text: str) -> int:
+    """``"500M"`` -> 524288000: bytes, or a count with a K/M/G/T (binary) suffix."""
+    units = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+    number, unit = text[:-1] if text[-1:].isalpha() else text, text[-1:].upper() if text[-1:].isalpha() else ""
+    if unit not in units or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: expected bytes or a number with K, M, G or T")
+    return int(number) << units[unit]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphafuse", description="Distributed AlphaFuse training (Ray + TorchRec).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("url")
     d.add_argument("--sha256", required=True, help="the expected sha256 digest (64 hex digits)")
     d.add_argument("--to", required=True, help="destination file (the download goes to <file>.partial first)")
+    d.add_argument("--max-size", type=_byte_size, default=None, metavar="SIZE",
+                   help="refuse a larger download, e.g. 500M or 2G (default 64G)")
     from .serve import add_export_arguments, add_recommend_arguments
 
     add_export_arguments(sub.add_parser("export", help="export a trained model for serving: item vectors, "
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             from .data.download import download
 
             # the progress line redraws itself with '\r': only a terminal shows that as intended
-            print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty()))
+            limit = {} if args.max_size is None else {"max_bytes": args.max_size}
+            print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty(), **limit))
         elif args.command == "quickstart":
             _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None,
                      title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")

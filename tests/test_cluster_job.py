@@ -122,3 +122,20 @@ def test_pipeline_job_writes_finite_metrics(local_cluster, tmp_path: Path):
         assert math.isfinite(overall[key]) and 0.0 <= overall[key] <= 1.0, (key, overall[key])
     assert overall["NDCG@10"] <= overall["HR@10"]
     assert overall["users"] > 0
+
+
+def test_shipped_dashboards_are_loopback_or_token_protected():
+    """The Jobs API runs code: every shipped cluster config binds the dashboard to loopback or
+    turns Ray's token authentication on."""
+    import pathlib
+    import re
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "cluster" / "retrain-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+    assert host == "127.0.0.1" or spec.get("authOptions", {}).get("mode") == "token"
+    for script in [*root.glob("cluster/*.sh"), *root.glob("cluster/*.py"), *root.glob("jobs/*"), root / "cluster" / "README.md"]:
+        for value in re.findall(r"dashboard[-_]host[=\s\"']+([\w.:]+)", script.read_text()):
+            assert value == "127.0.0.1", f"{script.name}: dashboard host {value}"

@@ -160,3 +160,78 @@ def test_cli_download(server, tmp_path, capsys):
     assert err.startswith(f"alphafuse: error: file {dest}: checksum mismatch for {url}") and err.count("\n") == 1
     assert main(["download", url, "--sha256", DIGEST, "--to", str(dest)]) == 0
     assert capsys.readouterr().out == f"{dest}\n" and dest.read_bytes() == PAYLOAD
+
+
+class Redirect(BaseHTTPRequestHandler):
+    """Answers every GET with a 302 to the address in ``server.target``."""
+
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.server.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x.csv", "http://example.org/x.csv",
+                                 "gopher://127.0.0.1/x"])
+def test_only_https_or_loopback_http_is_fetched(url, tmp_path):
+    with pytest.raises(DataError, match=r"only https:// addresses are downloaded .*give a local file as a plain path$"):
+        download(url, tmp_path / "x", DIGEST, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redirect_away_from_https_is_refused(tmp_path):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    httpd.target = "file:///etc/passwd"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/x"
+    try:
+        for target in ("file:///etc/passwd", "http://example.org/x"):
+            httpd.target = target
+            # urllib itself refuses file: targets; ours refuses http to a non-loopback host
+            with pytest.raises(DataError, match=rf"(?i)redirect\w* to (url )?{re.escape(repr(target))}"):
+                download(url, tmp_path / "x", DIGEST, progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_cap_by_announced_length_and_by_bytes(server, tmp_path):
+    url, state = server
+    with pytest.raises(DataError, match=re.escape(f"{url}: {len(PAYLOAD)} bytes, over the limit of 1000 (--max-size)")):
+        download(url, tmp_path / "file.bin", DIGEST, progress=False, max_bytes=1000)
+    assert list(tmp_path.iterdir()) == []
+    # a resumed download counts what is already on disk
+    (tmp_path / "file.bin.partial").write_bytes(PAYLOAD[:CUT])
+    with pytest.raises(DataError, match=r"over the limit of 2000000 \(--max-size\)$"):
+        download(url, tmp_path / "file.bin", DIGEST, progress=False, max_bytes=2_000_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_file_is_copied_and_verified(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(PAYLOAD)
+    dest = tmp_path / "out" / "file.bin"
+    assert download(str(source), dest, DIGEST) == dest and dest.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
+    with pytest.raises(DataError, match=r"checksum mismatch"):
+        download(str(source), tmp_path / "other.bin", "0" * 64)
+    assert not (tmp_path / "other.bin").exists() and not (tmp_path / "other.bin.partial").exists()
+    with pytest.raises(DataError, match=r"no such file \(a source is an https:// address or a local file's path\)$"):
+        download(str(tmp_path / "absent.bin"), tmp_path / "x", DIGEST)
+
+
+def test_cli_max_size(server, tmp_path, capsys):
+    url, _ = server
+    assert main(["download", url, "--sha256", DIGEST, "--to", str(tmp_path / "f"), "--max-size", "1M"]) == 2
+    assert capsys.readouterr().err == (f"alphafuse: error: {url}: {len(PAYLOAD)} bytes, over the limit of "
+                                       f"{1 << 20} (--max-size)\n")
+    with pytest.raises(SystemExit):
+        main(["download", url, "--sha256", DIGEST, "--to", str(tmp_path / "f"), "--max-size", "lots"])
+    assert "'lots' is not a size" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Shapes: ``d_l`` language-model dimension, ``d`` model width (``model.dim``), ``d_n`` null dims
 (``decompose.null_dims``), ``d_s = d - d_n`` semantic (row-space) dims. With C = U S U^T
-(S descending), METHOD.md section 2 defines
+(S descending), docs/method.md section 2 defines
 
     P = U[:, :d] diag(S[:d])^-1/2   (whiten)      or      P = U[:, :d]   (no whitening)
     E_lang = (s E - mu) P           float32 [N, d]

@@ -17,7 +17,7 @@ of Chan, Golub and LeVeque.) Then
 
     C = scatter / (W - 1)        (W = sum of weights)
 
-which is ``np.cov(E, rowvar=False)`` without weights (unbiased N-1 form, METHOD.md section 2).
+which is ``np.cov(E, rowvar=False)`` without weights (unbiased N-1 form, docs/method.md section 2).
 
 Why one task per node and not one per piece (until 2026-11-27): 16 worker processes each paid a
 Ray worker's first task and sent a partial through the object store; one process with 16

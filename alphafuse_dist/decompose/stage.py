@@ -1,6 +1,6 @@
 """The decompose stage: embed/part-*.parquet -> basis, frozen semantic table, spectrum.
 
-Data flow (METHOD.md section 2, steps 1-6)::
+Data flow (docs/method.md section 2, steps 1-6)::
 
     embed/part-*.parquet (item_idx, vector[d_l])
       -> method "exact": distributed_covariance (one Ray task per node, one thread per CPU
@@ -19,7 +19,7 @@ Data flow (METHOD.md section 2, steps 1-6)::
       -> decompose/spectrum.json + spectrum.png
 
 With ``weighted_mean`` the centre is the popularity-weighted mean mu_w and C is the unweighted
-scatter about it, sum_i (x_i - mu_w)(x_i - mu_w)^T / (N - 1) (METHOD.md section 2, steps 1-2).
+scatter about it, sum_i (x_i - mu_w)(x_i - mu_w)^T / (N - 1) (docs/method.md section 2, steps 1-2).
 
 Example::
 

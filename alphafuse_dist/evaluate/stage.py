@@ -4,7 +4,7 @@ Reads a trained model (``model.safetensors``: the fused item table and the encod
 ``test.parquet``; writes ``metrics.json`` with HR / NDCG / MRR at each k, overall and per group:
 head / tail target items, head / tail users (history length), never-seen target items.
 
-Protocols (METHOD.md section 4): ``full`` ranks the target among all N items (chunked, exact,
+Protocols (docs/method.md section 4): ``full`` ranks the target among all N items (chunked, exact,
 deterministic ties; the paper's cold-start-user table and the public baselines' leave-one-out);
 ``sampled`` ranks it among ``eval.sampled_negatives`` items the user never interacted with
 (LLM-ESR's long-tail protocol). The history is not masked unless ``eval.exclude_history``.

@@ -1,4 +1,4 @@
-"""The paper's baselines behind the one ``method`` switch (METHOD.md section 5), same encoder.
+"""The paper's baselines behind the one ``method`` switch (docs/method.md section 5), same encoder.
 
 Each method is an item module with the interface of
 :class:`~alphafuse_dist.model.item_table.FusedItemTable` (``forward(ids [M]) -> [M, d]``,

@@ -86,7 +86,7 @@ def user_states_from_table(encoder: nn.Module, table: torch.Tensor, seqs: torch.
 
 
 class SequentialRecommender(nn.Module):
-    """Item table + sequence encoder, tied input/output item vectors (METHOD.md section 2, step 9).
+    """Item table + sequence encoder, tied input/output item vectors (docs/method.md section 2, step 9).
 
     ``similarity`` "cosine" L2-normalises user states and item vectors and divides by the
     temperature; it is used in training AND evaluation, so the ranking optimised is the ranking

@@ -13,7 +13,7 @@ What is saved, every worker writing only the shards it holds:
 Rank 0 also writes the best model so far (``model.safetensors``) and the history (``history.json``)
 beside the DCP files, so a resumed run still returns the best model. Loading is in place into the
 live tensors, so a checkpoint written by N workers loads into M workers with any row-wise or
-table-wise plan (DCP reshards); column-wise optimiser state does not reshard (STACK notes).
+table-wise plan (DCP reshards); column-wise optimiser state does not reshard (TorchRec 1.8).
 """
 from __future__ import annotations
 

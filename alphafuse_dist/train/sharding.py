@@ -62,7 +62,7 @@ def check_sharding(kind: str, device: torch.device) -> None:
         raise ConfigError(f"train.sharding={kind!r}: expected one of {', '.join(SHARDINGS)}")
     if kind == "data_parallel" and device.type == "cpu":
         raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel (dense) kernel corrupts the heap "
-                          "with fbgemm-gpu-cpu 1.8 (STACK notes); on CPU use row_wise, table_wise, column_wise "
+                          "with fbgemm-gpu-cpu 1.8; on CPU use row_wise, table_wise, column_wise "
                           "or planner (which is limited to those)")
 
 
