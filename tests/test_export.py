@@ -8,6 +8,7 @@ training and run in seconds."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -323,3 +324,37 @@ def test_cli_helpers(run, tmp_path, capsys):
     assert "'zz9'" in capsys.readouterr().err
     assert cli.main(["export", "--run", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):
+    """The model card's sha256 of each file is checked before reading it (torch.jit.load runs code),
+    and file names in the card must stay inside the export folder."""
+    import shutil
+
+    from alphafuse_dist.serve.recommend import Recommender
+
+    run_dir, _, _ = run
+    folder = tmp_path / "export"
+    shutil.copytree(export_run(run_dir, "alphafuse", 1, log=_quiet), folder)
+    assert Recommender(folder).num_candidates > 0
+    card_path = folder / "model_card.json"
+    card = json.loads(card_path.read_text())
+
+    encoder = folder / "user_encoder.pt"
+    original = encoder.read_bytes()
+    encoder.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(DataError) as e:
+        Recommender(folder)
+    assert str(e.value) == (f"file {encoder}: sha256 differs from the model card's: the export was altered or "
+                            "damaged; export again")
+    encoder.write_bytes(original)
+
+    for name, message in (("../../etc/passwd", "is not a plain file name inside the export"),
+                          ("notes.txt", "is not listed under 'files' with its sha256")):
+        altered = json.loads(json.dumps(card))
+        altered["serving"]["encoder_file"] = name
+        card_path.write_text(json.dumps(altered))
+        with pytest.raises(DataError, match=re.escape(message)):
+            Recommender(folder)
+    card_path.write_text(json.dumps(card))
+    assert Recommender(folder).num_candidates > 0

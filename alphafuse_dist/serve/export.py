@@ -344,7 +344,7 @@ def _metrics(run_dir: Path, method: str, seed: int) -> dict | None:
                                   "similarity", "items", "groups", "metrics")}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -419,7 +419,7 @@ def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, s
         },
         "config": cfg.to_dict(),
     }
-    card["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    card["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                      for p in sorted(tmp.iterdir()) if p.is_file()}
     _write_model_card(tmp, card)
     log(f"[export] {method} seed {seed}: {len(servable_rows)} items ({len(retired_rows)} retired left out), "

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..stages import read_manifest
-from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run
+from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, file_sha256, export_run
 
 Log = Callable[[str], None]
 
@@ -39,6 +39,25 @@ def _vectors(table: pa.Table, column: str, path: Path) -> torch.Tensor:
     d = col.type.list_size
     flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return torch.from_numpy(flat.reshape(len(col), d).copy())
+
+
+def _verified_file(folder: Path, card: dict, name: str) -> Path:
+    """``folder / name`` after checking that ``name`` is a plain file name listed in the model card
+    and that the file's sha256 is the card's: nothing outside the export and nothing altered is
+    read (``torch.jit.load`` runs code)."""
+    card_path = folder / CARD_JSON
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise DataError(f"file name {name!r} is not a plain file name inside the export", file=card_path)
+    path = folder / name
+    expected = (card.get("files") or {}).get(name, {}).get("sha256")
+    if expected is None:
+        raise DataError(f"{name} is not listed under 'files' with its sha256", file=card_path)
+    if not path.is_file() or path.is_symlink():
+        raise DataError("missing: the export is incomplete", file=path)
+    if file_sha256(path) != expected:
+        raise DataError(f"sha256 differs from the model card's: the export was altered or damaged; export again",
+                        file=path)
+    return path
 
 
 class Recommender:
@@ -61,9 +80,7 @@ class Recommender:
         input_column = serving.get("history_input_column", "vector")
         parts = []
         for name in (serving.get("items_file", ITEMS_FILE), serving.get("retired_items_file", RETIRED_FILE)):
-            path = self.dir / name
-            if not path.is_file():
-                raise DataError("missing: the export is incomplete", file=path)
+            path = _verified_file(self.dir, self.card, name)
             parts.append((path, pq.read_table(path)))
         (items_path, items), (retired_path, retired) = parts
         for path, table in parts:
@@ -84,7 +101,8 @@ class Recommender:
         lookup_ids = self.item_ids + retired.column("item_id").to_pylist()
         self.row_of = {item_id: row for row, item_id in enumerate(lookup_ids)}
         self.num_candidates = len(self.item_ids)
-        self.encoder = torch.jit.load(str(self.dir / serving.get("encoder_file", ENCODER_FILE))).eval()
+        encoder_path = _verified_file(self.dir, self.card, serving.get("encoder_file", ENCODER_FILE))
+        self.encoder = torch.jit.load(str(encoder_path)).eval()
 
     def rows(self, history: Sequence[str]) -> list[int]:
         """Lookup rows of a history's item ids; an error naming every unknown id."""
