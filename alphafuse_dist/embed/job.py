@@ -5,8 +5,10 @@ Data flow::
     prepare/items.parquet (item_idx:int32, text:string), N rows
       -> sha256(text) looked up in the embedding cache (cache.py): cached rows are copied to
          embed/part-cached-*.parquet, only the other texts go on
-      -> sorted by text length, cut into blocks of ~embed.batch_size rows
-      -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node or GPU), model loaded once per actor
+      -> sorted by length (CPU: characters; CUDA: tokens), cut into blocks of embed.batch_size
+         rows (CUDA: embed.gpu_batch_size), one encode call each
+      -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node, or
+         embed.actors_per_gpu per GPU), model loaded once per actor (fp16 on CUDA)
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file (at least that many, but the last) in row groups of
          ROW_GROUP_ROWS, rows in any order; both columns and the list's elements are required
@@ -14,7 +16,7 @@ Data flow::
       -> the new vectors are added to the cache as one new file
       -> embed/info.json
 
-Each actor reserves exactly 1 CPU (plus 1 GPU on CUDA): an actor that reserves 2 CPUs on a
+Each actor reserves exactly 1 CPU (plus 1 / embed.actors_per_gpu of a GPU on CUDA): an actor that reserves 2 CPUs on a
 2-CPU node leaves nothing for Ray Data's read and write tasks and the job hangs without an error.
 Ray must already be initialised by the caller (the pipeline's ``ensure_ray``).
 
@@ -41,7 +43,7 @@ from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
 from ..stages import atomic_write_json
 from .cache import EmbeddingCache, cache_namespace, text_keys
-from .encoder import load_encoder, resolve_model
+from .encoder import load_encoder, resolve_model, token_counts
 
 INDEX_COLUMN = "item_idx"
 TEXT_COLUMN = "text"
@@ -59,11 +61,15 @@ class _EncodeBatches:
 
     def __init__(self, model: str, device: str, max_seq_length: int | None, normalize: bool,
                  threads: int | None, actors_per_node: int):
+        # Ray sets OMP_NUM_THREADS=1 from the 1-CPU reservation, but the encoder is the only heavy
+        # work on the node (reads and writes are light): by default the actors share its cores.
+        # The Rust tokenizer's thread pool (read when it first runs) gets the same share: on CUDA
+        # the actors of a node tokenize side by side while the GPU runs the others' batches.
+        share = threads or max(1, len(os.sched_getaffinity(0)) // actors_per_node)
+        os.environ.setdefault("RAYON_NUM_THREADS", str(share))
         import torch
 
-        # Ray sets OMP_NUM_THREADS=1 from the 1-CPU reservation, but the encoder is the only heavy
-        # work on the node (reads and writes are light): by default the actors share its cores
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // actors_per_node))
+        torch.set_num_threads(share)
         self.encoder = load_encoder(model, device=device, max_seq_length=max_seq_length)
         if device == "cuda":
             # inference only: fp16 halves memory traffic; outputs are cast back to float32
@@ -88,31 +94,39 @@ class _PartFilenames(FilenameProvider):
 def actor_pool(cfg: EmbedConfig, cluster: dict, nodes: int = 1) -> tuple[str, int]:
     """``(device, actors)`` of the encoder pool, checked against the cluster's resources.
 
-    ``embed.num_actors`` unset sizes the pool to the cluster: one actor per GPU when GPUs are used,
-    otherwise one actor per node (each then runs torch on all of its node's cores: one model
-    instance per node encodes faster than several that split the cores), never so many that no
-    CPU is left for Ray Data's read and write tasks.
+    On CUDA each actor reserves ``1 / embed.actors_per_gpu`` of a GPU, so that several actors
+    share one: an actor alternates between tokenizing on its CPU and running the model on the
+    GPU, and the GPU idles unless other actors' batches fill those gaps.
+
+    ``embed.num_actors`` unset sizes the pool to the cluster: ``embed.actors_per_gpu`` actors per
+    GPU when GPUs are used (at most CPUs - 1), otherwise one actor per node (each then runs torch
+    on all of its node's cores: one model instance per node encodes faster than several that split
+    the cores), never so many that no CPU is left for Ray Data's read and write tasks.
 
     Args:
         cluster: ``ray.cluster_resources()``.
         nodes: alive nodes with CPUs.
     """
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= max(cfg.num_actors or 1, 1))
+    if cfg.actors_per_gpu < 1:
+        raise ConfigError(f"embed.actors_per_gpu={cfg.actors_per_gpu}: must be >= 1")
+    slots = int(gpus) * cfg.actors_per_gpu  # GPU actors the cluster holds
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= 1 and slots >= max(cfg.num_actors or 1, 1))
     if cfg.num_actors is None:
-        actors = int(gpus) if use_gpu else max(1, min(nodes, int(cpus) - 1))
+        actors = max(1, min(slots, int(cpus) - 1)) if use_gpu else max(1, min(nodes, int(cpus) - 1))
     else:
         actors = cfg.num_actors
-    if cfg.device == "cuda" and gpus < max(actors, 1):
+    if cfg.device == "cuda" and (gpus < 1 or slots < max(actors, 1)):
         raise ConfigError(f"embed.device=cuda: the Ray cluster has {gpus:g} GPUs, embed.num_actors="
-                          f"{max(actors, 1)} actors need one each (or set embed.device=auto/cpu)")
+                          f"{max(actors, 1)} actors need {-(-max(actors, 1) // cfg.actors_per_gpu)} at "
+                          f"embed.actors_per_gpu={cfg.actors_per_gpu} (or set embed.device=auto/cpu)")
     if actors < 1:
         raise ConfigError(f"embed.num_actors={cfg.num_actors}: must be >= 1")
     if actors >= cpus:
         raise ConfigError(f"embed.num_actors={actors}: the Ray cluster has {cpus:g} CPUs and each "
                           "actor holds one for the whole job, which would leave none for the read and "
                           f"write tasks (the job would hang); use at most {max(int(cpus) - 1, 1)}")
-    return ("cuda" if use_gpu and gpus >= actors else "cpu"), actors
+    return ("cuda" if use_gpu else "cpu"), actors
 
 
 def _check_items(items_parquet: Path) -> int:
@@ -230,7 +244,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     if any(out_dir.glob(PART_GLOB)):
         raise DataError(f"already holds {PART_GLOB} files; the embed stage writes into an empty folder",
                         file=out_dir)
-    for key, value in (("embed.batch_size", cfg.batch_size), ("embed.rows_per_file", cfg.rows_per_file),
+    for key, value in (("embed.batch_size", cfg.batch_size), ("embed.gpu_batch_size", cfg.gpu_batch_size),
+                       ("embed.rows_per_file", cfg.rows_per_file),
                        ("embed.threads_per_actor", cfg.threads_per_actor),
                        ("embed.max_seq_length", cfg.max_seq_length)):
         if value is not None and value < 1:
@@ -253,28 +268,40 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
         cache = EmbeddingCache(cache_dir, namespace)
     hit = cache.contains(keys) if cache else np.zeros(num_items, dtype=bool)
     num_cached = int(hit.sum())
+    on = f"cuda ({cfg.actors_per_gpu} per GPU, fp16, batches of {cfg.gpu_batch_size})" if device == "cuda" else device
     print(f"[embed] {num_items} items ({num_cached} cached), model {cfg.model} ({model_path}), "
-          f"{num_actors} actor(s) on {device}", flush=True)
+          f"{num_actors} actor(s) on {on}", flush=True)
     if num_cached:
         _write_cached_parts(out_dir, cache, keys[hit], item_idx[hit], cfg.rows_per_file)
 
     todo = items.filter(pa.array(~hit))
     # Texts of similar length share a batch, as SentenceTransformer.encode arranges within one
     # call: a batch is padded to its longest text, so mixed lengths waste most of the compute.
-    todo = todo.take(pa.array(np.argsort(pc.utf8_length(todo.column(TEXT_COLUMN)).to_numpy(), kind="stable")))
+    # On CPU the character count orders them; on CUDA the tokenizer's own count (computed here
+    # on all the driver's cores, ~1-3 s per million titles), so each GPU batch holds texts of
+    # (nearly) one token length and pads almost nothing; characters break ties.
+    chars = pc.utf8_length(todo.column(TEXT_COLUMN)).to_numpy()
+    if device == "cuda" and len(todo):
+        tokens = token_counts(model_path, todo.column(TEXT_COLUMN).to_pylist())
+        order = np.lexsort((chars, tokens))
+    else:
+        order = np.argsort(chars, kind="stable")
+    todo = todo.take(pa.array(order))
+    batch_size = cfg.gpu_batch_size if device == "cuda" else cfg.batch_size
     if len(todo):
-        # Blocks of embed.batch_size rows cut here (zero-copy slices): one block would give a
-        # single actor every item, and Ray Data's repartition task (one task over all rows) took
-        # ~15 s for 20,000 texts in a benchmark here, while the actors waited for its output.
-        blocks = [todo.slice(s, cfg.batch_size) for s in range(0, len(todo), cfg.batch_size)]
+        # Blocks of one batch each, cut here (zero-copy slices): one block would give a single
+        # actor every item, and Ray Data's repartition task (one task over all rows) took ~15 s
+        # for 20,000 texts in a benchmark here, while the actors waited for its output.
+        blocks = [todo.slice(s, batch_size) for s in range(0, len(todo), batch_size)]
         ds = (ray.data.from_arrow(blocks)
-              .map_batches(batch_encoder, batch_format="pyarrow", batch_size=cfg.batch_size,
+              .map_batches(batch_encoder, batch_format="pyarrow", batch_size=batch_size,
                            fn_constructor_kwargs={"model": cfg.model, "device": device,
                                                   "max_seq_length": cfg.max_seq_length,
                                                   "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
                                                   "actors_per_node": -(-num_actors // max(nodes, 1))},
                            compute=ray.data.ActorPoolStrategy(size=num_actors),
-                           num_cpus=1, num_gpus=1 if device == "cuda" else 0))
+                           # several actors share a GPU (embed.actors_per_gpu); see actor_pool
+                           num_cpus=1, num_gpus=1 / cfg.actors_per_gpu if device == "cuda" else 0))
         ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
                          # no max_rows_per_file: with min == max Ray Data makes each file one row group
                          min_rows_per_file=cfg.rows_per_file, **PARQUET_OPTIONS)
@@ -297,6 +324,9 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     atomic_write_json(out_dir / "info.json", {
         "encoder": cfg.model, "path": model_path, "d_l": dim, "normalize": cfg.normalize,
         "max_seq_length": cfg.max_seq_length, "device": device, "num_actors": num_actors,
+        "precision": "fp16" if device == "cuda" else "fp32", "batch_size": batch_size,
+        "actors_per_gpu": cfg.actors_per_gpu if device == "cuda" else None,
+        "sorted_by": "tokens" if device == "cuda" else "characters",
         "threads_per_actor": cfg.threads_per_actor or "node cores // actors per node",
         "items": num_items, "encoded": num_encoded, "cached": num_cached,
         "cache": str(cache.folder) if cache else None,
