@@ -8,6 +8,8 @@ Protocols (docs/method.md section 4): ``full`` ranks the target among all N item
 deterministic ties; the paper's cold-start-user table and the public baselines' leave-one-out);
 ``sampled`` ranks it among ``eval.sampled_negatives`` items the user never interacted with
 (LLM-ESR's long-tail protocol). The history is not masked unless ``eval.exclude_history``.
+Ranks are computed on ``eval.device`` (device.py: the users split over every GPU, or this
+process on the CPU), equal on every device for the same user states.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from ..errors import ConfigError
 from ..model.backbones import build_encoder
 from ..model.sasrec import user_states_from_table
 from ..train.data import eval_inputs
-from .metrics import metrics_by_group, sample_negatives, sampled_ranks, target_ranks
+from .device import RankJob, rank_users
+from .metrics import metrics_by_group, sample_negatives
 
 
 def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -72,7 +75,6 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
     items = pq.read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head"])
     full_hist = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
     hist_lengths = pc.list_value_length(full_hist).to_numpy(zero_copy_only=False).astype(np.int64)
-    hist_t, tgt_t = torch.as_tensor(hist), torch.as_tensor(targets)
     histories = None
     if e.exclude_history or e.protocol == "sampled":
         histories = [np.asarray(h, dtype=np.int64) for h in full_hist.to_pylist()]
@@ -84,26 +86,21 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
             negatives = torch.as_tensor(sample_negatives(N, seen, users, e.sampled_negatives, e.negative_seed))
         except ValueError as err:
             raise ConfigError(f"eval.sampled_negatives={e.sampled_negatives}: {err}") from None
-    exclude_all = [torch.as_tensor(h) for h in histories] if e.exclude_history else None
-    ranks = []
-    step = e.user_batch
-    for s in range(0, len(users), step):
-        with torch.no_grad():
-            states = user_states_from_table(encoder, table, hist_t[s:s + step])
-        if negatives is not None:
-            ranks.append(sampled_ranks(states, table, tgt_t[s:s + step], negatives[s:s + step],
-                                       similarity=cfg.model.similarity))
-        else:
-            ranks.append(target_ranks(states, table, tgt_t[s:s + step], similarity=cfg.model.similarity,
-                                      item_chunk=e.item_chunk,
-                                      exclude=exclude_all[s:s + step] if exclude_all else None))
-    ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+    # user states per batch from the encoder, ranks by the exact scores; on eval.device (see
+    # device.py: one shard of users per GPU, the ranks of the CPU path)
+    job = RankJob(targets=targets, similarity=cfg.model.similarity, user_batch=e.user_batch,
+                  item_chunk=e.item_chunk, hist=hist, encoder=encoder,
+                  exclude=histories if e.exclude_history and negatives is None else None,
+                  negatives=negatives.numpy() if negatives is not None else None)
+    ranks, placement = rank_users(job, table, e.device)
+    ranks = torch.as_tensor(ranks)
     groups, rules = _groups(cfg, items, hist_lengths, targets)
     metrics = metrics_by_group(ranks, groups, e.ks)
     return {"split": split, "method": cfg.method, "seed": cfg.seed, "items": N, "protocol": e.protocol,
             "sampled_negatives": e.sampled_negatives if e.protocol == "sampled" else None,
             "history_masked": e.exclude_history, "similarity": cfg.model.similarity, "data_split": cfg.data.split,
-            "groups": rules, "seconds": round(time.time() - t0, 2), "metrics": metrics}
+            "groups": rules, "device": placement["device"], "gpus": placement["gpus"],
+            "seconds": round(time.time() - t0, 2), "metrics": metrics}
 
 
 def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path) -> dict:

@@ -1,0 +1,313 @@
+"""Full-ranking evaluation on the CPU or on GPUs, with ranks identical on every device.
+
+Shapes: ``U`` users, ``B`` users per batch (``eval.user_batch``), ``N`` items, ``C`` items per
+chunk (``eval.item_chunk``), ``d`` width.
+
+Why a GPU gives the CPU's ranks: scores are the exact ones of :mod:`.metrics` (each row rounded to
+fixed point with a power-of-two scale by :func:`.metrics.exact_rows`, integer dot products below
+2**53). Every step is exact or correctly rounded under IEEE 754 on either device: the rounding of
+the rows (the same elementwise operations in the same order), the float64 matrix product of
+integers (exact in any summation order, so cuBLAS and a CPU BLAS give the same bits), the products
+by powers of two and the final rounding to float32. The count of items ahead of the target (a
+higher score, or an equal score and a smaller id) is then the same integer.
+
+Scales folded into the rows: when every scale of both sides lies in ``[FOLD_MIN, FOLD_MAX]``, each
+row is multiplied by its scale before the product (exact: an integer times a power of two), so
+``(q_u s_u) @ (q_i s_i)^T`` already holds ``s_u s_i (q_u . q_i)``, every partial sum an integer
+below 2**53 times a power of two that stays in float64's normal range, hence exact; this saves two
+passes over the ``[B, C]`` scores. Rows outside the range take the unfolded product of
+:func:`.metrics.exact_scores`.
+
+Where it runs (:func:`rank_users`):
+
+- ``cpu``: this process, item chunks recomputed per user batch (memory ``O(B x C)``).
+- ``cuda`` with Ray initialised: the users split into one contiguous shard per GPU of the Ray
+  cluster, one task each (``num_gpus=1``); ranks concatenated in user order.
+- ``cuda`` without Ray: one thread per local GPU (torch releases the GIL in its kernels).
+
+On a GPU the fixed-point item rows are computed once and kept there (8 bytes per value: 1 GiB
+for 1M x 128). The user states themselves come from the sequence encoder on the same device; its
+float32 kernels may differ from the CPU's in the last bits, so ranks equal the CPU's for the same
+user states.
+
+Example::
+
+    job = RankJob(targets=targets, similarity="dot", user_batch=1024, item_chunk=65_536, states=states)
+    ranks, info = rank_users(job, item_table, "auto")   # int64 [U], {"device": "cuda", "gpus": 1, ...}
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .metrics import Similarity, _pairs_by_item, _pairs_in, _row_scores, exact_rows, exact_scores, sampled_ranks
+
+# scales (powers of two) that may be folded into their rows: s_u * s_i >= 2**-1022 (normal) and
+# 2**53 * s_u * s_i < 2**1023 (no overflow) for any two of them
+FOLD_MIN, FOLD_MAX = 2.0 ** -511, 2.0 ** 460
+PROGRESS_S = 30.0  # seconds between progress lines of one shard
+
+
+def _foldable(scale: Tensor) -> bool:
+    return bool(((scale >= FOLD_MIN) & (scale <= FOLD_MAX)).all())
+
+
+class ExactItems:
+    """The item table in the exact fixed-point form, chunk by chunk, on one device.
+
+    Args:
+        item_table: ``[N, d]`` float item vectors (any device); row ``i`` is item ``i``.
+        similarity: ``"dot"`` or ``"cosine"``.
+        device: where the scores are computed.
+        item_chunk: items per chunk.
+        resident: keep every chunk's fixed-point rows on ``device`` (computed once: the GPU
+            default, ``8 N d`` bytes), or recompute each chunk for every user batch (memory
+            ``O(C d)``: the CPU default).
+    """
+
+    def __init__(self, item_table: Tensor, similarity: Similarity, device: torch.device | str, item_chunk: int,
+                 resident: bool):
+        if item_table.dim() != 2 or not item_table.is_floating_point() or item_table.shape[0] == 0:
+            raise ValueError(f"item_table: expected a non-empty 2-D float tensor, got {item_table.dtype} "
+                             f"of shape {list(item_table.shape)}")
+        if item_chunk < 1:
+            raise ValueError(f"item_chunk={item_chunk}: must be >= 1")
+        self.table, self.similarity, self.device = item_table, similarity, torch.device(device)
+        self.num_items, self.dim = item_table.shape
+        self.bounds = [(s, min(s + item_chunk, self.num_items)) for s in range(0, self.num_items, item_chunk)]
+        self._resident = [self._exact(s, e) for s, e in self.bounds] if resident else None
+
+    def _exact(self, start: int, end: int) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """``(folded, q, scale)`` of items ``start..end-1``: ``folded = q * scale`` when the scales
+        allow it (then ``q`` is None), else ``q`` (then ``folded`` is None)."""
+        chunk = self.table[start:end].to(self.device)
+        if not torch.isfinite(chunk).all():
+            raise ValueError(f"item_table rows {start}..{end - 1}: contain NaN or infinite values")
+        q, scale = exact_rows(chunk, self.similarity)
+        if _foldable(scale):
+            return q.mul_(scale.unsqueeze(1)), None, scale
+        return None, q, scale
+
+    def chunks(self) -> Iterator[tuple[int, int, Tensor | None, Tensor | None, Tensor]]:
+        """``(start, end, folded, q, scale)`` per chunk, in item order."""
+        for i, (start, end) in enumerate(self.bounds):
+            yield (start, end, *(self._resident[i] if self._resident is not None else self._exact(start, end)))
+
+    def rows(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`.metrics.exact_rows` of the given items (``[R]`` long), on the device."""
+        return exact_rows(self.table[items.to(self.table.device)].to(self.device), self.similarity)
+
+
+def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
+                       exclude: Sequence[Tensor] | None = None) -> Tensor:
+    """:func:`.metrics.target_ranks` over :class:`ExactItems`, on its device: the same ranks.
+
+    Args:
+        user_states: ``[B, d]`` float.
+        items: the item table.
+        targets: ``[B]`` long item ids.
+        exclude: ``B`` 1-D long tensors, items that do not compete for each user (see
+            :func:`.metrics.target_ranks`).
+
+    Returns:
+        ``[B]`` long ranks on the items' device.
+    """
+    num_users, device = user_states.shape[0], items.device
+    if user_states.dim() != 2 or not user_states.is_floating_point() or user_states.shape[1] != items.dim:
+        raise ValueError(f"user_states: expected a float tensor of shape [B, {items.dim}], got "
+                         f"{user_states.dtype} of shape {list(user_states.shape)}")
+    if targets.shape != (num_users,) or targets.dtype != torch.long:
+        raise ValueError(f"targets: expected a long tensor of shape [{num_users}], "
+                         f"got {targets.dtype} of shape {list(targets.shape)}")
+    if not num_users:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if not (0 <= int(targets.min()) and int(targets.max()) < items.num_items):
+        raise ValueError(f"targets: item ids must lie in 0..{items.num_items - 1}")
+    states = user_states.to(device)
+    if not torch.isfinite(states).all():
+        raise ValueError("user_states: contains NaN or infinite values")
+    targets = targets.to(device)
+    users = exact_rows(states, items.similarity)
+    target_scores = _row_scores(users, items.rows(targets)).unsqueeze(1)
+    users_folded = users[0] * users[1].unsqueeze(1) if _foldable(users[1]) else None
+    # The target never counts itself (equal score, equal id), so only listed items are blocked.
+    blocked = _pairs_by_item(exclude, num_users, items.num_items, device) if exclude is not None else None
+
+    ranks = torch.zeros(num_users, dtype=torch.long, device=device)
+    for start, end, folded, q, scale in items.chunks():
+        if users_folded is not None and folded is not None:
+            scores = (users_folded @ folded.T).float()
+        else:
+            scores = exact_scores(users, (q if q is not None else folded / scale.unsqueeze(1), scale))
+        # ties go to smaller ids: columns left of the target's own column
+        left = torch.arange(end - start, device=device) < (targets - start).unsqueeze(1)
+        ahead = (scores > target_scores) | ((scores == target_scores) & left)
+        if blocked is not None:
+            rows, cols = _pairs_in(blocked, start, end)
+            ahead[rows, cols] = False
+        ranks += ahead.sum(dim=1)
+    return ranks
+
+
+@dataclasses.dataclass
+class RankJob:
+    """What one process needs to rank a set of users (picklable: a shard travels to a Ray task).
+    The item table travels separately (:func:`rank_job`), once per process.
+
+    User states are given (``states``) or computed per batch by the sequence encoder from the
+    histories (``hist`` and ``encoder``).
+    """
+
+    targets: np.ndarray  # [U] int64 item ids
+    similarity: Similarity
+    user_batch: int
+    item_chunk: int
+    states: np.ndarray | None = None  # [U, d] float32
+    hist: np.ndarray | None = None  # [U, L] int64, left-padded with the pad id N
+    encoder: torch.nn.Module | None = None  # the sequence encoder (model.backbones), eval mode
+    exclude: list[np.ndarray] | None = None  # per user, items that do not compete (full protocol)
+    negatives: np.ndarray | None = None  # [U, S] int64: the sampled protocol's candidates
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def shard(self, lo: int, hi: int) -> "RankJob":
+        """Users ``lo..hi-1``."""
+        cut = {f.name: getattr(self, f.name)[lo:hi] for f in dataclasses.fields(self)
+               if f.name in ("targets", "states", "hist", "exclude", "negatives") and getattr(self, f.name) is not None}
+        return dataclasses.replace(self, **cut)
+
+
+def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: str = "",
+             log: Callable[[str], None] = print) -> tuple[np.ndarray, dict]:
+    """Ranks of ``job``'s users on one device, ``job.user_batch`` users at a time.
+
+    Returns:
+        ``(ranks, info)``: int64 ``[U]`` and ``{"device", "users", "seconds", "peak_gpu_bytes"}``.
+    """
+    t0 = time.time()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    if isinstance(item_table, np.ndarray):
+        with warnings.catch_warnings():  # a read-only array (Ray's object store): only read here
+            warnings.simplefilter("ignore", UserWarning)
+            item_table = torch.from_numpy(item_table)
+    table = item_table.to(dev)
+    # a copy per call: Module.to moves in place, and threads on several GPUs share the job's encoder
+    encoder = copy.deepcopy(job.encoder).to(dev).eval() if job.encoder is not None else None
+    items = None if job.negatives is not None else ExactItems(table, job.similarity, dev, job.item_chunk,
+                                                              resident=dev.type == "cuda")
+    out, last = [], time.time()
+    for s in range(0, len(job), job.user_batch):
+        e = min(s + job.user_batch, len(job))
+        targets = torch.as_tensor(job.targets[s:e], dtype=torch.long).to(dev)
+        with torch.no_grad():
+            if encoder is not None:
+                from ..model.sasrec import user_states_from_table
+
+                states = user_states_from_table(encoder, table, torch.as_tensor(job.hist[s:e]).to(dev))
+            else:
+                states = torch.as_tensor(job.states[s:e]).to(dev)
+            if job.negatives is not None:
+                ranks = sampled_ranks(states, table, targets, torch.as_tensor(job.negatives[s:e]),
+                                      similarity=job.similarity)
+            else:
+                exclude = [torch.as_tensor(x) for x in job.exclude[s:e]] if job.exclude is not None else None
+                ranks = exact_target_ranks(states, items, targets, exclude)
+        out.append(ranks)
+        if time.time() - last > PROGRESS_S:
+            last = time.time()
+            log(f"[eval]{label} {device}: {e:,} / {len(job):,} users, {e / (last - t0):,.0f} users/s")
+    ranks = torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    return ranks.astype(np.int64), {"device": device, "users": len(job), "seconds": round(time.time() - t0, 3),
+                                    "peak_gpu_bytes": peak}
+
+
+def eval_device(setting: str) -> tuple[str, int, bool]:
+    """``(device, gpus, via_ray)`` for ``eval.device``: GPUs of the Ray cluster when Ray is
+    initialised, else of this process.
+
+    Raises:
+        ConfigError: naming ``eval.device`` for an unknown value, or ``cuda`` without a GPU.
+    """
+    if setting == "cpu":
+        return "cpu", 0, False
+    if setting not in ("auto", "cuda"):
+        raise ConfigError(f"eval.device={setting!r}: expected auto, cpu or cuda")
+    import ray
+
+    if ray.is_initialized():
+        gpus, where = int(ray.cluster_resources().get("GPU", 0)), "the Ray cluster has"
+    else:
+        gpus, where = (torch.cuda.device_count() if torch.cuda.is_available() else 0), "torch sees"
+    if gpus:
+        return "cuda", gpus, ray.is_initialized()
+    if setting == "cuda":
+        raise ConfigError(f"eval.device=cuda: {where} no GPU (set eval.device=auto or cpu)")
+    return "cpu", 0, False
+
+
+def _shard_task(job: RankJob, item_table: np.ndarray, device: str, label: str) -> tuple[np.ndarray, dict]:
+    """One Ray task's shard (Ray makes its GPU ``cuda:0``)."""
+    return rank_job(job, item_table, device, label)
+
+
+def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bool,
+               log: Callable[[str], None] = print) -> tuple[np.ndarray, list[dict]]:
+    """Users split into ``len(devices)`` contiguous shards, shard ``i`` ranked on ``devices[i]``
+    (a Ray task holding one GPU per ``cuda`` entry when ``via_ray``, else a thread of this
+    process); ranks concatenated in user order."""
+    bounds = np.linspace(0, len(job), len(devices) + 1).round().astype(int)
+    shards = [(job.shard(lo, hi), dev, f" shard {i + 1}/{len(devices)}")
+              for i, (lo, hi, dev) in enumerate(zip(bounds[:-1], bounds[1:], devices))]
+    if via_ray:
+        import ray
+
+        table_ref = ray.put(item_table.cpu().numpy())
+        refs = [ray.remote(num_cpus=1, num_gpus=1 if dev.startswith("cuda") else 0)(_shard_task)
+                .remote(shard, table_ref, "cuda" if dev.startswith("cuda") else dev, label)
+                for shard, dev, label in shards]
+        results = ray.get(refs)
+    elif len(shards) == 1:
+        results = [rank_job(shards[0][0], item_table, shards[0][1], log=log)]
+    else:
+        with ThreadPoolExecutor(len(shards)) as pool:
+            futures = [pool.submit(rank_job, shard, item_table, dev, label, log) for shard, dev, label in shards]
+            results = [f.result() for f in futures]
+    ranks = np.concatenate([r for r, _ in results]) if results else np.zeros(0, dtype=np.int64)
+    return ranks, [info for _, info in results]
+
+
+def rank_users(job: RankJob, item_table: Tensor, setting: str = "auto",
+               log: Callable[[str], None] = print) -> tuple[np.ndarray, dict]:
+    """Ranks of every user of ``job`` under ``eval.device`` = ``setting`` (see the module notes).
+
+    Returns:
+        ``(ranks, info)``: int64 ``[U]`` in user order, and ``{"device", "gpus", "shards": [per
+        shard: device, users, seconds, peak_gpu_bytes], "seconds"}``.
+    """
+    t0 = time.time()
+    device, gpus, via_ray = eval_device(setting)
+    if device == "cpu":
+        ranks, info = rank_job(job, item_table, "cpu", log=log)
+        shards = [info]
+    else:
+        # at most one shard per user batch: a GPU without users would only load the table
+        used = max(1, min(gpus, -(-len(job) // job.user_batch)))
+        devices = ["cuda"] * used if via_ray else [f"cuda:{i}" for i in range(used)]
+        log(f"[eval] {len(job):,} users on {used} GPU(s){' (Ray tasks)' if via_ray else ''}")
+        ranks, shards = run_shards(job, item_table, devices, via_ray, log)
+    return ranks, {"device": device, "gpus": gpus if device == "cuda" else 0, "shards": shards,
+                   "seconds": round(time.time() - t0, 3)}
