@@ -197,6 +197,8 @@ def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: 
     t0 = time.time()
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda" (a Ray task's one GPU): the current device, by its index
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     if isinstance(item_table, np.ndarray):
