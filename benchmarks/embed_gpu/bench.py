@@ -290,7 +290,8 @@ def main() -> None:
               "total_s": round(time.time() - T0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"plain loop: {plain['items_per_s']:,.0f} items/s encoding; best stage ({best['actors_per_gpu']} per GPU): "
+    pool = f"{best['actors_per_gpu']} per GPU" if args.device == "cuda" else f"{best['num_actors']} actor"
+    print(f"plain loop: {plain['items_per_s']:,.0f} items/s encoding; best stage ({pool}): "
           f"{best['encode_items_per_s']:,.0f} items/s encoding ({best['ratio_vs_plain']}x), "
           f"{best['items_per_s']:,.0f} end to end; total {report['total_s']}s -> {args.out}", flush=True)
 
