@@ -168,3 +168,16 @@ def test_real_model_reencodes_only_changed_items(ray_session, tmp_path):
     expected = load_encoder("all-MiniLM-L6-v2").encode(second, batch_size=40)  # a from-scratch run
     assert np.abs(E2 - expected).max() < 1e-5
     assert np.abs(E2[5] - E1[5]).max() > 1e-3  # the changed text really got a new vector
+
+
+def test_cache_namespace_follows_the_precision_not_the_pool():
+    from alphafuse_dist.embed.encoder import resolve_model
+    from alphafuse_dist.embed.job import cache_settings
+
+    path = resolve_model("all-MiniLM-L6-v2")
+    cpu = cache_namespace(path, **cache_settings(EmbedConfig(), "cpu"))
+    cuda = cache_namespace(path, **cache_settings(EmbedConfig(), "cuda"))
+    assert cpu != cuda  # fp16 vectors never stand in for fp32 ones, nor the other way round
+    other_pool = EmbedConfig(batch_size=32, gpu_batch_size=4096, actors_per_gpu=2, num_actors=3)
+    assert cache_namespace(path, **cache_settings(other_pool, "cuda")) == cuda
+    assert cache_namespace(path, **cache_settings(EmbedConfig(normalize=True), "cuda")) != cuda

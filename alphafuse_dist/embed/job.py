@@ -129,6 +129,15 @@ def actor_pool(cfg: EmbedConfig, cluster: dict, nodes: int = 1) -> tuple[str, in
     return ("cuda" if use_gpu else "cpu"), actors
 
 
+def cache_settings(cfg: EmbedConfig, device: str) -> dict:
+    """The encode settings that change the vectors, hashed into the cache namespace: the
+    normalisation, the token limit and the precision (fp16 on CUDA, fp32 on CPU). Batch sizes and
+    pool sizes are left out: they change no more than the last bits, and a rerun with another
+    pool still finds its vectors."""
+    return {"normalize": cfg.normalize, "max_seq_length": cfg.max_seq_length,
+            "precision": "fp16" if device == "cuda" else "fp32"}
+
+
 def _check_items(items_parquet: Path) -> int:
     """Row count of prepare's items file, after checking the columns the job reads.
 
@@ -263,8 +272,7 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     keys = text_keys(items.column(TEXT_COLUMN).to_pylist())
     cache = None
     if cache_dir is not None:
-        namespace = cache_namespace(model_path, normalize=cfg.normalize, max_seq_length=cfg.max_seq_length,
-                                    precision="fp16" if device == "cuda" else "fp32")
+        namespace = cache_namespace(model_path, **cache_settings(cfg, device))
         cache = EmbeddingCache(cache_dir, namespace)
     hit = cache.contains(keys) if cache else np.zeros(num_items, dtype=bool)
     num_cached = int(hit.sum())
