@@ -286,8 +286,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     # Texts of similar length share a batch, as SentenceTransformer.encode arranges within one
     # call: a batch is padded to its longest text, so mixed lengths waste most of the compute.
     # On CPU the character count orders them; on CUDA the tokenizer's own count (computed here
-    # on all the driver's cores, ~1-3 s per million titles), so each GPU batch holds texts of
-    # (nearly) one token length and pads almost nothing; characters break ties.
+    # by the fast tokenizer on all the driver's cores), so each GPU batch holds texts of (nearly)
+    # one token length and pads almost nothing; characters break ties.
     chars = pc.utf8_length(todo.column(TEXT_COLUMN)).to_numpy()
     if device == "cuda" and len(todo):
         tokens = token_counts(model_path, todo.column(TEXT_COLUMN).to_pylist())
