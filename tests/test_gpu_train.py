@@ -1,0 +1,63 @@
+"""On one CUDA device, the product path (Ray Train + TorchRec) trains the function the plain-torch
+path trains: for row-wise, table-wise and data-parallel plans, the same losses, validation metrics
+and updated rows after two epochs of the embedded data (dropout off), and the semantic columns of
+the fused table stay bit-identical to the decompose stage's frozen table.
+
+Marked ``gpu``: skipped without CUDA; the runs on the GPU machine are recorded in benchmarks/million.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+COMMON = ["method=alphafuse", "train.device=cuda", "train.num_workers=1", "train.epochs=2", "model.dropout=0.0",
+          "train.patience=5"]
+
+
+def _train(run_dir: Path, *overrides: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    cmd = [sys.executable, "-m", "alphafuse_dist.cli", "run", "--config", "quickstart", f"run_dir={run_dir}",
+           *COMMON, *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    train = next(run_dir.glob("train-alphafuse-s*"))
+    return json.loads((train / "history.json").read_text()), load_file(str(train / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gpu") / "run"
+    out = {"torch": _train(run_dir, "train.backend=torch")}
+    for plan in ("row_wise", "table_wise", "data_parallel"):
+        out[plan] = _train(run_dir, "train.backend=torchrec", f"train.sharding={plan}")
+    semantic = load_file(str(run_dir / "decompose" / "semantic.safetensors"))
+    return out, next(iter(semantic.values()))
+
+
+@pytest.mark.parametrize("plan", ["row_wise", "table_wise", "data_parallel"])
+def test_torchrec_on_cuda_matches_plain_torch(runs, plan):
+    out, _ = runs
+    (h_ref, m_ref), (h, m) = out["torch"], out[plan]
+    for ref, got in zip(h_ref["epochs"], h["epochs"], strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-5)
+        assert got["val_NDCG@10"] == pytest.approx(ref["val_NDCG@10"], abs=1e-5)
+    assert m.keys() == m_ref.keys()
+    for key in m_ref:
+        assert torch.allclose(m[key], m_ref[key], atol=1e-5, rtol=0), key
+
+
+@pytest.mark.parametrize("plan", ["torch", "row_wise", "table_wise", "data_parallel"])
+def test_semantic_columns_stay_bit_identical(runs, plan):
+    out, semantic = runs
+    table = out[plan][1]["item_table"]
+    d_s = semantic.shape[1] - 64  # the quickstart's ID width
+    assert torch.equal(table[:, :d_s], semantic[:, :d_s])
