@@ -119,7 +119,6 @@ class EmbedConfig:
 class DecomposeConfig:
     """Covariance -> eigenbasis -> frozen semantic coordinates (docs/method.md section 2)."""
 
-    null_dims: int = 64  # d_n: trailing coordinates of the model width that the ID part lives in
     whiten: bool = True  # P = U[:, :d] diag(S[:d])^-1/2 ; off: P = U[:, :d]
     scale: float = 1.0  # embeddings are multiplied by this first (reference: 40; matters only without whitening)
     # "exact": covariance + eigh (d_l in the hundreds); "randomized": Halko range finder over the
@@ -127,34 +126,19 @@ class DecomposeConfig:
     method: Literal["exact", "randomized"] = "exact"
     oversample: int = 16  # randomized: extra directions in the range finder beyond model.dim
     power_iters: int = 4  # randomized: power iterations (passes over the data) sharpening the range
-    # "count": d_n = null_dims; "threshold": d = d_l and d_n = #eigenvalues <= null_threshold of the
-    # covariance of scale*E (DreamRec: scale 40, threshold 0.25); model.dim / null_dims must then match
+    # "count": d_n = model.id_dims; "threshold": d = d_l and d_n = #eigenvalues <= null_threshold of
+    # the covariance of scale*E (DreamRec: scale 40, threshold 0.25), recorded in basis.json, and
+    # model.dim / model.id_dims must then match
     null_rule: Literal["count", "threshold"] = "count"
     null_threshold: float | None = None  # threshold rule: the eigenvalue cut-off
-    weighted_mean: bool = False  # popularity-weighted mean and covariance (weights: prepare's popularity)
-    # GEMM precision of each batch's products: exact method, its centred scatter (float32: ~1e-7
-    # relative to max |C|, twice as fast, no float64 copy of the rows; float64: ~1e-15; see
-    # decompose/covariance.py); randomized method, its y (y^T Q) (decompose/rsvd.py); both, the
-    # semantic table's (scale E - mean) @ P (decompose/basis.py: NullSpaceBasis.transform); exact
-    # method with the count rule, d_l >= 1,024 and model.dim <= about d_l / 4, its eigh: float32
-    # ssyevd with the top 2 model.dim pairs refined in float64, the rest float32-accurate
-    # (covariance_eigh, mixed_precision_eigh; at d_l = 3,072: 1.4-1.6
-    # against 2.5-3.0 s on 2 cores, 0.80-0.95 against 0.92-1.06 s on 16).
-    # auto: float64 for null_rule=threshold (it whitens all d_l directions, down to the smallest
-    # eigenvalues, where float32's error is amplified by S_1 / S_k), float32 otherwise
-    precision: Literal["auto", "float32", "float64"] = "auto"
-    # CPUs (= threads) of each covariance or randomized-pass task; None: the largest node's CPUs,
-    # capped by the CPUs free when the stage starts (decompose/covariance.py: task_layout). Set it
-    # when resident actors hold CPUs on several nodes. The exact float32 covariance does not depend
-    # on it (one fixed-point gram); float64's and the randomized solver's last bits do, so it stays
-    # part of the stage's inputs.
-    task_cpus: int | None = None
+    # centre on the popularity-weighted mean (prepare's popularity); the scatter about it stays unweighted
+    weighted_mean: bool = False
     # periodic retraining (issue 7): a previous run's decompose folder whose basis is reused (its
     # mean and directions project this run's items, so old semantic coordinates and ID vectors
     # keep their meaning); drift.json reports how well it fits the current items
     reuse_basis: str | None = None
     # with reuse_basis: refit the basis when the old one explains less than this share of what the
-    # current items' own top-d directions would (retrain/drift.py: should_refit); None: never refit
+    # current items' own top-d directions would (decompose/drift.py: should_refit); None: never refit
     refit_threshold: float | None = None
 
 
@@ -163,6 +147,9 @@ class ModelConfig:
     """The sequence encoder and the fused item table."""
 
     dim: int = 128  # model width d
+    # d_n: trailing coordinates of the model width that the trainable ID part lives in (alphafuse);
+    # with decompose.null_rule=threshold it must equal the d_n the decompose stage derived
+    id_dims: int = 64
     injection: Literal["add", "cover"] = "add"  # ID part added into, or replacing, the null coordinates
     id_init: Literal["zeros", "normal"] = "zeros"  # trainable ID rows start at zero (the paper) or N(0, std^2)
     id_init_std: float = 1.0  # id_init=normal: the standard deviation
@@ -222,7 +209,7 @@ class TrainConfig:
     # part (their semantic vector alone), the encoder takes the previous weights.
     warm_start: str | None = None
     # when decompose refitted the basis: "carry" maps old ID vectors into the new null space,
-    # "reset" zeroes them (retrain/drift.py: id_vectors_after_refit)
+    # "reset" zeroes them (decompose/drift.py: id_vectors_after_refit)
     warm_start_ids: Literal["carry", "reset"] = "carry"
     # items with no training interaction (new items of a retraining period, cold catalogue items):
     # "trained" keeps their ID rows as training left them (zero at a warm start, pushed away from
@@ -291,12 +278,12 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Cross-field checks; raises ConfigError naming the key."""
         m, d, t = self.model, self.decompose, self.train
-        if not 0 < d.null_dims < m.dim:
-            raise ConfigError(f"decompose.null_dims={d.null_dims}: must be in (0, model.dim={m.dim})")
+        if not 0 < m.id_dims < m.dim:
+            raise ConfigError(f"model.id_dims={m.id_dims}: must be in (0, model.dim={m.dim})")
         if m.dim % m.num_heads:
             raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
-        if (m.dim - d.null_dims) % 4 or d.null_dims % 4:
-            raise ConfigError("model.dim and decompose.null_dims must be multiples of 4 (TorchRec table widths)")
+        if (m.dim - m.id_dims) % 4 or m.id_dims % 4:
+            raise ConfigError("model.dim and model.id_dims must be multiples of 4 (TorchRec table widths)")
         for key, value in (("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
                            ("model.max_len", m.max_len),
                            ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks),
@@ -304,8 +291,6 @@ class RunConfig:
                            ("model.unisrec_experts", m.unisrec_experts), ("train.cold_neighbours", t.cold_neighbours)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
-        if d.task_cpus is not None and d.task_cpus < 1:
-            raise ConfigError(f"decompose.task_cpus={d.task_cpus}: must be >= 1 (or unset: the largest node's CPUs)")
         for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
             if value and not self.data.id_map:
                 raise ConfigError(f"{key} needs data.id_map (the previous run's prepare folder): without stable "
@@ -440,11 +425,21 @@ def _check(key: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
+# keys that no longer exist: loading one raises a one-line ConfigError saying what to do instead
+RETIRED_KEYS = {
+    "decompose.null_dims": "renamed to model.id_dims",
+    "decompose.precision": "retired; the covariance and the semantic table are computed in float64",
+    "decompose.task_cpus": "retired; the decompose stage runs one single-CPU Ray task per piece of the fragments",
+}
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in RETIRED_KEYS:
+            raise ConfigError(f"{dotted}: {RETIRED_KEYS[dotted]}")
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})")
         current = getattr(obj, key)

@@ -203,6 +203,13 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
     semantic = language = basis = None
     if needs & {"semantic", "basis"}:
         decomposed = require_stage(run_dir, "decompose").resolve()
+        if cfg.method == "alphafuse":
+            from .decompose.basis import recorded_id_dims
+
+            derived = recorded_id_dims(decomposed)
+            if derived is not None and derived != cfg.model.id_dims:
+                raise ConfigError(f"model.id_dims={cfg.model.id_dims}: decompose.null_rule=threshold derived "
+                                  f"d_n={derived} (decompose/basis.json); set model.id_dims={derived}")
         inputs["decompose"] = stage_digest(run_dir, "decompose")
         semantic = str(decomposed / "semantic.safetensors") if "semantic" in needs else None
         basis = str(decomposed) if "basis" in needs else None

@@ -101,7 +101,7 @@ N, L, D = 30, 6, 16
 
 
 def _net(*overrides):
-    cfg = load_config(None, ["method=sasrec_id", "train.backend=torch", f"model.dim={D}", "decompose.null_dims=8",
+    cfg = load_config(None, ["method=sasrec_id", "train.backend=torch", f"model.dim={D}", "model.id_dims=8",
                              f"model.max_len={L}", "model.dropout=0.0", *overrides])
     return build_model(cfg, N, None, torch.device("cpu")).eval()
 
@@ -322,7 +322,7 @@ def one_thread():
 def _train_cfg(backbone, loss, *extra):
     return load_config(None, [
         "method=sasrec_id", "train.backend=torch", "train.num_workers=1", f"model.backbone={backbone}",
-        f"train.loss={loss}", "model.dim=32", "decompose.null_dims=16", "model.max_len=8", "model.dropout=0.0",
+        f"train.loss={loss}", "model.dim=32", "model.id_dims=16", "model.max_len=8", "model.dropout=0.0",
         "train.batch_size=32", "train.epochs=12", "train.patience=12", "train.num_negatives=16", "train.lr=0.01",
         "train.id_lr=0.1", "train.log_every=0", "eval.ks=[10]", *extra])
 
@@ -408,7 +408,7 @@ TR_B, TR_STEPS, TR_K = 8, 3, 5
 def _tr_cfg(backend, backbone, loss, negatives):
     return load_config(None, [f"train.backend={backend}", "method=alphafuse", f"model.backbone={backbone}",
                               f"train.loss={loss}", f"train.negatives={negatives}", f"model.dim={D}",
-                              "decompose.null_dims=8", "model.dropout=0.0", f"model.max_len={L}", "train.ce_chunk=7",
+                              "model.id_dims=8", "model.dropout=0.0", f"model.max_len={L}", "train.ce_chunk=7",
                               "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={TR_B}"])
 
 

@@ -108,7 +108,7 @@ def test_pipeline_job_writes_finite_metrics(local_cluster, tmp_path: Path):
             "python", "jobs/run_pipeline.py", "--config", "quickstart",
             "data.source=interactions", f"data.path={tmp_path / 'inter.csv'}",
             f"data.items_path={tmp_path / 'items.csv'}", "data.text_template={title}. Genres: {genres}.",
-            "model.dim=32", "decompose.null_dims=16", "model.max_len=8", "train.batch_size=32",
+            "model.dim=32", "model.id_dims=16", "model.max_len=8", "train.batch_size=32",
             "train.epochs=2", "train.num_workers=2", f"run_dir={run_dir}")
 
     status = wait_for_job(local_cluster, job_id, JOB_TIMEOUT_S)

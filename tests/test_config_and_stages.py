@@ -44,15 +44,25 @@ def test_bad_keys_and_types_name_the_key(override, key):
 
 
 def test_cross_field_rules_name_the_keys():
-    with pytest.raises(ConfigError, match="decompose.null_dims"):
-        load_config("quickstart", ["decompose.null_dims=128"])
+    with pytest.raises(ConfigError, match=r"model\.id_dims=128: must be in \(0, model\.dim=128\)"):
+        load_config("quickstart", ["model.id_dims=128"])
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config("quickstart", ["train.batch_size=5", "train.num_workers=2"])
     with pytest.raises(ConfigError, match="no such file and no such preset"):
         load_config("nope")
-    with pytest.raises(ConfigError, match=r"decompose\.task_cpus=0"):
-        load_config("quickstart", ["decompose.task_cpus=0"])
-    assert load_config("quickstart", ["decompose.task_cpus=3"]).decompose.task_cpus == 3
+
+
+def test_retired_and_renamed_keys_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match=r"^decompose\.null_dims: renamed to model\.id_dims$"):
+        load_config("quickstart", ["decompose.null_dims=32"])
+    for key in ("decompose.task_cpus=2", "decompose.precision=float64"):
+        with pytest.raises(ConfigError, match=rf"^{key.split('=')[0]}: retired; "):
+            load_config("quickstart", [key])
+    path = tmp_path / "old.yaml"
+    path.write_text("decompose:\n  null_dims: 64\n")
+    with pytest.raises(ConfigError, match="renamed to model.id_dims"):
+        load_config(str(path))
+    assert load_config("quickstart", ["model.id_dims=32"]).model.id_dims == 32
 
 
 def test_override_values_typed_by_key():

@@ -91,7 +91,7 @@ def _tiny_model():
     from alphafuse_dist.config import load_config
     from alphafuse_dist.train.loop import build_model
 
-    cfg = load_config("quickstart", ["method=sasrec_id", "model.dim=8", "decompose.null_dims=4", "model.max_len=5",
+    cfg = load_config("quickstart", ["method=sasrec_id", "model.dim=8", "model.id_dims=4", "model.max_len=5",
                                      "train.backend=torch", "model.dropout=0.0"])
     net = build_model(cfg, 23, None, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
@@ -217,7 +217,7 @@ def _prepared(tmp_path, num_items=60, num_users=40, dim=16, max_len=6):
     pq.write_table(pa.table({"user_idx": pa.array(np.arange(num_users), pa.int32()),
                              "history": pa.array(hists, pa.list_(pa.int32())),
                              "target": pa.array(targets, pa.int32())}), prep / "test.parquet")
-    cfg = load_config("quickstart", [f"model.dim={dim}", "decompose.null_dims=8", f"model.max_len={max_len}",
+    cfg = load_config("quickstart", [f"model.dim={dim}", "model.id_dims=8", f"model.max_len={max_len}",
                                      "model.dropout=0.0"])
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model)

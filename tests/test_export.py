@@ -46,7 +46,7 @@ def _cfg(run_dir, root, seed=1, backbone="sasrec", similarity="cosine"):
     return load_config(None, [
         "data.source=interactions", f"data.path={root / 'inter.csv'}", f"data.items_path={root / 'items.csv'}",
         "data.text_template={title}", f"run_dir={run_dir}", f"seed={seed}", f"model.backbone={backbone}",
-        f"model.similarity={similarity}", f"model.dim={D}", f"decompose.null_dims={DN}", f"model.max_len={L}",
+        f"model.similarity={similarity}", f"model.dim={D}", f"model.id_dims={DN}", f"model.max_len={L}",
         "model.num_blocks=2", "model.num_heads=2"])
 
 

@@ -17,9 +17,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from alphafuse_dist.config import METHODS, load_config
-from alphafuse_dist.decompose.basis import NullSpaceBasis
+from alphafuse_dist.decompose.basis import WHITEN_MIN_RELATIVE_EIGENVALUE, NullSpaceBasis, whitened_features
 from alphafuse_dist.errors import ConfigError, DataError
-from alphafuse_dist.model.methods import WHITEN_MIN_RELATIVE_EIGENVALUE, whitened_features
 from alphafuse_dist.train.checkpoint import _model_state
 from alphafuse_dist.train.data import read_embeddings
 from alphafuse_dist.train.loop import TrainInputs, build_model, split_parameters, train_worker
@@ -40,13 +39,14 @@ def _inputs():
     """(E float32 [N, DL], basis, semantic float32 [N, D])."""
     E = _language(N)
     En = E.numpy().astype(np.float64)
-    basis = NullSpaceBasis.fit(En.mean(0), np.cov(En, rowvar=False), dim=D, null_dims=DN)
+    basis = NullSpaceBasis.from_spectrum(En.mean(0), *np.linalg.eigh(np.cov(En, rowvar=False)),
+                                         dim=D, null_dims=DN)
     return E, basis, torch.from_numpy(basis.transform(E.numpy()))
 
 
 def _cfg(method: str, backend: str = "torch", extra: tuple[str, ...] = ()):
     return load_config(None, [f"method={method}", f"train.backend={backend}", f"model.dim={D}",
-                              f"decompose.null_dims={DN}", "model.dropout=0.0", f"model.max_len={L}",
+                              f"model.id_dims={DN}", "model.dropout=0.0", f"model.max_len={L}",
                               f"train.batch_size={B}", "model.id_init=normal", "model.id_init_std=0.1", *extra])
 
 
@@ -89,7 +89,8 @@ def test_whitened_features_drop_degenerate_directions():
     # 10 items in 20 dims: the covariance has rank 9, the other 11 eigenvalues are ~0
     E = _language(10)
     En = E.numpy().astype(np.float64)
-    basis = NullSpaceBasis.fit(En.mean(0), np.cov(En, rowvar=False), dim=8, null_dims=4)
+    basis = NullSpaceBasis.from_spectrum(En.mean(0), *np.linalg.eigh(np.cov(En, rowvar=False)),
+                                         dim=8, null_dims=4)
     assert (basis.eigenvalues <= WHITEN_MIN_RELATIVE_EIGENVALUE * basis.eigenvalues[0]).sum() == 11
     Z = whitened_features(E.numpy(), basis)
     assert Z.shape == (10, 9)
@@ -446,7 +447,8 @@ def prepared(tmp_path_factory, write_cycle_data):
     (root / "embed").mkdir()
     _write_fragments(root / "embed", E, rng.permutation(num_items))
     En = E.astype(np.float64)
-    basis = NullSpaceBasis.fit(En.mean(0), np.cov(En, rowvar=False), dim=32, null_dims=16)
+    basis = NullSpaceBasis.from_spectrum(En.mean(0), *np.linalg.eigh(np.cov(En, rowvar=False)),
+                                         dim=32, null_dims=16)
     basis.save(root / "decompose")
     save_file({"semantic": torch.from_numpy(basis.transform(E))}, str(root / "decompose" / "semantic.safetensors"))
     return TrainInputs(prepare_dir=str(prep), semantic_path=str(root / "decompose" / "semantic.safetensors"),
@@ -456,7 +458,7 @@ def prepared(tmp_path_factory, write_cycle_data):
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_learns_with_plain_torch(method, prepared):
     cfg = load_config(None, [f"method={method}", "train.backend=torch", "train.num_workers=1", "model.dim=32",
-                             "decompose.null_dims=16", "model.max_len=8", "train.batch_size=32", "train.epochs=12",
+                             "model.id_dims=16", "model.max_len=8", "train.batch_size=32", "train.epochs=12",
                              "train.patience=12", "train.num_negatives=16", "train.lr=0.005", "train.log_every=0",
                              "model.dropout=0.0", "train.eval_every=4", "train.id_lr=0.05"])
     torch.set_num_threads(1)
@@ -499,7 +501,7 @@ def test_baseline_pipeline_with_ray_and_torchrec(method, tmp_path_factory, ray_s
     cfg = load_config("quickstart", [
         f"method={method}", "data.source=interactions", f"data.path={data / 'inter.csv'}",
         f"data.items_path={data / 'items.csv'}", "data.text_template={title}. Genres: {genres}.",
-        f"run_dir={tmp_path_factory.getbasetemp() / 'methods-e2e'}", "model.dim=32", "decompose.null_dims=16",
+        f"run_dir={tmp_path_factory.getbasetemp() / 'methods-e2e'}", "model.dim=32", "model.id_dims=16",
         "model.max_len=8", "train.batch_size=32", "train.epochs=25", "train.patience=25",
         "train.num_negatives=16", "train.lr=0.005", "train.log_every=0", "model.dropout=0.0",
         "model.unisrec_with_ids=true"])

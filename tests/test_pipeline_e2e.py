@@ -37,7 +37,7 @@ def test_pipeline_end_to_end_and_rerun_skips(method, tmp_path_factory, ray_sessi
     cfg = load_config("quickstart", [
         f"method={method}", "data.source=interactions", f"data.path={data / 'inter.csv'}",
         f"data.items_path={data / 'items.csv'}", "data.text_template={title}. Genres: {genres}.",
-        f"run_dir={run_dir}", "model.dim=32", "decompose.null_dims=16", "model.max_len=8",
+        f"run_dir={run_dir}", "model.dim=32", "model.id_dims=16", "model.max_len=8",
         "train.batch_size=32", "train.epochs=25", "train.patience=25", "train.num_negatives=16",
         "train.lr=0.005", "train.log_every=0", "model.dropout=0.0"])
     out = run_pipeline(cfg)

@@ -27,7 +27,7 @@ from alphafuse_dist.stages import read_manifest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "alphafuse_dist" / "datasets" / "ml-latest-small"
 TINY = ["data.source=interactions", "data.text_template={title}. Genres: {genres}.", "model.dim=32",
-        "decompose.null_dims=16", "model.max_len=20", "model.dropout=0.0", "train.backend=torch",
+        "model.id_dims=16", "model.max_len=20", "model.dropout=0.0", "train.backend=torch",
         "train.num_workers=1", "train.device=cpu", "train.epochs=1", "train.batch_size=64",
         "train.num_negatives=32", "train.log_every=0", "embed.device=cpu", "ray.num_cpus=2"]
 TOLERANCE = 0.01

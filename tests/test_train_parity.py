@@ -22,7 +22,7 @@ N, STEPS, B, L = 200, 4, 8, 6
 
 def _cfg(backend: str, sharding: str = "row_wise", method: str = "alphafuse"):
     return load_config(None, [f"train.backend={backend}", f"train.sharding={sharding}", f"method={method}",
-                              "model.dim=16", "decompose.null_dims=8", "model.dropout=0.0", f"model.max_len={L}",
+                              "model.dim=16", "model.id_dims=8", "model.dropout=0.0", f"model.max_len={L}",
                               "train.id_optimizer=adagrad", "train.id_lr=0.1", "train.lr=0.01",
                               "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={B}"])
 

@@ -49,7 +49,7 @@ def _prepared(folder: Path) -> Path:
 
 def _cfg(epochs: int):
     return load_config(None, ["method=sasrec_id", "train.backend=torchrec", "train.sharding=row_wise",
-                              "model.dim=16", "decompose.null_dims=8", "model.max_len=6", "model.dropout=0.0",
+                              "model.dim=16", "model.id_dims=8", "model.max_len=6", "model.dropout=0.0",
                               "train.batch_size=24", f"train.epochs={epochs}", f"train.patience={epochs}",
                               "train.num_negatives=8", "train.lr=0.01", "train.id_lr=0.1", "train.log_every=0"])
 

@@ -27,7 +27,7 @@ EPOCHS = 25
 def _command(data: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "alphafuse_dist.cli", "run", "--config", "quickstart", "method=sasrec_id",
             "data.source=interactions", f"data.path={data / 'inter.csv'}", f"data.items_path={data / 'items.csv'}",
-            "data.text_template={title}", f"run_dir={run_dir}", "model.dim=32", "decompose.null_dims=16",
+            "data.text_template={title}", f"run_dir={run_dir}", "model.dim=32", "model.id_dims=16",
             "model.max_len=8", "train.batch_size=32", f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}",
             "train.num_negatives=16", "train.lr=0.005", "train.log_every=0", "train.max_failures=1"]
 

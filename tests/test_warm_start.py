@@ -34,7 +34,7 @@ def _cfg(data, run_dir, cache, extra=()):
     return load_config("quickstart", [
         "method=alphafuse", "data.source=interactions", f"data.path={data / 'inter.csv'}",
         f"data.items_path={data / 'items.csv'}", "data.text_template={title}. Genres: {genres}.",
-        f"run_dir={run_dir}", f"embed.cache_dir={cache}", "model.dim=32", "decompose.null_dims=16",
+        f"run_dir={run_dir}", f"embed.cache_dir={cache}", "model.dim=32", "model.id_dims=16",
         "model.max_len=8", "train.backend=torch", "train.num_workers=1", "train.batch_size=32", "train.epochs=3",
         "train.num_negatives=16", "train.log_every=0", "model.dropout=0.0", *extra])
 
@@ -113,11 +113,11 @@ def test_warm_start_errors_name_the_key(two_periods):
 
 
 def test_refit_carries_id_vectors_into_the_new_null_space(tmp_path):
-    """With drift.json saying refit, old ID rows go through retrain.drift's carry map."""
+    """With drift.json saying refit, old ID rows go through decompose.drift's carry map."""
     from alphafuse_dist.decompose.basis import NullSpaceBasis
     from alphafuse_dist.model.item_table import FusedItemTable
     from alphafuse_dist.model.backbones import build_encoder
-    from alphafuse_dist.retrain.drift import carry_id_vectors
+    from alphafuse_dist.decompose.drift import carry_id_vectors
     from alphafuse_dist.train.warm_start import apply_warm_start
     from safetensors.torch import save_file
 
@@ -137,7 +137,7 @@ def test_refit_carries_id_vectors_into_the_new_null_space(tmp_path):
     save_file({"semantic": sem_old}, str(prev_run / "decompose" / "semantic.safetensors"))
     ids_old = torch.from_numpy(rng.normal(size=(n_old, d_n)).astype(np.float32))
     fused = torch.cat([sem_old[:, : d - d_n], sem_old[:, d - d_n:] + ids_old], dim=1)
-    cfg = load_config("quickstart", ["model.dim=16", "decompose.null_dims=8", "model.max_len=4",
+    cfg = load_config("quickstart", ["model.dim=16", "model.id_dims=8", "model.max_len=4",
                                      f"data.id_map={tmp_path}", f"train.warm_start={prev_run / 'train'}"])
     enc = build_encoder(cfg.model)
     (prev_run / "train").mkdir()

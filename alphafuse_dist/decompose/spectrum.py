@@ -1,7 +1,8 @@
 """The spectrum plot of the decompose stage: which directions AlphaFuse keeps, and how much variance.
 
-Left axis (log): the eigenvalues S_k of the covariance of ``scale * E``, with the semantic range
-[0, d_s), the null range [d_s, d) and the dropped tail [d, k) shaded. Right axis: the cumulative
+Left axis (log): the eigenvalues S_k of the covariance of ``scale * E``, with the kept range
+[0, d) (split into semantic [0, d_s) and null [d_s, d) where the basis records d_n) and the
+dropped tail [d, k) shaded. Right axis: the cumulative
 explained variance (share of the covariance's trace in the first k directions).
 
 Example::
@@ -36,7 +37,8 @@ def plot_spectrum(basis: NullSpaceBasis, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     ax.semilogy(k[positive], values[positive], color="black", lw=1.2, label="eigenvalue $S_k$")
     ax.axvspan(-0.5, d_s - 0.5, color="tab:blue", alpha=0.15, label=f"semantic [0, {d_s})")
-    ax.axvspan(d_s - 0.5, d - 0.5, color="tab:orange", alpha=0.25, label=f"null (ID) [{d_s}, {d})")
+    if d_s < d:
+        ax.axvspan(d_s - 0.5, d - 0.5, color="tab:orange", alpha=0.25, label=f"null (ID) [{d_s}, {d})")
     if len(values) > d:
         ax.axvspan(d - 0.5, len(values) - 0.5, color="tab:gray", alpha=0.15,
                    label=f"dropped [{d}, {len(values)})")
@@ -51,7 +53,7 @@ def plot_spectrum(basis: NullSpaceBasis, path: Path) -> None:
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="lower center", fontsize=8)
     whiten = "whitened" if basis.whiten else "not whitened"
-    ax.set_title(f"d_l={basis.d_l}, d={d}, d_n={basis.null_dims} ({whiten}); the d kept directions explain "
+    ax.set_title(f"d_l={basis.d_l}, d={d}, d_n={basis.null_dims or 'model.id_dims'} ({whiten}); the d kept directions explain "
                  f"{explained[d - 1]:.1%}", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()

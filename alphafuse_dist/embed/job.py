@@ -165,9 +165,8 @@ def _check_items(items_parquet: Path) -> int:
 
 # Parquet options of the embedding files. Uncompressed: snappy made float32 vectors larger, not
 # smaller (6.34 MB for 5.69 MB of ML-1M vectors), and costs decode time. Row groups of 4,096 rows
-# (6 MB at d_l=384, 50 MB at 3,072): the decompose stage splits files into runs of row groups
-# (decompose.covariance.fragment_pieces), so its tasks spread over the cluster's CPUs whatever the
-# number of files; one row group per file left 200k x 3,072 vectors in 4 tasks.
+# (6 MB at d_l=384, 50 MB at 3,072): the decompose stage runs one task per run of whole row groups
+# (decompose.covariance.pieces), so a large file is read by several tasks.
 ROW_GROUP_ROWS = 4096
 PARQUET_OPTIONS = {"compression": "none", "row_group_size": ROW_GROUP_ROWS}
 

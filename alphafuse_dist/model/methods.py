@@ -29,23 +29,17 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import METHOD_INPUTS, RunConfig
-from ..decompose.basis import NullSpaceBasis
+from ..decompose.basis import NullSpaceBasis, whitened_features
 from .item_table import (ID_FEATURE, ID_TABLE, FusedItemTable, TableSpec, chunked_table, meta_collection,
                          torchrec_lookup)
 
 FEATURES_TABLE = "features"
 FEATURES_FEATURE = "item_features"
-# whitenrec drops principal directions whose variance is below this fraction of the largest: the
-# decompose stage's covariance is a float32 GEMM accurate to ~1e-7..1e-5 of its largest entry
-# (decompose.covariance), so smaller eigenvalues (e.g. the d_l - N + 1 zero ones when there are
-# fewer items than d_l) are rounding, which whitening would blow up to unit variance
-WHITEN_MIN_RELATIVE_EIGENVALUE = 1e-5
 # TorchRec's fused kernels need table widths that are multiples of this
 TORCHREC_WIDTH_MULTIPLE = 4
 
@@ -63,30 +57,6 @@ def _linear(in_dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
 def id_rows(num_items: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """Initial ID rows float32 [N, d] ~ N(0, 1/d), the init of sasrec_id (row RMS norm ~1)."""
     return torch.randn(num_items, dim, generator=generator) / dim ** 0.5
-
-
-def whitened_features(E: np.ndarray, basis: NullSpaceBasis) -> np.ndarray:
-    """WhitenRec's input: the language embeddings in every whitened principal direction.
-
-    ``Z = (s E - mu) U_k diag(S_k)^-1/2`` over the stored eigenpairs whose eigenvalue exceeds
-    ``WHITEN_MIN_RELATIVE_EIGENVALUE`` x the largest (near-zero ones are rank deficiency, e.g.
-    fewer items than d_l, or rounding). The exact decomposition stores all d_l eigenpairs; the
-    randomized one only the top ``model.dim``, and then only those are used.
-
-    Args:
-        E: float [N, d_l], the raw language embeddings in item_idx order.
-        basis: the decompose stage's :class:`NullSpaceBasis` (its mean, scale and eigenpairs; its
-            own ``whiten`` / ``dim`` settings are not used).
-
-    Returns:
-        float32 [N, k]: centred, decorrelated, unit variance (the covariance of the rows is I_k).
-    """
-    values = basis.eigenvalues
-    keep = values > WHITEN_MIN_RELATIVE_EIGENVALUE * max(float(values[0]), 0.0)
-    if not keep.any():
-        raise ValueError("whitenrec: the language embeddings have no variance (all eigenvalues ~0)")
-    P = basis.eigenvectors[:, keep] / np.sqrt(values[keep])
-    return ((basis.scale * np.asarray(E, dtype=np.float64) - basis.mean) @ P).astype(np.float32)
 
 
 class AdapterItems(nn.Module):
@@ -287,7 +257,7 @@ def build_item_module(cfg: RunConfig, num_items: int, semantic: torch.Tensor | N
         if name != "basis" and given[name].shape[0] != num_items:
             raise ValueError(f"method={method}: the {name} table has {given[name].shape[0]} rows, expected {num_items}")
     if method in ("alphafuse", "sasrec_id", "llminit"):
-        return FusedItemTable(num_items, m.dim, cfg.decompose.null_dims, method=method, injection=m.injection,
+        return FusedItemTable(num_items, m.dim, cfg.model.id_dims, method=method, injection=m.injection,
                               semantic=semantic, id_init=m.id_init, id_init_std=m.id_init_std, backend=backend,
                               device=device, generator=generator)
     if method == "morec":

@@ -39,7 +39,7 @@ def fill_cold_items(table: torch.Tensor, semantic: torch.Tensor, counts: torch.T
         table: the trained fused item table [N, d] (not modified).
         semantic: the frozen semantic table [N, d] of the decompose stage (same rows).
         counts: training interactions per item [N]; cold items are those with count 0.
-        id_dim: width of the ID part (the last ``id_dim`` columns, ``decompose.null_dims``).
+        id_dim: width of the ID part (the last ``id_dim`` columns, ``model.id_dims``).
         k: neighbours per cold item (fewer when fewer items were trained).
         injection: "add" (fused = semantic + [0, id]) or "cover" (fused = [semantic_s, id]).
     """

@@ -14,7 +14,7 @@ one. What a warm start sets, before the first step:
   starts as its semantic vector alone: cold-start ready).
 - **after a basis refit** (the decompose stage wrote ``drift.json`` with ``refit: true`` and kept
   the old basis in ``previous_basis/``): ``train.warm_start_ids=carry`` maps each old ID vector
-  into the new null space (``retrain.drift.carry_id_vectors``), ``reset`` zeroes them.
+  into the new null space (``decompose.drift.carry_id_vectors``), ``reset`` zeroes them.
 
 With ``train.epochs=0`` the saved model is this initial state: the previous model applied to the
 new catalogue (what serving would use without a retrain).
@@ -39,6 +39,8 @@ from ..errors import ConfigError
 WARM_METHODS = ("alphafuse", "sasrec_id", "llminit")
 # model keys that must agree with the previous run for its weights to mean the same thing
 _SAME_MODEL_KEYS = ("dim", "backbone", "num_blocks", "num_heads", "max_len", "injection", "similarity")
+# and for alphafuse, whose fused rows hold an ID part of this width
+_ALPHAFUSE_MODEL_KEYS = ("id_dims",)
 
 
 def _previous(cfg: RunConfig) -> tuple[Path, dict, dict]:
@@ -66,10 +68,8 @@ def _check_compatible(cfg: RunConfig, folder: Path, prev_cfg: dict) -> None:
                           "stable ids, row i of the previous model is not item i of this run")
     prev_model = prev_cfg.get("model", {})
     now = cfg.to_dict()["model"]
-    differ = [f"model.{k}: {prev_model.get(k)!r} -> {now[k]!r}" for k in _SAME_MODEL_KEYS if prev_model.get(k) != now[k]]
-    prev_null = prev_cfg.get("decompose", {}).get("null_dims")
-    if cfg.method == "alphafuse" and prev_null != cfg.decompose.null_dims:
-        differ.append(f"decompose.null_dims: {prev_null!r} -> {cfg.decompose.null_dims!r}")
+    keys = _SAME_MODEL_KEYS + (_ALPHAFUSE_MODEL_KEYS if cfg.method == "alphafuse" else ())
+    differ = [f"model.{k}: {prev_model.get(k)!r} -> {now[k]!r}" for k in keys if prev_model.get(k) != now[k]]
     if differ:
         raise ConfigError(f"train.warm_start={folder}: the previous model has another shape; " + "; ".join(differ))
 
@@ -99,9 +99,11 @@ def _after_refit(cfg: RunConfig, rows: torch.Tensor, decompose_dir: Path) -> tup
     if cfg.method != "alphafuse" or not drift_path.is_file() or not json.loads(drift_path.read_text()).get("refit"):
         return rows, "previous"
     from ..decompose.basis import NullSpaceBasis
-    from ..retrain.drift import id_vectors_after_refit
+    from ..decompose.drift import id_vectors_after_refit
 
-    old, new = NullSpaceBasis.load(decompose_dir / "previous_basis"), NullSpaceBasis.load(decompose_dir)
+    id_dims = cfg.model.id_dims
+    old = NullSpaceBasis.load(decompose_dir / "previous_basis").with_id_dims(id_dims, "the previous basis")
+    new = NullSpaceBasis.load(decompose_dir).with_id_dims(id_dims, "decompose/basis.json")
     mapped = id_vectors_after_refit(old, new, rows.numpy().astype(np.float64), rule=cfg.train.warm_start_ids)
     return torch.from_numpy(np.asarray(mapped, dtype=np.float32)), f"refit: {cfg.train.warm_start_ids}"
 

@@ -1,75 +1,48 @@
 """Drift of the language-embedding distribution between periods, the refit rule, and ID vectors on a refit.
 
-A retrain reuses the previous period's :class:`~alphafuse_dist.decompose.basis.NullSpaceBasis` by
-default (``NullSpaceBasis.project`` for new items), so that existing semantic coordinates and ID
-vectors keep their meaning. :func:`basis_drift` measures how well that frozen basis still fits the
-new items; :func:`should_refit` turns the measurement into a decision.
+A retrain reuses the previous period's :class:`~.basis.NullSpaceBasis` (new items are transformed
+with it too), so that semantic coordinates and ID vectors keep their meaning. Shapes: ``M`` new
+items, ``d`` kept directions, ``d_n`` ID dims, ``d_s = d - d_n``; statistics are of ``scale * E``
+with the OLD basis's scale. :func:`basis_drift` measures:
 
-Shapes: ``M`` new items, ``d_l`` language dimension, ``d`` model width (kept directions), ``d_n``
-null (ID) dims, ``d_s = d - d_n`` semantic dims. All statistics are taken on ``scale * E`` with the
-OLD basis's scale, the space its eigenvalues live in.
+- explained fraction: the share of the new items' variance in the old d kept directions, over the
+  share their own top-d directions hold (the best any d-dim subspace can do); about the OLD mean
+  (what ``transform`` does, so a mean shift counts as unexplained) and about their own mean.
+- spectrum change: the new items' top-d eigenvalues against the old ones (with whitening, a
+  change means the new coordinates no longer have unit variance).
+- principal angles between the old and the new top-d_s subspaces (cosines 1: unchanged).
+- mean shift relative to the spread ``sqrt(trace C_old)``.
 
-What :func:`basis_drift` measures:
+:func:`should_refit`: refit when ``explained_ratio_old_mean < threshold`` (default 0.9), judged
+only with at least ``min_items`` new items (default 2 d): with fewer, sampling biases the ratio
+down even for an unchanged distribution (about 0.96 at M = 2 d, 0.99 at 8 d for d = 128, d_l = 384).
 
-- explained fraction: the share of the new items' variance that lies in the old basis's d kept
-  directions ``span(U_old[:, :d])`` (what AlphaFuse's fused vector can represent), divided by the
-  share the new items' own top-d directions would hold (the best any d-dim subspace can do). Both
-  about the OLD mean (what ``project`` actually does: it centres new items on the old mean, so a
-  mean shift counts as unexplained variance) and about the new items' own mean.
-- spectrum change: the top-d eigenvalues of the new items' covariance against the old ones (with
-  whitening, a changed eigenvalue means new items' coordinates no longer have unit variance).
-- principal angles between ``span(U_old[:, :d_s])`` and the new items' top-d_s subspace: cosines
-  of 1 mean the semantic range is unchanged.
-- mean shift: ``|mean(new) - mean(old)|`` relative to the spread ``sqrt(trace C_old)`` (the RMS
-  distance of the old items from their mean).
-
-The refit rule (:func:`should_refit`): refit when the old basis explains less than ``threshold``
-(default 0.9) of what the new items' own top-d directions would, about the old mean
-(``explained_ratio_old_mean < threshold``), judged only with at least ``min_items`` new items
-(default 2 d). Below d + 1 items the best d-dim subspace holds all their variance whatever the
-distribution, and sampling biases the ratio down even for an unchanged distribution: about 0.96
-with M = 2 d and 0.99 with M = 8 d for a text-embedding-like spectrum (d = 128, d_l = 384).
-
-What happens to the old ID vectors on a refit (:func:`id_vectors_after_refit`): the semantic
-coordinates of every item, old and new, are recomputed with the new basis (``transform``). An ID
-vector ``x_old`` [d_n] is a displacement in the OLD null-space coordinates (added to, or with
-injection "cover" replacing, the last d_n columns of the d-wide fused vector). Rule ``carry``
-expresses it as a displacement in the language space through the old basis and reads its new
-null-space coordinates through the new basis: with ``P = U[:, :d] diag(S[:d])^-1/2`` (whitened) or
-``U[:, :d]`` (not whitened), ``P^+ = diag(S[:d])^1/2 U[:, :d]^T`` (or ``U[:, :d]^T``) maps
-coordinates back to ``scale * E`` space, so
+On a refit (:func:`id_vectors_after_refit`) every item's semantic coordinates come from the new
+basis. Rule ``carry`` reads an old ID vector ``x_old`` [d_n] as a displacement in ``scale * E``
+space through the old basis (``P^+ = diag(S[:d])^1/2 U[:, :d]^T``, or ``U[:, :d]^T`` unwhitened)
+and takes its null coordinates in the new one:
 
     x_new = x_old @ P_old^+[d_s:d, :] * (scale_new / scale_old) @ P_new[:, d_s':d']
 
-(the mean cancels: a displacement has none). It is the ID part that the same language-space point
-``scale * E + delta`` gets under the new basis. The share of ``delta`` that falls outside the new
-null range (into the new semantic range or the dropped tail) cannot be held by the ID table and is
-lost; when the basis is unchanged the map is the identity. Rule ``reset`` sets every ID vector to
-zero, as for new items (the cold-start state). New items start from zero under both rules.
+(the identity when the basis is unchanged; the part outside the new null range is lost). Rule
+``reset`` zeroes them. New items start from zero under both rules.
 
 Example::
 
-    old_basis = NullSpaceBasis.load(previous_run / "decompose")
-    report = basis_drift(old_basis, E_new)               # E_new: float32 [M, d_l], the new items
+    report = basis_drift(NullSpaceBasis.load(prev / "decompose"), E_new)   # E_new: [M, d_l]
     refit, reason = should_refit(report, threshold=0.9)
-    if refit:
-        new_basis = ...                                  # the decompose stage on all items
-        id_rows = id_vectors_after_refit(old_basis, new_basis, id_rows, rule="carry")
-    spectrum_change_plot(report.old_eigenvalues, report.new_eigenvalues, out / "drift.png",
-                         semantic_dims=report.semantic_dims)
+    id_rows = id_vectors_after_refit(old_basis, new_basis, id_rows, rule="carry")
 """
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from scipy.linalg import eigh
 
-from ..decompose.basis import NullSpaceBasis
 from ..errors import ConfigError, DataError
-from ..stages import atomic_write_bytes
+from .basis import NullSpaceBasis
 
 DEFAULT_REFIT_THRESHOLD = 0.9
 ID_REFIT_RULES = ("carry", "reset")
@@ -79,30 +52,12 @@ _GRAM_BLOCK = 65536
 
 @dataclass
 class DriftReport:
-    """How the new items' embeddings relate to the old basis (see the module docstring).
-
-    Attributes:
-        num_items: M, new items measured.
-        d_l, dim, semantic_dims: of the old basis (d_l, d, d_s).
-        explained_old_old_mean: share of the new items' squared distance from the old mean inside
-            the old d kept directions.
-        explained_best_old_mean: the same share for the best d-dim subspace (top-d eigenvectors of
-            the new items' scatter about the old mean).
-        explained_ratio_old_mean: old / best, in [0, 1]; what :func:`should_refit` compares.
-        explained_old_new_mean, explained_best_new_mean, explained_ratio_new_mean: the same about
-            the new items' own mean (mean shift excluded).
-        old_eigenvalues: float64 [d], the old basis's top-d eigenvalues.
-        new_eigenvalues: float64 [d], top-d eigenvalues of the new items' covariance (N-1 form,
-            like the decompose stage).
-        eigenvalue_relative_change: float64 [d], ``new / old - 1`` per direction index.
-        max_abs_eigenvalue_change: max over directions of ``|new / old - 1|``.
-        median_eigenvalue_change: median of ``new / old - 1``.
-        total_variance_old, total_variance_new: traces of the two covariances.
-        semantic_cosines: float64 [d_s], cosines of the principal angles between the old and new
-            top-d_s subspaces, descending.
-        min_semantic_cosine, mean_semantic_cosine: their minimum and mean.
-        mean_shift_norm: ``|mean(scale * E_new) - reference mean|``.
-        mean_shift_relative: ``mean_shift_norm / sqrt(total_variance_old)``.
+    """How the new items' embeddings relate to the old basis (module docstring). Shares are of the
+    new items' scatter about the old mean (``_old_mean``) or their own (``_new_mean``): ``old`` in
+    the old d kept directions, ``best`` in their own top d, ``ratio`` = old / best (what
+    :func:`should_refit` compares). Eigenvalues: the old basis's top d and the new items' covariance's
+    (N-1 form), their ``new / old - 1``. Cosines: principal angles between the old and the new top-d_s
+    subspaces. Mean shift: ``|mean(scale * E_new) - reference mean|``, and over ``sqrt(total_variance_old)``.
     """
 
     num_items: int
@@ -163,20 +118,13 @@ def _scatter(Y: np.ndarray, scale: float, shift: np.ndarray) -> tuple[np.ndarray
 
 def _top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k eigenpairs of a symmetric matrix, descending (round-off negatives clipped to 0)."""
-    values, vectors = np.linalg.eigh(gram)
-    order = np.argsort(values)[::-1][:k]
-    return np.clip(values[order], 0.0, None), vectors[:, order]
+    values, vectors = eigh(gram, subset_by_index=(len(gram) - k, len(gram) - 1))
+    return np.clip(values[::-1], 0.0, None), vectors[:, ::-1]
 
 
 def principal_cosines(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Cosines of the principal angles between ``span(A)`` and ``span(B)``, descending.
-
-    Args:
-        A, B: float [n, p] and [n, q], orthonormal columns.
-
-    Returns:
-        float64 [min(p, q)], in [0, 1].
-    """
+    """Cosines of the principal angles between ``span(A)`` and ``span(B)`` (orthonormal columns),
+    float64 [min(p, q)] in [0, 1], descending."""
     return np.clip(np.linalg.svd(np.asarray(A, np.float64).T @ np.asarray(B, np.float64), compute_uv=False),
                    0.0, 1.0)
 
@@ -255,18 +203,9 @@ def basis_drift(old_basis: NullSpaceBasis, new_embeddings: np.ndarray, *,
 
 def should_refit(report: DriftReport, threshold: float = DEFAULT_REFIT_THRESHOLD, *,
                  min_items: int | None = None) -> tuple[bool, str]:
-    """The refit rule: refit iff ``report.explained_ratio_old_mean < threshold`` and the report
-    covers at least ``min_items`` new items.
-
-    Args:
-        report: from :func:`basis_drift`.
-        threshold: in (0, 1]: the share of the best possible explained variance the old basis must
-            keep; 1 refits on any loss.
-        min_items: fewest new items to judge by (default 2 d): with fewer, the sampling bias of the
-            ratio (module docstring) would trigger refits on an unchanged distribution.
-
-    Returns:
-        ``(refit, reason)``, the reason one line with the numbers compared.
+    """``(refit, reason)``: refit iff ``report.explained_ratio_old_mean < threshold`` (in (0, 1])
+    with at least ``min_items`` new items (default 2 d; module docstring). The reason is one line
+    with the numbers compared.
 
     Raises:
         ConfigError: a threshold outside (0, 1] or a negative ``min_items``.
@@ -288,20 +227,12 @@ def should_refit(report: DriftReport, threshold: float = DEFAULT_REFIT_THRESHOLD
     return False, f"keep the basis: {facts} >= threshold {threshold:g}"
 
 
-def _check_pair(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis) -> None:
+def id_carry_matrix(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis) -> np.ndarray:
+    """The ``carry`` rule's map, float64 [d_n_old, d_n_new]: row j is the new null coordinates of
+    the displacement that unit old null coordinate j stands for (module docstring)."""
     if old_basis.d_l != new_basis.d_l:
         raise ConfigError(f"the old basis has d_l={old_basis.d_l}, the new one d_l={new_basis.d_l}: the language "
                           "model changed, so ID vectors cannot be carried over; use the rule 'reset'")
-
-
-def id_carry_matrix(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis) -> np.ndarray:
-    """The linear map of the ``carry`` rule: old null coordinates -> new null coordinates.
-
-    Returns:
-        float64 [d_n_old, d_n_new]; row j is the new null-space coordinates of the language-space
-        displacement that unit old null coordinate j stands for (module docstring).
-    """
-    _check_pair(old_basis, new_basis)
     d_s, d = old_basis.semantic_dims, old_basis.dim
     to_language = old_basis.eigenvectors[:, d_s:d].T  # [d_n_old, d_l], in scale_old * E space
     if old_basis.whiten:
@@ -311,14 +242,8 @@ def id_carry_matrix(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis) -> np.
 
 
 def carry_id_vectors(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis, id_rows: np.ndarray) -> np.ndarray:
-    """ID vectors expressed in the new basis's null space (the ``carry`` rule).
-
-    Args:
-        old_basis, new_basis: the bases before and after the refit (same d_l).
-        id_rows: float [M, d_n_old], ID vectors trained under ``old_basis``.
-
-    Returns:
-        float32 [M, d_n_new], computed in float64.
+    """ID vectors float [M, d_n_old] trained under ``old_basis`` in the new basis's null space
+    (the ``carry`` rule): float32 [M, d_n_new], computed in float64.
 
     Raises:
         ConfigError: the bases have different d_l.
@@ -332,10 +257,7 @@ def carry_id_vectors(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis, id_ro
 
 def id_vectors_after_refit(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis, id_rows: np.ndarray,
                            rule: str = "carry") -> np.ndarray:
-    """The ID rows to warm-start from after a refit: ``carry`` (re-project) or ``reset`` (zeros).
-
-    Returns:
-        float32 [M, d_n_new].
+    """The ID rows float32 [M, d_n_new] to warm-start from after a refit: ``carry`` or ``reset`` (zeros).
 
     Raises:
         ConfigError: an unknown rule, or ``carry`` across language models (different d_l).
@@ -345,45 +267,3 @@ def id_vectors_after_refit(old_basis: NullSpaceBasis, new_basis: NullSpaceBasis,
     if rule == "reset":
         return np.zeros((np.asarray(id_rows).shape[0], new_basis.null_dims), dtype=np.float32)
     return carry_id_vectors(old_basis, new_basis, id_rows)
-
-
-def spectrum_change_plot(old_eigenvalues: np.ndarray, new_eigenvalues: np.ndarray, path: Path, *,
-                         semantic_dims: int | None = None) -> None:
-    """Write a PNG: old and new top eigenvalues (log axis) and their relative change.
-
-    Args:
-        old_eigenvalues, new_eigenvalues: float [d] each (``DriftReport.old_eigenvalues`` /
-            ``new_eigenvalues``).
-        path: the PNG to write (atomically).
-        semantic_dims: d_s, drawn as the boundary of the semantic and null ranges.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # retraining runs on headless cluster nodes
-    import matplotlib.pyplot as plt
-
-    old, new = np.asarray(old_eigenvalues, np.float64), np.asarray(new_eigenvalues, np.float64)
-    if old.shape != new.shape or old.ndim != 1:
-        raise ValueError(f"spectrum_change_plot: eigenvalue arrays of shapes {old.shape} and {new.shape}")
-    k = np.arange(len(old))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [2, 1]})
-    for values, label, color in ((old, "old basis", "black"), (new, "new items", "tab:red")):
-        positive = values > 0  # a log axis cannot show zeros
-        top.semilogy(k[positive], values[positive], color=color, lw=1.2, label=label)
-    top.set_ylabel("eigenvalue (covariance of scale * E)")
-    bottom.plot(k, new / old - 1.0, color="tab:blue", lw=1.0)
-    bottom.axhline(0.0, color="gray", lw=0.8)
-    bottom.set_ylabel("new / old - 1")
-    bottom.set_xlabel("direction k (eigenvalues descending)")
-    if semantic_dims is not None:
-        for ax in (top, bottom):
-            ax.axvline(semantic_dims - 0.5, color="tab:orange", ls="--", lw=1.0)
-    top.legend(fontsize=8)
-    top.set_title(f"spectrum change over the d={len(old)} kept directions"
-                  + ("" if semantic_dims is None else f" (semantic | null at {semantic_dims})"), fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
