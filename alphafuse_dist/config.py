@@ -291,6 +291,15 @@ class RunConfig:
                            ("model.unisrec_experts", m.unisrec_experts), ("train.cold_neighbours", t.cold_neighbours)):
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
+        if d.null_rule == "threshold" and d.null_threshold is None:
+            raise ConfigError("decompose.null_rule=threshold needs decompose.null_threshold (DreamRec: 0.25 with "
+                              "decompose.scale=40)")
+        if d.null_rule == "threshold" and d.method != "exact":
+            raise ConfigError(f"decompose.null_rule=threshold counts small eigenvalues, which decompose.method="
+                              f"{d.method} does not compute; use decompose.method=exact")
+        if d.oversample < 0 or d.power_iters < 0:
+            raise ConfigError(f"decompose.oversample={d.oversample}, decompose.power_iters={d.power_iters}: must be "
+                              ">= 0")
         for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
             if value and not self.data.id_map:
                 raise ConfigError(f"{key} needs data.id_map (the previous run's prepare folder): without stable "

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
 
-from alphafuse_dist.config import DecomposeConfig
+from alphafuse_dist.config import DecomposeConfig, load_config
 from alphafuse_dist.decompose.basis import NullSpaceBasis
 from alphafuse_dist.decompose.covariance import covariance, pieces, randomized_eigh
 from alphafuse_dist.decompose.stage import decompose, semantic_table
@@ -155,10 +155,10 @@ def test_threshold_rule_keeps_all_dims_and_records_d_n(ray_session, embeddings, 
     with pytest.raises(ConfigError, match=rf"model\.id_dims=8: .* set model\.id_dims={d_n}"):
         basis.with_id_dims(8)
     with pytest.raises(ConfigError, match=r"decompose\.null_rule=threshold needs decompose\.null_threshold"):
-        decompose(folder, DecomposeConfig(null_rule="threshold"), dim=D_L, num_items=N, out_dir=tmp_path)
+        load_config("quickstart", ["decompose.null_rule=threshold"])
     with pytest.raises(ConfigError, match=r"use decompose\.method=exact"):
-        decompose(folder, DecomposeConfig(null_rule="threshold", null_threshold=0.25, method="randomized"),
-                  dim=D_L, num_items=N, out_dir=tmp_path)
+        load_config("quickstart", ["decompose.null_rule=threshold", "decompose.null_threshold=0.25",
+                                   "decompose.method=randomized"])
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +192,8 @@ def test_randomized_top_k_is_close_to_exact(ray_session, decaying, tmp_path):
     assert NullSpaceBasis.load(tmp_path / "randomized").eigenvalues.shape == (32,)
     error = np.abs(tables["randomized"] - tables["exact"]).max(0)  # the last directions are the least resolved
     assert error[:24].max() < 1e-3 and error.max() < 5e-2
-    with pytest.raises(ConfigError, match=r"decompose\.power_iters=-1"):
-        randomized_eigh(files, k=8, power_iters=-1)
-    with pytest.raises(ConfigError, match=r"decompose\.oversample=-2"):
-        randomized_eigh(files, k=8, oversample=-2)
+    with pytest.raises(ConfigError, match=r"decompose\.oversample=16, decompose\.power_iters=-1: must be >= 0"):
+        load_config("quickstart", ["decompose.power_iters=-1"])
     with pytest.raises(ConfigError, match=r"model\.dim=600: must be in 1\.\.256"):
         randomized_eigh(files, k=600)
 

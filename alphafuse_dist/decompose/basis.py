@@ -1,22 +1,12 @@
-"""The eigenbasis of the language-embedding covariance and AlphaFuse's frozen projection.
+"""The eigenbasis of the embedding covariance and AlphaFuse's frozen projection (docs/method.md section 2).
 
-Shapes: ``d_l`` language-model dimension, ``d`` model width (``model.dim``), ``d_n`` ID (null)
-dims (``model.id_dims``), ``d_s = d - d_n`` semantic dims. With C = U S U^T (S descending),
-docs/method.md section 2 defines
+With C = U S U^T (S descending), d = ``model.dim`` and d_n = ``model.id_dims``:
 
     P = U[:, :d] diag(S[:d])^-1/2   (whiten)      or      P = U[:, :d]   (no whitening)
-    E_lang = (s E - mu) P           float32 [N, d]
+    E_lang = (s E - mu) P           float32 [N, d]; its last d_n columns are the null space
 
-whose last ``d_n`` columns are the null-space coordinates that the trainable ID part is added to.
-The basis records d_n only when ``decompose.null_rule=threshold`` derived it; otherwise d_n is
-``model.id_dims`` (:meth:`NullSpaceBasis.with_id_dims`). Only the top ``k >= d`` eigenpairs need
-to be stored (the randomized method computes no more).
-
-Example::
-
-    basis = NullSpaceBasis.from_spectrum(mu, *scipy.linalg.eigh(C), dim=128)
-    E_lang = basis.transform(E)               # float32 [N, 128], identity covariance on E
-    basis.save(folder); NullSpaceBasis.load(folder)
+The basis records d_n only when ``decompose.null_rule=threshold`` derived it
+(:meth:`NullSpaceBasis.with_id_dims`). Only the top ``k >= d`` eigenpairs need to be stored.
 """
 from __future__ import annotations
 
@@ -45,18 +35,9 @@ WHITEN_MIN_RELATIVE_EIGENVALUE = 1e-5
 
 @dataclass
 class NullSpaceBasis:
-    """Mean, sorted eigendecomposition of the covariance, and the sizes of the projection.
-
-    Attributes:
-        mean: mu, float64 [d_l], the (optionally popularity-weighted) mean of ``scale * E``.
-        eigenvalues: S, float64 [k], descending, d <= k <= d_l (k = d_l for the exact method).
-        eigenvectors: U, float64 [d_l, k]; the entry of largest magnitude of each column is positive.
-        dim: d, the model width (columns of the projection).
-        null_dims: d_n, the trailing columns that form the null space; None: not recorded.
-        whiten: divide each kept direction by its standard deviation.
-        scale: s, the factor the raw embeddings are multiplied by before centring.
-        total_variance: trace of the covariance when only k < d_l eigenvalues are stored.
-    """
+    """mean mu [d_l] of ``scale * E`` (optionally popularity-weighted); eigenvalues S [k] descending,
+    d <= k <= d_l; eigenvectors U [d_l, k], the largest-magnitude entry of each column positive (all
+    float64); dim d; null_dims d_n (None: not recorded); total_variance: trace of C when k < d_l."""
 
     mean: np.ndarray
     eigenvalues: np.ndarray
@@ -84,8 +65,8 @@ class NullSpaceBasis:
     def from_spectrum(cls, mean: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray, dim: int,
                       null_dims: int | None = None, whiten: bool = True, scale: float = 1.0,
                       total_variance: float | None = None) -> "NullSpaceBasis":
-        """A basis from (part of) an eigendecomposition in any order and with any signs; the sign
-        rule makes the basis and the semantic table reproducible across LAPACK builds and methods."""
+        """From (part of) an eigendecomposition in any order and signs; the sign rule makes the table
+        reproducible across LAPACK builds and methods."""
         order = np.argsort(eigenvalues)[::-1]
         values, vectors = np.asarray(eigenvalues, np.float64)[order], np.asarray(eigenvectors, np.float64)[:, order]
         vectors = vectors * np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
@@ -94,11 +75,7 @@ class NullSpaceBasis:
                    bool(whiten), float(scale), None if total_variance is None else float(total_variance))
 
     def with_id_dims(self, id_dims: int, where: str = "the basis") -> "NullSpaceBasis":
-        """This basis with d_n = ``id_dims`` (``model.id_dims``).
-
-        Raises:
-            ConfigError: naming ``model.id_dims`` when the basis recorded another d_n.
-        """
+        """This basis with d_n = ``model.id_dims``; a ConfigError when it recorded another d_n."""
         if self.null_dims is not None and self.null_dims != id_dims:
             raise ConfigError(f"model.id_dims={id_dims}: {where} has d_n={self.null_dims} (decompose.null_rule="
                               f"threshold derived it); set model.id_dims={self.null_dims}")
@@ -145,11 +122,9 @@ class NullSpaceBasis:
 
     def save(self, folder: Path) -> None:
         """Write ``basis.safetensors`` (mean, eigenvalues, eigenvectors, float64) and ``basis.json``."""
-        folder = Path(folder)
-        atomic_write_bytes(folder / TENSORS_FILE, save_tensors({
-            "mean": np.ascontiguousarray(self.mean), "eigenvalues": np.ascontiguousarray(self.eigenvalues),
-            "eigenvectors": np.ascontiguousarray(self.eigenvectors)}))
-        atomic_write_json(folder / META_FILE, {
+        tensors = {k: np.ascontiguousarray(getattr(self, k)) for k in ("mean", "eigenvalues", "eigenvectors")}
+        atomic_write_bytes(Path(folder) / TENSORS_FILE, save_tensors(tensors))
+        atomic_write_json(Path(folder) / META_FILE, {
             "format_version": FORMAT_VERSION, "d_l": self.d_l, "d": self.dim, "d_null": self.null_dims,
             "whiten": self.whiten, "scale": self.scale, "total_variance": self.total_variance,
             "eigenpairs": int(self.eigenvalues.shape[0])})
@@ -176,19 +151,9 @@ def recorded_id_dims(folder: Path) -> int | None:
     return json.loads(path.read_text()).get("d_null") if path.is_file() else None
 
 
-def threshold_null_dims(eigenvalues: np.ndarray, threshold: float) -> int:
-    """d_n under the threshold rule: the number of eigenvalues of the covariance of ``scale * E``
-    that are ``<= threshold`` (``decompose.null_threshold``; DreamRec: 0.25 with scale 40)."""
-    return int(np.count_nonzero(np.asarray(eigenvalues) <= threshold))
-
-
 def whitened_features(E: np.ndarray, basis: NullSpaceBasis) -> np.ndarray:
-    """WhitenRec's input: ``(s E - mu) U_k diag(S_k)^-1/2`` over the stored eigenpairs above
-    ``WHITEN_MIN_RELATIVE_EIGENVALUE`` x the largest (the basis's own ``whiten`` / ``dim`` unused).
-
-    Returns:
-        float32 [N, k]: centred, decorrelated, unit variance.
-    """
+    """WhitenRec's input float32 [N, k], identity covariance: ``(s E - mu) U_k diag(S_k)^-1/2`` over the
+    stored eigenpairs above ``WHITEN_MIN_RELATIVE_EIGENVALUE`` x the largest (``whiten`` / ``dim`` unused)."""
     values = basis.eigenvalues
     keep = values > WHITEN_MIN_RELATIVE_EIGENVALUE * max(float(values[0]), 0.0)
     if not keep.any():

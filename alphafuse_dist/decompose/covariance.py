@@ -1,23 +1,20 @@
 """Mean and covariance of the item embeddings E, streamed from the embed stage's Parquet fragments.
 
-The fragments are cut into pieces (runs of row groups of about ``PIECE_ROWS`` rows; a file is
-never merged with another). One Ray task per piece streams its rows in float64 batches about a
-common shift s (the mean of the first rows) and returns its partial sums: the row count n, the
-popularity weight W, ``t = sum (x - s)``, ``t_w = sum w (x - s)``, ``sum (x - s)^2`` per column and
-either the gram ``G = sum (x - s)(x - s)^T`` or, for the randomized method, ``G Q``. The driver
-adds the partials in piece order, so the result depends only on the file layout. About a centre
-c (the mean, or the popularity-weighted mean), with delta = c - s:
+The files are cut into pieces (runs of whole row groups of about ``PIECE_ROWS`` rows). One Ray
+task per piece streams float64 batches about a common shift s (the mean of the first rows) and
+returns n, the popularity weight W, ``t = sum (x - s)``, ``t_w = sum w (x - s)``, the column sums
+of squares and ``G = sum (x - s)(x - s)^T`` (the randomized method: ``G Q``). The driver adds the
+partials in piece order: the result depends only on the file layout. About the centre c (the mean,
+or the popularity-weighted mean), delta = c - s,
 
-    (n - 1) C = G - t delta^T - delta t^T + n delta delta^T
+    (n - 1) C = G - t delta^T - delta t^T + n delta delta^T      (np.cov(E, rowvar=False) for c = mean)
 
-which is ``np.cov(E, rowvar=False)`` for c = mean (unbiased N-1 form; docs/method.md section 2).
-
-``randomized_eigh`` (``decompose.method=randomized``) never forms C: Halko, Martinsson & Tropp's
-range finder with subspace iteration, ``Q <- orth(C Q)`` for ``power_iters`` passes over the
-pieces after the first, then the eigenpairs of ``Q^T C Q``.
+``randomized_eigh`` never forms C: Halko, Martinsson & Tropp's range finder, ``Q <- orth(C Q)``
+for ``power_iters`` more passes, then the eigenpairs of ``Q^T C Q``.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +32,9 @@ SHIFT_ROWS = 1024  # rows whose mean is the shift s (near the mean is enough)
 
 
 def pieces(files: list[str], rows: int = PIECE_ROWS) -> list[tuple[str, tuple[int, ...]]]:
-    """``(path, row_groups)`` runs of about ``rows`` rows per file, from the Parquet footers.
-
-    Raises:
-        DataError: naming a file that is not Parquet, has no rows, lacks ``item_idx`` / ``vector``,
-            stores ``vector`` as anything but a fixed-size list of floats, or has another d_l.
-    """
+    """``(path, row_groups)`` runs of about ``rows`` rows per file, from the Parquet footers. A
+    DataError names a file that is not Parquet, has no rows, or lacks ``item_idx`` / a
+    ``vector: fixed_size_list<float>[d_l]`` of the other files' d_l."""
     out, dims = [], set()
     for path in map(str, files):
         try:
@@ -48,36 +42,24 @@ def pieces(files: list[str], rows: int = PIECE_ROWS) -> list[tuple[str, tuple[in
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(f"cannot read it as Parquet ({e})", file=path) from None
         schema = meta.schema.to_arrow_schema()
-        for col in (INDEX_COLUMN, VECTOR_COLUMN):
-            if col not in schema.names:
-                raise DataError(f"missing column (has: {', '.join(schema.names)})", file=path, column=col)
-        vtype = schema.field(VECTOR_COLUMN).type
-        if not (pa.types.is_fixed_size_list(vtype) and pa.types.is_floating(vtype.value_type)):
-            raise DataError(f"expected fixed_size_list<float32>[d_l], got {vtype}", file=path, column=VECTOR_COLUMN)
+        vtype = schema.field(VECTOR_COLUMN).type if VECTOR_COLUMN in schema.names else None
+        if INDEX_COLUMN not in schema.names or vtype is None or not (pa.types.is_fixed_size_list(vtype) and (
+                pa.types.is_floating(vtype.value_type))) or dims - {vtype.list_size} or not meta.num_rows:
+            got = ", ".join(f"{f.name}: {f.type}" for f in schema)
+            raise DataError(f"expected rows of item_idx and vector: fixed_size_list<float32>[d_l] (d_l of the "
+                            f"other files: {sorted(dims)}), got {meta.num_rows} rows of {got}", file=path)
         dims.add(vtype.list_size)
-        if len(dims) > 1:
-            raise DataError(f"vectors of d_l={vtype.list_size}, other fragments have {min(dims - {vtype.list_size})}; "
-                            "all must come from one embed run", file=path, column=VECTOR_COLUMN)
-        if not meta.num_rows:
-            raise DataError("has no rows", file=path)
         run, held = [], 0
         for g in range(meta.num_row_groups):
-            run.append(g)
-            held += meta.row_group(g).num_rows
-            if held >= rows:
+            run, held = run + [g], held + meta.row_group(g).num_rows
+            if held >= rows or g == meta.num_row_groups - 1:
                 out.append((path, tuple(run)))
                 run, held = [], 0
-        if run:
-            out.append((path, tuple(run)))
     return out
 
 
 def iter_rows(piece, batch_rows: int):
-    """``(item_idx int64 [b], X float [b, d_l])`` batches of a piece (a path or ``(path, row_groups)``).
-
-    Raises:
-        DataError: naming the file when an item_idx or a vector is null.
-    """
+    """``(item_idx int64 [b], X float [b, d_l])`` batches of a piece (a path or ``(path, row_groups)``)."""
     path, groups = (str(piece), None) if isinstance(piece, (str, Path)) else piece
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=groups,
                                                    columns=[INDEX_COLUMN, VECTOR_COLUMN], use_threads=False):
@@ -89,17 +71,13 @@ def iter_rows(piece, batch_rows: int):
         yield idx.to_numpy().astype(np.int64), X
 
 
-def _batch_rows(d_l: int) -> int:
-    return max(256, BATCH_BYTES // (8 * d_l))
-
-
 @ray.remote(num_cpus=1)
 def _piece_sums(piece, shift: np.ndarray, weights: np.ndarray | None, Q: np.ndarray | None) -> tuple:
     """One piece's ``(n, W, t, t_w, sumsq, G or G Q)`` about ``shift``, float64 (module notes)."""
     d = len(shift)
     n, W, t, tw, sq = 0, 0.0, np.zeros(d), np.zeros(d), np.zeros(d)
     G = np.zeros((d, d) if Q is None else (d, Q.shape[1]))
-    for idx, X in iter_rows(piece, _batch_rows(d)):
+    for idx, X in iter_rows(piece, max(256, BATCH_BYTES // (8 * d))):
         Z = X.astype(np.float64)
         Z -= shift
         n += len(Z)
@@ -132,22 +110,15 @@ class _Passes:
         """The summed partials, added in piece order."""
         Q_ref = None if Q is None else ray.put(np.ascontiguousarray(Q, np.float64))
         refs = [_piece_sums.remote(p, self.shift, self.weights, Q_ref) for p in self.pieces]
-        total = None
-        for ref in refs:
-            part = ray.get(ref)
-            total = part if total is None else tuple(a + b for a, b in zip(total, part))
-        n, W = total[0], total[1]
-        if n < 2:
-            raise DataError(f"the embeddings hold {n} rows; a covariance needs at least 2",
-                            file=Path(self.pieces[0][0]).parent)
-        if self.weighted and not W > 0:
-            raise DataError("the popularity weights of the embedded items sum to 0", file=Path(self.pieces[0][0]).parent)
+        total = functools.reduce(lambda a, b: tuple(x + y for x, y in zip(a, b)), map(ray.get, refs))
+        if total[0] < 2 or self.weighted and not total[1] > 0:
+            raise DataError(f"the embeddings hold {total[0]} rows of popularity {total[1]:g}; a covariance needs at "
+                            "least 2 (and a positive popularity with weights)", file=Path(self.pieces[0][0]).parent)
         return total
 
     def centre(self, total: tuple) -> np.ndarray:
         """delta = c - s: the (popularity-weighted) mean about the shift."""
-        n, W, t, tw = total[:4]
-        return tw / W if self.weighted else t / n
+        return total[3] / total[1] if self.weighted else total[2] / total[0]
 
 
 def _about(GQ: np.ndarray, t: np.ndarray, n: int, delta: np.ndarray, Q: np.ndarray | None = None) -> np.ndarray:
@@ -161,42 +132,28 @@ def covariance(files: list[str], scale: float = 1.0,
     """``(n, mean, C)`` of ``scale * E``: float64 [d_l] and [d_l, d_l], C the unbiased scatter
     about the mean, or (``weights``: item popularity [N] by item_idx) about the weighted mean."""
     passes = _Passes(files, weights)
-    total = passes.run()
-    n, t, G = total[0], total[2], total[5]
+    n, _, t, _, _, G = total = passes.run()
     delta = passes.centre(total)
     C = _about(G, t, n, delta)
-    C = (C + C.T) * (scale * scale / 2)
-    return n, scale * (passes.shift + delta), C
+    return n, scale * (passes.shift + delta), (C + C.T) * (scale * scale / 2)
 
 
 def randomized_eigh(files: list[str], k: int, oversample: int = 16, power_iters: int = 4, scale: float = 1.0,
                     weights: np.ndarray | None = None, seed: int = 0) -> tuple:
-    """Top-k eigenpairs of the covariance of ``scale * E``, as :func:`covariance` defines it.
-
-    Returns:
-        ``(n, mean, eigenvalues [k] descending, eigenvectors [d_l, k], trace of C)``.
-
-    Raises:
-        ConfigError: naming ``decompose.oversample``, ``decompose.power_iters`` or ``model.dim``.
-    """
+    """``(n, mean, eigenvalues [k] descending, eigenvectors [d_l, k], trace of C)`` for C of
+    :func:`covariance`; a ConfigError names ``model.dim`` above d_l."""
     passes = _Passes(files, weights)
-    if oversample < 0:
-        raise ConfigError(f"decompose.oversample={oversample}: must be >= 0")
-    if power_iters < 0:
-        raise ConfigError(f"decompose.power_iters={power_iters}: must be >= 0")
     if not 0 < k <= passes.d_l:
         raise ConfigError(f"model.dim={k}: must be in 1..{passes.d_l}, the dimension d_l of the language embeddings")
     Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((passes.d_l, min(k + oversample, passes.d_l))))
-    total = passes.run(Q)
-    n, t, sq = total[0], total[2], total[4]
+    n, _, t, _, sq, GQ = total = passes.run(Q)
     delta = passes.centre(total)
-    CQ = _about(total[5], t, n, delta, Q)
+    CQ = _about(GQ, t, n, delta, Q)
     for _ in range(power_iters):
         Q, _ = np.linalg.qr(CQ)
         CQ = _about(passes.run(Q)[5], t, n, delta, Q)
     B = Q.T @ CQ
     values, V = np.linalg.eigh((B + B.T) / 2)
     values, V = values[::-1][:k], V[:, ::-1][:, :k]
-    trace = (sq.sum() - 2 * delta @ t + n * delta @ delta) / (n - 1)
-    s2 = scale * scale
-    return n, scale * (passes.shift + delta), s2 * values, Q @ V, s2 * float(trace)
+    trace = float(sq.sum() - 2 * delta @ t + n * delta @ delta) / (n - 1)
+    return n, scale * (passes.shift + delta), scale ** 2 * values, Q @ V, scale ** 2 * trace

@@ -1,42 +1,32 @@
-"""The decompose stage: embed/part-*.parquet -> basis, frozen semantic table, spectrum.
-
-Data flow (docs/method.md section 2)::
-
-    embed/part-*.parquet (item_idx, vector[d_l])
-      -> "exact": covariance (one Ray task per piece, float64 grams added in piece order)
-                  -> scipy.linalg.eigh: all d_l eigenpairs
-         "randomized": randomized_eigh -> the top model.dim eigenpairs and the trace of C
-      -> null_rule "count": d = model.dim, d_n = model.id_dims (not recorded by this stage)
-                   "threshold": d = d_l, d_n = #S_k <= null_threshold, recorded in basis.json
-      -> decompose/basis.safetensors + basis.json
-      -> semantic table (one Ray task per piece)        -> decompose/semantic.safetensors float32 [N, d]
-      -> decompose/spectrum.json + spectrum.png
-
-With ``weighted_mean`` the centre is the popularity-weighted mean mu_w and C the unweighted
-scatter about it over N - 1.
+"""The decompose stage (docs/method.md section 2): embed/part-*.parquet (item_idx, vector[d_l]) ->
+the covariance and all d_l eigenpairs (scipy.linalg.eigh; ``randomized``: the top model.dim and the
+trace) -> null_rule ``count`` (d = model.dim, d_n = model.id_dims, not recorded here) or
+``threshold`` (d = d_l, d_n = #S_k <= null_threshold, recorded in basis.json) -> basis.safetensors +
+basis.json, semantic.safetensors (float32 [N, d], one Ray task per piece), spectrum.json + .png.
 """
 from __future__ import annotations
 
-import json
+import io
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 from safetensors.numpy import save_file
+from scipy.linalg import eigh
 
 from ..config import DecomposeConfig
 from ..errors import ConfigError, DataError
-from ..stages import atomic_write_json, read_manifest
-from .basis import NullSpaceBasis, threshold_null_dims
+from ..stages import atomic_write_bytes, atomic_write_json, read_manifest
+from .basis import NullSpaceBasis
 from .covariance import INDEX_COLUMN, covariance, iter_rows, pieces, randomized_eigh
 from .drift import basis_drift, should_refit
-from .spectrum import SPECTRUM_PLOT, plot_spectrum
 
 PART_GLOB = "part-*.parquet"
 SEMANTIC_FILE = "semantic.safetensors"
 SEMANTIC_TENSOR = "semantic"
 SPECTRUM_FILE = "spectrum.json"
+SPECTRUM_PLOT = "spectrum.png"
 DRIFT_FILE = "drift.json"
 PREVIOUS_BASIS_DIR = "previous_basis"
 
@@ -48,35 +38,25 @@ def _transform_piece(piece, basis: NullSpaceBasis) -> tuple[np.ndarray, np.ndarr
 
 
 def semantic_table(files: list[str], basis: NullSpaceBasis, num_items: int) -> np.ndarray:
-    """Every row transformed and placed at its item_idx: float32 [N, d].
-
-    Raises:
-        DataError: naming the file when an item_idx is outside 0..N-1 or appears twice, or naming
-            the embed folder when items are missing.
-    """
-    table = np.zeros((num_items, basis.dim), dtype=np.float32)
-    seen = np.zeros(num_items, dtype=bool)
-    basis_ref = ray.put(basis)
+    """Every row transformed and placed at its item_idx: float32 [N, d]. A DataError names the file
+    of an item_idx outside 0..N-1 or seen twice, or the embed folder when items are missing."""
+    table, count = np.zeros((num_items, basis.dim), dtype=np.float32), np.zeros(num_items, dtype=np.int64)
     work = pieces(files)
-    refs = [_transform_piece.remote(p, basis_ref) for p in work]
+    refs = [_transform_piece.remote(p, basis_ref) for basis_ref in [ray.put(basis)] for p in work]
     for (path, _), ref in zip(work, refs):
         idx, coords = ray.get(ref)
         outside = idx[(idx < 0) | (idx >= num_items)]
         if len(outside):
             raise DataError(f"item_idx {outside[0]} is outside 0..{num_items - 1} (prepare has {num_items} items)",
                             file=path, column=INDEX_COLUMN)
-        ordered = np.sort(idx)
-        twice = ordered[1:][ordered[1:] == ordered[:-1]]
-        if len(twice) or seen[idx].any():
-            item = twice[0] if len(twice) else idx[seen[idx]][0]
-            raise DataError(f"item_idx {item} occurs more than once in the embeddings; each item needs exactly "
-                            "one row", file=path, column=INDEX_COLUMN)
-        seen[idx] = True
+        np.add.at(count, idx, 1)
+        if (count[idx] > 1).any():
+            raise DataError(f"item_idx {idx[count[idx] > 1][0]} occurs more than once in the embeddings; each item "
+                            "needs exactly one row", file=path, column=INDEX_COLUMN)
         table[idx] = coords
-    if not seen.all():
-        missing = np.flatnonzero(~seen)
-        raise DataError(f"{len(missing)} items have no embedding (first item_idx {missing[0]}); rerun the embed "
-                        "stage", file=Path(files[0]).parent)
+    if not count.all():
+        raise DataError(f"{np.sum(count == 0)} items have no embedding (first item_idx {np.argmin(count)}); rerun "
+                        "the embed stage", file=Path(files[0]).parent)
     return table
 
 
@@ -99,31 +79,11 @@ def _write(out_dir: Path, basis: NullSpaceBasis, files: list[str], num_items: in
 
 def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, out_dir: Path,
               weights: np.ndarray | None = None) -> dict:
-    """Fit the basis on all item embeddings and write the frozen semantic table.
-
-    Args:
-        embed_dir: the embed stage folder (``part-*.parquet`` with ``item_idx``, ``vector[d_l]``).
-        cfg: the ``decompose`` config section.
-        dim: d, the model width (``model.dim``).
-        num_items: N, from prepare's manifest; every item_idx 0..N-1 must be embedded once.
-        out_dir: receives ``basis.*``, ``semantic.safetensors``, ``spectrum.json``, ``spectrum.png``.
-        weights: item popularity, float [N] by item_idx; used with ``decompose.weighted_mean``.
-
-    Returns:
-        ``{"rows": {"items": N}, "d_l", "d", "d_null" (None under the count rule),
-        "explained_variance_semantic", ...}`` for the stage manifest.
-
-    Raises:
-        ConfigError: naming the key of an inconsistent setting (``model.dim`` under the threshold rule).
-    """
+    """Fit the basis on the embed folder's fragments and write ``basis.*``, ``semantic.safetensors``
+    and the spectrum to ``out_dir``; ``dim`` = ``model.dim``, ``num_items`` = N (every item_idx
+    0..N-1 embedded once), ``weights`` = popularity [N] (``decompose.weighted_mean``). Returns the
+    manifest facts (``d_null`` is None under the count rule); ConfigErrors name the key to change."""
     embed_dir, out_dir = Path(embed_dir), Path(out_dir)
-    if cfg.null_rule == "threshold":
-        if cfg.null_threshold is None:
-            raise ConfigError("decompose.null_rule=threshold needs decompose.null_threshold (DreamRec: 0.25 "
-                              "with decompose.scale=40)")
-        if cfg.method != "exact":
-            raise ConfigError(f"decompose.null_rule=threshold counts small eigenvalues, which "
-                              f"decompose.method={cfg.method} does not compute; use decompose.method=exact")
     if cfg.weighted_mean and (weights is None or not np.sum(weights) > 0):
         raise ConfigError("decompose.weighted_mean=true needs item popularities (prepare's items.parquet) with a "
                           "positive sum; every item has popularity 0 here")
@@ -131,57 +91,43 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     if not files:
         raise DataError(f"no {PART_GLOB} embedding fragments; run the embed stage first", file=embed_dir)
     t0 = time.time()
-    refit_facts = None
-    if cfg.reuse_basis:
-        refit_facts = _reuse_basis(files, cfg, dim, num_items, out_dir)
-        if refit_facts is None:
-            drift = json.loads((out_dir / DRIFT_FILE).read_text())
-            return {"rows": {"items": num_items}, "reused_basis": drift["previous"], "refit": False,
-                    "new_items": drift["new_items"]}
+    reused = _reuse_basis(files, cfg, dim, num_items, out_dir) if cfg.reuse_basis else None
+    if reused is not None and not reused["refit"]:
+        return {"rows": {"items": num_items}, "reused_basis": reused["previous"], "refit": False,
+                "new_items": reused["new_items"]}
     w = weights if cfg.weighted_mean else None
     if cfg.method == "randomized":
-        n, mean, values, vectors, total_variance = randomized_eigh(
-            files, dim, cfg.oversample, cfg.power_iters, cfg.scale, w)
+        n, mean, values, vectors, total_variance = randomized_eigh(files, dim, cfg.oversample, cfg.power_iters,
+                                                                   cfg.scale, w)
     else:
-        from scipy.linalg import eigh
-
         n, mean, C = covariance(files, cfg.scale, w)
         (values, vectors), total_variance = eigh(C, check_finite=False), None
     if n != num_items:
         raise DataError(f"the embeddings have {n} rows but prepare has {num_items} items; rerun the embed stage",
                         file=embed_dir)
-    null_dims = None
-    if cfg.null_rule == "threshold":
-        null_dims = threshold_null_dims(values, cfg.null_threshold)
-        if dim != len(values):  # the model's width is fixed before this stage: the rule may not change it
-            raise ConfigError(f"decompose.null_rule=threshold keeps all d_l={len(values)} directions: set "
-                              f"model.dim={len(values)} (now {dim}); the rule gives d_n={null_dims} "
-                              f"(set model.id_dims={null_dims})")
-    t_spectrum = time.time() - t0
+    null_dims = int(np.count_nonzero(values <= cfg.null_threshold)) if cfg.null_rule == "threshold" else None
+    if null_dims is not None and dim != len(values):  # the model's width is fixed before this stage
+        raise ConfigError(f"decompose.null_rule=threshold keeps all d_l={len(values)} directions: set model.dim="
+                          f"{len(values)} (now {dim}); the rule gives d_n={null_dims} (set model.id_dims={null_dims})")
     basis = NullSpaceBasis.from_spectrum(mean, values, vectors, dim=dim, null_dims=null_dims, whiten=cfg.whiten,
                                          scale=cfg.scale, total_variance=total_variance)
-    info = _write(out_dir, basis, files, num_items, {"method": cfg.method, "null_rule": cfg.null_rule,
-                                                     "null_threshold": cfg.null_threshold,
-                                                     "weighted_mean": cfg.weighted_mean})
-    print(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method} spectrum "
-          f"{t_spectrum:.1f}s, total {time.time() - t0:.1f}s; the d={dim} kept directions explain "
+    info = _write(out_dir, basis, files, num_items, {k: getattr(cfg, k) for k in (
+        "method", "null_rule", "null_threshold", "weighted_mean")})
+    print(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method}, "
+          f"{time.time() - t0:.1f}s; the d={dim} kept directions explain "
           f"{info['explained_variance_semantic']:.1%} of the variance" + (
               f"; the items span only {basis.spanned_dims} of them, the other whitened coordinates are 0"
               if basis.whiten and basis.spanned_dims < dim else ""), flush=True)
-    if refit_facts is not None:
+    if reused is not None:
         info |= {"reused_basis": None, "refit": True}
     return {"rows": {"items": num_items}, **info}
 
 
-def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: int, out_dir: Path) -> dict | None:
-    """``decompose.reuse_basis``: transform every item with the previous run's basis, measure drift
-    on the items added since, and refit when ``decompose.refit_threshold`` says so.
-
-    Writes ``drift.json`` either way. Without a refit it also writes the old basis, the semantic
-    table and the spectrum, and returns None; with a refit it keeps the old basis under
-    ``previous_basis/`` (the train stage's warm start carries ID vectors from it) and returns the
-    drift facts, and the caller fits a new basis.
-    """
+def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: int, out_dir: Path) -> dict:
+    """``decompose.reuse_basis``: measure drift on the items added since the previous run, write
+    ``drift.json`` and return its facts. Without a refit (``decompose.refit_threshold``) also write the
+    old basis's outputs; with one keep the old basis in ``previous_basis/`` (the warm start carries ID
+    vectors from it): the caller fits a new basis."""
     prev = Path(cfg.reuse_basis).expanduser()
     old = NullSpaceBasis.load(prev)
     if old.dim != dim:
@@ -212,6 +158,39 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
              if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason, flush=True)
     if refit:
         old.save(out_dir / PREVIOUS_BASIS_DIR)
-        return facts
-    _write(out_dir, old, files, num_items, {"reused_from": str(prev)})
-    return None
+    else:
+        _write(out_dir, old, files, num_items, {"reused_from": str(prev)})
+    return facts
+
+
+def plot_spectrum(basis: NullSpaceBasis, path: Path) -> None:
+    """Eigenvalues (log axis) with the semantic, null (where d_n is recorded) and dropped ranges
+    shaded, and the cumulative explained variance, as a PNG (matplotlib's Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values, d_s, d = basis.eigenvalues, basis.semantic_dims, basis.dim
+    k, positive = np.arange(len(values)), values > 0  # a log axis cannot show round-off zeros
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.semilogy(k[positive], values[positive], color="black", lw=1.2, label="eigenvalue $S_k$")
+    for lo, hi, color, label in [(0, d_s, "tab:blue", "semantic" if basis.null_dims else "kept"),
+                                 (d_s, d, "tab:orange", "null (ID)"), (d, len(values), "tab:gray", "dropped")]:
+        if hi > lo:
+            ax.axvspan(lo - 0.5, hi - 0.5, color=color, alpha=0.2, label=f"{label} [{lo}, {hi})")
+    ax.set(xlabel="direction k (eigenvalues descending)", ylabel="eigenvalue (covariance of scale * E)",
+           xlim=(-0.5, len(values) - 0.5))
+    right = ax.twinx()
+    explained = basis.explained_variance()
+    right.plot(k, explained, color="tab:green", lw=1.2, ls="--", label="cumulative explained variance")
+    right.set(ylim=(0, 1.02), ylabel="cumulative explained variance")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0], fontsize=8)
+    ax.set_title(f"d_l={basis.d_l}, d={d}, d_n={basis.null_dims or 'model.id_dims'} "
+                 f"({'whitened' if basis.whiten else 'not whitened'}); the d kept directions explain "
+                 f"{explained[d - 1]:.1%}", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
