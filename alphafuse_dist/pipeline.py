@@ -68,9 +68,8 @@ def check_workers(timeout_s: float, probe: Callable[[], str] = _worker_version) 
     A job fails here, before any stage, when a node's workers cannot start or import the package
     (a node without it, a failed runtime_env upload) or import another version of it: otherwise a
     Ray stage would fail midway on that node. (A version string cannot tell apart two different
-    checkouts of one version.) It also pays a fresh job's first-task cost (0.26-0.44 s however
-    small the task: Ray sets up serialization in the driver and the worker;
-    benchmarks/decompose/RESULTS.md) once, up front.
+    checkouts of one version.) It also pays a fresh job's first-task cost (Ray sets up
+    serialization in the driver and the worker, however small the task) once, up front.
 
     Raises:
         ConfigError: naming ``ray.ready_timeout_s`` and the nodes that did not answer in time, or

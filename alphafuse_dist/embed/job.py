@@ -175,8 +175,7 @@ def vector_schema(d_l: int) -> pa.Schema:
     """``item_idx: int32 not null, vector: fixed_size_list<element: float not null>[d_l] not null``.
 
     Required fields: the Parquet reader then skips the definition levels of 384-3072 values per
-    row, which decodes the vector column ~20-35% faster (benchmarks/decompose/RESULTS.md); readers
-    of the older nullable files are unaffected.
+    row, which decodes the vector column faster; readers of the older nullable files are unaffected.
     """
     vector = pa.list_(pa.field("element", pa.float32(), nullable=False), d_l)
     return pa.schema([pa.field(INDEX_COLUMN, pa.int32(), nullable=False), pa.field(VECTOR_COLUMN, vector, nullable=False)])
