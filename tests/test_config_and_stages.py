@@ -65,6 +65,25 @@ def test_retired_and_renamed_keys_say_what_to_do(tmp_path):
     assert load_config("quickstart", ["model.id_dims=32"]).model.id_dims == 32
 
 
+def test_id_dims_is_outside_the_decompose_hash_and_checked_against_the_threshold_rule(tmp_path):
+    import json
+
+    from alphafuse_dist import pipeline
+    from alphafuse_dist.config import section_hash
+
+    a, b = load_config("quickstart"), load_config("quickstart", ["model.id_dims=32"])
+    assert section_hash(a.decompose, a.model.dim) == section_hash(b.decompose, b.model.dim)  # the stage's identity
+    for stage in ("prepare", "embed", "decompose"):
+        def build(tmp, stage=stage):
+            if stage == "decompose":  # as the threshold rule records it
+                (tmp / "basis.json").write_text(json.dumps({"d": 128, "d_null": 40}))
+            return {"rows": {"items": 5}}
+        run_stage(tmp_path, stage, config_hash="x", inputs={}, build=build, log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"^model\.id_dims=64: decompose\.null_rule=threshold derived d_n=40 .*"
+                                          r"set model\.id_dims=40$"):
+        pipeline.train_stage(load_config("quickstart", [f"run_dir={tmp_path}"]), log=lambda s: None)
+
+
 def test_override_values_typed_by_key():
     cfg = load_config("quickstart", ["data.min_rating=none", "eval.exclude_history=true",
                                      "data.text_template={title} ({genres})", "run_dir=runs/{name}"])

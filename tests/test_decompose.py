@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig, load_config
-from alphafuse_dist.decompose.basis import NullSpaceBasis
+from alphafuse_dist.decompose.basis import NullSpaceBasis, recorded_id_dims
 from alphafuse_dist.decompose.covariance import covariance, pieces, randomized_eigh
 from alphafuse_dist.decompose.stage import decompose, semantic_table
 from alphafuse_dist.errors import ConfigError, DataError
@@ -151,7 +151,7 @@ def test_threshold_rule_keeps_all_dims_and_records_d_n(ray_session, embeddings, 
     assert (meta["d"], meta["d_null"], info["d"], info["d_null"]) == (D_L, d_n, D_L, d_n)
     assert rel_err(load_file(str(tmp_path / "semantic.safetensors"))["semantic"], expected) < 1e-5
     basis = NullSpaceBasis.load(tmp_path)
-    assert basis.with_id_dims(d_n).null_dims == d_n
+    assert basis.with_id_dims(d_n).null_dims == d_n and recorded_id_dims(tmp_path) == d_n
     with pytest.raises(ConfigError, match=rf"model\.id_dims=8: .* set model\.id_dims={d_n}"):
         basis.with_id_dims(8)
     with pytest.raises(ConfigError, match=r"decompose\.null_rule=threshold needs decompose\.null_threshold"):
