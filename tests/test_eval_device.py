@@ -97,7 +97,7 @@ def test_rank_job_with_encoder_equals_the_per_batch_loop():
     from alphafuse_dist.model.backbones import build_encoder
     from alphafuse_dist.model.sasrec import user_states_from_table
 
-    cfg = load_config("quickstart", ["model.dim=16", "decompose.null_dims=8", "model.max_len=5", "model.dropout=0.0"])
+    cfg = load_config("quickstart", ["model.dim=16", "model.id_dims=8", "model.max_len=5", "model.dropout=0.0"])
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model).eval()
     rng = np.random.default_rng(1)
