@@ -105,7 +105,7 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     print("\n" + table)
     path = cfg.run_path / "comparison.json"
     body = json.dumps([{"run": label, **res} for label, res in rows], indent=2)
-    from .stages import atomic_write_bytes
+    from .runtime.manifest import atomic_write_bytes
 
     atomic_write_bytes(path, body.encode())
     if output:
@@ -121,7 +121,7 @@ def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: 
     import copy
 
     from .evaluate.report import build_report, write_report
-    from .pipeline import train_stage_name
+    from .config import train_stage_name
 
     runs, i = [], 0
     for method in methods:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -359,6 +361,59 @@ def section_hash(*parts: Any) -> str:
 
     blob = json.dumps([body(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- names and times
+
+def parse_time(value: Any, key: str) -> int:
+    """Epoch seconds of ``value``: an integer, or an ISO 8601 date / date-time (UTC unless it carries
+    an offset, as the sources read dates).
+
+    Raises:
+        ConfigError: naming ``key`` when ``value`` is neither.
+    """
+    text = str(value).strip()
+    try:
+        if text.lstrip("-").isdigit():
+            return int(text)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: expected epoch seconds or an ISO 8601 date") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return math.floor(moment.timestamp())
+
+
+def parse_split_times(values: list) -> tuple[int, int]:
+    """``data.split_times`` as epoch seconds (t1, t2) (see :func:`parse_time`).
+
+    Raises:
+        ConfigError: naming ``data.split_times`` unless there are two readable times with t1 < t2.
+    """
+    if len(values) != 2:
+        raise ConfigError(f"data.split_times={values}: the time split needs [t1, t2] (epoch seconds or "
+                          "ISO 8601), valid = [t1, t2), test = [t2, ...)")
+    times = []
+    for value in values:
+        try:
+            times.append(parse_time(value, "data.split_times"))
+        except ConfigError:
+            raise ConfigError(f"data.split_times={values}: cannot read {value!r} as epoch seconds or an "
+                              "ISO 8601 date") from None
+    if times[0] >= times[1]:
+        raise ConfigError(f"data.split_times={values}: t1 must be before t2 (got {times[0]} >= {times[1]} "
+                          "epoch seconds)")
+    return times[0], times[1]
+
+
+def train_stage_name(cfg: RunConfig) -> str:
+    """``train-<method>-s<seed>``: the run's train stage folder."""
+    return f"train-{cfg.method}-s{cfg.seed}"
+
+
+def evaluate_stage_name(cfg: RunConfig) -> str:
+    """``evaluate-<method>-s<seed>``: the run's evaluate stage folder."""
+    return f"evaluate-{cfg.method}-s{cfg.seed}"
 
 
 # ----------------------------------------------------------------------------- loading

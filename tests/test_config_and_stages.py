@@ -9,7 +9,7 @@ import pytest
 from alphafuse_dist.cli import main
 from alphafuse_dist.config import config_from_dict, load_config, parse_override, preset_names
 from alphafuse_dist.errors import ConfigError
-from alphafuse_dist.stages import fingerprint_path, read_manifest, run_stage
+from alphafuse_dist.runtime.manifest import fingerprint_path, read_manifest, run_stage
 
 
 # ----------------------------------------------------------------------------- config
@@ -182,7 +182,7 @@ def test_cli_bad_input_one_line_error_no_manifest(case, tmp_path, capsys):
 KILLED_STAGE = """
 import sys, time
 from pathlib import Path
-from alphafuse_dist.stages import run_stage
+from alphafuse_dist.runtime.manifest import run_stage
 
 def build(tmp):
     (tmp / "part-0.parquet").write_bytes(b"half")
@@ -203,7 +203,7 @@ def test_sigkilled_stage_leaves_no_readable_output(tmp_path):
     import time
 
     from alphafuse_dist.errors import AlphaFuseError
-    from alphafuse_dist.stages import clean_temporaries, require_stage
+    from alphafuse_dist.runtime.manifest import clean_temporaries, require_stage
 
     flag = tmp_path / "started"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(tmp_path / "run"), str(flag)])
@@ -245,7 +245,7 @@ def test_check_workers_fails_fast_with_the_reason(ray_session):
     or never runs the task stops the job before any stage, with the reason."""
     import time as _time
 
-    from alphafuse_dist.pipeline import check_workers
+    from alphafuse_dist.runtime.ray import check_workers
 
     assert 0 < check_workers(60.0) < 60
     with pytest.raises(ConfigError, match=r"ray.ready_timeout_s=0: must be a positive"):

@@ -30,7 +30,7 @@ from alphafuse_dist.model.sasrec import user_states_from_table
 from alphafuse_dist.serve import export as export_mod
 from alphafuse_dist.serve.export import export_run
 from alphafuse_dist.serve.recommend import Recommender, recommend
-from alphafuse_dist.stages import read_manifest, run_stage
+from alphafuse_dist.runtime.manifest import read_manifest, run_stage
 
 N_ITEMS, N_USERS, D, DN, L = 30, 40, 16, 8, 6
 # seed -> (backbone, similarity): every backbone, both score rules

@@ -247,7 +247,7 @@ def test_pipeline_runs_the_stages_a_method_needs(method, stages, tmp_path, monke
 
 def test_train_stage_passes_and_fingerprints_each_methods_inputs(tmp_path, monkeypatch):
     from alphafuse_dist import pipeline
-    from alphafuse_dist.stages import read_manifest, run_stage
+    from alphafuse_dist.runtime.manifest import read_manifest, run_stage
 
     for stage, info in (("prepare", {"rows": {"items": 5}}), ("embed", {}), ("decompose", {})):
         run_stage(tmp_path, stage, config_hash="x", inputs={}, build=lambda tmp, info=info: info, log=lambda s: None)
@@ -433,7 +433,7 @@ def prepared(tmp_path_factory, write_cycle_data):
     """A prepared cycle data set (item i -> i+1, as tests/test_pipeline_e2e.py) with synthetic
     random language embeddings written as the embed stage would, and a decompose folder."""
     from alphafuse_dist.pipeline import prepare_stage
-    from alphafuse_dist.stages import read_manifest
+    from alphafuse_dist.runtime.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("methods")
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import pytest
 
 from alphafuse_dist.config import load_config
 from alphafuse_dist.pipeline import run_pipeline
-from alphafuse_dist.stages import read_manifest
+from alphafuse_dist.runtime.manifest import read_manifest
 
 N_ITEMS, N_USERS = 40, 120
 GENRES = ["Comedy", "Drama", "Horror", "Western", "Musical", "Documentary", "Animation", "Crime"]

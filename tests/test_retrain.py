@@ -22,7 +22,7 @@ import pytest
 from alphafuse_dist.errors import AlphaFuseError, DataError
 from alphafuse_dist.retrain import Registry, decide_promotion
 from alphafuse_dist.retrain.job import period_run_id, retrain
-from alphafuse_dist.stages import read_manifest
+from alphafuse_dist.runtime.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "alphafuse_dist" / "datasets" / "ml-latest-small"

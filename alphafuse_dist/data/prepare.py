@@ -33,13 +33,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import DataConfig
+from ..config import DataConfig, parse_split_times
 from ..errors import ConfigError
-from ..stages import atomic_write_json
+from ..runtime.manifest import atomic_write_json
 from .filters import filter_interactions
 from .idmap import assign_ids, read_id_map
 from .sources import load_source
-from .splits import check_fractions, check_train_window, parse_split_times, split
+from .splits import check_fractions, check_train_window, split
 from .text import fill_missing, item_text, truncate_tokens
 
 # the Arrow schemas of docs/run-directory.md, written exactly (polars alone would write

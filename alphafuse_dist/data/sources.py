@@ -46,7 +46,7 @@ import pyarrow as pa
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
-from ..stages import fingerprint_path
+from ..runtime.manifest import fingerprint_path
 from .embedded import embedded_path
 
 # MovieLens marks a movie without genres with this placeholder; it is a missing value, not a genre

@@ -28,13 +28,12 @@ Kinds:
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ..config import DataConfig
+from ..config import DataConfig, parse_split_times
 from ..errors import ConfigError, DataError
 
 Splits = tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]
@@ -138,30 +137,6 @@ def unit_hash(ids: pl.Series, seed: int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def parse_split_times(values: list[str]) -> tuple[int, int]:
-    """``data.split_times`` as epoch seconds (t1, t2): integers, or ISO 8601 dates / date-times
-    (UTC unless they carry an offset, as the sources read dates).
-
-    Raises:
-        ConfigError: naming ``data.split_times`` unless there are two readable times with t1 < t2.
-    """
-    if len(values) != 2:
-        raise ConfigError(f"data.split_times={values}: the time split needs [t1, t2] (epoch seconds or "
-                          "ISO 8601), valid = [t1, t2), test = [t2, ...)")
-    times = []
-    for value in values:
-        text = str(value).strip()
-        try:
-            times.append(int(text) if text.lstrip("-").isdigit() else _iso_seconds(text))
-        except ValueError:
-            raise ConfigError(f"data.split_times={values}: cannot read {value!r} as epoch seconds or an "
-                              "ISO 8601 date") from None
-    if times[0] >= times[1]:
-        raise ConfigError(f"data.split_times={values}: t1 must be before t2 (got {times[0]} >= {times[1]} "
-                          "epoch seconds)")
-    return times[0], times[1]
-
-
 def check_train_window(cfg: DataConfig) -> float | None:
     """``data.train_window_days``, checked.
 
@@ -179,13 +154,6 @@ def check_train_window(cfg: DataConfig) -> float | None:
         raise ConfigError(f"data.train_window_days={days}: must be a number of days > 0 (or None: all "
                           "interactions before t1)")
     return float(days)
-
-
-def _iso_seconds(text: str) -> int:
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return math.floor(moment.timestamp())
 
 
 def by_time(seq: pl.DataFrame, t1: int, t2: int, *, train_window_days: float | None = None) -> tuple[Splits, dict]:

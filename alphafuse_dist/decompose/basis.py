@@ -20,7 +20,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from ..errors import ConfigError, DataError
-from ..stages import atomic_write_bytes, atomic_write_json
+from ..runtime.manifest import atomic_write_bytes, atomic_write_json
 
 TENSORS_FILE = "basis.safetensors"
 META_FILE = "basis.json"

@@ -17,7 +17,7 @@ from scipy.linalg import eigh
 
 from ..config import DecomposeConfig
 from ..errors import ConfigError, DataError
-from ..stages import atomic_write_bytes, atomic_write_json, read_manifest
+from ..runtime.manifest import atomic_write_bytes, atomic_write_json, read_manifest
 from .basis import NullSpaceBasis
 from .covariance import INDEX_COLUMN, covariance, iter_rows, pieces, randomized_eigh
 from .drift import basis_drift, should_refit

@@ -18,7 +18,7 @@ Data flow::
 
 Each actor reserves exactly 1 CPU (plus 1 / embed.actors_per_gpu of a GPU on CUDA): an actor that reserves 2 CPUs on a
 2-CPU node leaves nothing for Ray Data's read and write tasks and the job hangs without an error.
-Ray must already be initialised by the caller (the pipeline's ``ensure_ray``).
+Ray must already be initialised by the caller (``runtime.ray.ensure_ray``).
 
 Example::
 
@@ -41,7 +41,7 @@ from ray.data.datasource import FilenameProvider
 
 from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
-from ..stages import atomic_write_json
+from ..runtime.manifest import atomic_write_json
 from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import load_encoder, resolve_model, token_counts
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stages import atomic_write_bytes, atomic_write_json
+from ..runtime.manifest import atomic_write_bytes, atomic_write_json
 
 GROUP_ORDER = ("overall", "head", "tail", "head_users", "tail_users", "never_seen")
 

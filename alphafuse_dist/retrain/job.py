@@ -97,13 +97,9 @@ def period_run_id(period_end: int) -> str:
 
 
 def _seconds(value, what: str) -> int:
-    from ..data.splits import _iso_seconds
+    from ..config import parse_time
 
-    text = str(value).strip()
-    try:
-        return int(text) if text.lstrip("-").isdigit() else _iso_seconds(text)
-    except ValueError:
-        raise ConfigError(f"{what}={value!r}: expected epoch seconds or an ISO 8601 date") from None
+    return parse_time(value, what)
 
 
 def _major(version: str) -> str:
@@ -119,7 +115,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _period_lock(run_dir: Path):
     """One retrain of a period at a time (the candidate, the incumbent and the registration)."""
-    from ..stages import exclusive_lock
+    from ..runtime.manifest import exclusive_lock
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return exclusive_lock(run_dir / ".retrain.lock",
@@ -130,7 +126,7 @@ def _period_lock(run_dir: Path):
 
 def _train_folder(run_dir: Path, method: str | None, seed: int | None) -> Path:
     """The previous run's finished train stage folder holding ``config.json``."""
-    from ..stages import read_manifest
+    from ..runtime.manifest import read_manifest
 
     recorded = _read_json(run_dir / RETRAIN_FILE) or {}
     method = method or recorded.get("method")
@@ -159,7 +155,7 @@ def _check_previous(run_dir: Path, method: str | None, seed: int | None) -> tupl
             major version (both naming the folder).
     """
     from ..config import METHOD_INPUTS
-    from ..stages import read_manifest, require_stage
+    from ..runtime.manifest import read_manifest, require_stage
 
     train = _train_folder(run_dir, method, seed)
     config = _read_json(train / "config.json")
@@ -192,7 +188,7 @@ def _previous_end(run_dir: Path, config: dict, registry) -> int | None:
             return entry.data_window["end"]
     data = config.get("data", {})
     if data.get("split") == "time" and len(data.get("split_times") or []) == 2:
-        from ..data.splits import parse_split_times
+        from ..config import parse_split_times
 
         return parse_split_times(data["split_times"])[1]
     return None
@@ -308,8 +304,8 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
         ConfigError / DataError / AlphaFuseError: bad input (the registry and ``LATEST`` untouched).
     """
     from ..config import METHOD_INPUTS
-    from ..data.splits import parse_split_times
-    from ..pipeline import evaluate_stage_name, run_pipeline, train_stage_name
+    from ..config import evaluate_stage_name, parse_split_times, train_stage_name
+    from ..pipeline import run_pipeline
     from .registry import Registry, decide_promotion, resolve_previous
 
     if not (promote_tolerance >= 0 and math.isfinite(promote_tolerance)):
@@ -443,7 +439,7 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
     log(f"[retrain] period {rid}: data until {_iso(end)}, valid [{_iso(t1)}, {_iso(t2)}), test [{_iso(t2)}, "
         f"{_iso(end)}); previous run: {prev_dir or 'none (full train)'}; run dir {run_dir}")
 
-    from ..stages import atomic_write_json
+    from ..runtime.manifest import atomic_write_json
 
     if rid in registry:  # a registered run is only rerun as it was: its files may be served
         trained = _read_json(run_dir / train_stage_name(cfg) / "config.json")

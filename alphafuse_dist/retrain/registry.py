@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..errors import AlphaFuseError, ConfigError, DataError
-from ..stages import atomic_write_json, require_stage
+from ..runtime.manifest import atomic_write_json, require_stage
 
 REGISTRY_FILE = "registry.json"
 LATEST_FILE = "LATEST"

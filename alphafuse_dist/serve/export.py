@@ -23,7 +23,7 @@ by default ``<run_dir>/export-<method>-s<seed>/``:
   package is installed (the model card says why it is missing otherwise).
 - ``model_card.json`` / ``model_card.md``: method, seed, config, data window, test metrics, basis
   facts, best epoch, code version, item counts, and the serving contract above.
-- ``manifest.json``: as every stage (``alphafuse_dist/stages.py``): the folder is written into a
+- ``manifest.json``: as every stage (``alphafuse_dist/runtime/manifest.py``): the folder is written into a
   hidden temporary folder first and renamed into place only when complete, so a failed export
   leaves the previous one untouched; a rerun with the same inputs is skipped.
 
@@ -62,7 +62,7 @@ from torch import nn
 from .. import __version__
 from ..config import METHOD_INPUTS, RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
-from ..stages import read_manifest, require_stage, run_stage
+from ..runtime.manifest import read_manifest, require_stage, run_stage
 
 EXPORT_FORMAT = 1
 ITEMS_FILE = "items.parquet"

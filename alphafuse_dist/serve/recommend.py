@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import AlphaFuseError, ConfigError, DataError
-from ..stages import read_manifest
-from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, file_sha256, export_run
+from ..runtime.manifest import read_manifest
+from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run, file_sha256
 
 Log = Callable[[str], None]
 

@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .errors import AlphaFuseError
+from .. import __version__
+from ..errors import AlphaFuseError
 
 MANIFEST = "manifest.json"
 
@@ -168,3 +168,10 @@ def exclusive_lock(path: Path, busy: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_dir_lock(run_dir: Path):
+    """One pipeline per run directory at a time: a second one would delete the first one's
+    temporary stage folders as leftovers."""
+    return exclusive_lock(run_dir / ".lock", f"run_dir {run_dir}: another alphafuse run is using it; wait for it "
+                                             "or choose another run_dir")
