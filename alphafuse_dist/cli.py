@@ -19,9 +19,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .config import METHODS, load_config, preset_names
-from .errors import AlphaFuseError
+from .errors import AlphaFuseError, user_error
 
 
 def _byte_size(text: str) -> int:
@@ -137,50 +138,65 @@ def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: 
     return folder
 
 
+def exit_code(run: Callable[[], object], prefix: str = "alphafuse: error: ") -> int:
+    """Call ``run``; 0, or 2 with the error in one line on stderr when input (config, data) is at
+    fault, also when a Ray task or Ray Train worker raised it (:func:`errors.user_error`). Other
+    exceptions propagate with their traceback."""
+    try:
+        run()
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"{prefix}{err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "presets":
-            print("\n".join(preset_names()))
-        elif args.command == "download":
-            from .data.download import download
+    return exit_code(lambda: _command(args))
 
-            # the progress line redraws itself with '\r': only a terminal shows that as intended
-            limit = {} if args.max_size is None else {"max_bytes": args.max_size}
-            print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty(), **limit))
-        elif args.command == "quickstart":
-            _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None,
-                     title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")
-        elif args.command == "compare":
-            _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title,
-                     args.jobs)
-        elif args.command == "export":
-            from .serve import export_command
 
-            export_command(args)
-        elif args.command == "recommend":
-            from .serve import recommend_command
+def _command(args: argparse.Namespace) -> None:
+    """Run the parsed command (input errors propagate to :func:`exit_code`)."""
+    if args.command == "presets":
+        print("\n".join(preset_names()))
+    elif args.command == "download":
+        from .data.download import download
 
-            recommend_command(args)
-        elif args.command == "retrain":
-            from .retrain.job import retrain_command
+        # the progress line redraws itself with '\r': only a terminal shows that as intended
+        limit = {} if args.max_size is None else {"max_bytes": args.max_size}
+        print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty(), **limit))
+    elif args.command == "quickstart":
+        _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None,
+                 title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")
+    elif args.command == "compare":
+        _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title,
+                 args.jobs)
+    elif args.command == "export":
+        from .serve import export_command
 
-            retrain_command(args)
-        elif args.command == "run":
-            from .evaluate.stage import format_table
-            from .pipeline import run_pipeline
+        export_command(args)
+    elif args.command == "recommend":
+        from .serve import recommend_command
 
-            cfg = load_config(args.config, args.overrides)
-            out = run_pipeline(cfg, stages=_stages(args.stages))
-            if "metrics" in out:
-                print("\n" + format_table([(cfg.method, out["metrics"])], ks=tuple(cfg.eval.ks)))
-                print(f"\nmetrics: {out['metrics_path']}")
-    except AlphaFuseError as e:
-        print(f"alphafuse: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        recommend_command(args)
+    elif args.command == "retrain":
+        from .retrain.job import retrain_command
+
+        retrain_command(args)
+    elif args.command == "run":
+        from .evaluate.stage import format_table
+        from .pipeline import run_pipeline
+
+        cfg = load_config(args.config, args.overrides)
+        out = run_pipeline(cfg, stages=_stages(args.stages))
+        if "metrics" in out:
+            print("\n" + format_table([(cfg.method, out["metrics"])], ks=tuple(cfg.eval.ks)))
+            print(f"\nmetrics: {out['metrics_path']}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Example::
     cfg.train.epochs  # 3
 
 Every key is checked: an unknown key or a value of the wrong type raises :class:`ConfigError`
-naming the dotted key (``train.lrr``) and what is expected.
+naming the dotted key (``train.lrr``) and what is expected; then :func:`validate` checks the range
+of every numeric key (``RANGES``) and every rule across keys, before any work starts, each error
+one line naming the key (``train.lr=-1: must be > 0``).
 """
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ class DataConfig:
     # --- filters (applied in this order: rating, de-duplication, k-core, last L)
     min_rating: float | None = None  # keep interactions with rating >= this (None: keep all)
     dedupe: Literal["exact", "user_item", "none"] = "exact"  # exact rows, or keep a pair's first interaction
-    min_user_interactions: int = 3  # leave-one-out needs >= 3 (train, valid, test)
+    # users with fewer interactions are dropped; at least 3 for leave_one_out (train, valid and test
+    # targets), 2 for cold_start_users (a held-out target and its history), 1 for time
+    min_user_interactions: int = 3
     min_item_interactions: int = 1  # with min_user_interactions: iterative k-core until both hold
     max_history: int | None = None  # keep each user's last L interactions (None: all)
     # --- splits
@@ -135,7 +139,7 @@ class DecomposeConfig:
     null_threshold: float | None = None  # threshold rule: the eigenvalue cut-off
     # centre on the popularity-weighted mean (prepare's popularity); the scatter about it stays unweighted
     weighted_mean: bool = False
-    # periodic retraining (issue 7): a previous run's decompose folder whose basis is reused (its
+    # periodic retraining: a previous run's decompose folder whose basis is reused (its
     # mean and directions project this run's items, so old semantic coordinates and ID vectors
     # keep their meaning); drift.json reports how well it fits the current items
     reuse_basis: str | None = None
@@ -205,7 +209,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between sharded checkpoints (Ray Train runs)
     max_failures: int = 1  # worker failures a run survives by restarting from its last checkpoint
     timeout_s: int = 600  # process-group timeout (a hung worker fails the run after this)
-    # periodic retraining (issue 7): a previous run's train stage folder (model.safetensors +
+    # periodic retraining: a previous run's train stage folder (model.safetensors +
     # config.json) to start from; needs data.id_map (the previous prepare folder) so that item ids
     # are stable. Rows of old items take their previous ID part, new items start with a zero ID
     # part (their semantic vector alone), the encoder takes the previous weights.
@@ -278,65 +282,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        """Cross-field checks; raises ConfigError naming the key."""
-        m, d, t = self.model, self.decompose, self.train
-        if not 0 < m.id_dims < m.dim:
-            raise ConfigError(f"model.id_dims={m.id_dims}: must be in (0, model.dim={m.dim})")
-        if m.dim % m.num_heads:
-            raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
-        if (m.dim - m.id_dims) % 4 or m.id_dims % 4:
-            raise ConfigError("model.dim and model.id_dims must be multiples of 4 (TorchRec table widths)")
-        for key, value in (("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
-                           ("model.max_len", m.max_len),
-                           ("train.num_negatives", t.num_negatives), ("model.num_blocks", m.num_blocks),
-                           ("train.checkpoint_every", t.checkpoint_every), ("train.eval_every", t.eval_every),
-                           ("model.unisrec_experts", m.unisrec_experts), ("train.cold_neighbours", t.cold_neighbours)):
-            if value < 1:
-                raise ConfigError(f"{key}={value}: must be >= 1")
-        if d.null_rule == "threshold" and d.null_threshold is None:
-            raise ConfigError("decompose.null_rule=threshold needs decompose.null_threshold (DreamRec: 0.25 with "
-                              "decompose.scale=40)")
-        if d.null_rule == "threshold" and d.method != "exact":
-            raise ConfigError(f"decompose.null_rule=threshold counts small eigenvalues, which decompose.method="
-                              f"{d.method} does not compute; use decompose.method=exact")
-        if d.oversample < 0 or d.power_iters < 0:
-            raise ConfigError(f"decompose.oversample={d.oversample}, decompose.power_iters={d.power_iters}: must be "
-                              ">= 0")
-        for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
-            if value and not self.data.id_map:
-                raise ConfigError(f"{key} needs data.id_map (the previous run's prepare folder): without stable "
-                                  "ids, item i of this run is not item i of the previous one")
-        if t.cold_items == "neighbours" and self.method != "alphafuse":
-            raise ConfigError(f"train.cold_items=neighbours: only for method=alphafuse (its ID parts live beside a "
-                              f"frozen semantic table), not method={self.method}")
-        # 0 epochs saves the initial model: meaningful only as a warm start (the previous model as is)
-        if t.epochs < (0 if t.warm_start else 1):
-            raise ConfigError(f"train.epochs={t.epochs}: must be >= 1 (0 only with train.warm_start: the previous "
-                              "model applied to this run's catalogue)")
-        if m.backbone == "bert4rec" and t.loss_positions == "last":
-            raise ConfigError("train.loss_positions=last: only for causal backbones (sasrec, gru4rec); "
-                              "bert4rec is trained at its masked positions (model.mask_prob)")
-        if not 0 < m.mask_prob <= 1:
-            raise ConfigError(f"model.mask_prob={m.mask_prob}: must be in (0, 1]")
-        if t.loss == "full_ce" and t.logq:
-            raise ConfigError("train.logq=true: only for the sampled losses (train.loss=infonce or bce), "
-                              "full_ce samples no negatives")
-        if t.ce_chunk < 1:
-            raise ConfigError(f"train.ce_chunk={t.ce_chunk}: must be >= 1")
-        if not t.popularity_alpha >= 0:
-            raise ConfigError(f"train.popularity_alpha={t.popularity_alpha}: must be >= 0")
-        if not m.rlmrec_weight >= 0:
-            raise ConfigError(f"model.rlmrec_weight={m.rlmrec_weight}: must be >= 0")
-        if t.batch_size % t.num_workers:
-            raise ConfigError(f"train.batch_size={t.batch_size}: must be a multiple of train.num_workers={t.num_workers}")
-        if self.data.min_user_interactions < 3:
-            raise ConfigError("data.min_user_interactions: must be >= 3 for the leave-one-out split")
-        if not self.eval.ks or min(self.eval.ks) < 1:
-            raise ConfigError(f"eval.ks={self.eval.ks}: must be a non-empty list of positive integers")
-        for key in ("sampled_negatives", "tail_item_threshold", "tail_user_threshold"):
-            value = getattr(self.eval, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"eval.{key}={value}: must be >= 1")
+        """Every rule of :func:`validate` (ranges, then rules across keys); returns self."""
+        validate(self)
         return self
 
 
@@ -361,6 +308,258 @@ def section_hash(*parts: Any) -> str:
 
     blob = json.dumps([body(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- validation
+#
+# Every rule a config must meet before any work starts, in one place: the range of every numeric
+# key (RANGES), then the rules across keys (validate). Each error is one line naming the key and
+# its value, e.g. ``train.lr=-1: must be > 0``. Rules that need the data (the number of items, the
+# language embeddings' width) are in check_against_data, run once those are known.
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values: ``low`` / ``high`` (None: unbounded), each end included
+    unless ``low_open`` / ``high_open``. List keys (``eval.ks``) hold it for each element."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{_show(self.low)}, {_show(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_show(self.low)}"
+        return f"{'<' if self.high_open else '<='} {_show(self.high)}"
+
+
+def _at_least(low: float) -> Range:
+    return Range(low=low)
+
+
+_POSITIVE = Range(low=0, low_open=True)
+_COUNT = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+_SHARE = Range(low=0, high=1)
+MAX_EPOCHS = 10_000
+
+# the allowed values of every numeric key (an unset optional key is not checked); the few numeric
+# keys without a range are listed in UNBOUNDED
+RANGES: dict[str, Range] = {
+    "seed": _NON_NEGATIVE,
+    "data.min_user_interactions": _COUNT,  # and per split: MIN_USER_INTERACTIONS
+    "data.min_item_interactions": _COUNT,
+    "data.max_history": _COUNT,
+    "data.split_fractions": _SHARE,
+    "data.split_seed": _NON_NEGATIVE,
+    "data.train_window_days": _POSITIVE,
+    "data.head_fraction": _SHARE,
+    "data.head_threshold": _NON_NEGATIVE,
+    "data.text_max_tokens": _COUNT,
+    "embed.batch_size": _COUNT,
+    "embed.num_actors": _COUNT,
+    "embed.threads_per_actor": _COUNT,
+    "embed.max_seq_length": _COUNT,
+    "embed.rows_per_file": _COUNT,
+    "decompose.scale": _POSITIVE,
+    "decompose.oversample": _NON_NEGATIVE,
+    "decompose.power_iters": _NON_NEGATIVE,
+    "decompose.null_threshold": _POSITIVE,
+    "decompose.refit_threshold": _SHARE,
+    "model.dim": _COUNT,
+    "model.id_dims": _COUNT,
+    "model.id_init_std": _POSITIVE,
+    "model.num_blocks": _COUNT,
+    "model.num_heads": _COUNT,
+    "model.dropout": Range(low=0, high=1, high_open=True),
+    "model.max_len": _COUNT,
+    "model.temperature": _POSITIVE,
+    "model.mask_prob": Range(low=0, high=1, low_open=True),
+    "model.unisrec_experts": _COUNT,
+    "model.rlmrec_weight": _NON_NEGATIVE,
+    "train.num_workers": _COUNT,
+    "train.batch_size": _COUNT,
+    "train.epochs": Range(low=0, high=MAX_EPOCHS),  # 0 only with train.warm_start (validate)
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.id_lr": _POSITIVE,
+    "train.num_negatives": _COUNT,
+    "train.popularity_alpha": _NON_NEGATIVE,
+    "train.ce_chunk": _COUNT,
+    "train.patience": _COUNT,
+    "train.eval_every": _COUNT,
+    "train.log_every": _NON_NEGATIVE,  # 0: no progress lines within an epoch
+    "train.checkpoint_every": _COUNT,
+    "train.max_failures": _NON_NEGATIVE,
+    "train.timeout_s": _COUNT,
+    "train.cold_neighbours": _COUNT,
+    "eval.ks": _COUNT,
+    "eval.user_batch": _COUNT,
+    "eval.item_chunk": _COUNT,
+    "eval.sampled_negatives": _COUNT,
+    "eval.negative_seed": _NON_NEGATIVE,
+    "eval.tail_item_threshold": _COUNT,
+    "eval.tail_user_threshold": _COUNT,
+    "ray.num_cpus": _COUNT,
+    "ray.ready_timeout_s": _POSITIVE,
+}
+UNBOUNDED = frozenset({"data.min_rating"})  # ratings of any scale
+
+# the fewest interactions a user needs for each split: leave_one_out takes the last two as valid
+# and test targets and trains on the rest; cold_start_users holds a user out with its last
+# interaction as the target and the earlier ones as its history; time needs one interaction
+MIN_USER_INTERACTIONS = {"leave_one_out": 3, "cold_start_users": 2, "time": 1}
+
+
+def _show(value: Any) -> str:
+    """A value as the user would type it: ``-1`` for -1.0, ``0.001``, ``[0, 10]``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_range(key: str, value: Any, allowed: Range) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}={_show(value)}: must be a finite number")
+        if v not in allowed:
+            each = "each element " if isinstance(value, list) else ""
+            raise ConfigError(f"{key}={_show(value)}: {each}must be {allowed}")
+
+
+def _check_ranges(cfg: Any, prefix: str = "") -> None:
+    """The RANGES of every key under ``prefix`` (``"data."``: a DataConfig alone)."""
+    for key, allowed in RANGES.items():
+        if key.startswith(prefix):
+            _check_range(key, _get(cfg, key[len(prefix):]), allowed)
+
+
+def check_split_fractions(fractions: list[float]) -> None:
+    """Raises ConfigError naming ``data.split_fractions`` unless they are three shares >= 0 summing to 1."""
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
+        raise ConfigError(f"data.split_fractions={_show(fractions)}: expected three fractions >= 0 (train, "
+                          "valid, test users) that sum to 1")
+
+
+def check_train_window(d: "DataConfig") -> float | None:
+    """``data.train_window_days``, checked: None, or days > 0 with ``data.split=time``."""
+    days = d.train_window_days
+    if days is None:
+        return None
+    _check_range("data.train_window_days", days, RANGES["data.train_window_days"])
+    if d.split != "time":
+        raise ConfigError(f"data.train_window_days={_show(days)}: only for data.split=time (the window is counted "
+                          f"back from t1 of data.split_times), not data.split={d.split}")
+    return float(days)
+
+
+def validate_data(d: "DataConfig") -> None:
+    """The rules of the data section alone (the prepare stage checks a DataConfig with them).
+
+    Raises:
+        ConfigError: one line naming the key at fault.
+    """
+    _check_ranges(d, "data.")
+    least = MIN_USER_INTERACTIONS[d.split]
+    if d.min_user_interactions < least:
+        raise ConfigError(f"data.min_user_interactions={d.min_user_interactions}: must be >= {least} for "
+                          f"data.split={d.split}")
+    if d.max_history is not None and d.max_history < d.min_user_interactions:
+        raise ConfigError(f"data.max_history={d.max_history}: must be >= data.min_user_interactions="
+                          f"{d.min_user_interactions}, or the users it cuts would fail the k-core")
+    if d.split == "time":
+        parse_split_times(d.split_times)
+    elif d.split_times:
+        raise ConfigError(f"data.split_times={d.split_times}: only for data.split=time, not data.split={d.split}")
+    if d.split == "cold_start_users":
+        check_split_fractions(d.split_fractions)
+    check_train_window(d)
+    if d.head_rule == "threshold" and d.head_threshold is None:
+        raise ConfigError("data.head_threshold=None: required for data.head_rule=threshold (head items have "
+                          "more training interactions than this)")
+
+
+def validate(cfg: "RunConfig") -> None:
+    """Check a whole config before any work: the RANGES of every numeric key, then every rule
+    across keys.
+
+    Raises:
+        ConfigError: the first broken rule, one line naming the key and its value.
+    """
+    _check_ranges(cfg)
+    validate_data(cfg.data)
+    m, d, t, data = cfg.model, cfg.decompose, cfg.train, cfg.data
+    if m.id_dims >= m.dim:
+        raise ConfigError(f"model.id_dims={m.id_dims}: must be < model.dim={m.dim}")
+    if m.dim % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
+    for key, width in (("model.dim", m.dim), ("model.id_dims", m.id_dims)):
+        if width % 4:
+            raise ConfigError(f"{key}={width}: must be a multiple of 4 (TorchRec table widths)")
+    if d.null_rule == "threshold" and d.null_threshold is None:
+        raise ConfigError("decompose.null_threshold=None: required for decompose.null_rule=threshold "
+                          "(DreamRec: 0.25 with decompose.scale=40)")
+    if d.null_rule == "threshold" and d.method != "exact":
+        raise ConfigError(f"decompose.method={d.method}: decompose.null_rule=threshold counts small eigenvalues, "
+                          "which only decompose.method=exact computes")
+    for key, value in (("decompose.reuse_basis", d.reuse_basis), ("train.warm_start", t.warm_start)):
+        if value and not data.id_map:
+            raise ConfigError(f"{key}={value}: needs data.id_map (the previous run's prepare folder): without "
+                              "stable ids, item i of this run is not item i of the previous one")
+    if t.cold_items == "neighbours" and cfg.method != "alphafuse":
+        raise ConfigError(f"train.cold_items=neighbours: only for method=alphafuse (its ID parts live beside a "
+                          f"frozen semantic table), not method={cfg.method}")
+    # 0 epochs saves the initial model: meaningful only as a warm start (the previous model as is)
+    if t.epochs == 0 and not t.warm_start:
+        raise ConfigError("train.epochs=0: must be >= 1 (0 only with train.warm_start: the previous model "
+                          "applied to this run's catalogue)")
+    if m.backbone == "bert4rec" and t.loss_positions == "last":
+        raise ConfigError("train.loss_positions=last: only for causal backbones (sasrec, gru4rec); "
+                          "bert4rec is trained at its masked positions (model.mask_prob)")
+    if t.loss == "full_ce" and t.logq:
+        raise ConfigError("train.logq=true: only for the sampled losses (train.loss=infonce or bce), "
+                          "full_ce samples no negatives")
+    if t.batch_size % t.num_workers:
+        raise ConfigError(f"train.batch_size={t.batch_size}: must be a multiple of train.num_workers={t.num_workers}")
+    if not cfg.eval.ks:
+        raise ConfigError("eval.ks=[]: must name at least one cut-off")
+
+
+def check_against_data(cfg: "RunConfig", *, num_items: int, language_dim: int | None = None) -> None:
+    """The rules that need the prepared data: run once the item count (and, for methods that read
+    the language embeddings, their width) are known.
+
+    Raises:
+        ConfigError: one line naming the key, its value and the data's bound.
+    """
+    if language_dim is not None and METHOD_INPUTS[cfg.method] & {"semantic", "basis"} \
+            and cfg.model.dim > language_dim:
+        raise ConfigError(f"model.dim={cfg.model.dim}: must be <= {language_dim}, the width of the language "
+                          "embeddings")
+    if cfg.eval.protocol == "sampled" and cfg.eval.sampled_negatives >= num_items:
+        raise ConfigError(f"eval.sampled_negatives={cfg.eval.sampled_negatives}: must be < {num_items}, the "
+                          "number of items")
 
 
 # ----------------------------------------------------------------------------- names and times

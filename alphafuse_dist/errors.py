@@ -1,6 +1,7 @@
 """User-facing errors: one line, naming the file / column / row / config key at fault.
 
-The CLI prints ``str(error)`` alone (no traceback) and exits with code 2 for these.
+The CLI prints ``str(error)`` alone (no traceback) and exits with code 2 for these, also when a
+Ray task or Ray Train worker raised them (:func:`user_error` finds them inside Ray's exceptions).
 """
 from __future__ import annotations
 
@@ -34,3 +35,40 @@ class DataError(AlphaFuseError):
         self.file, self.column, self.row = file, column, row
         text = f"{', '.join(where)}: {message}" if where else message
         super().__init__(" ".join(text.split()))  # always one line
+
+
+# where Ray keeps the exception a task, an actor or a Train worker raised: RayTaskError.cause,
+# Ray Train's WorkerGroupError.worker_failures (rank -> exception) and
+# ControllerError.controller_failure, a Train worker's wrapped user exception (_base_exc)
+_WRAPPED = ("cause", "worker_failures", "controller_failure", "_base_exc", "__cause__", "__context__")
+
+
+def user_error(exc: BaseException) -> AlphaFuseError | None:
+    """The :class:`AlphaFuseError` behind ``exc``: ``exc`` itself, or the one a Ray task or Ray
+    Train worker raised, unwrapped from Ray's exceptions (which carry the remote traceback in their
+    text); None when ``exc`` is not caused by input.
+
+    A Ray task's error re-raised on the driver is an instance of both ``RayTaskError`` and the
+    original class, with the remote traceback as its text: the original exception
+    (``RayTaskError.cause``) is returned instead, whose text is the one-line message.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if not _is_ray_wrapper(e):
+            if isinstance(e, AlphaFuseError):
+                return e
+            continue  # another error, even one raised while handling an AlphaFuseError, is a bug
+        for name in _WRAPPED:
+            value = getattr(e, name, None)
+            values = value.values() if isinstance(value, dict) else [value]
+            todo += [v for v in values if isinstance(v, BaseException)]
+    return None
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    return any(c.__module__.startswith("ray.") for c in type(exc).__mro__)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import METHOD_INPUTS, RunConfig, evaluate_stage_name, section_hash, train_stage_name
+from .config import METHOD_INPUTS, RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
 from .errors import AlphaFuseError, ConfigError
 from .runtime.manifest import clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest
 from .runtime.ray import ensure_ray
@@ -73,13 +73,21 @@ def _previous_digest(folder: str, key: str) -> str:
     return manifest["digest"]
 
 
+def _check_data(cfg: RunConfig, run_dir: Path) -> int:
+    """:func:`config.check_against_data` with the finished prepare (and embed) stages; the item count."""
+    num_items = read_manifest(require_stage(run_dir, "prepare"))["rows"]["items"]
+    embedded = read_manifest(run_dir / "embed") if METHOD_INPUTS[cfg.method] else None
+    check_against_data(cfg, num_items=num_items, language_dim=(embedded or {}).get("dim"))
+    return num_items
+
+
 def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
     from .decompose.stage import decompose
 
     run_dir = cfg.run_path
     emb = require_stage(run_dir, "embed")
     prep = require_stage(run_dir, "prepare")
-    num_items = read_manifest(prep)["rows"]["items"]
+    num_items = _check_data(cfg, run_dir)
 
     def build(tmp: Path) -> dict:
         ensure_ray(cfg, log)
@@ -128,7 +136,7 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
         inputs["embed"] = stage_digest(run_dir, "embed")
     if cfg.train.warm_start:  # a retrained previous model reruns this stage
         inputs["warm_start"] = _previous_digest(cfg.train.warm_start, "train.warm_start")
-    num_items = read_manifest(prep)["rows"]["items"]
+    num_items = _check_data(cfg, run_dir)
     train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items,
                                language_path=language, basis_path=basis)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from alphafuse_dist.config import load_config
-from alphafuse_dist.errors import AlphaFuseError
+from alphafuse_dist.cli import exit_code
 from alphafuse_dist.pipeline import run_pipeline
 
 
@@ -28,18 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if not any(o.split("=", 1)[0].strip() == "ray.address" for o in overrides):
         overrides.append("ray.address=auto")
-    try:
+
+    def run() -> None:
         cfg = load_config(args.config, overrides)
         # A job's working directory is a temporary copy on one node: results there are lost.
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not Path(cfg.run_dir).is_absolute():
             print(f"warning: run_dir={cfg.run_dir} is relative to this job's temporary working directory; "
                   "pass an absolute run_dir that every node can read and write", file=sys.stderr)
         result = run_pipeline(cfg)
-    except AlphaFuseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"metrics: {Path(result['metrics_path']).resolve()}")
-    return 0
+        print(f"metrics: {Path(result['metrics_path']).resolve()}")
+
+    return exit_code(run, prefix="error: ")
 
 
 if __name__ == "__main__":

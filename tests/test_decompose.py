@@ -154,9 +154,9 @@ def test_threshold_rule_keeps_all_dims_and_records_d_n(ray_session, embeddings, 
     assert basis.with_id_dims(d_n).null_dims == d_n and recorded_id_dims(tmp_path) == d_n
     with pytest.raises(ConfigError, match=rf"model\.id_dims=8: .* set model\.id_dims={d_n}"):
         basis.with_id_dims(8)
-    with pytest.raises(ConfigError, match=r"decompose\.null_rule=threshold needs decompose\.null_threshold"):
+    with pytest.raises(ConfigError, match=r"^decompose\.null_threshold=None: required for decompose\.null_rule=threshold"):
         load_config("quickstart", ["decompose.null_rule=threshold"])
-    with pytest.raises(ConfigError, match=r"use decompose\.method=exact"):
+    with pytest.raises(ConfigError, match=r"^decompose\.method=randomized: .* only decompose\.method=exact computes$"):
         load_config("quickstart", ["decompose.null_rule=threshold", "decompose.null_threshold=0.25",
                                    "decompose.method=randomized"])
 
@@ -192,7 +192,7 @@ def test_randomized_top_k_is_close_to_exact(ray_session, decaying, tmp_path):
     assert NullSpaceBasis.load(tmp_path / "randomized").eigenvalues.shape == (32,)
     error = np.abs(tables["randomized"] - tables["exact"]).max(0)  # the last directions are the least resolved
     assert error[:24].max() < 1e-3 and error.max() < 5e-2
-    with pytest.raises(ConfigError, match=r"decompose\.oversample=16, decompose\.power_iters=-1: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"^decompose\.power_iters=-1: must be >= 0$"):
         load_config("quickstart", ["decompose.power_iters=-1"])
     with pytest.raises(ConfigError, match=r"model\.dim=600: must be in 1\.\.256"):
         randomized_eigh(files, k=600)

@@ -191,7 +191,7 @@ def test_head_rules(tmp_path, kw, head):
 
 
 def test_threshold_rule_needs_a_threshold(tmp_path):
-    with pytest.raises(ConfigError, match="data.head_threshold: required for data.head_rule=threshold"):
+    with pytest.raises(ConfigError, match="data.head_threshold=None: required for data.head_rule=threshold"):
         run(tmp_path, head_data(), head_rule="threshold")
 
 

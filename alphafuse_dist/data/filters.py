@@ -33,16 +33,8 @@ def filter_interactions(inter: pl.DataFrame, cfg: DataConfig, src: Source
     ``max_history_interactions`` (when set).
 
     Raises:
-        ConfigError: a limit below 1, or ``max_history`` below ``min_user_interactions``.
         DataError: ``min_rating`` set for a source without ratings, or nothing left.
     """
-    for key in ("min_user_interactions", "min_item_interactions", "max_history"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{key}={value}: must be >= 1")
-    if cfg.max_history is not None and cfg.max_history < cfg.min_user_interactions:
-        raise ConfigError(f"data.max_history={cfg.max_history}: must be >= data.min_user_interactions="
-                          f"{cfg.min_user_interactions}, or the users it cuts would fail the k-core")
     dropped: dict[str, int] = {}
     kept = inter
     if cfg.min_rating is not None:

@@ -33,13 +33,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import DataConfig, parse_split_times
-from ..errors import ConfigError
+from ..config import DataConfig, validate_data
 from ..runtime.manifest import atomic_write_json
 from .filters import filter_interactions
 from .idmap import assign_ids, read_id_map
 from .sources import load_source
-from .splits import check_fractions, check_train_window, split
+from .splits import split
 from .text import fill_missing, item_text, truncate_tokens
 
 # the Arrow schemas of docs/run-directory.md, written exactly (polars alone would write
@@ -55,9 +54,6 @@ SCHEMAS = {
 }
 # the fewest interactions per user each split needs: leave-one-out keeps one for training and two
 # targets; a held-out cold-start user needs a history besides its target
-_MIN_USER_INTERACTIONS = {"leave_one_out": 3, "cold_start_users": 2, "time": 1}
-
-
 def prepare(cfg: DataConfig, out_dir: Path, *, tokenizer_path: str | None = None) -> dict:
     """Build the ``prepare/`` files of the run directory from the source ``cfg`` names.
 
@@ -80,9 +76,9 @@ def prepare(cfg: DataConfig, out_dir: Path, *, tokenizer_path: str | None = None
         DataError: bad input (file, column and row named), an unknown template column, items
             without text under ``missing_text=error``, nothing left after filtering, or an
             empty split part.
-        ConfigError: a data key out of range (the key is named).
+        ConfigError: a data key breaks a rule of ``config.validate_data`` (the key is named).
     """
-    _check_config(cfg)
+    validate_data(cfg)  # before the data is read
     src = load_source(cfg)
     texts = item_text(cfg, src)  # before the heavy work: a template typo fails fast
     previous = read_id_map(Path(cfg.id_map)) if cfg.id_map is not None else None
@@ -161,33 +157,6 @@ def _code_to_index(codes: pl.DataFrame, ids: pl.DataFrame, code: str, idx: str, 
     lut = np.full(int(codes[code].max()) + 1 if codes.height else 0, -1, dtype=np.int32)
     lut[pairs[code].to_numpy()] = pairs[idx].to_numpy()
     return lut
-
-
-def _check_config(cfg: DataConfig) -> None:
-    """The data keys prepare alone checks (``config.validate`` checks across sections)."""
-    if not 0.0 <= cfg.head_fraction <= 1.0:
-        raise ConfigError(f"data.head_fraction={cfg.head_fraction}: must be in [0, 1]")
-    if cfg.head_rule == "threshold" and cfg.head_threshold is None:
-        raise ConfigError("data.head_threshold: required for data.head_rule=threshold (head items have "
-                          "more training interactions than this)")
-    if cfg.head_rule not in ("top_items", "top_interactions", "threshold"):
-        raise ConfigError(f"data.head_rule={cfg.head_rule!r}: expected top_items, top_interactions or threshold")
-    if cfg.catalogue not in ("interacted", "all"):
-        raise ConfigError(f"data.catalogue={cfg.catalogue!r}: expected interacted or all")
-    if cfg.text_max_tokens is not None and cfg.text_max_tokens < 1:
-        raise ConfigError(f"data.text_max_tokens={cfg.text_max_tokens}: must be >= 1 (or None: no cut)")
-    if cfg.split not in _MIN_USER_INTERACTIONS:
-        raise ConfigError(f"data.split={cfg.split!r}: expected {', '.join(_MIN_USER_INTERACTIONS)}")
-    least = _MIN_USER_INTERACTIONS[cfg.split]
-    if cfg.min_user_interactions < least:
-        raise ConfigError(f"data.min_user_interactions={cfg.min_user_interactions}: must be >= {least} "
-                          f"for data.split={cfg.split}")
-    # a typo in the split settings fails before the data is read
-    if cfg.split == "time":
-        parse_split_times(cfg.split_times)
-    check_train_window(cfg)
-    if cfg.split == "cold_start_users":
-        check_fractions(cfg.split_fractions)
 
 
 def _head(items: pl.DataFrame, cfg: DataConfig) -> tuple[pl.DataFrame, int]:

@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ..config import DataConfig, parse_split_times
+from ..config import DataConfig, check_split_fractions, check_train_window, parse_split_times
 from ..errors import ConfigError, DataError
 
 Splits = tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]
@@ -91,7 +91,7 @@ def leave_one_out(seq: pl.DataFrame) -> Splits:
 def cold_start_users(seq: pl.DataFrame, users: pl.DataFrame, fractions: list[float], seed: int
                      ) -> tuple[Splits, dict]:
     """The cold-start-users split; facts: the users in each part and the fractions used."""
-    check_fractions(fractions)
+    check_split_fractions(fractions)
     u = unit_hash(users["user_id"], seed)
     part = np.where(u < fractions[0], 0, np.where(u < fractions[0] + fractions[1], 1, 2)).astype(np.int8)
     parts = users.select("user_idx").with_columns(pl.Series("part", part))
@@ -103,13 +103,6 @@ def cold_start_users(seq: pl.DataFrame, users: pl.DataFrame, fractions: list[flo
     facts = {"fractions": fractions, "seed": seed,
              "users": {"train": train.height, "valid": held_out[0].height, "test": held_out[1].height}}
     return (train, *held_out), facts
-
-
-def check_fractions(fractions: list[float]) -> None:
-    """Raises ConfigError naming ``data.split_fractions`` unless they are three shares >= 0 summing to 1."""
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
-        raise ConfigError(f"data.split_fractions={fractions}: expected three fractions >= 0 (train, "
-                          "valid, test users) that sum to 1")
 
 
 def unit_hash(ids: pl.Series, seed: int) -> np.ndarray:
@@ -135,25 +128,6 @@ def unit_hash(ids: pl.Series, seed: int) -> np.ndarray:
     h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     h = h ^ (h >> np.uint64(31))
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def check_train_window(cfg: DataConfig) -> float | None:
-    """``data.train_window_days``, checked.
-
-    Raises:
-        ConfigError: naming the key unless it is None, or a finite number of days > 0 with
-            ``data.split=time`` (the window is counted back from t1).
-    """
-    days = cfg.train_window_days
-    if days is None:
-        return None
-    if cfg.split != "time":
-        raise ConfigError(f"data.train_window_days={days}: only for data.split=time (the window is counted back "
-                          f"from t1 of data.split_times), not data.split={cfg.split}")
-    if not (math.isfinite(days) and days > 0):
-        raise ConfigError(f"data.train_window_days={days}: must be a number of days > 0 (or None: all "
-                          "interactions before t1)")
-    return float(days)
 
 
 def by_time(seq: pl.DataFrame, t1: int, t2: int, *, train_window_days: float | None = None) -> tuple[Splits, dict]:
