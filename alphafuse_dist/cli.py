@@ -185,9 +185,10 @@ def _command(args: argparse.Namespace) -> None:
 
         recommend_command(args)
     elif args.command == "retrain":
+        from .pipeline import run_pipeline
         from .retrain.job import retrain_command
 
-        retrain_command(args)
+        retrain_command(args, pipeline=run_pipeline)
     elif args.command == "run":
         from .evaluate.stage import format_table
         from .pipeline import run_pipeline

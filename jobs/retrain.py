@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from alphafuse_dist.errors import AlphaFuseError
+from alphafuse_dist.cli import exit_code
+from alphafuse_dist.pipeline import run_pipeline
 from alphafuse_dist.retrain.job import add_retrain_arguments, format_result, run_from_args
 
 
@@ -39,13 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and not Path(value).is_absolute():
                 print(f"warning: {flag} {value} is relative to this job's temporary working directory; pass an "
                       "absolute path that every node can read (and, for the registry, write)", file=sys.stderr)
-    try:
-        out = run_from_args(args, overrides)
-    except AlphaFuseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_result(out), flush=True)
-    return 0
+    return exit_code(lambda: print(format_result(run_from_args(args, run_pipeline, overrides)), flush=True),
+                     prefix="error: ")
 
 
 if __name__ == "__main__":

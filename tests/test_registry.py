@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from alphafuse_dist.errors import AlphaFuseError, ConfigError, DataError
-from alphafuse_dist.retrain.registry import (LATEST_FILE, REGISTRY_FILE, Registry, decide_promotion,
-                                             resolve_previous)
+from alphafuse_dist.retrain.decision import decide_promotion
+from alphafuse_dist.retrain.registry import LATEST_FILE, REGISTRY_FILE, Registry, resolve_previous
 
 WINDOW = {"start": "2000-04-25", "end": "2000-12-31"}
 

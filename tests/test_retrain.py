@@ -1,4 +1,4 @@
-"""Periodic retraining (alphafuse_dist.retrain.job): the shipped ml-latest-small ratings cut by time
+"""Periodic retraining (alphafuse_dist.retrain.job with pipeline.run_pipeline): the shipped ml-latest-small ratings cut by time
 into an initial period and two more (full snapshots, a subset of the movies so that the embed stage
 is quick), real MiniLM embeddings, one-process training of a tiny model for one epoch.
 
@@ -20,8 +20,10 @@ import polars as pl
 import pytest
 
 from alphafuse_dist.errors import AlphaFuseError, DataError
+from alphafuse_dist.pipeline import run_pipeline
 from alphafuse_dist.retrain import Registry, decide_promotion
-from alphafuse_dist.retrain.job import period_run_id, retrain
+from alphafuse_dist.retrain.job import retrain as retrain_with
+from alphafuse_dist.retrain.plan import period_run_id
 from alphafuse_dist.runtime.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +65,10 @@ def _write_data(folder: Path) -> list[Path]:
     # the same log with a renamed column (another schema)
     kept.rename({"user_id": "uid"}).filter(pl.col("timestamp") < ENDS[2]).write_csv(folder / "renamed.csv")
     return files
+
+
+def retrain(*args, **kw) -> dict:
+    return retrain_with(*args, pipeline=run_pipeline, **kw)
 
 
 class Log:
@@ -207,9 +213,9 @@ def test_a_killed_job_resumes_without_redoing_stages_and_latest_moves_only_at_pr
     assert {"prepare", "embed", "decompose", "train-alphafuse-s22", "evaluate-alphafuse-s22"} <= set(before)
 
     # the resumed job's candidate loses: registered, not promoted, LATEST stays
-    from alphafuse_dist.retrain import registry as registry_mod
+    from alphafuse_dist.retrain import decision
 
-    monkeypatch.setattr(registry_mod, "decide_promotion",
+    monkeypatch.setattr(decision, "decide_promotion",
                         lambda *a, **k: (False, "keep the incumbent: forced by the test"))
     resumed = Log()
     out2 = retrain(root, files[2], promote_tolerance=TOLERANCE, log=resumed)

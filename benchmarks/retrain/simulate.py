@@ -8,7 +8,7 @@ and 3 more of ~10% each. Every period's input is a snapshot (all ratings before 
 RecBole atomic layout of the source. Per period k >= 1, on the same prepared data and split
 (valid = the previous period, test = period k, the newest):
 
-- **warm**: ``alphafuse_dist.retrain.retrain(previous=<registry>, ...)``: stable ids, only new
+- **warm**: ``alphafuse_dist.retrain.job.retrain(previous=<registry>, ...)``: stable ids, only new
   texts embedded (the shared cache), the previous basis reused, the previous model as the start,
   ``--warm-epochs`` at most; its "incumbent" is **no retrain** (the previous model applied to the
   new catalogue; items without training interactions, new ones included, take the ID part of their
@@ -98,7 +98,7 @@ def main() -> None:
     rows = []
 
     t0 = time.time()
-    out0 = retrain(None, str(folders[0]), run_root=registry, config="ml-1m", split_times=list(first),
+    out0 = retrain(None, str(folders[0]), pipeline=run_pipeline, run_root=registry, config="ml-1m", split_times=list(first),
                    period_end=ends[0], overrides=common + [f"data.path={folders[0]}", f"train.epochs={args.full_epochs}"])
     rows.append({"period": 0, "end": ends[0], "full_seconds": round(time.time() - t0, 1),
                  "embedded": _embedded(Path(out0["run_dir"])), "full": _metrics(out0["candidate"])})
@@ -106,7 +106,7 @@ def main() -> None:
 
     for k in range(1, len(folders)):
         t0 = time.time()
-        out = retrain(registry, str(folders[k]), period_end=ends[k],
+        out = retrain(registry, str(folders[k]), pipeline=run_pipeline, period_end=ends[k],
                       overrides=[f"train.epochs={args.warm_epochs}"] + list(args.overrides))
         warm_s = time.time() - t0
         run_dir = Path(out["run_dir"])
