@@ -10,12 +10,14 @@
     alphafuse presets                                    list the shipped presets
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
 
-Errors caused by input (config, data) print one line and exit with status 2.
+Progress goes to stderr (``-v`` / ``--verbose``: debug lines too, with the module that wrote
+them). Errors caused by input (config, data) print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -34,17 +36,52 @@ def _byte_size(text: str) -> int:
     return int(number) << units[unit]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (a test's capture, a redirected stream)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: bool | int = False, prefix: str = "") -> None:
+    """Progress lines of every ``alphafuse_dist`` module (``logging.getLogger(__name__)``) to
+    stderr: INFO and above as bare lines, or with ``verbose`` DEBUG and above with their level and
+    module. Calling it again replaces the handler it installed (``prefix`` starts every line)."""
+    logger = logging.getLogger("alphafuse_dist")
+    for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(handler)
+    handler = _StderrHandler()
+    fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + fmt))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphafuse", description="Distributed AlphaFuse training (Ray + TorchRec).")
+    # -v before or after the command: "alphafuse -v run ..." and "alphafuse run -v ..."
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug lines too")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="debug lines too")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="all stages on the embedded MovieLens set, AlphaFuse vs SASRec-ID")
+    q = sub.add_parser("quickstart", parents=[verbose],
+                       help="all stages on the embedded MovieLens set, AlphaFuse vs SASRec-ID")
     q.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5")
-    r = sub.add_parser("run", help="run the pipeline for one method")
+    r = sub.add_parser("run", parents=[verbose], help="run the pipeline for one method")
     r.add_argument("--config", default="quickstart", help="preset name or YAML file")
     r.add_argument("--stages", default="prepare,embed,decompose,train,evaluate",
                    help="comma-separated stages to run (up-to-date ones are skipped anyway)")
     r.add_argument("overrides", nargs="*")
-    c = sub.add_parser("compare", help="several methods x seeds on the same prepared data, one table")
+    c = sub.add_parser("compare", parents=[verbose],
+                       help="several methods x seeds on the same prepared data, one table")
     c.add_argument("--config", default="quickstart")
     c.add_argument("--methods", default="alphafuse,sasrec_id",
                    help=f"comma-separated methods, any of {','.join(METHODS)}")
@@ -57,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="train/evaluate this many (method, seed) runs at once in child processes "
                         "(one-process training only: train.backend=torch train.num_workers=1)")
     c.add_argument("overrides", nargs="*")
-    sub.add_parser("presets", help="list the shipped presets")
-    d = sub.add_parser("download", help="download a data file, resuming a partial one, and verify its sha256")
+    sub.add_parser("presets", parents=[verbose], help="list the shipped presets")
+    d = sub.add_parser("download", parents=[verbose],
+                       help="download a data file, resuming a partial one, and verify its sha256")
     d.add_argument("url")
     d.add_argument("--sha256", required=True, help="the expected sha256 digest (64 hex digits)")
     d.add_argument("--to", required=True, help="destination file (the download goes to <file>.partial first)")
@@ -66,14 +104,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse a larger download, e.g. 500M or 2G (default 64G)")
     from .serve import add_export_arguments, add_recommend_arguments
 
-    add_export_arguments(sub.add_parser("export", help="export a trained model for serving: item vectors, "
-                                                      "TorchScript user encoder, model card"))
-    add_recommend_arguments(sub.add_parser("recommend", help="top-k items with titles for a history of item ids"))
+    add_export_arguments(sub.add_parser("export", parents=[verbose],
+                                        help="export a trained model for serving: item vectors, TorchScript user "
+                                             "encoder, model card"))
+    add_recommend_arguments(sub.add_parser("recommend", parents=[verbose],
+                                           help="top-k items with titles for a history of item ids"))
     from .retrain.job import add_retrain_arguments
 
-    add_retrain_arguments(sub.add_parser("retrain", help="the next period's model from the previous run: warm "
-                                         "start, compared with the previous model on the newest period, "
-                                         "registered, promoted only if not worse"))
+    add_retrain_arguments(sub.add_parser("retrain", parents=[verbose],
+                                         help="the next period's model from the previous run: warm start, compared "
+                                              "with the previous model on the newest period, registered, promoted "
+                                              "only if not worse"))
     return p
 
 
@@ -157,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    configure_logging(args.verbose)
     return exit_code(lambda: _command(args))
 
 

@@ -337,7 +337,8 @@ class Range:
 
     def __str__(self) -> str:
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{_show(self.low)}, {_show(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_show(self.low)}, {_show(self.high)}{right}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {_show(self.low)}"
         return f"{'<' if self.high_open else '<='} {_show(self.high)}"

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 from .config import METHOD_INPUTS, RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
 from .errors import AlphaFuseError, ConfigError
 from .runtime.manifest import clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest
 from .runtime.ray import ensure_ray
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
-def prepare_stage(cfg: RunConfig, log: Log = print) -> Path:
+def prepare_stage(cfg: RunConfig) -> Path:
     from .data.prepare import prepare
     from .data.sources import source_inputs
 
@@ -40,10 +40,10 @@ def prepare_stage(cfg: RunConfig, log: Log = print) -> Path:
         tokenizer = resolve_model(cfg.embed.model)  # texts are cut by the tokens of the model that embeds them
     return run_stage(run_dir, "prepare", config_hash=section_hash(cfg.data, tokenizer),
                      inputs=source_inputs(cfg.data),
-                     build=lambda tmp: prepare(cfg.data, tmp, tokenizer_path=tokenizer), log=log)
+                     build=lambda tmp: prepare(cfg.data, tmp, tokenizer_path=tokenizer))
 
 
-def embed_stage(cfg: RunConfig, log: Log = print) -> Path:
+def embed_stage(cfg: RunConfig) -> Path:
     from .embed.cache import model_fingerprint
     from .embed.encoder import resolve_model
     from .embed.job import embed_items
@@ -56,12 +56,12 @@ def embed_stage(cfg: RunConfig, log: Log = print) -> Path:
     cache_dir = Path(cfg.embed.cache_dir).expanduser() if cfg.embed.cache_dir else run_dir / ".embed-cache"
 
     def build(tmp: Path) -> dict:
-        ensure_ray(cfg, log)
+        ensure_ray(cfg)
         return embed_items(prep / "items.parquet", cfg.embed, tmp, cache_dir=cache_dir)
 
     # the model folder's fingerprint joins the hash: new weights under the same name rerun the stage
     return run_stage(run_dir, "embed", config_hash=section_hash(cfg.embed, model_fingerprint(resolve_model(cfg.embed.model))),
-                     inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build, log=log)
+                     inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build)
 
 
 def _previous_digest(folder: str, key: str) -> str:
@@ -81,7 +81,7 @@ def _check_data(cfg: RunConfig, run_dir: Path) -> int:
     return num_items
 
 
-def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
+def decompose_stage(cfg: RunConfig) -> Path:
     from .decompose.stage import decompose
 
     run_dir = cfg.run_path
@@ -90,7 +90,7 @@ def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
     num_items = _check_data(cfg, run_dir)
 
     def build(tmp: Path) -> dict:
-        ensure_ray(cfg, log)
+        ensure_ray(cfg)
         weights = None
         if cfg.decompose.weighted_mean:
             import numpy as np
@@ -107,10 +107,10 @@ def decompose_stage(cfg: RunConfig, log: Log = print) -> Path:
     if cfg.decompose.weighted_mean:  # the weights are prepare's popularity column
         inputs["prepare"] = stage_digest(run_dir, "prepare")
     return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
-                     inputs=inputs, build=build, log=log)
+                     inputs=inputs, build=build)
 
 
-def train_stage(cfg: RunConfig, log: Log = print) -> Path:
+def train_stage(cfg: RunConfig) -> Path:
     from .train.launch import train_local, train_with_ray
     from .train.loop import TrainInputs
 
@@ -143,16 +143,16 @@ def train_stage(cfg: RunConfig, log: Log = print) -> Path:
     def build(tmp: Path) -> dict:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         if cfg.train.backend == "torch" and cfg.train.num_workers == 1:
-            return train_local(cfg, train_inputs, tmp, log)
-        ensure_ray(cfg, log)
+            return train_local(cfg, train_inputs, tmp, _log.info)
+        ensure_ray(cfg)
         return train_with_ray(cfg, train_inputs, tmp)
 
     h = section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
                      cfg.decompose if needs & {"semantic", "basis"} else None)
-    return run_stage(run_dir, train_stage_name(cfg), config_hash=h, inputs=inputs, build=build, log=log)
+    return run_stage(run_dir, train_stage_name(cfg), config_hash=h, inputs=inputs, build=build)
 
 
-def evaluate_stage(cfg: RunConfig, log: Log = print) -> Path:
+def evaluate_stage(cfg: RunConfig) -> Path:
     from .evaluate.stage import evaluate
 
     run_dir = cfg.run_path
@@ -162,21 +162,21 @@ def evaluate_stage(cfg: RunConfig, log: Log = print) -> Path:
                      config_hash=section_hash(cfg.eval, cfg.model, cfg.method, cfg.seed),
                      inputs={"prepare": stage_digest(run_dir, "prepare"),
                              "train": stage_digest(run_dir, train_stage_name(cfg))},
-                     build=lambda tmp: evaluate(cfg, trained / "model.safetensors", prep, tmp), log=log)
+                     build=lambda tmp: evaluate(cfg, trained / "model.safetensors", prep, tmp))
 
 
 STAGES = ("prepare", "embed", "decompose", "train", "evaluate")
 
 
-def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, log: Log = print) -> dict:
+def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES) -> dict:
     """Run the stages in order (skipping up-to-date ones); return the metrics and their path."""
     run_dir = cfg.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):
-        return _run_stages(cfg, run_dir, stages, log)
+        return _run_stages(cfg, run_dir, stages)
 
 
-def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log, clean: bool = True) -> dict:
+def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: bool = True) -> dict:
     if clean:
         clean_temporaries(run_dir)
     t0 = time.time()
@@ -189,8 +189,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log
     for name in stages:
         if name in skipped:
             continue
-        log(f"[{name}] ...")
-        fns[name](cfg, log)
+        _log.info(f"[{name}] ...")
+        fns[name](cfg)
     out: dict = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
     if "evaluate" in stages:
         path = run_dir / evaluate_stage_name(cfg) / "metrics.json"
@@ -199,7 +199,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], log: Log
 
 
 def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
-            log: Log = print, jobs: int = 1) -> list[tuple[str, dict]]:
+            jobs: int = 1) -> list[tuple[str, dict]]:
     """Run several methods x seeds on the same prepared data and splits; return (label, metrics).
 
     ``jobs > 1`` runs the per-run stages (train, evaluate) of up to ``jobs`` (method, seed) pairs
@@ -216,7 +216,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
             c.validate()
             runs.append(c)
     if jobs <= 1:
-        return [(f"{c.method} (seed {c.seed})", run_pipeline(c, stages=stages, log=log)["metrics"]) for c in runs]
+        return [(f"{c.method} (seed {c.seed})", run_pipeline(c, stages=stages)["metrics"]) for c in runs]
     if cfg.train.backend != "torch" or cfg.train.num_workers != 1:
         raise AlphaFuseError(f"compare --jobs {jobs}: parallel runs are for one-process training "
                              "(train.backend=torch train.num_workers=1); with Ray Train the cluster "
@@ -229,11 +229,11 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
         clean_temporaries(run_dir)
         if shared:
             for c in {c.method: c for c in runs}.values():  # one pass per method: each needs its own inputs
-                _run_stages(c, run_dir, shared, log)
-        return _parallel_runs(runs, per_run, jobs, log)
+                _run_stages(c, run_dir, shared)
+        return _parallel_runs(runs, per_run, jobs)
 
 
-def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int, log: Log) -> list[tuple[str, dict]]:
+def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int) -> list[tuple[str, dict]]:
     """``stages`` of every run in a pool of ``jobs`` spawned processes (the caller holds the run
     directory's lock: stage folders are per (method, seed), so the runs never write the same one)."""
     import multiprocessing as mp
@@ -242,11 +242,12 @@ def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int, lo
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_child_init, initargs=(threads,)) as pool:
-        futures = [pool.submit(_child_run, c, stages) for c in runs]
+        level = logging.getLogger("alphafuse_dist").getEffectiveLevel()
+        futures = [pool.submit(_child_run, c, stages, level) for c in runs]
         rows = []
         for c, fut in zip(runs, futures):
             out = fut.result()  # re-raises the child's error (AlphaFuseError included)
-            log(f"[compare] {c.method} (seed {c.seed}) done in {out['seconds']} s")
+            _log.info(f"[compare] {c.method} (seed {c.seed}) done in {out['seconds']} s")
             rows.append((f"{c.method} (seed {c.seed})", out["metrics"]))
     return rows
 
@@ -257,6 +258,9 @@ def _child_init(threads: int) -> None:
     torch.set_num_threads(threads)  # the children share the machine's cores
 
 
-def _child_run(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
-    prefix = f"[{cfg.method} s{cfg.seed}]"
-    return _run_stages(cfg, cfg.run_path, stages, lambda msg: print(f"{prefix} {msg}", flush=True), clean=False)
+def _child_run(cfg: RunConfig, stages: tuple[str, ...], level: int) -> dict:
+    from .cli import configure_logging
+
+    # the parent's level, each line prefixed with the run it belongs to
+    configure_logging(verbose=level < logging.INFO, prefix=f"[{cfg.method} s{cfg.seed}] ")
+    return _run_stages(cfg, cfg.run_path, stages, clean=False)

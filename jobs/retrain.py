@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from alphafuse_dist.cli import exit_code
+from alphafuse_dist.cli import configure_logging, exit_code
 from alphafuse_dist.pipeline import run_pipeline
 from alphafuse_dist.retrain.job import add_retrain_arguments, format_result, run_from_args
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = add_retrain_arguments(argparse.ArgumentParser(description="Retrain the next period as a Ray job."))
     args = parser.parse_args(argv)
+    configure_logging()
     overrides = list(args.overrides)
     if not any(o.split("=", 1)[0].strip() == "ray.address" for o in overrides):
         overrides.append("ray.address=auto")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from alphafuse_dist.config import load_config
-from alphafuse_dist.cli import exit_code
+from alphafuse_dist.cli import configure_logging, exit_code
 from alphafuse_dist.pipeline import run_pipeline
 
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="quickstart", help="preset name or YAML file")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=1")
     args = parser.parse_args(argv)
+    configure_logging()
     overrides = list(args.overrides)
     if not any(o.split("=", 1)[0].strip() == "ray.address" for o in overrides):
         overrides.append("ray.address=auto")

@@ -105,24 +105,24 @@ def _build_counter(calls: list, fail: bool = False):
 
 def test_stage_skips_when_manifest_matches_and_reruns_on_change(tmp_path):
     calls: list = []
-    out = run_stage(tmp_path, "s", config_hash="a", inputs={"x": "1"}, build=_build_counter(calls), log=lambda s: None)
+    out = run_stage(tmp_path, "s", config_hash="a", inputs={"x": "1"}, build=_build_counter(calls))
     m = read_manifest(out)
     assert m["rows"] == {"out": 1} and m["config_hash"] == "a" and len(m["digest"]) == 16
-    run_stage(tmp_path, "s", config_hash="a", inputs={"x": "1"}, build=_build_counter(calls), log=lambda s: None)
+    run_stage(tmp_path, "s", config_hash="a", inputs={"x": "1"}, build=_build_counter(calls))
     assert len(calls) == 1  # skipped
-    run_stage(tmp_path, "s", config_hash="b", inputs={"x": "1"}, build=_build_counter(calls), log=lambda s: None)
-    run_stage(tmp_path, "s", config_hash="b", inputs={"x": "2"}, build=_build_counter(calls), log=lambda s: None)
+    run_stage(tmp_path, "s", config_hash="b", inputs={"x": "1"}, build=_build_counter(calls))
+    run_stage(tmp_path, "s", config_hash="b", inputs={"x": "2"}, build=_build_counter(calls))
     assert len(calls) == 3
 
 
 def test_failed_stage_leaves_nothing_and_keeps_previous_output(tmp_path):
     with pytest.raises(RuntimeError):
-        run_stage(tmp_path, "s", config_hash="a", inputs={}, build=_build_counter([], fail=True), log=lambda s: None)
+        run_stage(tmp_path, "s", config_hash="a", inputs={}, build=_build_counter([], fail=True))
     assert list(tmp_path.iterdir()) == []  # no stage folder, no temporary
-    run_stage(tmp_path, "s", config_hash="a", inputs={}, build=_build_counter([]), log=lambda s: None)
+    run_stage(tmp_path, "s", config_hash="a", inputs={}, build=_build_counter([]))
     before = read_manifest(tmp_path / "s")
     with pytest.raises(RuntimeError):
-        run_stage(tmp_path, "s", config_hash="b", inputs={}, build=_build_counter([], fail=True), log=lambda s: None)
+        run_stage(tmp_path, "s", config_hash="b", inputs={}, build=_build_counter([], fail=True))
     assert read_manifest(tmp_path / "s") == before  # the complete earlier output is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
@@ -171,9 +171,10 @@ def test_cli_bad_input_one_line_error_no_manifest(case, tmp_path, capsys):
     if case == "unknown_key":
         overrides.append("train.epochz=2")
     code = main(["run", "--config", "quickstart", "--stages", "prepare", *overrides])
-    err = capsys.readouterr().err.strip()
+    lines = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
     assert code == 2
-    assert len(err.splitlines()) == 1, err
+    err = lines[-1]
+    assert err.startswith("alphafuse: error: ") and not [line for line in lines[:-1] if "error" in line], lines
     for n in needles:
         assert n.lower() in err.lower(), err
     assert not list(run_dir.rglob("manifest.json")) if run_dir.exists() else True

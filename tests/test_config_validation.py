@@ -225,3 +225,23 @@ def test_cli_prints_an_error_from_a_ray_worker_in_one_line(monkeypatch, capsys):
     assert main(["run", "--config", "quickstart"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "alphafuse: error: train.batch_size=128: larger than the 3 training windows"]
+
+
+def test_progress_is_logged_to_stderr_and_verbose_adds_debug_lines(capsys):
+    import logging
+
+    from alphafuse_dist.cli import configure_logging
+
+    log = logging.getLogger("alphafuse_dist.some_module")
+    try:
+        configure_logging()
+        log.info("[stage] done")
+        log.debug("details")
+        assert capsys.readouterr().err.splitlines() == ["[stage] done"]
+        configure_logging(verbose=True)
+        log.debug("details")
+        assert capsys.readouterr().err.splitlines() == ["DEBUG alphafuse_dist.some_module: details"]
+        assert main(["presets", "-v"]) == 0 and logging.getLogger("alphafuse_dist").level == logging.DEBUG
+    finally:
+        configure_logging()
+    assert "quickstart" in capsys.readouterr().out

@@ -8,6 +8,7 @@ training and run in seconds."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -36,10 +37,6 @@ N_ITEMS, N_USERS, D, DN, L = 30, 40, 16, 8, 6
 # seed -> (backbone, similarity): every backbone, both score rules
 MODELS = {1: ("sasrec", "cosine"), 2: ("gru4rec", "dot"), 3: ("bert4rec", "cosine")}
 H0 = ["m3", "m4", "m5", "m6"]  # the history whose library top-1 item is retired by the fixture
-
-
-def _quiet(_):
-    pass
 
 
 def _cfg(run_dir, root, seed=1, backbone="sasrec", similarity="cosine"):
@@ -79,7 +76,7 @@ def run(tmp_path_factory, write_cycle_data):
     rng = np.random.default_rng(0)
     write_cycle_data(root, N_USERS, N_ITEMS, (4, 10), rng)
     run_dir = root / "run"
-    prep = prepare_stage(_cfg(run_dir, root), log=_quiet)
+    prep = prepare_stage(_cfg(run_dir, root))
     items = pq.read_table(prep / "items.parquet")
     N = items.num_rows
     index = dict(zip(items.column("item_id").to_pylist(), items.column("item_idx").to_pylist()))
@@ -104,7 +101,7 @@ def run(tmp_path_factory, write_cycle_data):
                                                           "epochs": [{"epoch": e} for e in range(1, 6)]}))
             return {}
 
-        run_stage(run_dir, f"train-alphafuse-s{seed}", config_hash="test", inputs={}, build=build, log=_quiet)
+        run_stage(run_dir, f"train-alphafuse-s{seed}", config_hash="test", inputs={}, build=build)
 
     def evaluate(tmp):
         (tmp / "metrics.json").write_text(json.dumps({
@@ -119,8 +116,8 @@ def run(tmp_path_factory, write_cycle_data):
                                                        "explained_variance_row_space": 0.5}))
         return {}
 
-    run_stage(run_dir, "evaluate-alphafuse-s1", config_hash="test", inputs={}, build=evaluate, log=_quiet)
-    run_stage(run_dir, "decompose", config_hash="test", inputs={}, build=decompose, log=_quiet)
+    run_stage(run_dir, "evaluate-alphafuse-s1", config_hash="test", inputs={}, build=evaluate)
+    run_stage(run_dir, "decompose", config_hash="test", inputs={}, build=decompose)
 
     # retire the library's best item for H0 (model seed 1) and one more
     best = int(_library_scores(run_dir, 1, [[index[i] for i in H0]])[0].argmax())
@@ -147,7 +144,7 @@ def _exported(folder):
 @pytest.mark.parametrize("seed", sorted(MODELS))
 def test_exported_encoder_and_vectors_score_like_the_library(run, seed):
     run_dir, index, retired = run
-    folder = export_run(run_dir, "alphafuse", seed, log=_quiet)
+    folder = export_run(run_dir, "alphafuse", seed)
     assert folder == run_dir / f"export-alphafuse-s{seed}" and read_manifest(folder) is not None
     schema = pq.read_schema(folder / "items.parquet")
     assert schema.field("item_idx").type == pa.int32() and schema.field("item_id").type == pa.string()
@@ -192,7 +189,7 @@ def test_exported_encoder_and_vectors_score_like_the_library(run, seed):
 def test_encoder_loads_without_the_package(run, tmp_path):
     """torch.jit.load alone, in a fresh interpreter that never imports alphafuse_dist."""
     run_dir, index, _ = run
-    folder = export_run(run_dir, "alphafuse", 3, log=_quiet)  # bert4rec: the most involved user_state
+    folder = export_run(run_dir, "alphafuse", 3)  # bert4rec: the most involved user_state
     lookup, _, _ = _exported(folder)
     x = torch.from_numpy(np.stack([lookup[index[i]] for i in H0])).unsqueeze(0).repeat(2, 1, 1)
     valid = torch.ones(2, len(H0), dtype=torch.bool)
@@ -210,7 +207,7 @@ def test_encoder_loads_without_the_package(run, tmp_path):
 
 def test_retired_items_are_not_exported_nor_recommended(run):
     run_dir, index, retired = run
-    folder = export_run(run_dir, "alphafuse", 1, log=_quiet)
+    folder = export_run(run_dir, "alphafuse", 1)
     exported = set(pq.read_table(folder / "items.parquet").column("item_id").to_pylist())
     kept_aside = set(pq.read_table(folder / "retired_items.parquet").column("item_id").to_pylist())
     assert kept_aside == retired and not exported & retired and exported | retired == set(index)
@@ -220,24 +217,23 @@ def test_retired_items_are_not_exported_nor_recommended(run):
     library = _library_scores(run_dir, 1, [[index[i] for i in H0]])[0]
     ids_by_idx = {v: k for k, v in index.items()}
     assert ids_by_idx[int(library.argmax())] in retired  # the fixture made the best item a retired one
-    everything = recommend(run_dir, H0, k=len(index), seed=1, log=_quiet)
+    everything = recommend(run_dir, H0, k=len(index), seed=1)
     assert len(everything) == len(index) - 2 and not {r["item_id"] for r in everything} & retired
     best_servable = max((i for i in index if i not in retired), key=lambda i: float(library[index[i]]))
     assert everything[0]["item_id"] == best_servable
     # a retired item in the history is a valid input, and still never comes back
-    top = recommend(run_dir, H0 + sorted(retired), k=5, seed=1, log=_quiet)
+    top = recommend(run_dir, H0 + sorted(retired), k=5, seed=1)
     assert len(top) == 5 and not {r["item_id"] for r in top} & retired
     # configurable: serve them too (a separate export folder; the default export is untouched)
-    served = export_run(run_dir, "alphafuse", 1, tmp_out := run_dir / "export-with-retired", serve_retired=True,
-                        log=_quiet)
+    served = export_run(run_dir, "alphafuse", 1, tmp_out := run_dir / "export-with-retired", serve_retired=True)
     assert set(pq.read_table(served / "items.parquet").column("item_id").to_pylist()) == set(index)
     assert pq.read_table(served / "retired_items.parquet").num_rows == 0 and tmp_out == served
-    assert recommend(served, H0, k=1, log=_quiet)[0]["item_id"] == ids_by_idx[int(library.argmax())]
+    assert recommend(served, H0, k=1)[0]["item_id"] == ids_by_idx[int(library.argmax())]
 
 
 def test_recommend_top_k_titles_determinism_and_errors(run):
     run_dir, index, retired = run
-    out = recommend(run_dir, H0, k=5, seed=1, log=_quiet)
+    out = recommend(run_dir, H0, k=5, seed=1)
     assert [r["rank"] for r in out] == [1, 2, 3, 4, 5]
     assert all(r["title"] == f"Item {r['item_id'][1:]}" for r in out)
     scores = [r["score"] for r in out]
@@ -248,32 +244,32 @@ def test_recommend_top_k_titles_determinism_and_errors(run):
     assert [r["item_id"] for r in out] == ranked[:5]
     assert np.allclose(scores, [float(library[index[i]]) for i in ranked[:5]], atol=1e-5)
     # deterministic, and the same from the export folder
-    assert recommend(run_dir, H0, k=5, seed=1, log=_quiet) == out
+    assert recommend(run_dir, H0, k=5, seed=1) == out
     assert recommend(run_dir / "export-alphafuse-s1", H0, k=5) == out
     # longer than max_len: the last L items decide
     long = [f"m{i}" for i in range(10, 10 + L + 4)]
-    assert recommend(run_dir, long, k=5, seed=1, log=_quiet) == recommend(run_dir, long[-L:], k=5, seed=1, log=_quiet)
+    assert recommend(run_dir, long, k=5, seed=1) == recommend(run_dir, long[-L:], k=5, seed=1)
     # exclude_history
-    masked = recommend(run_dir, H0, k=5, seed=1, exclude_history=True, log=_quiet)
+    masked = recommend(run_dir, H0, k=5, seed=1, exclude_history=True)
     assert len(masked) == 5 and not {r["item_id"] for r in masked} & set(H0)
     assert [r["item_id"] for r in masked] == [i for i in ranked if i not in H0][:5]
 
     with pytest.raises(DataError, match="'nope'.*'m999'|'m999'.*'nope'") as err:
-        recommend(run_dir, ["m1", "nope", "m999"], k=5, seed=1, log=_quiet)
+        recommend(run_dir, ["m1", "nope", "m999"], k=5, seed=1)
     assert "'m1'" not in str(err.value)
     with pytest.raises(ConfigError, match="empty"):
-        recommend(run_dir, [], k=5, seed=1, log=_quiet)
+        recommend(run_dir, [], k=5, seed=1)
     with pytest.raises(ConfigError, match="k=0"):
-        recommend(run_dir, H0, k=0, seed=1, log=_quiet)
+        recommend(run_dir, H0, k=0, seed=1)
     with pytest.raises(ConfigError, match="seeds 1, 2, 3"):  # several models of the method: pick one
-        recommend(run_dir, H0, k=5, log=_quiet)
+        recommend(run_dir, H0, k=5)
     with pytest.raises(AlphaFuseError, match="train-alphafuse-s9.*finished: train-alphafuse-s1"):
-        recommend(run_dir, H0, k=5, seed=9, log=_quiet)
+        recommend(run_dir, H0, k=5, seed=9)
 
 
 def test_model_card(run):
     run_dir, index, _ = run
-    folder = export_run(run_dir, "alphafuse", 1, log=_quiet)
+    folder = export_run(run_dir, "alphafuse", 1)
     card = json.loads((folder / "model_card.json").read_text())
     assert (card["method"], card["seed"], card["code_version"]) == ("alphafuse", 1, __version__)
     assert card["config"]["model"]["backbone"] == "sasrec" and card["model"]["max_len"] == L
@@ -287,9 +283,9 @@ def test_model_card(run):
     assert "best epoch 3 of 5" in md and "| overall |" in md and "0.1230" in md
 
 
-def test_failed_export_leaves_the_previous_one_intact(run, monkeypatch, tmp_path):
+def test_failed_export_leaves_the_previous_one_intact(run, monkeypatch, tmp_path, caplog):
     run_dir, _, _ = run
-    folder = export_run(run_dir, "alphafuse", 2, log=_quiet)
+    folder = export_run(run_dir, "alphafuse", 2)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def broken(*args, **kwargs):
@@ -297,18 +293,18 @@ def test_failed_export_leaves_the_previous_one_intact(run, monkeypatch, tmp_path
 
     monkeypatch.setattr(export_mod, "_write_model_card", broken)  # after the vectors and the encoder
     with pytest.raises(RuntimeError, match="disk full"):
-        export_run(run_dir, "alphafuse", 2, force=True, log=_quiet)
+        export_run(run_dir, "alphafuse", 2, force=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".export")]
     fresh = tmp_path / "new-export"
     with pytest.raises(RuntimeError, match="disk full"):
-        export_run(run_dir, "alphafuse", 2, out_dir=fresh, log=_quiet)
+        export_run(run_dir, "alphafuse", 2, out_dir=fresh)
     assert not fresh.exists() and list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     # the intact export is still current: a rerun skips it, recommend serves from it
-    log = []
-    assert export_run(run_dir, "alphafuse", 2, log=log.append) == folder
-    assert any("up to date" in line for line in log)
+    caplog.set_level(logging.INFO, logger="alphafuse_dist")
+    assert export_run(run_dir, "alphafuse", 2) == folder
+    assert any("up to date" in line for line in caplog.messages)
     assert len(Recommender(folder).recommend(H0, k=3)) == 3
 
 

@@ -239,9 +239,9 @@ def test_pipeline_runs_the_stages_a_method_needs(method, stages, tmp_path, monke
 
     calls = []
     for fn in STAGE_FNS:
-        monkeypatch.setattr(pipeline, fn, lambda cfg, log, fn=fn: calls.append(fn[:-len("_stage")]))
+        monkeypatch.setattr(pipeline, fn, lambda cfg, fn=fn: calls.append(fn[:-len("_stage")]))
     cfg = load_config(None, [f"method={method}", f"run_dir={tmp_path}"])
-    pipeline._run_stages(cfg, tmp_path, ("prepare", "embed", "decompose", "train"), log=lambda s: None)
+    pipeline._run_stages(cfg, tmp_path, ("prepare", "embed", "decompose", "train"))
     assert calls == stages
 
 
@@ -250,7 +250,7 @@ def test_train_stage_passes_and_fingerprints_each_methods_inputs(tmp_path, monke
     from alphafuse_dist.runtime.manifest import read_manifest, run_stage
 
     for stage, info in (("prepare", {"rows": {"items": 5}}), ("embed", {}), ("decompose", {})):
-        run_stage(tmp_path, stage, config_hash="x", inputs={}, build=lambda tmp, info=info: info, log=lambda s: None)
+        run_stage(tmp_path, stage, config_hash="x", inputs={}, build=lambda tmp, info=info: info)
     seen = {}
 
     def fake_train_local(cfg, inputs, out_dir, log=print):
@@ -261,7 +261,7 @@ def test_train_stage_passes_and_fingerprints_each_methods_inputs(tmp_path, monke
     for method in METHODS:
         cfg = load_config(None, [f"method={method}", f"run_dir={tmp_path}", "train.backend=torch",
                                  "train.num_workers=1"])
-        pipeline.train_stage(cfg, log=lambda s: None)
+        pipeline.train_stage(cfg)
     embed, decomposed = str((tmp_path / "embed").resolve()), (tmp_path / "decompose").resolve()
     semantic = str(decomposed / "semantic.safetensors")
     expected = {"alphafuse": (semantic, None, None), "sasrec_id": (None, None, None),
@@ -441,7 +441,7 @@ def prepared(tmp_path_factory, write_cycle_data):
     cfg = load_config(None, ["data.source=interactions", f"data.path={root / 'inter.csv'}",
                              f"data.items_path={root / 'items.csv'}", "data.text_template={title}",
                              f"run_dir={root / 'run'}"])
-    prep = prepare_stage(cfg, log=lambda s: None)
+    prep = prepare_stage(cfg)
     num_items = read_manifest(prep)["rows"]["items"]
     E = rng.normal(size=(num_items, D_L)).astype(np.float32)
     (root / "embed").mkdir()

@@ -1,6 +1,7 @@
-"""Periodic retraining (alphafuse_dist.retrain.job with pipeline.run_pipeline): the shipped ml-latest-small ratings cut by time
-into an initial period and two more (full snapshots, a subset of the movies so that the embed stage
-is quick), real MiniLM embeddings, one-process training of a tiny model for one epoch.
+"""Periodic retraining (alphafuse_dist.retrain.job running pipeline.run_pipeline): the shipped
+ml-latest-small ratings cut by time into an initial period and two more (full snapshots, a subset
+of the movies so that the embed stage is quick), real MiniLM embeddings, one-process training of a
+tiny model for one epoch.
 
 Period 0 is a full train, registered and promoted; period 1 warm-starts from it, is compared with
 the previous model on the newest period and promoted or not by the rule; rerunning a period skips
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,7 @@ import polars as pl
 import pytest
 
 from alphafuse_dist.errors import AlphaFuseError, DataError
-from alphafuse_dist.pipeline import run_pipeline
+from alphafuse_dist.pipeline import STAGES, run_pipeline
 from alphafuse_dist.retrain import Registry, decide_promotion
 from alphafuse_dist.retrain.job import retrain as retrain_with
 from alphafuse_dist.retrain.plan import period_run_id
@@ -71,15 +73,27 @@ def retrain(*args, **kw) -> dict:
     return retrain_with(*args, pipeline=run_pipeline, **kw)
 
 
-class Log:
-    def __init__(self, kill_at: str | None = None):
-        self.lines: list[str] = []
-        self.kill_at = kill_at
+class Log(logging.Handler):
+    """The progress lines of alphafuse_dist (its loggers, at INFO) while inside ``with``."""
 
-    def __call__(self, line: str) -> None:
-        self.lines.append(line)
-        if self.kill_at is not None and line.startswith(self.kill_at):
-            raise KeyboardInterrupt(f"killed at: {line}")
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "Log":
+        logger = logging.getLogger("alphafuse_dist")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("alphafuse_dist")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
     @property
     def text(self) -> str:
@@ -105,11 +119,12 @@ def world(tmp_path_factory, ray_session):
     data = tmp_path_factory.mktemp("retrain-data")
     files = _write_data(data)
     root = tmp_path_factory.mktemp("retrain") / "registry"
-    log0, log1 = Log(), Log()
-    out0 = retrain(None, files[0], data / "items.csv", run_root=root, overrides=TINY,
-                   split_times=["2012-01-01", "2013-01-01"], log=log0)
+    with Log() as log0:
+        out0 = retrain(None, files[0], data / "items.csv", run_root=root, overrides=TINY,
+                       split_times=["2012-01-01", "2013-01-01"])
     state0 = _state(root)
-    out1 = retrain(root, files[1], promote_tolerance=TOLERANCE, log=log1)  # items: the previous run's
+    with Log() as log1:
+        out1 = retrain(root, files[1], promote_tolerance=TOLERANCE)  # items: the previous run's
     return {"data": data, "files": files, "root": root, "out0": out0, "out1": out1, "log0": log0, "log1": log1,
             "state0": state0}
 
@@ -196,16 +211,20 @@ def test_rerun_skips_every_finished_stage_and_changes_nothing(world, capsys):
 
     # the registered run is not rebuilt with other settings
     with pytest.raises(AlphaFuseError, match="already registered"):
-        retrain(root, world["files"][1], overrides=["train.lr=0.01"], log=Log())
+        retrain(root, world["files"][1], overrides=["train.lr=0.01"])
     assert _finished(run1) == before and _state(root) == state
 
 
 def test_a_killed_job_resumes_without_redoing_stages_and_latest_moves_only_at_promotion(world, monkeypatch):
     root, files = world["root"], world["files"]
     state, latest_before = _state(root), Registry(root).latest().run_id
-    killed = Log(kill_at="[retrain] incumbent")  # after the candidate's five stages
+    def killed(cfg, stages=STAGES):  # after the candidate's five stages, before the incumbent's
+        if stages == ("train", "evaluate"):
+            raise KeyboardInterrupt("killed before the incumbent")
+        return run_pipeline(cfg, stages=stages)
+
     with pytest.raises(KeyboardInterrupt):
-        retrain(root, files[2], promote_tolerance=TOLERANCE, log=killed)
+        retrain_with(root, files[2], pipeline=killed, promote_tolerance=TOLERANCE)
     assert _state(root) == state  # not registered, LATEST untouched
     run_id = period_run_id(int(pl.read_csv(files[2])["timestamp"].max()) + 1)
     run2 = root / "runs" / run_id
@@ -217,8 +236,8 @@ def test_a_killed_job_resumes_without_redoing_stages_and_latest_moves_only_at_pr
 
     monkeypatch.setattr(decision, "decide_promotion",
                         lambda *a, **k: (False, "keep the incumbent: forced by the test"))
-    resumed = Log()
-    out2 = retrain(root, files[2], promote_tolerance=TOLERANCE, log=resumed)
+    with Log() as resumed:
+        out2 = retrain(root, files[2], promote_tolerance=TOLERANCE)
     assert out2["run_id"] == run_id and _finished(run2) == before
     for stage in ("prepare", "embed", "decompose", "train-alphafuse-s22", "evaluate-alphafuse-s22"):
         assert f"[{stage}] up to date" in resumed.text
@@ -253,7 +272,7 @@ def test_bad_input_is_a_clear_error_and_leaves_latest(world, tmp_path, case):
             manifest.write_text(json.dumps(body | {"code_version": "99.0.0"}))
             match = "another major version"
     with pytest.raises(AlphaFuseError, match=match) as err:
-        retrain(previous, interactions, run_root=root, log=Log())
+        retrain(previous, interactions, run_root=root)
     assert "\n" not in str(err.value)
     if case in ("backwards", "schema"):
         assert isinstance(err.value, DataError)

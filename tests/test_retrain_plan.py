@@ -4,6 +4,7 @@ small JSON files (manifests, config.json, retrain.json) and a registry."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from alphafuse_dist import __version__
 from alphafuse_dist.config import load_config
 from alphafuse_dist.errors import AlphaFuseError, ConfigError, DataError
 from alphafuse_dist.retrain.decision import decide_promotion
-from alphafuse_dist.retrain.plan import (Previous, load_previous, period_run_id, plan_period, registry_root)
+from alphafuse_dist.retrain.plan import Previous, load_previous, period_run_id, plan_period, registry_root
 from alphafuse_dist.retrain.registry import Registry
 
 DAY = 86400
@@ -146,14 +147,12 @@ def test_a_later_registered_run_blocks_an_older_period(root):
         _plan(root, END0 + 10 * DAY, prev)
 
 
-def test_previous_run_without_a_recorded_end_is_planned_from_its_split(root):
+def test_previous_run_without_a_recorded_end_is_planned_from_its_split(root, caplog):
     prev = _previous_run(root, record=False, register=False)
     previous = load_previous(prev, Registry(root))
     assert previous.end == T0 + 10 * DAY  # the t2 of its time split: a lower bound
-    logged: list[str] = []
-    plan = plan_period(Registry(root), Previous(prev, previous.train_dir, previous.config, None), 0, END0 + DAY,
-                       log=logged.append)
-    assert "records no period end" in logged[0] and plan.parent == prev.name
+    plan = plan_period(Registry(root), Previous(prev, previous.train_dir, previous.config, None), 0, END0 + DAY)
+    assert "records no period end" in caplog.text and plan.parent == prev.name
 
 
 @pytest.mark.parametrize("case, match", [
@@ -181,7 +180,7 @@ def test_the_previous_run_must_be_complete_and_readable(root, case, match):
         assert load_previous(prev, Registry(root), ["seed=23"]).train_dir.name == "train-alphafuse-s23"
 
 
-def test_a_registered_period_reruns_only_as_it_was(root):
+def test_a_registered_period_reruns_only_as_it_was(root, caplog):
     prev = _previous_run(root)
     plan = _plan(root, END0 + DAY, prev)
     plan.run_dir.mkdir(parents=True)
@@ -197,10 +196,10 @@ def test_a_registered_period_reruns_only_as_it_was(root):
         _plan(root, END0 + DAY, prev, overrides=["train.lr=0.01"])
     # named through the registry (by_pointer), a rerun starts from the previous run it recorded,
     # whatever the pointer gave (LATEST may be the period itself)
-    logged: list[str] = []
-    rerun = plan_period(Registry(root), None, 0, END0 + DAY, by_pointer=True, log=logged.append)
+    caplog.set_level(logging.INFO, logger="alphafuse_dist")
+    rerun = plan_period(Registry(root), None, 0, END0 + DAY, by_pointer=True)
     assert rerun.registered and rerun.previous.run_dir == prev and rerun.cfg == plan.cfg
-    assert "already registered: rerunning it from its recorded previous run" in logged[0]
+    assert "already registered: rerunning it from its recorded previous run" in caplog.text
 
 
 def test_registry_root_from_previous(root):

@@ -19,12 +19,15 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from ..runtime.manifest import atomic_write_bytes, atomic_write_json
+
+_log = logging.getLogger(__name__)
 
 GROUP_ORDER = ("overall", "head", "tail", "head_users", "tail_users", "never_seen")
 
@@ -139,7 +142,7 @@ def _plots(report: dict, folder: Path, k: int) -> list[str]:
     try:
         import matplotlib
     except ImportError:  # a bare GPU image: the tables and JSON are still written
-        print("[report] matplotlib is not installed: plots skipped")
+        _log.warning("[report] matplotlib is not installed: plots skipped")
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -38,8 +38,9 @@ What it does, in order (nothing in the registry changes before step 5, and ``LAT
    (``20160101T000000Z``), so rerunning a killed job with the same inputs lands in the same run
    directory and the stage manifests skip every finished stage.
 4. **Candidate and incumbent**: ``pipeline`` in the run directory (the candidate); then the
-   incumbent, "no retrain": the previous model applied to the new catalogue (same config with ``train.epochs=0``: old items keep their trained rows, new items have their
-   semantic vector alone), trained and evaluated in ``<run>/incumbent``, whose ``prepare``,
+   incumbent, "no retrain": the previous model applied to the new catalogue (same config with
+   ``train.epochs=0``: old items keep their trained rows, new items have their semantic vector
+   alone), trained and evaluated in ``<run>/incumbent``, whose ``prepare``,
    ``embed`` and ``decompose`` are relative symlinks to the candidate's stage folders. Only its
    ``train`` and ``evaluate`` stages run there (``pipeline(cfg, stages=("train", "evaluate"))``),
    so the shared stages are read, never rebuilt or replaced through the links; both models are
@@ -64,9 +65,9 @@ no-op.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,8 +78,9 @@ from .decision import DEFAULT_METRIC
 from .plan import (INCUMBENT_DIR, PROMOTION_FILE, RETRAIN_FILE, RetrainPlan, iso, load_previous, period_config,
                    plan_period, read_json, registry_root)
 
-Log = Callable[[str], None]
-Pipeline = Callable[..., dict]  # pipeline.run_pipeline: (cfg, *, stages=..., log=...) -> {"metrics": ...}
+Pipeline = Callable[..., dict]  # pipeline.run_pipeline: (cfg, *, stages=...) -> {"metrics": ...}
+
+_log = logging.getLogger(__name__)
 
 SHARED_STAGES = ("prepare", "embed", "decompose")
 
@@ -124,7 +126,7 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
             items: str | Path | None = None, *, pipeline: Pipeline, run_root: str | Path | None = None,
             config: str | None = None, overrides: Sequence[str] = (), split_times: Sequence | None = None,
             period_end=None, run_id: str | None = None, promote_tolerance: float = 0.0,
-            metric: str = DEFAULT_METRIC, log: Log = print) -> dict:
+            metric: str = DEFAULT_METRIC) -> dict:
     """Train, evaluate, register and (maybe) promote the next period's model (module docstring).
 
     Args:
@@ -134,7 +136,7 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
             sources); None keeps the previous run's ``data.path`` (an append-only log at a fixed path).
         items: the item (meta) file (``data.items_path``); None keeps the previous run's.
         pipeline: runs the stages of a config: ``pipeline.run_pipeline`` (called as
-            ``pipeline(cfg, log=log)`` and ``pipeline(cfg, stages=("train", "evaluate"), log=log)``).
+            ``pipeline(cfg)`` and ``pipeline(cfg, stages=("train", "evaluate"))``).
         run_root: the registry folder; default: the registry ``previous`` belongs to. New runs go
             to ``<run_root>/runs/<run id>``.
         config: preset or YAML file of a first period (ignored when there is a previous run: its
@@ -148,7 +150,6 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
         run_id: another run id than the period's.
         promote_tolerance: the largest absolute drop of ``metric`` that still promotes.
         metric: '/'-path into a ``metrics.json`` body's ``metrics`` (default ``overall/NDCG@10``).
-        log: progress lines.
 
     Returns:
         ``{"run_id", "run_dir", "registry", "previous", "parent", "promoted", "reason", "latest",
@@ -173,12 +174,12 @@ def retrain(previous: str | Path | None = None, interactions: str | Path | None 
     first_ts, last_ts = read_time_range(data_cfg, prev and prev.run_dir)
     plan = plan_period(registry, prev, first_ts, last_ts, interactions=interactions, items=items, config=config,
                        overrides=overrides, split_times=split_times, period_end=period_end, run_id=run_id,
-                       by_pointer=by_pointer, log=log)
-    return run_plan(plan, registry, pipeline=pipeline, promote_tolerance=promote_tolerance, metric=metric, log=log)
+                       by_pointer=by_pointer)
+    return run_plan(plan, registry, pipeline=pipeline, promote_tolerance=promote_tolerance, metric=metric)
 
 
 def run_plan(plan: RetrainPlan, registry, *, pipeline: Pipeline, promote_tolerance: float = 0.0,
-             metric: str = DEFAULT_METRIC, log: Log = print) -> dict:
+             metric: str = DEFAULT_METRIC) -> dict:
     """Steps 4-6 of a planned period: the candidate and the incumbent, the registration, the
     decision (see :func:`retrain` for the result)."""
     from ..runtime.manifest import atomic_write_json
@@ -187,20 +188,20 @@ def run_plan(plan: RetrainPlan, registry, *, pipeline: Pipeline, promote_toleran
     t1, t2 = plan.window["split_times"]
     end, run_dir, cfg = plan.window["end"], plan.run_dir, plan.cfg
     prev_dir = plan.previous.run_dir if plan.previous else None
-    log(f"[retrain] period {plan.run_id}: data until {plan.window['end_iso']}, valid [{iso(t1)}, {iso(t2)}), "
+    _log.info(f"[retrain] period {plan.run_id}: data until {plan.window['end_iso']}, valid [{iso(t1)}, {iso(t2)}), "
         f"test [{iso(t2)}, {iso(end)}); previous run: {prev_dir or 'none (full train)'}; run dir {run_dir}")
     with _period_lock(run_dir):
         # 4. the candidate, then the incumbent on the same prepared data
         if read_json(run_dir / RETRAIN_FILE) != plan.record:
             atomic_write_json(run_dir / RETRAIN_FILE, plan.record)
-        candidate = pipeline(cfg, log=log)["metrics"]["metrics"]
+        candidate = pipeline(cfg)["metrics"]["metrics"]
         incumbent = None
         inc_cfg = plan.incumbent_cfg()
         if inc_cfg is not None:
             _link_shared_stages(run_dir, run_dir / INCUMBENT_DIR)
-            log(f"[retrain] incumbent: the previous model {plan.previous.train_dir} on this period's catalogue "
+            _log.info(f"[retrain] incumbent: the previous model {plan.previous.train_dir} on this period's catalogue "
                 "(train.epochs=0)")
-            incumbent = pipeline(inc_cfg, stages=("train", "evaluate"), log=log)["metrics"]["metrics"]
+            incumbent = pipeline(inc_cfg, stages=("train", "evaluate"))["metrics"]["metrics"]
 
         # 5. register, 6. promote
         promote, reason = decision.decide_promotion(candidate, incumbent, metric=metric, tolerance=promote_tolerance)
@@ -216,11 +217,11 @@ def run_plan(plan: RetrainPlan, registry, *, pipeline: Pipeline, promote_toleran
         current = registry.latest()
         if promote and (current is None or current.run_id != plan.run_id):
             registry.promote(plan.run_id, reason)
-            log(f"[retrain] PROMOTED {plan.run_id}: {reason}")
+            _log.info(f"[retrain] PROMOTED {plan.run_id}: {reason}")
         elif promote:
-            log(f"[retrain] {plan.run_id} is already the promoted run: {reason}")
+            _log.info(f"[retrain] {plan.run_id} is already the promoted run: {reason}")
         else:
-            log(f"[retrain] NOT promoted, LATEST stays {current.run_id if current else None}: {reason}")
+            _log.info(f"[retrain] NOT promoted, LATEST stays {current.run_id if current else None}: {reason}")
         latest = registry.latest()
     return {"run_id": plan.run_id, "run_dir": str(run_dir), "registry": str(plan.root),
             "previous": str(prev_dir) if prev_dir else None, "parent": plan.parent, "promoted": bool(promote),
@@ -293,15 +294,14 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     return p
 
 
-def run_from_args(args: argparse.Namespace, pipeline: Pipeline, overrides: Sequence[str] | None = None,
-                  log: Log = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+def run_from_args(args: argparse.Namespace, pipeline: Pipeline, overrides: Sequence[str] | None = None) -> dict:
     """:func:`retrain` with the parsed arguments and ``pipeline`` (``pipeline.run_pipeline``)."""
     split_times = [t.strip() for t in args.split_times.split(",")] if args.split_times else None
     return retrain(args.previous, args.interactions, args.items, pipeline=pipeline, run_root=args.registry,
                    config=args.config,
                    overrides=list(args.overrides if overrides is None else overrides), split_times=split_times,
                    period_end=args.period_end, run_id=args.run_id, promote_tolerance=args.tolerance,
-                   metric=args.metric, log=log)
+                   metric=args.metric)
 
 
 def format_result(out: dict) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +37,8 @@ PROMOTION_FILE = "promotion.json"  # <run>/promotion.json: the decision and its 
 INCUMBENT_DIR = "incumbent"
 RUNS_DIR = "runs"
 CACHE_DIR = "embed-cache"
+
+_log = logging.getLogger(__name__)
 
 
 def iso(seconds: int) -> str:
@@ -284,7 +287,7 @@ def _split_times(split_times: Sequence | None, previous: Previous | None, end: i
 def plan_period(registry: Registry, previous: Previous | None, first_ts: int, last_ts: int, *,
                 interactions=None, items=None, config: str | None = None, overrides: Sequence[str] = (),
                 split_times: Sequence | None = None, period_end=None, run_id: str | None = None,
-                by_pointer: bool = False, log=lambda line: None) -> RetrainPlan:
+                by_pointer: bool = False) -> RetrainPlan:
     """Decide the period: its id, window, split, config, parent (see ``job.py`` for the steps).
 
     Args:
@@ -295,7 +298,6 @@ def plan_period(registry: Registry, previous: Previous | None, first_ts: int, la
             :func:`~.job.retrain` takes them.
         by_pointer: ``previous`` was named through the registry (its ``LATEST``), not as a run
             directory: a rerun of a registered period then starts from the previous run it recorded.
-        log: progress lines.
 
     Raises:
         ConfigError / DataError / AlphaFuseError: the period cannot run as asked (nothing written).
@@ -318,7 +320,7 @@ def plan_period(registry: Registry, previous: Previous | None, first_ts: int, la
                             f"first period {rid!r} ends; pass newer interactions (or rerun that first period with "
                             "its own command, without a previous run)", file=registry.file)
         if previous is None or str(previous.run_dir) != recorded_prev:
-            log(f"[retrain] period {rid} is already registered: rerunning it from its recorded previous run "
+            _log.info(f"[retrain] period {rid} is already registered: rerunning it from its recorded previous run "
                 f"{recorded_prev}")
             previous = load_previous(Path(recorded_prev), registry, overrides)
             data_cfg = period_config(previous.config, config, interactions, items, overrides)
@@ -332,8 +334,8 @@ def plan_period(registry: Registry, previous: Previous | None, first_ts: int, la
                         f"the previous run {previous.run_dir} at {iso(previous.end)} ({previous.end}); pass newer "
                         "interactions", file=data_cfg.data.path)
     if previous is not None and previous.end is None:
-        log(f"[retrain] warning: the previous run {previous.run_dir} records no period end (no {RETRAIN_FILE}, not "
-            "registered, no time split): the time window cannot be checked against it")
+        _log.warning(f"[retrain] warning: the previous run {previous.run_dir} records no period end (no "
+                     f"{RETRAIN_FILE}, not registered, no time split): the time window cannot be checked against it")
     later = [e for e in registry.runs() if e.run_id != rid and isinstance(e.data_window.get("end"), int)
              and e.data_window["end"] >= end]
     if later:

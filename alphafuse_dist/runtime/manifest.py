@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,8 @@ from .. import __version__
 from ..errors import AlphaFuseError
 
 MANIFEST = "manifest.json"
+
+_log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -102,7 +105,7 @@ def clean_temporaries(run_dir: Path) -> None:
 
 
 def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, str],
-              build: Callable[[Path], dict], force: bool = False, log: Callable[[str], None] = print) -> Path:
+              build: Callable[[Path], dict], force: bool = False) -> Path:
     """Run ``build(tmp_dir)`` unless the stage's manifest already matches; return the stage folder.
 
     ``build`` writes its outputs into ``tmp_dir`` and returns a dict for the manifest (put row
@@ -115,7 +118,7 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
     old = read_manifest(final)
     if not force and old and old.get("config_hash") == config_hash and old.get("inputs") == inputs \
             and old.get("code_version") == __version__:
-        log(f"[{stage}] up to date (manifest {final / MANIFEST}), skipped")
+        _log.info(f"[{stage}] up to date (manifest {final / MANIFEST}), skipped")
         return final
     tmp = run_dir / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -139,7 +142,7 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"[{stage}] done in {time.time() - t0:.1f}s -> {final}")
+    _log.info(f"[{stage}] done in {time.time() - t0:.1f}s -> {final}")
     return final
 
 

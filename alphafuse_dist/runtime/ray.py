@@ -7,6 +7,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Callable
@@ -14,17 +15,17 @@ from typing import Callable
 from ..config import RunConfig
 from ..errors import ConfigError
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
-def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
+def ensure_ray(cfg: RunConfig) -> None:
     """Join the configured cluster, or start Ray in this process (the embedded default)."""
     import ray
 
     if ray.is_initialized():
         return
     if cfg.ray.address:
-        log(f"[ray] connecting to {cfg.ray.address}")
+        _log.info(f"[ray] connecting to {cfg.ray.address}")
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
@@ -40,7 +41,7 @@ def ensure_ray(cfg: RunConfig, log: Log = print) -> None:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
         raise
-    log(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
+    _log.info(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
 
 
 def _worker_version() -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 __all__ = [
@@ -74,8 +73,7 @@ def export_command(args: argparse.Namespace) -> None:
     from .export import export_run
 
     out = export_run(args.run, args.method, args.seed, args.to, force=args.force,
-                     serve_retired=args.serve_retired,
-                     log=lambda s: print(s, file=sys.stderr))
+                     serve_retired=args.serve_retired)
     print(out)
 
 
@@ -85,5 +83,5 @@ def recommend_command(args: argparse.Namespace) -> None:
 
     history = [h.strip() for h in args.history.split(",") if h.strip()]
     rows = recommend(args.run, history, args.k, method=args.method, seed=args.seed,
-                     exclude_history=args.exclude_history, log=lambda s: print(s, file=sys.stderr))
+                     exclude_history=args.exclude_history)
     print(json.dumps(rows, indent=2) if args.json else format_recommendations(rows))

@@ -46,10 +46,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import platform
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,7 @@ CARD_MD = "model_card.md"
 # vectors and the library path (user_states_from_table + the similarity rule)
 SELF_CHECK_TOLERANCE = 1e-5
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 def export_stage_name(method: str, seed: int) -> str:
@@ -137,8 +137,7 @@ class ServingEncoder(nn.Module):
 
 
 def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None = None,
-               out_dir: str | Path | None = None, *, force: bool = False, serve_retired: bool = False,
-               log: Log = print) -> Path:
+               out_dir: str | Path | None = None, *, force: bool = False, serve_retired: bool = False) -> Path:
     """Export the model ``train-<method>-s<seed>`` of ``run_dir`` for serving; returns the folder.
 
     Args:
@@ -150,7 +149,6 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
         force: export again even when the existing export's manifest matches its inputs.
         serve_retired: also serve the items that left the catalogue (prepare's ``retired``);
             by default they are kept as history inputs only (``retired_items.parquet``).
-        log: progress lines.
 
     Raises:
         AlphaFuseError / ConfigError / DataError naming the stage, file or column at fault.
@@ -167,8 +165,8 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
     return run_stage(out.parent, out.name, config_hash=section_hash("export", EXPORT_FORMAT, method, seed,
                                                                   *(["serve_retired"] if serve_retired else [])),
                      inputs=inputs,
-                     build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, log, serve_retired),
-                     force=force, log=log)
+                     build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, serve_retired),
+                     force=force)
 
 
 def load_train_config(train_dir: Path) -> RunConfig:
@@ -352,7 +350,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, seed: int, log: Log,
+def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, seed: int,
            serve_retired: bool = False) -> dict:
     t0 = time.time()
     cfg = load_train_config(train_dir)
@@ -422,7 +420,7 @@ def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, s
     card["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                      for p in sorted(tmp.iterdir()) if p.is_file()}
     _write_model_card(tmp, card)
-    log(f"[export] {method} seed {seed}: {len(servable_rows)} items ({len(retired_rows)} retired left out), "
+    _log.info(f"[export] {method} seed {seed}: {len(servable_rows)} items ({len(retired_rows)} retired left out), "
         f"encoder self-check {error:.1e}, {time.time() - t0:.1f}s")
     return {"rows": {"items": len(servable_rows), "retired": len(retired_rows)},
             "method": method, "seed": seed}

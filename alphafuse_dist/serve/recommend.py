@@ -15,7 +15,7 @@ Example::
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,6 @@ import torch
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..runtime.manifest import read_manifest
 from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run, file_sha256
-
-Log = Callable[[str], None]
 
 
 def _vectors(table: pa.Table, column: str, path: Path) -> torch.Tensor:
@@ -155,19 +153,17 @@ class Recommender:
         return out
 
 
-def resolve_export(path: str | Path, method: str = "alphafuse", seed: int | None = None, *,
-                   log: Log = print) -> Path:
+def resolve_export(path: str | Path, method: str = "alphafuse", seed: int | None = None) -> Path:
     """An export folder from an export folder or a run directory; in a run directory the export
     ``export-<method>-s<seed>`` is written (or brought up to date) first."""
     path = Path(path)
     if (path / CARD_JSON).is_file():
         return path
-    return export_run(path, method, seed, log=log)
+    return export_run(path, method, seed)
 
 
 def recommend(run_dir_or_export_dir: str | Path, history: Sequence[str], k: int = 10, *,
-              method: str = "alphafuse", seed: int | None = None, exclude_history: bool = False,
-              log: Log = print) -> list[dict]:
+              method: str = "alphafuse", seed: int | None = None, exclude_history: bool = False) -> list[dict]:
     """Top-``k`` items for one user's history of source item ids (time order, most recent last).
 
     Args:
@@ -184,7 +180,7 @@ def recommend(run_dir_or_export_dir: str | Path, history: Sequence[str], k: int 
     Raises:
         DataError naming the unknown ids; ConfigError for an empty history or ``k < 1``.
     """
-    return Recommender(resolve_export(run_dir_or_export_dir, method, seed, log=log)).recommend(
+    return Recommender(resolve_export(run_dir_or_export_dir, method, seed)).recommend(
         history, k, exclude_history=exclude_history)
 
 

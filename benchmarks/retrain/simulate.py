@@ -98,8 +98,8 @@ def main() -> None:
     rows = []
 
     t0 = time.time()
-    out0 = retrain(None, str(folders[0]), pipeline=run_pipeline, run_root=registry, config="ml-1m", split_times=list(first),
-                   period_end=ends[0], overrides=common + [f"data.path={folders[0]}", f"train.epochs={args.full_epochs}"])
+    out0 = retrain(None, str(folders[0]), pipeline=run_pipeline, run_root=registry, config="ml-1m",
+                   split_times=list(first), period_end=ends[0], overrides=common + [f"data.path={folders[0]}", f"train.epochs={args.full_epochs}"])
     rows.append({"period": 0, "end": ends[0], "full_seconds": round(time.time() - t0, 1),
                  "embedded": _embedded(Path(out0["run_dir"])), "full": _metrics(out0["candidate"])})
     print(f"[sim] period 0: {rows[-1]}", flush=True)
