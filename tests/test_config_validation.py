@@ -245,3 +245,21 @@ def test_progress_is_logged_to_stderr_and_verbose_adds_debug_lines(capsys):
     finally:
         configure_logging()
     assert "quickstart" in capsys.readouterr().out
+
+
+def test_an_input_error_in_a_ray_train_worker_is_one_line_with_exit_status_2(ray_session, write_cycle_data,
+                                                                              tmp_path, capsys):
+    """A ConfigError raised by the training loop inside a Ray Train worker (more sequences per step
+    than training windows) reaches the user as its own one-line message."""
+    import numpy as np
+
+    write_cycle_data(tmp_path, 20, 10, (4, 6), np.random.default_rng(0))
+    run_dir = tmp_path / "run"
+    code = main(["run", "--stages", "prepare,train", "method=sasrec_id", "data.source=interactions",
+                 f"data.path={tmp_path / 'inter.csv'}", f"data.items_path={tmp_path / 'items.csv'}",
+                 "data.text_template={title}", f"run_dir={run_dir}", "train.backend=torchrec", "train.num_workers=2",
+                 "train.batch_size=100000", "train.max_failures=0", "model.dim=16", "decompose.null_dims=8"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert re.fullmatch(r"alphafuse: error: train\.batch_size=100000: [^\n]+", lines[-1]), lines[-3:]
+    assert not (run_dir / "train-sasrec_id-s22").exists()

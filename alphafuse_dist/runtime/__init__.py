@@ -1,2 +1,1 @@
-"""Run-time machinery shared by the stages: stage manifests and the run lock (``manifest``), the
-Ray bootstrap (``ray``)."""
+"""Run-time machinery shared by the stages and the jobs (stage manifests, the Ray bootstrap, ...)."""
