@@ -331,7 +331,7 @@ def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):
 
     run_dir, _, _ = run
     folder = tmp_path / "export"
-    shutil.copytree(export_run(run_dir, "alphafuse", 1, log=_quiet), folder)
+    shutil.copytree(export_run(run_dir, "alphafuse", 1), folder)
     assert Recommender(folder).num_candidates > 0
     card_path = folder / "model_card.json"
     card = json.loads(card_path.read_text())
