@@ -3,6 +3,7 @@ Ray Train with 2 TorchRec workers, full-ranking evaluation; then a rerun skips e
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def _write_dataset(folder):
 
 
 @pytest.mark.parametrize("method", ["alphafuse", "sasrec_id"])
-def test_pipeline_end_to_end_and_rerun_skips(method, tmp_path_factory, ray_session, capsys):
+def test_pipeline_end_to_end_and_rerun_skips(method, tmp_path_factory, ray_session, caplog):
     data = tmp_path_factory.mktemp("data")
     _write_dataset(data)
     run_dir = tmp_path_factory.getbasetemp() / "e2e-run"  # shared by both methods: data stages run once
@@ -55,9 +56,10 @@ def test_pipeline_end_to_end_and_rerun_skips(method, tmp_path_factory, ray_sessi
     history = json.loads((run_dir / f"train-{method}-s22" / "history.json").read_text())
     assert history["epochs"][-1]["loss"] < history["epochs"][0]["loss"]
 
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="alphafuse_dist")
+    caplog.clear()
     again = run_pipeline(cfg)
-    log = capsys.readouterr().out
+    log = caplog.text
     for s in stages:
         assert f"[{s}] up to date" in log, log
     assert again["metrics"] == out["metrics"]

@@ -3,6 +3,7 @@ and starts from its model (train.warm_start) over stable ids (data.id_map)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -79,16 +80,17 @@ def test_second_period_reuses_the_basis_and_starts_from_the_previous_model(two_p
     assert (old["item_table"][:, 16:] - sem1[:, 16:]).abs().max() > 1e-3
 
 
-def test_warm_start_trains_on_and_reruns_skip(two_periods, capsys):
+def test_warm_start_trains_on_and_reruns_skip(two_periods, caplog):
     root, warm = two_periods
     trained = _cfg(root / "d2", root / "r2", root / "cache", [
         f"data.id_map={root / 'r1' / 'prepare'}", f"decompose.reuse_basis={root / 'r1' / 'decompose'}",
         f"train.warm_start={root / 'r1' / 'train-alphafuse-s22'}", "train.epochs=2", "seed=23"])
     out = run_pipeline(trained)
     assert out["metrics"]["metrics"]["overall"]["users"] == 80
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="alphafuse_dist")
+    caplog.clear()
     run_pipeline(warm)  # the epochs=0 run again: every stage is up to date
-    log = capsys.readouterr().out
+    log = caplog.text
     for stage in ("prepare", "embed", "decompose", "train-alphafuse-s22"):
         assert f"[{stage}] up to date" in log, log
 
