@@ -142,7 +142,7 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
     if jobs < 1:
         raise AlphaFuseError(f"--jobs {jobs}: must be >= 1")
-    rows = compare(cfg, method_list, seed_list, stages=_stages(stages), jobs=jobs)
+    rows = compare(cfg, method_list, seed_list, stages=_stages(stages), jobs=jobs, child_logging=configure_logging)
     table = format_table(rows, ks=tuple(cfg.eval.ks))
     print("\n" + table)
     path = cfg.run_path / "comparison.json"

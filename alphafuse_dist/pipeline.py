@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from .config import METHOD_INPUTS, RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
 from .errors import AlphaFuseError, ConfigError
@@ -199,14 +200,16 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
 
 
 def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
-            jobs: int = 1) -> list[tuple[str, dict]]:
+            jobs: int = 1, child_logging: Callable[..., None] | None = None) -> list[tuple[str, dict]]:
     """Run several methods x seeds on the same prepared data and splits; return (label, metrics).
 
     ``jobs > 1`` runs the per-run stages (train, evaluate) of up to ``jobs`` (method, seed) pairs
     at once in child processes of this machine, after the shared stages (prepare, embed,
     decompose) ran once here. It is meant for one-process training (``train.backend=torch``,
     ``train.num_workers=1``): small models leave a GPU mostly idle, and one process per run fills
-    it. Ray Train runs schedule their own workers on the cluster, so they are refused.
+    it. Ray Train runs schedule their own workers on the cluster, so they are refused. Each child
+    calls ``child_logging(verbose=..., prefix="[<method> s<seed>] ")`` (``cli.configure_logging``:
+    progress on stderr, each line naming its run) before its stages, when given.
     """
     runs = []
     for method in methods:
@@ -230,10 +233,11 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
         if shared:
             for c in {c.method: c for c in runs}.values():  # one pass per method: each needs its own inputs
                 _run_stages(c, run_dir, shared)
-        return _parallel_runs(runs, per_run, jobs)
+        return _parallel_runs(runs, per_run, jobs, child_logging)
 
 
-def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int) -> list[tuple[str, dict]]:
+def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int,
+                   child_logging: Callable[..., None] | None) -> list[tuple[str, dict]]:
     """``stages`` of every run in a pool of ``jobs`` spawned processes (the caller holds the run
     directory's lock: stage folders are per (method, seed), so the runs never write the same one)."""
     import multiprocessing as mp
@@ -242,8 +246,8 @@ def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int) ->
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_child_init, initargs=(threads,)) as pool:
-        level = logging.getLogger("alphafuse_dist").getEffectiveLevel()
-        futures = [pool.submit(_child_run, c, stages, level) for c in runs]
+        verbose = logging.getLogger("alphafuse_dist").getEffectiveLevel() < logging.INFO
+        futures = [pool.submit(_child_run, c, stages, child_logging, verbose) for c in runs]
         rows = []
         for c, fut in zip(runs, futures):
             out = fut.result()  # re-raises the child's error (AlphaFuseError included)
@@ -258,9 +262,8 @@ def _child_init(threads: int) -> None:
     torch.set_num_threads(threads)  # the children share the machine's cores
 
 
-def _child_run(cfg: RunConfig, stages: tuple[str, ...], level: int) -> dict:
-    from .cli import configure_logging
-
-    # the parent's level, each line prefixed with the run it belongs to
-    configure_logging(verbose=level < logging.INFO, prefix=f"[{cfg.method} s{cfg.seed}] ")
+def _child_run(cfg: RunConfig, stages: tuple[str, ...], child_logging: Callable[..., None] | None,
+               verbose: bool) -> dict:
+    if child_logging is not None:  # the parent's level, each line prefixed with the run it belongs to
+        child_logging(verbose=verbose, prefix=f"[{cfg.method} s{cfg.seed}] ")
     return _run_stages(cfg, cfg.run_path, stages, clean=False)

@@ -263,3 +263,20 @@ def test_an_input_error_in_a_ray_train_worker_is_one_line_with_exit_status_2(ray
     assert code == 2
     assert re.fullmatch(r"alphafuse: error: train\.batch_size=100000: [^\n]+", lines[-1]), lines[-3:]
     assert not (run_dir / "train-sasrec_id-s22").exists()
+
+
+def test_compare_children_log_their_progress_with_the_run_they_belong_to(write_cycle_data, tmp_path, capfd):
+    """``compare --jobs 2`` runs its (method, seed) pairs in child processes; their lines reach the
+    same stderr, each starting with its run."""
+    import numpy as np
+
+    write_cycle_data(tmp_path, 40, 20, (5, 9), np.random.default_rng(0))
+    code = main(["compare", "--methods", "sasrec_id", "--seeds", "1,2", "--jobs", "2",
+                 "data.source=interactions", f"data.path={tmp_path / 'inter.csv'}",
+                 f"data.items_path={tmp_path / 'items.csv'}", "data.text_template={title}",
+                 f"run_dir={tmp_path / 'run'}", "train.backend=torch", "train.num_workers=1", "train.epochs=1",
+                 "train.batch_size=8", "model.dim=16", "decompose.null_dims=8"])
+    err = capfd.readouterr().err.splitlines()
+    assert code == 0
+    for seed in (1, 2):
+        assert any(line.startswith(f"[sasrec_id s{seed}] [train-sasrec_id-s{seed}] done in") for line in err), err

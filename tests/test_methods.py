@@ -476,7 +476,7 @@ def test_compare_command_accepts_every_method(monkeypatch, tmp_path, capsys):
 
     asked = []
 
-    def fake_compare(cfg, methods, seeds, stages, jobs=1):  # stop once the method names got through
+    def fake_compare(cfg, methods, seeds, stages, jobs=1, child_logging=None):  # stop once the method names got through
         asked.append(methods)
         raise AlphaFuseError("compare reached")
 
