@@ -84,7 +84,7 @@ _log = logging.getLogger(__name__)
 
 SHARED_STAGES = ("prepare", "embed", "decompose")
 
-__all__ = ["DEFAULT_METRIC", "add_retrain_arguments", "retrain", "retrain_command"]
+__all__ = ["DEFAULT_METRIC", "add_retrain_arguments", "read_time_range", "retrain", "retrain_command", "run_plan"]
 
 
 def read_time_range(data_cfg, previous_dir: Path | None) -> tuple[int, int]:
