@@ -368,6 +368,8 @@ RANGES: dict[str, Range] = {
     "data.head_threshold": _NON_NEGATIVE,
     "data.text_max_tokens": _COUNT,
     "embed.batch_size": _COUNT,
+    "embed.gpu_batch_size": _COUNT,
+    "embed.actors_per_gpu": _COUNT,
     "embed.num_actors": _COUNT,
     "embed.threads_per_actor": _COUNT,
     "embed.max_seq_length": _COUNT,

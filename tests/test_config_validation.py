@@ -63,6 +63,8 @@ CASES = [  # override(s) -> the exact message
                                       "(DreamRec: 0.25 with decompose.scale=40)"),
     ("embed.batch_size=0", "embed.batch_size=0: must be >= 1"),
     ("embed.num_actors=0", "embed.num_actors=0: must be >= 1"),
+    ("embed.actors_per_gpu=0", "embed.actors_per_gpu=0: must be >= 1"),
+    ("embed.gpu_batch_size=0", "embed.gpu_batch_size=0: must be >= 1"),
     ("embed.rows_per_file=0", "embed.rows_per_file=0: must be >= 1"),
     ("eval.ks=[0, 10]", "eval.ks=[0, 10]: each element must be >= 1"),
     ("eval.ks=[]", "eval.ks=[]: must name at least one cut-off"),
