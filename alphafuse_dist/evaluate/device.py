@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .metrics import Similarity, _pairs_by_item, _pairs_in, _row_scores, exact_rows, exact_scores, sampled_ranks
+
+_log = logging.getLogger(__name__)
 
 # scales (powers of two) that may be folded into their rows: s_u * s_i >= 2**-1022 (normal) and
 # 2**53 * s_u * s_i < 2**1023 (no overflow) for any two of them
@@ -188,7 +191,7 @@ class RankJob:
 
 
 def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: str = "",
-             log: Callable[[str], None] = print) -> tuple[np.ndarray, dict]:
+             log: Callable[[str], None] = _log.info) -> tuple[np.ndarray, dict]:
     """Ranks of ``job``'s users on one device, ``job.user_batch`` users at a time.
 
     Returns:
@@ -262,12 +265,13 @@ def eval_device(setting: str) -> tuple[str, int, bool]:
 
 
 def _shard_task(job: RankJob, item_table: np.ndarray, device: str, label: str) -> tuple[np.ndarray, dict]:
-    """One Ray task's shard (Ray makes its GPU ``cuda:0``)."""
-    return rank_job(job, item_table, device, label)
+    """One Ray task's shard (Ray makes its GPU ``cuda:0``); its progress is printed: a Ray
+    worker's output reaches the driver's terminal, its loggers are not configured."""
+    return rank_job(job, item_table, device, label, print)
 
 
 def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bool,
-               log: Callable[[str], None] = print) -> tuple[np.ndarray, list[dict]]:
+               log: Callable[[str], None] = _log.info) -> tuple[np.ndarray, list[dict]]:
     """Users split into ``len(devices)`` contiguous shards, shard ``i`` ranked on ``devices[i]``
     (a Ray task holding one GPU per ``cuda`` entry when ``via_ray``, else a thread of this
     process); ranks concatenated in user order."""
@@ -293,7 +297,7 @@ def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bo
 
 
 def rank_users(job: RankJob, item_table: Tensor, setting: str = "auto",
-               log: Callable[[str], None] = print) -> tuple[np.ndarray, dict]:
+               log: Callable[[str], None] = _log.info) -> tuple[np.ndarray, dict]:
     """Ranks of every user of ``job`` under ``eval.device`` = ``setting`` (see the module notes).
 
     Returns:
