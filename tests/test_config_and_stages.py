@@ -78,10 +78,10 @@ def test_id_dims_is_outside_the_decompose_hash_and_checked_against_the_threshold
             if stage == "decompose":  # as the threshold rule records it
                 (tmp / "basis.json").write_text(json.dumps({"d": 128, "d_null": 40}))
             return {"rows": {"items": 5}}
-        run_stage(tmp_path, stage, config_hash="x", inputs={}, build=build, log=lambda s: None)
+        run_stage(tmp_path, stage, config_hash="x", inputs={}, build=build)
     with pytest.raises(ConfigError, match=r"^model\.id_dims=64: decompose\.null_rule=threshold derived d_n=40 .*"
                                           r"set model\.id_dims=40$"):
-        pipeline.train_stage(load_config("quickstart", [f"run_dir={tmp_path}"]), log=lambda s: None)
+        pipeline.train_stage(load_config("quickstart", [f"run_dir={tmp_path}"]))
 
 
 def test_override_values_typed_by_key():

@@ -260,7 +260,7 @@ def test_an_input_error_in_a_ray_train_worker_is_one_line_with_exit_status_2(ray
     code = main(["run", "--stages", "prepare,train", "method=sasrec_id", "data.source=interactions",
                  f"data.path={tmp_path / 'inter.csv'}", f"data.items_path={tmp_path / 'items.csv'}",
                  "data.text_template={title}", f"run_dir={run_dir}", "train.backend=torchrec", "train.num_workers=2",
-                 "train.batch_size=100000", "train.max_failures=0", "model.dim=16", "decompose.null_dims=8"])
+                 "train.batch_size=100000", "train.max_failures=0", "model.dim=16", "model.id_dims=8"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert re.fullmatch(r"alphafuse: error: train\.batch_size=100000: [^\n]+", lines[-1]), lines[-3:]
@@ -277,7 +277,7 @@ def test_compare_children_log_their_progress_with_the_run_they_belong_to(write_c
                  "data.source=interactions", f"data.path={tmp_path / 'inter.csv'}",
                  f"data.items_path={tmp_path / 'items.csv'}", "data.text_template={title}",
                  f"run_dir={tmp_path / 'run'}", "train.backend=torch", "train.num_workers=1", "train.epochs=1",
-                 "train.batch_size=8", "model.dim=16", "decompose.null_dims=8"])
+                 "train.batch_size=8", "model.dim=16", "model.id_dims=8"])
     err = capfd.readouterr().err.splitlines()
     assert code == 0
     for seed in (1, 2):
