@@ -549,9 +549,11 @@ def validate(cfg: "RunConfig") -> None:
         raise ConfigError("eval.ks=[]: must name at least one cut-off")
 
 
-def check_against_data(cfg: "RunConfig", *, num_items: int, language_dim: int | None = None) -> None:
+def check_against_data(cfg: "RunConfig", *, num_items: int, language_dim: int | None = None,
+                       derived_id_dims: int | None = None) -> None:
     """The rules that need the prepared data: run once the item count (and, for methods that read
-    the language embeddings, their width) are known.
+    the language embeddings, their width; for alphafuse under ``decompose.null_rule=threshold``, the
+    d_n the decompose stage derived) are known.
 
     Raises:
         ConfigError: one line naming the key, its value and the data's bound.
@@ -560,6 +562,9 @@ def check_against_data(cfg: "RunConfig", *, num_items: int, language_dim: int | 
             and cfg.model.dim > language_dim:
         raise ConfigError(f"model.dim={cfg.model.dim}: must be <= {language_dim}, the width of the language "
                           "embeddings")
+    if cfg.method == "alphafuse" and derived_id_dims is not None and derived_id_dims != cfg.model.id_dims:
+        raise ConfigError(f"model.id_dims={cfg.model.id_dims}: decompose.null_rule=threshold derived "
+                          f"d_n={derived_id_dims} (decompose/basis.json); set model.id_dims={derived_id_dims}")
     if cfg.eval.protocol == "sampled" and cfg.eval.sampled_negatives >= num_items:
         raise ConfigError(f"eval.sampled_negatives={cfg.eval.sampled_negatives}: must be < {num_items}, the "
                           "number of items")

@@ -74,11 +74,17 @@ def _previous_digest(folder: str, key: str) -> str:
     return manifest["digest"]
 
 
-def _check_data(cfg: RunConfig, run_dir: Path) -> int:
-    """:func:`config.check_against_data` with the finished prepare (and embed) stages; the item count."""
+def _check_data(cfg: RunConfig, run_dir: Path, decomposed: Path | None = None) -> int:
+    """:func:`config.check_against_data` with the finished prepare (embed, decompose) stages; the
+    item count."""
     num_items = read_manifest(require_stage(run_dir, "prepare"))["rows"]["items"]
     embedded = read_manifest(run_dir / "embed") if METHOD_INPUTS[cfg.method] else None
-    check_against_data(cfg, num_items=num_items, language_dim=(embedded or {}).get("dim"))
+    derived = None
+    if decomposed is not None:
+        from .decompose.basis import recorded_id_dims
+
+        derived = recorded_id_dims(decomposed)
+    check_against_data(cfg, num_items=num_items, language_dim=(embedded or {}).get("dim"), derived_id_dims=derived)
     return num_items
 
 
@@ -122,13 +128,6 @@ def train_stage(cfg: RunConfig) -> Path:
     semantic = language = basis = None
     if needs & {"semantic", "basis"}:
         decomposed = require_stage(run_dir, "decompose").resolve()
-        if cfg.method == "alphafuse":
-            from .decompose.basis import recorded_id_dims
-
-            derived = recorded_id_dims(decomposed)
-            if derived is not None and derived != cfg.model.id_dims:
-                raise ConfigError(f"model.id_dims={cfg.model.id_dims}: decompose.null_rule=threshold derived "
-                                  f"d_n={derived} (decompose/basis.json); set model.id_dims={derived}")
         inputs["decompose"] = stage_digest(run_dir, "decompose")
         semantic = str(decomposed / "semantic.safetensors") if "semantic" in needs else None
         basis = str(decomposed) if "basis" in needs else None
@@ -137,7 +136,7 @@ def train_stage(cfg: RunConfig) -> Path:
         inputs["embed"] = stage_digest(run_dir, "embed")
     if cfg.train.warm_start:  # a retrained previous model reruns this stage
         inputs["warm_start"] = _previous_digest(cfg.train.warm_start, "train.warm_start")
-    num_items = _check_data(cfg, run_dir)
+    num_items = _check_data(cfg, run_dir, decomposed if needs & {"semantic", "basis"} else None)
     train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items,
                                language_path=language, basis_path=basis)
 
