@@ -551,15 +551,14 @@ def validate(cfg: "RunConfig") -> None:
 
 def check_against_data(cfg: "RunConfig", *, num_items: int, language_dim: int | None = None,
                        derived_id_dims: int | None = None) -> None:
-    """The rules that need the prepared data: run once the item count (and, for methods that read
-    the language embeddings, their width; for alphafuse under ``decompose.null_rule=threshold``, the
-    d_n the decompose stage derived) are known.
+    """The rules that need the prepared data: run once the item count (and, for methods whose item
+    module reads the decomposed embeddings, their width ``language_dim``; for alphafuse under
+    ``decompose.null_rule=threshold``, the d_n the decompose stage derived) are known.
 
     Raises:
         ConfigError: one line naming the key, its value and the data's bound.
     """
-    if language_dim is not None and METHOD_INPUTS[cfg.method] & {"semantic", "basis"} \
-            and cfg.model.dim > language_dim:
+    if language_dim is not None and cfg.model.dim > language_dim:
         raise ConfigError(f"model.dim={cfg.model.dim}: must be <= {language_dim}, the width of the language "
                           "embeddings")
     if cfg.method == "alphafuse" and derived_id_dims is not None and derived_id_dims != cfg.model.id_dims:

@@ -78,7 +78,7 @@ def _check_data(cfg: RunConfig, run_dir: Path, decomposed: Path | None = None) -
     """:func:`config.check_against_data` with the finished prepare (embed, decompose) stages; the
     item count."""
     num_items = read_manifest(require_stage(run_dir, "prepare"))["rows"]["items"]
-    embedded = read_manifest(run_dir / "embed") if METHOD_INPUTS[cfg.method] else None
+    embedded = read_manifest(run_dir / "embed") if METHOD_INPUTS[cfg.method] & {"semantic", "basis"} else None
     derived = None
     if decomposed is not None:
         from .decompose.basis import recorded_id_dims
