@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import METHODS, load_config, preset_names
-from .errors import AlphaFuseError, user_error
+from .errors import AlphaFuseError, ConfigError, user_error
 
 
 def _byte_size(text: str) -> int:
@@ -202,8 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(lambda: _command(args))
 
 
+def _set_umask() -> None:
+    """Files and folders this process and the Ray workers it starts write are owner-only (run
+    directories hold user ids and histories) unless ``ALPHAFUSE_UMASK`` (octal, e.g. 022) says otherwise."""
+    value = os.environ.get("ALPHAFUSE_UMASK", "077")
+    try:
+        mask = int(value, 8)
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise ConfigError(f"ALPHAFUSE_UMASK={value!r}: expected an octal umask such as 077 or 022")
+    os.umask(mask)
+
+
 def _command(args: argparse.Namespace) -> None:
     """Run the parsed command (input errors propagate to :func:`exit_code`)."""
+    _set_umask()
     if args.command == "presets":
         print("\n".join(preset_names()))
     elif args.command == "download":

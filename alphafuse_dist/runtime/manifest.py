@@ -162,7 +162,12 @@ def exclusive_lock(path: Path, busy: str):
     another process holds it (the lock goes with the process, so a killed holder frees it)."""
     import fcntl
 
-    with open(path, "w") as f:
+    try:  # O_NOFOLLOW: a symlink planted at the lock's path is refused, not followed and truncated
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        kind = "is a symbolic link" if path.is_symlink() else f"cannot be opened ({e.strerror})"
+        raise AlphaFuseError(f"lock file {path} {kind}; remove it or choose another folder") from None
+    with os.fdopen(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -62,7 +62,7 @@ from torch import nn
 from .. import __version__
 from ..config import METHOD_INPUTS, RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
-from ..runtime.manifest import read_manifest, require_stage, run_stage
+from ..runtime.manifest import read_manifest, require_stage, run_dir_lock, run_stage
 
 EXPORT_FORMAT = 1
 ITEMS_FILE = "items.parquet"
@@ -162,11 +162,12 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
         manifest = read_manifest(run_dir / name)
         if manifest is not None:
             inputs[name] = manifest.get("digest")
-    return run_stage(out.parent, out.name, config_hash=section_hash("export", EXPORT_FORMAT, method, seed,
-                                                                  *(["serve_retired"] if serve_retired else [])),
-                     inputs=inputs,
-                     build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, serve_retired),
-                     force=force)
+    with run_dir_lock(run_dir):  # no pipeline may rewrite the train stage while it is exported
+        return run_stage(out.parent, out.name, config_hash=section_hash("export", EXPORT_FORMAT, method, seed,
+                                                                      *(["serve_retired"] if serve_retired else [])),
+                         inputs=inputs,
+                         build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, serve_retired),
+                         force=force)
 
 
 def load_train_config(train_dir: Path) -> RunConfig:
