@@ -110,10 +110,11 @@ def run(tmp_path_factory, write_cycle_data):
         return {}
 
     def decompose(tmp):
-        (tmp / "basis.json").write_text(json.dumps({"d": D, "d_null": DN, "d_l": 20, "whiten": True,
+        # the count rule: d_null comes from the trained config's model.id_dims
+        (tmp / "basis.json").write_text(json.dumps({"d": D, "d_null": None, "d_l": 20, "whiten": True,
                                                     "scale": 1.0, "format_version": 1}))
-        (tmp / "spectrum.json").write_text(json.dumps({"d_semantic": D - DN, "explained_variance_semantic": 0.75,
-                                                       "explained_variance_row_space": 0.5}))
+        cumulative = [(k + 1) / 20 for k in range(20)]
+        (tmp / "spectrum.json").write_text(json.dumps({"cumulative_explained_variance": cumulative}))
         return {}
 
     run_stage(run_dir, "evaluate-alphafuse-s1", config_hash="test", inputs={}, build=evaluate)
@@ -275,7 +276,9 @@ def test_model_card(run):
     assert card["config"]["model"]["backbone"] == "sasrec" and card["model"]["max_len"] == L
     assert card["training"] == {"best_epoch": 3, "best_val_ndcg10": 0.25, "epochs_run": 5}
     assert card["test_metrics"]["metrics"]["overall"]["NDCG@10"] == 0.123
-    assert card["basis"]["explained_variance_semantic"] == 0.75 and card["basis"]["d_null"] == DN
+    assert card["basis"]["d_null"] == DN and card["basis"]["d_semantic"] == D - DN
+    assert card["basis"]["explained_variance_kept"] == D / 20
+    assert card["basis"]["explained_variance_semantic"] == (D - DN) / 20
     assert card["data_window"]["rows"]["items"] == len(index)
     assert card["serving"]["onnx"]["status"]  # exported, or why not
     assert set(card["files"]) >= {"items.parquet", "retired_items.parquet", "user_encoder.pt"}

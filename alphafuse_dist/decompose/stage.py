@@ -66,9 +66,9 @@ def _write(out_dir: Path, basis: NullSpaceBasis, files: list[str], num_items: in
     save_file({SEMANTIC_TENSOR: semantic_table(files, basis, num_items)}, str(out_dir / SEMANTIC_FILE))
     explained = basis.explained_variance()
     info = {"d_l": basis.d_l, "d": basis.dim, "d_null": basis.null_dims,
-            "explained_variance_semantic": float(explained[basis.dim - 1])}
-    if basis.null_dims is not None:
-        info["explained_variance_row_space"] = float(explained[basis.semantic_dims - 1])
+            "explained_variance_kept": float(explained[basis.dim - 1])}
+    if basis.null_dims is not None:  # the threshold rule: the semantic part's width is known here
+        info["explained_variance_semantic"] = float(explained[basis.semantic_dims - 1])
     atomic_write_json(out_dir / SPECTRUM_FILE, {
         **extra, "whiten": basis.whiten, "scale": basis.scale, "items": num_items,
         "total_variance": basis.total_variance, "eigenvalues": basis.eigenvalues.tolist(),
@@ -115,7 +115,7 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
         "method", "null_rule", "null_threshold", "weighted_mean")})
     print(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method}, "
           f"{time.time() - t0:.1f}s; the d={dim} kept directions explain "
-          f"{info['explained_variance_semantic']:.1%} of the variance" + (
+          f"{info['explained_variance_kept']:.1%} of the variance" + (
               f"; the items span only {basis.spanned_dims} of them, the other whitened coordinates are 0"
               if basis.whiten and basis.spanned_dims < dim else ""), flush=True)
     if reused is not None:

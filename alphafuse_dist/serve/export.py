@@ -315,7 +315,7 @@ def _data_window(prep: Path) -> dict:
     return window
 
 
-def _basis_facts(run_dir: Path, method: str) -> dict | None:
+def _basis_facts(run_dir: Path, method: str, cfg: RunConfig) -> dict | None:
     if not METHOD_INPUTS.get(method, frozenset()) & {"semantic", "basis"}:
         return None  # the method does not use the decomposition
     folder = run_dir / "decompose"
@@ -323,12 +323,15 @@ def _basis_facts(run_dir: Path, method: str) -> dict | None:
         return None
     basis = _read_json(folder / "basis.json") or {}
     spectrum = _read_json(folder / "spectrum.json") or {}
-    facts = {k: basis.get(k, spectrum.get(k)) for k in ("d", "d_null", "d_l", "whiten", "scale")}
-    facts["d_semantic"] = spectrum.get("d_semantic", (facts["d"] - facts["d_null"])
-                                       if facts["d"] is not None and facts["d_null"] is not None else None)
-    for k in ("explained_variance_semantic", "explained_variance_row_space", "items"):
-        if k in spectrum:
-            facts[k] = spectrum[k]
+    facts = {k: basis.get(k, spectrum.get(k)) for k in ("d", "d_l", "whiten", "scale", "items")}
+    facts["d_null"] = basis.get("d_null") or (cfg.model.id_dims if method == "alphafuse" else None)
+    d, d_null = facts["d"], facts["d_null"]
+    facts["d_semantic"] = d - d_null if d is not None and d_null is not None else None
+    explained = spectrum.get("cumulative_explained_variance") or []
+    if d is not None and len(explained) >= d:
+        facts["explained_variance_kept"] = explained[d - 1]  # all d kept directions
+        if facts["d_semantic"]:
+            facts["explained_variance_semantic"] = explained[facts["d_semantic"] - 1]  # the frozen part's
     return facts
 
 
@@ -399,7 +402,7 @@ def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, s
         "training": {"best_epoch": history.get("best_epoch"), "best_val_ndcg10": history.get("best_val_ndcg10"),
                      "epochs_run": len(history.get("epochs", [])) or None},
         "test_metrics": _metrics(run_dir, method, seed),
-        "basis": _basis_facts(run_dir, method),
+        "basis": _basis_facts(run_dir, method, cfg),
         "items": {"exported": len(servable_rows), "retired": len(retired_rows), "total": int(N)},
         "serving": {
             "items_file": ITEMS_FILE, "retired_items_file": RETIRED_FILE, "encoder_file": ENCODER_FILE,
@@ -464,8 +467,9 @@ def render_model_card(card: dict) -> str:
         lines += [(f"- d = {_fmt(basis.get('d'))}, d_semantic = {_fmt(basis.get('d_semantic'))}, "
                    f"d_null = {_fmt(basis.get('d_null'))}, d_l = {_fmt(basis.get('d_l'))}, "
                    f"whiten = {_fmt(basis.get('whiten'))}, scale = {_fmt(basis.get('scale'))}"),
-                  (f"- explained variance: semantic range {_fmt(basis.get('explained_variance_semantic'))}, "
-                   f"whole row space {_fmt(basis.get('explained_variance_row_space'))}")]
+                  (f"- explained variance: the d kept directions {_fmt(basis.get('explained_variance_kept'))}, "
+                   f"the first d_semantic (the frozen semantic part) "
+                   f"{_fmt(basis.get('explained_variance_semantic'))}")]
     else:
         lines += ["- none (the method does not use the decomposition, or no decompose stage)"]
     lines += ["", "## Test metrics", ""]
