@@ -29,14 +29,7 @@ import yaml
 from .errors import ConfigError
 
 METHODS = ("alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec")
-# what each method's item module reads: "semantic" (decompose/semantic.safetensors, whitened PCA
-# coordinates [N, d]), "language" (the embed stage's vectors [N, d_l]), "basis" (decompose's
-# NullSpaceBasis); the pipeline runs the embed / decompose stages only for methods that need them
-METHOD_INPUTS: dict[str, frozenset[str]] = {
-    "alphafuse": frozenset({"semantic"}), "sasrec_id": frozenset(), "llminit": frozenset({"semantic"}),
-    "morec": frozenset({"language"}), "whitenrec": frozenset({"language", "basis"}),
-    "unisrec": frozenset({"language"}), "rlmrec": frozenset({"semantic"}),
-}
+# the item modules' registry is model.items.ITEM_METHODS (same names, same order)
 
 
 @dataclass

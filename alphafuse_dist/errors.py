@@ -72,3 +72,16 @@ def user_error(exc: BaseException) -> AlphaFuseError | None:
 
 def _is_ray_wrapper(exc: BaseException) -> bool:
     return any(c.__module__.startswith("ray.") for c in type(exc).__mro__)
+
+
+def choose(registry: dict, name: str, key: str):
+    """``registry[name]``; for an unknown name a one-line ConfigError naming the config ``key`` and
+    the choices.
+
+    A registry is a plain dict ``name -> builder``. Example::
+
+        encoder = choose(ENCODERS, "gru4rec", "model.backbone")(cfg.model)
+    """
+    if name not in registry:
+        raise ConfigError(f"{key}={name!r}: expected one of {', '.join(registry)}")
+    return registry[name]

@@ -3,7 +3,7 @@ manifest matches (see ``runtime/manifest.py``).
 
 Stage folders in the run directory: ``prepare``, ``embed``, ``decompose`` (shared by every method
 and seed run on the same data), then ``train-<method>-s<seed>`` and ``evaluate-<method>-s<seed>``.
-A method runs only the stages its item module reads (``config.METHOD_INPUTS``): the ID-only
+A method runs only the stages its item module reads (``model.items.METHOD_INPUTS``): the ID-only
 baseline (``method=sasrec_id``) needs no embed/decompose, morec/unisrec only embed.
 
 Example::
@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import METHOD_INPUTS, RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
+from .config import RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
 from .errors import AlphaFuseError, ConfigError
+from .model.items import METHOD_INPUTS
 from .runtime.manifest import clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest
 from .runtime.ray import ensure_ray
 
@@ -119,7 +120,7 @@ def decompose_stage(cfg: RunConfig) -> Path:
 
 def train_stage(cfg: RunConfig) -> Path:
     from .train.launch import train_local, train_with_ray
-    from .train.loop import TrainInputs
+    from .train.inputs import TrainInputs
 
     run_dir = cfg.run_path
     prep = require_stage(run_dir, "prepare")

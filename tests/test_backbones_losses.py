@@ -24,8 +24,13 @@ from alphafuse_dist.model.backbones import BERT4RecEncoder, GRU4RecEncoder, cloz
 from alphafuse_dist.model.losses import (bce_loss, expected_count_log_q, full_softmax_loss, logq_correct,
                                          sampled_softmax_loss)
 from alphafuse_dist.model.sasrec import user_states_from_table
-from alphafuse_dist.train.data import eval_inputs
-from alphafuse_dist.train.loop import TrainInputs, build_model, draw_negatives, save_model, train_worker
+from alphafuse_dist.data.sequences import eval_inputs
+from alphafuse_dist.model.recommender import build_model
+from alphafuse_dist.train.checkpoint import save_model
+from alphafuse_dist.train.inputs import TrainInputs
+from alphafuse_dist.train.optim import build_optimizer
+from alphafuse_dist.train.recipe import train_model
+from alphafuse_dist.train.sampling import draw_negatives
 
 NEG_INF = float("-inf")
 
@@ -343,7 +348,7 @@ def _train_cfg(backbone, loss, *extra):
 ])
 def test_backbone_and_loss_learn_the_cycle(backbone, loss, extra, prepare_dir, tmp_path, one_thread):
     cfg = _train_cfg(backbone, loss, *extra)
-    result = train_worker(cfg, TrainInputs(str(prepare_dir), None, N_ITEMS), log=lambda s: None)
+    result = train_model(cfg, TrainInputs(str(prepare_dir), None, N_ITEMS), log=lambda s: None)
     losses = [row["loss"] for row in result.history]
     assert losses[-1] < 0.8 * losses[0], losses
     assert result.best_metric > max(0.5, 4 * RANDOM_NDCG10), (result.best_metric, RANDOM_NDCG10)
@@ -373,7 +378,7 @@ def _parity_worker(rank, world, store_path, prepare, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        results = [train_worker(_parity_cfg(*case, world), TrainInputs(prepare, None, N_ITEMS), log=lambda s: None)
+        results = [train_model(_parity_cfg(*case, world), TrainInputs(prepare, None, N_ITEMS), log=lambda s: None)
                    for case in PARITY_CASES]
         if rank == 0:
             torch.save([(r.history, r.item_table) for r in results], out_path)
@@ -390,7 +395,7 @@ def test_two_torch_workers_equal_one_process(prepare_dir, one_thread):
                            join=True, start_method="spawn")
         got = torch.load(out)
     for case, (history, table) in zip(PARITY_CASES, got):
-        ref = train_worker(_parity_cfg(*case, 1), TrainInputs(str(prepare_dir), None, N_ITEMS), log=lambda s: None)
+        ref = train_model(_parity_cfg(*case, 1), TrainInputs(str(prepare_dir), None, N_ITEMS), log=lambda s: None)
         assert len(history) == 2
         for a, b in zip(history, ref.history):
             assert abs(a["loss"] - b["loss"]) < 1e-5, (case, a, b)
@@ -409,11 +414,12 @@ def _tr_cfg(backend, backbone, loss, negatives):
     return load_config(None, [f"train.backend={backend}", "method=alphafuse", f"model.backbone={backbone}",
                               f"train.loss={loss}", f"train.negatives={negatives}", f"model.dim={D}",
                               "model.id_dims=8", "model.dropout=0.0", f"model.max_len={L}", "train.ce_chunk=7",
-                              "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={TR_B}"])
+                              "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={TR_B}",
+                              "train.lr=0.01", "train.weight_decay=0", "train.id_optimizer=adagrad", "train.id_lr=0.1"])
 
 
-def _tr_steps(model, net, cfg, dense_opt, id_opt, rank, world):
-    """A few steps on fixed global batches; this worker takes rows rank::world (as loop.py does)."""
+def _tr_steps(model, net, cfg, optimizer, rank, world):
+    """A few steps on fixed global batches; this worker takes rows rank::world (as the recipe does)."""
     losses = []
     g = torch.Generator().manual_seed(11)
     for _ in range(TR_STEPS):
@@ -432,13 +438,9 @@ def _tr_steps(model, net, cfg, dense_opt, id_opt, rank, world):
         if world > 1:
             dist.all_reduce(total)
             dist.all_reduce(lsum_all)
-        dense_opt.zero_grad()
-        if id_opt:
-            id_opt.zero_grad()
+        optimizer.zero_grad()
         (lsum * (world / total)).backward()
-        dense_opt.step()
-        if id_opt:
-            id_opt.step()
+        optimizer.step()
         losses.append((lsum_all / total).item())
     return losses
 
@@ -460,8 +462,7 @@ def _tr_worker(rank, world, store_path, out_path):
             net = build_model(cfg, N, _tr_semantic(), torch.device("cpu"))
             model = shard_model(net, sharding="row_wise", id_optimizer_name="adagrad", id_lr=0.1,
                                 device=torch.device("cpu"), log=lambda s: None)
-            dense = [p for n, p in model.named_parameters() if "items." not in n and p.requires_grad]
-            losses = _tr_steps(model, net, cfg, torch.optim.Adam(dense, lr=0.01), None, rank, world)
+            losses = _tr_steps(model, net, cfg, build_optimizer(cfg, model, net), rank, world)
             out.append((losses, net.items.full_table()))
         if rank == 0:
             torch.save(out, out_path)
@@ -480,8 +481,7 @@ def test_torchrec_two_workers_equal_one_process_for_new_backbones_and_losses(one
     for case, (losses, table) in zip(TR_CASES, got):
         cfg = _tr_cfg("torch", *case)
         net = build_model(cfg, N, _tr_semantic(), torch.device("cpu"))
-        ref = _tr_steps(net, net, cfg, torch.optim.Adam(net.encoder.parameters(), lr=0.01),
-                        torch.optim.Adagrad(net.items.ids.parameters(), lr=0.1, eps=1e-8), 0, 1)
+        ref = _tr_steps(net, net, cfg, build_optimizer(cfg, net, net), 0, 1)
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-5, msg=str(case))
         torch.testing.assert_close(table, net.items.full_table(), rtol=1e-5, atol=1e-5, msg=str(case))
         # training moved the ID rows: the test does not compare two untouched tables

@@ -89,7 +89,7 @@ def test_sharded_target_ranks_equal_single_process_exactly(tmp_path, world, thre
 
 def _tiny_model():
     from alphafuse_dist.config import load_config
-    from alphafuse_dist.train.loop import build_model
+    from alphafuse_dist.model.recommender import build_model
 
     cfg = load_config("quickstart", ["method=sasrec_id", "model.dim=8", "model.id_dims=4", "model.max_len=5",
                                      "train.backend=torch", "model.dropout=0.0"])
@@ -102,12 +102,12 @@ def _tiny_model():
 
 
 def _validate_worker(rank, world, store_path, out):
-    from alphafuse_dist.train.loop import validate
+    from alphafuse_dist.evaluate.sharded import sharded_metrics
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         net, hist, targets = _tiny_model()
-        torch.save(validate(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3),
+        torch.save(sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3),
                    f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -115,13 +115,13 @@ def _validate_worker(rank, world, store_path, out):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_validation_over_row_shards_equals_one_process(tmp_path, world):
-    """The training loop's validation: each worker holds a row range of the table and a share of
+    """The training recipe's validation: each worker holds a row range of the table and a share of
     the users (10 users, 23 items: uneven on 3 workers); the metrics equal one process's."""
     from alphafuse_dist.evaluate.metrics import metrics_from_ranks
-    from alphafuse_dist.train.loop import validate
+    from alphafuse_dist.evaluate.sharded import sharded_metrics
 
     net, hist, targets = _tiny_model()
-    single = validate(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3)
+    single = sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3)
     with torch.no_grad():  # and one process equals the plain whole-table kernel
         net.eval()
         table = net.normalize(net.items.full_table())

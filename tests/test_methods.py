@@ -1,6 +1,6 @@
 """The paper's baselines (alphafuse_dist.model.methods): each item module against its formula,
 frozen tables stay bit-identical through training (plain torch, and TorchRec on 2 workers against
-one process), and every method learns a small learnable data set end to end (train_worker)."""
+one process), and every method learns a small learnable data set end to end (train_model)."""
 from __future__ import annotations
 
 import math
@@ -19,9 +19,11 @@ from safetensors.torch import save_file
 from alphafuse_dist.config import METHODS, load_config
 from alphafuse_dist.decompose.basis import WHITEN_MIN_RELATIVE_EIGENVALUE, NullSpaceBasis, whitened_features
 from alphafuse_dist.errors import ConfigError, DataError
-from alphafuse_dist.train.checkpoint import _model_state
-from alphafuse_dist.train.data import read_embeddings
-from alphafuse_dist.train.loop import TrainInputs, build_model, split_parameters, train_worker
+from alphafuse_dist.model.recommender import build_model
+from alphafuse_dist.train.checkpoint import model_state
+from alphafuse_dist.train.inputs import TrainInputs, read_embeddings
+from alphafuse_dist.train.optim import build_optimizer, trainable_parameters
+from alphafuse_dist.train.recipe import TrainResult, train_model
 
 N, DL, D, DN, L, B = 48, 20, 16, 8, 6, 8
 BASELINES = ("llminit", "morec", "whitenrec", "unisrec", "rlmrec")
@@ -47,7 +49,9 @@ def _inputs():
 def _cfg(method: str, backend: str = "torch", extra: tuple[str, ...] = ()):
     return load_config(None, [f"method={method}", f"train.backend={backend}", f"model.dim={D}",
                               f"model.id_dims={DN}", "model.dropout=0.0", f"model.max_len={L}",
-                              f"train.batch_size={B}", "model.id_init=normal", "model.id_init_std=0.1", *extra])
+                              f"train.batch_size={B}", "model.id_init=normal", "model.id_init_std=0.1",
+                              "train.lr=0.01", "train.weight_decay=0", "train.id_optimizer=adagrad", "train.id_lr=0.1",
+                              *extra])
 
 
 def _build(method: str, backend: str = "torch", extra: tuple[str, ...] = ()):
@@ -172,7 +176,7 @@ def test_rlmrec_loss_terms_include_the_reconstruction():
 def test_parameter_split_and_checkpoint_state(method):
     net = _build(method)
     items = net.items
-    dense, ids = split_parameters(net, items)
+    dense, ids = (list(group.values()) for group in trainable_parameters(net))
     frozen = [p for m in items.frozen_modules for p in getattr(items, m).parameters()]
     id_params = [p for m in items.id_modules for p in getattr(items, m).parameters()]
     assert {id(p) for p in ids} == {id(p) for p in id_params}
@@ -181,7 +185,7 @@ def test_parameter_split_and_checkpoint_state(method):
     adapters = [p for n, p in items.named_parameters() if not n.startswith(items.id_modules + items.frozen_modules)]
     assert {id(p) for p in adapters} | {id(p) for p in net.encoder.parameters()} == {id(p) for p in dense}
     assert bool(adapters) == (method in ("morec", "whitenrec", "unisrec", "rlmrec"))
-    state = _model_state(net)
+    state = model_state(net)
     assert not [k for k in state if k.startswith(tuple(f"items.{m}." for m in items.frozen_modules))]
     assert len(state) == len(net.state_dict()) - len(frozen)
 
@@ -194,7 +198,7 @@ def test_torchrec_modules_list_their_tables():
         assert [s.frozen for s in specs] == expected
         assert all(s.initial.shape[1] % 4 == 0 and s.initial.shape[0] == N for s in specs)
         assert tuple(s.module for s in specs if s.frozen) == items.frozen_modules
-        state = _model_state(_build(method, "torchrec"))
+        state = model_state(_build(method, "torchrec"))
         assert not [k for k in state if "features" in k or "semantic" in k]
 
 
@@ -290,7 +294,7 @@ def _batches(steps: int = 4):
     return out
 
 
-def _run_steps(model, dense_opt, id_opt, rank: int, world: int, shares: int = 1) -> list[float]:
+def _run_steps(model, optimizer, rank: int, world: int, shares: int = 1) -> list[float]:
     """A few steps; worker ``rank`` of ``world`` takes its share of each batch. One process with
     ``shares`` > 1 sums the loss terms of that many shares (what ``shares`` workers compute)."""
     losses = []
@@ -304,13 +308,9 @@ def _run_steps(model, dense_opt, id_opt, rank: int, world: int, shares: int = 1)
             dist.all_reduce(total)
             dist.all_reduce(lsum_all)
         loss = lsum * (world / total)
-        dense_opt.zero_grad()
-        if id_opt:
-            id_opt.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        dense_opt.step()
-        if id_opt:
-            id_opt.step()
+        optimizer.step()
         losses.append((lsum_all / total).item())
     return losses
 
@@ -323,11 +323,8 @@ def _expected_frozen(method: str) -> torch.Tensor:
 
 def _single(method: str, extra: tuple[str, ...] = (), shares: int = 1):
     net = _build(method, extra=extra)
-    dense, ids = split_parameters(net, net.items)
-    dense_opt = torch.optim.Adam(dense, lr=0.01)
-    id_opt = torch.optim.Adagrad(ids, lr=0.1, eps=1e-8) if ids else None
     before = {n: p.detach().clone() for n, p in net.items.named_parameters()}
-    losses = _run_steps(net, dense_opt, id_opt, 0, 1, shares)
+    losses = _run_steps(net, build_optimizer(_cfg(method, extra=extra), net, net), 0, 1, shares)
     return net, before, losses
 
 
@@ -345,15 +342,14 @@ def test_frozen_tables_bit_identical_after_training_torch(method):
 
 def test_checkpoint_round_trip_without_frozen_tables(tmp_path):
     from alphafuse_dist.train.checkpoint import load_checkpoint, save_checkpoint
-    from alphafuse_dist.train.loop import TrainResult
 
     extra = ("model.unisrec_with_ids=true",)
+    cfg = _cfg("unisrec", extra=extra)
     net, _, _ = _single("unisrec", extra)
-    dense, ids = split_parameters(net, net.items)
-    dense_opt, id_opt = torch.optim.Adam(dense, lr=0.01), torch.optim.Adagrad(ids, lr=0.1)
-    _run_steps(net, dense_opt, id_opt, 0, 1)
+    optimizer = build_optimizer(cfg, net, net)
+    _run_steps(net, optimizer, 0, 1)
     progress = {"epochs_done": 1, "best_metric": 0.5, "best_epoch": 1, "bad_epochs": 0}
-    save_checkpoint(tmp_path, model=net, net=net, dense_opt=dense_opt, id_opt=id_opt, progress=progress,
+    save_checkpoint(tmp_path, net=net, optimizer=optimizer, progress=progress,
                     best=TrainResult(best_epoch=-1, best_metric=-1.0), history=[])
     import torch.distributed.checkpoint as dcp
 
@@ -361,15 +357,14 @@ def test_checkpoint_round_trip_without_frozen_tables(tmp_path):
     assert any("items.expert_weight" in k for k in saved) and any("items.ids." in k for k in saved)
     assert not [k for k in saved if "items.features" in k]
     fresh = _build("unisrec", extra=extra)
-    f_dense, f_ids = split_parameters(fresh, fresh.items)
-    f_dense_opt, f_id_opt = torch.optim.Adam(f_dense, lr=0.01), torch.optim.Adagrad(f_ids, lr=0.1)
-    got, _ = load_checkpoint(tmp_path, model=fresh, net=fresh, dense_opt=f_dense_opt, id_opt=f_id_opt,
+    f_optimizer = build_optimizer(cfg, fresh, fresh)
+    got, _ = load_checkpoint(tmp_path, net=fresh, optimizer=f_optimizer,
                              best=TrainResult(best_epoch=-1, best_metric=-1.0))
     assert got["epochs_done"] == 1
     for (name, a), (_, b) in zip(net.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), name  # adapters, ID rows, encoder restored; features rebuilt equal
     # the optimiser states came back too: training continues with identical losses
-    assert _run_steps(net, dense_opt, id_opt, 0, 1) == _run_steps(fresh, f_dense_opt, f_id_opt, 0, 1)
+    assert _run_steps(net, optimizer, 0, 1) == _run_steps(fresh, f_optimizer, 0, 1)
 
 
 TORCHREC_CASES = (("llminit", ()), ("morec", ()), ("whitenrec", ()),
@@ -388,11 +383,10 @@ def _torchrec_worker(rank: int, world: int, store_path: str, out_path: str) -> N
             net = _build(method, "torchrec", extra)
             model = shard_model(net, sharding="row_wise", id_optimizer_name="adagrad", id_lr=0.1,
                                 device=torch.device("cpu"), log=lambda s: None)
-            dense, _ = split_parameters(model, net.items)
-            losses = _run_steps(model, torch.optim.Adam(dense, lr=0.01), None, rank, world)
+            losses = _run_steps(model, build_optimizer(_cfg(method, "torchrec", extra), model, net), rank, world)
             frozen = net.items.lookup_features(torch.arange(N)) if net.items.frozen_modules else None
             out[method] = {"losses": losses, "table": net.items.full_table(), "frozen": frozen,
-                           "checkpointed": sorted(_model_state(net))}
+                           "checkpointed": sorted(model_state(net))}
         if rank == 0:
             torch.save(out, out_path)
     finally:
@@ -462,7 +456,7 @@ def test_each_method_learns_with_plain_torch(method, prepared):
                              "train.patience=12", "train.num_negatives=16", "train.lr=0.005", "train.log_every=0",
                              "model.dropout=0.0", "train.eval_every=4", "train.id_lr=0.05"])
     torch.set_num_threads(1)
-    result = train_worker(cfg, prepared, log=lambda s: None)
+    result = train_model(cfg, prepared, log=lambda s: None)
     losses = [row["loss"] for row in result.history]
     assert losses[-1] < 0.8 * losses[0], losses
     # random ranking of 40 items: HR@10 = 0.25, NDCG@10 ~ 0.11; the cycle is learnable
@@ -508,3 +502,18 @@ def test_baseline_pipeline_with_ray_and_torchrec(method, tmp_path_factory, ray_s
     m = run_pipeline(cfg)["metrics"]["metrics"]["overall"]
     assert m["users"] == N_USERS
     assert m["HR@10"] > 0.6, m  # random ranking of 40 items: 0.25
+
+
+def test_registries_match_the_config_and_name_their_choices():
+    from alphafuse_dist.errors import choose
+    from alphafuse_dist.model.backbones import ENCODERS
+    from alphafuse_dist.model.items import ITEM_METHODS, METHOD_INPUTS
+    from alphafuse_dist.model.losses import LOSSES
+    from alphafuse_dist.train.optim import ID_OPTIMIZERS
+    from alphafuse_dist.train.sharding import SHARDING_PLANS
+
+    assert tuple(ITEM_METHODS) == tuple(METHOD_INPUTS) == METHODS
+    for registry, key in ((ITEM_METHODS, "method"), (ENCODERS, "model.backbone"), (LOSSES, "train.loss"),
+                          (ID_OPTIMIZERS, "train.id_optimizer"), (SHARDING_PLANS, "train.sharding")):
+        with pytest.raises(ConfigError, match=rf"^{key}='nope': expected one of {', '.join(registry)}$"):
+            choose(registry, "nope", key)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from alphafuse_dist.config import load_config
-from alphafuse_dist.train.loop import build_model
+from alphafuse_dist.model.recommender import build_model
+from alphafuse_dist.train.optim import build_optimizer
 
 N, STEPS, B, L = 200, 4, 8, 6
 
@@ -44,7 +45,7 @@ def _semantic():
     return torch.randn(N, 16, generator=torch.Generator().manual_seed(1))
 
 
-def _run_steps(model, net, dense_opt, id_opt, rank, world):
+def _run_steps(model, net, optimizer, rank, world):
     losses = []
     for seqs, tgts, negs in _batches():
         mine = slice(rank * B // world, (rank + 1) * B // world)
@@ -55,13 +56,9 @@ def _run_steps(model, net, dense_opt, id_opt, rank, world):
             dist.all_reduce(total)
             dist.all_reduce(lsum_all)
         loss = lsum * (world / total)
-        dense_opt.zero_grad()
-        if id_opt:
-            id_opt.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        dense_opt.step()
-        if id_opt:
-            id_opt.step()
+        optimizer.step()
         losses.append((lsum_all / total).item())
     return losses
 
@@ -69,9 +66,7 @@ def _run_steps(model, net, dense_opt, id_opt, rank, world):
 def _single(method):
     cfg = _cfg("torch", method=method)
     net = build_model(cfg, N, _semantic() if method == "alphafuse" else None, torch.device("cpu"))
-    dense_opt = torch.optim.Adam(net.encoder.parameters(), lr=0.01, weight_decay=cfg.train.weight_decay)
-    id_opt = torch.optim.Adagrad(net.items.ids.parameters(), lr=0.1, eps=1e-8)
-    losses = _run_steps(net, net, dense_opt, id_opt, 0, 1)
+    losses = _run_steps(net, net, build_optimizer(cfg, net, net), 0, 1)
     return losses, net.items.full_table(), net.items.ids.weight.detach().clone()
 
 
@@ -87,9 +82,7 @@ def _worker(rank, world, store_path, sharding, method, out_path):
         logged = []
         model = shard_model(net, sharding=sharding, id_optimizer_name="adagrad", id_lr=0.1,
                             device=torch.device("cpu"), log=logged.append)
-        dense = [p for n, p in model.named_parameters() if "items." not in n and p.requires_grad]
-        dense_opt = torch.optim.Adam(dense, lr=0.01, weight_decay=cfg.train.weight_decay)
-        losses = _run_steps(model, net, dense_opt, None, rank, world)
+        losses = _run_steps(model, net, build_optimizer(cfg, model, net), rank, world)
         table = net.items.full_table()
         sem = net.items.lookup_semantic(torch.arange(N)) if method == "alphafuse" else None
         if rank == 0:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from alphafuse_dist.config import load_config
-from alphafuse_dist.train.loop import TrainInputs, train_worker
+from alphafuse_dist.train.inputs import TrainInputs
+from alphafuse_dist.train.recipe import train_model
 
 N, USERS, EPOCHS, STOP = 40, 96, 6, 3
 
@@ -63,8 +64,8 @@ def _worker(rank, world, store, prep, epochs, save_at, resume_from, out):
             if writer is not None and row["epoch"] == save_at:
                 writer(out + ".ckpt")
 
-        result = train_worker(_cfg(epochs), TrainInputs(prepare_dir=prep, semantic_path=None, num_items=N),
-                              report=report, resume_from=resume_from, log=lambda s: None)
+        result = train_model(_cfg(epochs), TrainInputs(prepare_dir=prep, semantic_path=None, num_items=N),
+                             report=report, resume_from=resume_from, log=lambda s: None)
         if rank == 0:
             torch.save({"history": result.history, "table": result.item_table, "best": result.best_metric}, out)
     finally:

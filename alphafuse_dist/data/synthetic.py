@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..runtime.seeding import seeded_rng
+
 _ADJECTIVES = ("Classic", "Deluxe", "Portable", "Wireless", "Organic", "Vintage", "Premium", "Compact",
                "Ultra", "Smart", "Heavy-Duty", "Ergonomic", "Stainless", "Handmade", "Waterproof", "Mini",
                "Professional", "Lightweight", "Rechargeable", "Adjustable")
@@ -47,7 +49,7 @@ def write_synthetic(out_dir: Path, n_interactions: int, n_items: int, n_users: i
     Returns:
         ``{"interactions": path, "items": path}``.
     """
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = _power_law_draw(rng, n_items, n_interactions, 0.9)

@@ -28,7 +28,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..model.backbones import build_encoder
 from ..model.sasrec import user_states_from_table
-from ..train.data import eval_inputs
+from ..data.sequences import eval_inputs
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives
 

@@ -1,4 +1,4 @@
-"""Sequence encoders behind ``model.backbone``, their factory, and BERT4Rec's Cloze masking.
+"""Sequence encoders behind ``model.backbone``, their registry ``ENCODERS``, and BERT4Rec's Cloze masking.
 
 Every encoder maps item vectors ``x`` [B, L, d] and a validity mask ``valid`` [B, L] (True at real
 items) to hidden states [B, L, d], zero at padded positions, and gives the user state [B, d] with
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import choose
 from .sasrec import SASRecBlock, SASRecEncoder
 
 
@@ -137,7 +138,7 @@ def draw_cloze_mask(generator: torch.Generator, valid: torch.Tensor, global_batc
     """Masked positions [B_local, L] of this worker's rows, drawn for the GLOBAL batch.
 
     The draws are made for all ``global_batch`` rows, then rows ``rank::world`` are kept (the rows
-    the training loop gives this worker), so the mask of a sequence does not depend on how the
+    the training recipe gives this worker), so the mask of a sequence does not depend on how the
     batch is split over workers. ``valid`` [B_local, L] is this worker's validity mask.
     """
     L = valid.shape[1]
@@ -146,13 +147,16 @@ def draw_cloze_mask(generator: torch.Generator, valid: torch.Tensor, global_batc
     return cloze_mask(valid, uniform.to(valid.device), pick.to(valid.device), mask_prob)
 
 
+# model.backbone -> builder(model config, normalize_inputs) of the encoder
+ENCODERS = {
+    "sasrec": lambda m, norm: SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
+                                            normalize_inputs=norm),
+    "gru4rec": lambda m, norm: GRU4RecEncoder(m.dim, m.num_blocks, m.dropout, normalize_inputs=norm),
+    "bert4rec": lambda m, norm: BERT4RecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
+                                                normalize_inputs=norm),
+}
+
+
 def build_encoder(m: ModelConfig) -> nn.Module:
     """The encoder named by ``model.backbone`` (inputs at unit RMS when similarity is cosine)."""
-    norm = m.similarity == "cosine"
-    if m.backbone == "sasrec":
-        return SASRecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout, normalize_inputs=norm)
-    if m.backbone == "gru4rec":
-        return GRU4RecEncoder(m.dim, m.num_blocks, m.dropout, normalize_inputs=norm)
-    if m.backbone == "bert4rec":
-        return BERT4RecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout, normalize_inputs=norm)
-    raise ValueError(f"model.backbone={m.backbone!r}: expected sasrec, gru4rec or bert4rec")
+    return choose(ENCODERS, m.backbone, "model.backbone")(m, m.similarity == "cosine")

@@ -17,7 +17,7 @@ Shapes: ``N`` items, ``d`` model width, ``d_n`` null-space (ID) width, ``d_s = d
 Every item module (this one and those of ``alphafuse_dist.model.methods``) has the same interface:
 ``forward(ids [M]) -> [M, d]``, ``full_table() -> [N, d]``, ``num_items``, ``dim``, ``device``,
 ``id_modules`` / ``frozen_modules`` (names of the child modules holding trainable ID tables /
-frozen tables: the loop gives the former to the ID optimiser, checkpoints skip the latter) and,
+frozen tables: the training optimiser gives the former the ID optimiser, checkpoints skip the latter) and,
 with the torchrec back end, ``torchrec_tables()`` (what ``train.sharding.shard_model`` plans).
 """
 from __future__ import annotations

@@ -83,3 +83,11 @@ def full_softmax_loss(h: torch.Tensor, items: torch.Tensor, pos_logit: torch.Ten
     parts = [checkpoint(_chunk_logsumexp, h, items[s:s + chunk], scale, use_reentrant=False)
              for s in range(0, items.shape[0], chunk)]
     return torch.logsumexp(torch.stack(parts), dim=0) - pos_logit
+
+
+# train.loss -> per-position loss. Sampled losses score the targets against drawn negatives
+# (pos_logit [M], neg_logit [M, K]); full-catalogue losses score every item (h, items, pos_logit,
+# scale, chunk).
+SAMPLED_LOSSES = {"infonce": sampled_softmax_loss, "bce": bce_loss}
+FULL_CATALOGUE_LOSSES = {"full_ce": full_softmax_loss}
+LOSSES = SAMPLED_LOSSES | FULL_CATALOGUE_LOSSES

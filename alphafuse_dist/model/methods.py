@@ -1,4 +1,5 @@
-"""The paper's baselines behind the one ``method`` switch (docs/method.md section 5), same encoder.
+"""The paper's baselines behind the one ``method`` switch (docs/method.md section 5), same encoder;
+``model.items.ITEM_METHODS`` builds them.
 
 Each method is an item module with the interface of
 :class:`~alphafuse_dist.model.item_table.FusedItemTable` (``forward(ids [M]) -> [M, d]``,
@@ -21,7 +22,7 @@ rlmrec                trainable ID row [d]; an MLP maps it to the whitened PCA c
 Frozen tables are ``nn.Embedding`` without gradient (torch) or ``EmbeddingCollection``s trained by
 a zero-lr fused SGD and looked up under ``no_grad`` (torchrec), never saved in checkpoints (they
 are rebuilt from the embed / decompose stage outputs). Adapters are dense parameters (the dense
-Adam of the training loop; DDP / DMP synchronise their gradients); ID tables get the ID optimiser.
+Adam of ``train.optim``; DDP / DMP synchronise their gradients); ID tables get the ID optimiser.
 
 Shapes: ``N`` items, ``d`` model width, ``d_l`` language-model width, ``M`` looked-up ids.
 """
@@ -33,8 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import METHOD_INPUTS, RunConfig
-from ..decompose.basis import NullSpaceBasis, whitened_features
 from .item_table import (ID_FEATURE, ID_TABLE, FusedItemTable, TableSpec, chunked_table, meta_collection,
                          torchrec_lookup)
 
@@ -145,8 +144,8 @@ class MoRecItems(AdapterItems):
 
 
 class WhitenRecItems(AdapterItems):
-    """WhitenRec: whitened language embeddings Z [N, k] (see :func:`whitened_features`), then a
-    trainable linear projection ``Z_i W + c``, W [k, d]. No ID table."""
+    """WhitenRec: whitened language embeddings Z [N, k] (``decompose.basis.whitened_features``),
+    then a trainable linear projection ``Z_i W + c``, W [k, d]. No ID table."""
 
     def __init__(self, whitened: torch.Tensor, dim: int, *, generator: torch.Generator, backend: str = "torch",
                  device: torch.device | str = "cpu"):
@@ -234,42 +233,3 @@ class RLMRecItems(AdapterItems):
         recon = self.decoder(vecs)
         target = self.lookup_features(ids.reshape(-1).long()).to(recon.dtype)
         return self.weight * (1.0 - F.cosine_similarity(recon, target, dim=-1)).sum()
-
-
-def build_item_module(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, language: torch.Tensor | None,
-                      device: torch.device, generator: torch.Generator, basis: NullSpaceBasis | None = None) -> nn.Module:
-    """The item module of ``cfg.method`` (identical on every worker given the same seeded generator).
-
-    Args:
-        semantic: float32 [N, d], the decompose stage's whitened PCA table (alphafuse, llminit, rlmrec).
-        language: float32 [N, d_l], the embed stage's vectors in item_idx order (morec, whitenrec, unisrec).
-        basis: the decompose stage's basis (whitenrec).
-
-    Raises:
-        ValueError: when an input the method needs (``config.METHOD_INPUTS``) is missing or has
-            the wrong number of rows.
-    """
-    m, method, backend = cfg.model, cfg.method, cfg.train.backend
-    given = {"semantic": semantic, "language": language, "basis": basis}
-    for name in sorted(METHOD_INPUTS[method]):
-        if given[name] is None:
-            raise ValueError(f"method={method} needs the {name} input")
-        if name != "basis" and given[name].shape[0] != num_items:
-            raise ValueError(f"method={method}: the {name} table has {given[name].shape[0]} rows, expected {num_items}")
-    if method in ("alphafuse", "sasrec_id", "llminit"):
-        return FusedItemTable(num_items, m.dim, cfg.model.id_dims, method=method, injection=m.injection,
-                              semantic=semantic, id_init=m.id_init, id_init_std=m.id_init_std, backend=backend,
-                              device=device, generator=generator)
-    if method == "morec":
-        return MoRecItems(language, m.dim, generator=generator, backend=backend, device=device)
-    if method == "whitenrec":
-        whitened = torch.from_numpy(whitened_features(language.numpy(), basis))
-        return WhitenRecItems(whitened, m.dim, generator=generator, backend=backend, device=device)
-    if method == "unisrec":
-        ids = id_rows(num_items, m.dim, generator) if m.unisrec_with_ids else None
-        return UniSRecItems(language, m.dim, experts=m.unisrec_experts, generator=generator, id_init=ids,
-                            backend=backend, device=device)
-    if method == "rlmrec":
-        return RLMRecItems(semantic, m.dim, weight=m.rlmrec_weight, id_init=id_rows(num_items, m.dim, generator),
-                           generator=generator, backend=backend, device=device)
-    raise ValueError(f"method={method!r}: no item module")

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from ..config import (METHOD_INPUTS, RunConfig, _apply, load_config, parse_override, parse_split_times, parse_time,
+from ..config import (RunConfig, _apply, load_config, parse_override, parse_split_times, parse_time,
                       train_stage_name)
 from ..errors import AlphaFuseError, ConfigError, DataError
+from ..model.items import METHOD_INPUTS
 from ..runtime.manifest import read_manifest, require_stage
 from .registry import LATEST_FILE, Registry
 

@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
-from ..config import METHOD_INPUTS, RunConfig, config_from_dict, section_hash
+from ..config import RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
+from ..model.items import METHOD_INPUTS
 from ..runtime.manifest import read_manifest, require_stage, run_dir_lock, run_stage
 
 EXPORT_FORMAT = 1
@@ -250,9 +251,10 @@ def _self_check(scripted: torch.jit.ScriptModule, encoder: nn.Module, table: tor
     exported input rows, dot with exported vectors) and the library path, on fixed histories of
     length 1 .. max_len + 2."""
     from ..model.sasrec import user_states_from_table
+    from ..runtime.seeding import seeded_generator
 
     N, L = table.shape[0], cfg.model.max_len
-    g = torch.Generator().manual_seed(0)
+    g = seeded_generator(0)
     lengths = sorted({1, 2, max(1, L // 2), L, L + 2})
     hists = [torch.randint(0, N, (n,), generator=g) for n in lengths]
     seqs = torch.full((len(hists), L), N, dtype=torch.long)

@@ -1,13 +1,15 @@
-"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), and the trained model
+files of a train stage (``save_model``).
 
-What is saved, every worker writing only the shards it holds:
+What a checkpoint holds, every worker writing only the shards it holds:
 
-- the model's state: encoder, adapters, trainable ID table (TorchRec ``ShardedTensor``s or a plain
-  tensor). Frozen tables (the item module's ``frozen_modules``: alphafuse's semantic table, the
-  baselines' language features) are NOT saved: they are rebuilt from the embed / decompose stage
-  outputs, which is as fast as loading them and keeps checkpoints small;
-- the optimiser states (dense Adam; the ID table's fused or plain optimiser), tensors only: DCP
-  cannot store param groups, and table-wise loading fails on empty entries;
+- the model's state (:func:`model_state`): encoder, adapters, trainable ID table (TorchRec
+  ``ShardedTensor``s or a plain tensor). Frozen tables (the item module's ``frozen_modules``:
+  alphafuse's semantic table, the baselines' language features) are NOT saved: they are rebuilt
+  from the embed / decompose stage outputs, which is as fast as loading them and keeps
+  checkpoints small;
+- the optimiser's state (``train.optim``: keyed by parameter name), tensors only: DCP cannot store
+  param groups, and table-wise loading fails on empty entries;
 - progress counters (epochs done, best metric/epoch, validations without gain) as tensors.
 
 Rank 0 also writes the best model so far (``model.safetensors``) and the history (``history.json``)
@@ -21,20 +23,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+
+from ..model.io import MODEL_FILE, load_model_file, save_model_file
+from ..runtime.dist import rank_world
 
 PROGRESS_KEYS = ("epochs_done", "best_metric", "best_epoch", "bad_epochs")
-
-
-def _init_adam_state(opt: torch.optim.Optimizer) -> None:
-    """Adam creates its state lazily at the first step; loading needs the tensors to exist."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p not in opt.state and isinstance(opt, torch.optim.Adam):
-                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                "exp_avg_sq": torch.zeros_like(p)}
+HISTORY_FILE = "history.json"
 
 
 def _tensors_only(opt_state: dict) -> dict:
@@ -43,63 +38,61 @@ def _tensors_only(opt_state: dict) -> dict:
             if isinstance(v, torch.Tensor)}
 
 
-def _model_state(net: torch.nn.Module) -> dict:
-    """The model's state without the item module's frozen tables."""
+def model_state(net: torch.nn.Module) -> dict:
+    """The state a checkpoint keeps of an unwrapped recommender: its state dict without the item
+    module's frozen tables."""
     frozen = tuple(f"items.{name}." for name in net.items.frozen_modules)
     return {k: v for k, v in net.state_dict().items() if not k.startswith(frozen)}
 
 
-def _optimizers(model, dense_opt, id_opt) -> dict:
-    """name -> optimiser whose state is checkpointed (the fused one lives on the DMP wrapper)."""
-    opts = {"dense_opt": dense_opt}
-    if id_opt is not None:
-        opts["id_opt"] = id_opt
-    elif hasattr(model, "fused_optimizer"):
-        opts["id_opt"] = model.fused_optimizer
-    return opts
-
-
-def save_checkpoint(folder: Path, *, model, net, dense_opt, id_opt, progress: dict, best, history: list) -> None:
-    """Write this worker's part of a checkpoint into ``folder`` (a collective: all workers call it)."""
-    from .loop import save_model  # the best-model file format is the stage's own
-
+def save_model(folder: Path, result) -> None:
+    """``model.safetensors`` (the fused item table + encoder of ``result``, a ``TrainResult``) and
+    ``history.json`` (best epoch, its validation NDCG@10, every epoch's row)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    opts = _optimizers(model, dense_opt, id_opt)
-    _init_adam_state(dense_opt)
-    state = {"model": _model_state(net),
-             "progress": {k: torch.tensor(float(progress[k]), dtype=torch.float64) for k in PROGRESS_KEYS}}
-    state |= {name: _tensors_only(opt.state_dict()) for name, opt in opts.items()}
+    save_model_file(folder / MODEL_FILE, result.item_table, result.encoder_state)
+    _write_history(folder, result, result.history)
+
+
+def _write_history(folder: Path, best, history: list) -> None:
+    (folder / HISTORY_FILE).write_text(json.dumps({"best_epoch": best.best_epoch, "best_val_ndcg10": best.best_metric,
+                                                   "epochs": history}, indent=2))
+
+
+def save_checkpoint(folder: Path, *, net, optimizer, progress: dict, best, history: list) -> None:
+    """Write this worker's part of a checkpoint into ``folder`` (a collective: all workers call it).
+
+    Args:
+        net: the unwrapped recommender; optimizer: the run's (``train.optim.build_optimizer``);
+        progress: the ``PROGRESS_KEYS`` counters; best: the ``TrainResult`` of the best epoch so far.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"model": model_state(net),
+             "progress": {k: torch.tensor(float(progress[k]), dtype=torch.float64) for k in PROGRESS_KEYS},
+             "optimizer": _tensors_only(optimizer.state_dict())}
     dcp.save(state, checkpoint_id=str(folder))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if rank_world()[0] == 0:
         if best.item_table is not None:
-            save_model(folder, best)
-        (folder / "history.json").write_text(json.dumps({"best_epoch": best.best_epoch,
-                                                         "best_val_ndcg10": best.best_metric,
-                                                         "epochs": history}, indent=2))
+            save_model_file(folder / MODEL_FILE, best.item_table, best.encoder_state)
+        _write_history(folder, best, history)
 
 
-def load_checkpoint(folder: Path, *, model, net, dense_opt, id_opt, best) -> tuple[dict, list]:
-    """Load a checkpoint into the live model and optimisers (in place); fill ``best`` with the best
+def load_checkpoint(folder: Path, *, net, optimizer, best) -> tuple[dict, list]:
+    """Load a checkpoint into the live model and optimiser (in place); fill ``best`` with the best
     model so far. Returns (progress counters, history)."""
     folder = Path(folder)
-    opts = _optimizers(model, dense_opt, id_opt)
-    _init_adam_state(dense_opt)
-    opt_sds = {name: opt.state_dict() for name, opt in opts.items()}
-    state = {"model": _model_state(net),
-             "progress": {k: torch.tensor(0.0, dtype=torch.float64) for k in PROGRESS_KEYS}}
-    state |= {name: _tensors_only(sd) for name, sd in opt_sds.items()}
+    opt_sd = optimizer.state_dict()
+    state = {"model": model_state(net),
+             "progress": {k: torch.tensor(0.0, dtype=torch.float64) for k in PROGRESS_KEYS},
+             "optimizer": _tensors_only(opt_sd)}
     dcp.load(state, checkpoint_id=str(folder))  # in place: state_dict tensors share the live storage
-    for name, opt in opts.items():
-        opt.load_state_dict(opt_sds[name])  # same dict whose tensors dcp filled in place
+    optimizer.load_state_dict(opt_sd)  # the dict whose tensors dcp filled in place
     progress = {k: v.item() for k, v in state["progress"].items()}
     history = []
-    if (folder / "history.json").is_file():
-        history = json.loads((folder / "history.json").read_text())["epochs"]
-    if (folder / "model.safetensors").is_file():
-        tensors = load_file(str(folder / "model.safetensors"))
-        best.item_table = tensors["item_table"]
-        best.encoder_state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    if (folder / HISTORY_FILE).is_file():
+        history = json.loads((folder / HISTORY_FILE).read_text())["epochs"]
+    if (folder / MODEL_FILE).is_file():
+        best.item_table, best.encoder_state = load_model_file(folder / MODEL_FILE)
         best.best_metric, best.best_epoch = progress["best_metric"], int(progress["best_epoch"])
     return progress, history

@@ -1,7 +1,7 @@
 """Launch training: Ray Train ``TorchTrainer`` workers (the product path) or one local process.
 
 Ray Train starts ``train.num_workers`` workers with a gloo (CPU) or NCCL (GPU) process group; each
-runs :func:`alphafuse_dist.train.loop.train_worker`. The best model travels back to the driver as
+runs :func:`alphafuse_dist.train.recipe.train_model`. The best model travels back to the driver as
 a Ray Train checkpoint (so it works on multi-node clusters whose storage path is shared), and is
 written into the stage folder.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig, config_from_dict, section_hash
-from .loop import TrainInputs, save_model, train_worker
+from .inputs import TrainInputs
+from .recipe import train_model
 
 
 def quiet_libraries() -> None:
@@ -50,19 +51,24 @@ def _ray_worker_loop(payload: dict) -> None:
             write_checkpoint(d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            result = train_worker(cfg, inputs, report=report, resume_from=d)
-    else:
-        result = train_worker(cfg, inputs, report=report)
-    if rank == 0:
-        # final report: the best model with the whole history (early stopping may end any epoch)
-        with tempfile.TemporaryDirectory() as d:
-            save_model(Path(d), result)
-            ray.train.report({"final": 1, "best_epoch": result.best_epoch}, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report({"final": 1, "best_epoch": result.best_epoch})
+    def train(resume_from: str | None, folder: str | None):
+        return train_model(cfg, inputs, report=report, resume_from=resume_from, folder=folder)
+
+    # rank 0 writes the best model (early stopping may end any epoch) and reports it with the
+    # whole history as the run's final checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        folder = d if rank == 0 else None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as resume_from:
+                result = train(resume_from, folder)
+        else:
+            result = train(None, folder)
+        final = {"final": 1, "best_epoch": result.best_epoch}
+        if rank == 0:
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(final)
 
 
 def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
@@ -98,7 +104,7 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     with result.checkpoint.as_directory() as d:
         for name in ("model.safetensors", "history.json"):
             shutil.copy2(os.path.join(d, name), out_dir / name)
-    # the stage output is the model; the run's checkpoints are no longer needed once it is written
+    # the stage output is the model; the run's checkpoints are removed once it is written
     shutil.rmtree(storage / run_name, ignore_errors=True)
     return {"workers": t.num_workers}
 
@@ -106,6 +112,5 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
 def train_local(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """One process, no Ray (plain-torch backend): debugging, and GPU machines without Ray/fbgemm."""
     quiet_libraries()
-    result = train_worker(cfg, inputs, log=log)
-    save_model(out_dir, result)
+    train_model(cfg, inputs, log=log, folder=out_dir)
     return {"workers": 1}

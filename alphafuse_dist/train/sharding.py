@@ -16,58 +16,75 @@ dense kernel and data-parallel corrupt the heap there), so every plan asks for i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, choose
+from .optim import id_optimizer
 
 
-def id_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> tuple[type, dict]:
-    """The torch optimiser class + kwargs for the ID rows (TorchRec maps them to fused kernels)."""
-    table = {
-        "sgd": (torch.optim.SGD, {"lr": lr}),
-        "adagrad": (torch.optim.Adagrad, {"lr": lr, "eps": 1e-8}),
-        "adam": (torch.optim.Adam, {"lr": lr, "weight_decay": weight_decay}),
-    }
-    if name == "rowwise_adagrad":
-        from torchrec.optim import RowWiseAdagrad
+def _fixed(generator):
+    """A plan builder giving every table the per-table plan ``generator(world, k)`` (k: the table's
+    position in ``torchrec_tables()``)."""
+    def build(p: PlanInputs):
+        from torchrec.distributed.sharding_plan import construct_module_sharding_plan
+        from torchrec.distributed.types import ShardingPlan
 
-        return RowWiseAdagrad, {"lr": lr, "eps": 1e-8}
-    if name not in table:
-        raise ConfigError(f"train.id_optimizer={name!r}: expected sgd, adagrad, rowwise_adagrad or adam")
-    return table[name]
+        return ShardingPlan({f"items.{spec.module}": construct_module_sharding_plan(
+            getattr(p.model.items, spec.module), {spec.table: generator(p.world, k)}, sharder=p.sharder,
+            local_size=p.world, world_size=p.world, device_type=p.device.type) for k, spec in enumerate(p.specs)})
+    return build
 
 
-SHARDINGS = ("row_wise", "table_wise", "column_wise", "data_parallel", "planner")
+def _row_wise(world: int, k: int):
+    from torchrec.distributed.sharding_plan import row_wise
+
+    return row_wise(compute_kernel="fused")
 
 
-def _generator(kind: str, world: int, table_rank: int):
-    from torchrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_wise
+def _table_wise(world: int, k: int):
+    from torchrec.distributed.sharding_plan import table_wise
 
-    if kind == "row_wise":
-        return row_wise(compute_kernel="fused")
-    if kind == "table_wise":
-        return table_wise(rank=table_rank % world, compute_kernel="fused")
-    if kind == "column_wise":
-        return column_wise(ranks=list(range(world)), compute_kernel="fused")
-    if kind == "data_parallel":
-        return data_parallel()
-    raise ConfigError(f"train.sharding={kind!r}: expected one of {', '.join(SHARDINGS)}")
+    return table_wise(rank=k % world, compute_kernel="fused")
+
+
+def _column_wise(world: int, k: int):
+    from torchrec.distributed.sharding_plan import column_wise
+
+    return column_wise(ranks=list(range(world)), compute_kernel="fused")
+
+
+def _data_parallel(world: int, k: int):
+    from torchrec.distributed.sharding_plan import data_parallel
+
+    return data_parallel()
+
+
+@dataclass
+class PlanInputs:
+    """What a plan builder reads: the model to shard, its tables, the sharder and the process group."""
+
+    model: nn.Module
+    specs: list
+    sharder: object
+    world: int
+    device: torch.device
+    batch_size: int
 
 
 def check_sharding(kind: str, device: torch.device) -> None:
     """Refuse sharding choices this stack cannot run, before any process group work."""
-    if kind not in SHARDINGS:
-        raise ConfigError(f"train.sharding={kind!r}: expected one of {', '.join(SHARDINGS)}")
+    choose(SHARDING_PLANS, kind, "train.sharding")
     if kind == "data_parallel" and device.type == "cpu":
         raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel (dense) kernel corrupts the heap "
                           "with fbgemm-gpu-cpu 1.8; on CPU use row_wise, table_wise, column_wise "
                           "or planner (which is limited to those)")
 
 
-def _planner_plan(items: nn.Module, specs, model: nn.Module, sharder, world: int, device: torch.device,
-                  batch_size: int):
+def _planner_plan(p: PlanInputs):
     """TorchRec's EmbeddingShardingPlanner over the item module's tables, constrained to the
     FUSED kernel and, on CPU, to the sharding types that work there; one plan for all ranks
     (``collective_plan``: rank 0 plans and broadcasts)."""
@@ -75,14 +92,24 @@ def _planner_plan(items: nn.Module, specs, model: nn.Module, sharder, world: int
     from torchrec.distributed.types import ShardingType
 
     allowed = [ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
-    if device.type == "cuda":
+    if p.device.type == "cuda":
         allowed.append(ShardingType.DATA_PARALLEL.value)
     constraints = {spec.table: ParameterConstraints(sharding_types=allowed, compute_kernels=["fused"])
-                   for spec in specs}
+                   for spec in p.specs}
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world, compute_device=device.type, local_world_size=world),
-        batch_size=batch_size, constraints=constraints, debug=False)
-    return planner.collective_plan(model, [sharder], dist.group.WORLD)
+        topology=Topology(world_size=p.world, compute_device=p.device.type, local_world_size=p.world),
+        batch_size=p.batch_size, constraints=constraints, debug=False)
+    return planner.collective_plan(p.model, [p.sharder], dist.group.WORLD)
+
+
+# train.sharding -> builder of the TorchRec plan of every table
+SHARDING_PLANS = {
+    "row_wise": _fixed(_row_wise),
+    "table_wise": _fixed(_table_wise),
+    "column_wise": _fixed(_column_wise),
+    "data_parallel": _fixed(_data_parallel),
+    "planner": _planner_plan,
+}
 
 
 def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_lr: float,
@@ -99,8 +126,7 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.sharding_plan import construct_module_sharding_plan
-    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.distributed.types import ShardingEnv
 
     world = dist.get_world_size()
     items = model.items
@@ -110,20 +136,14 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
                           "use adagrad, rowwise_adagrad or sgd (or train.backend=torch)")
     cls, kwargs = id_optimizer(id_optimizer_name, id_lr)
     specs = items.torchrec_tables()
-    sharder = EmbeddingCollectionSharder()
-    plans = {}
-    for k, spec in enumerate(specs):
+    for spec in specs:
         ec = getattr(items, spec.module)
         if spec.frozen:
             _apply_optimizer_in_backward(torch.optim.SGD, ec.parameters(), {"lr": 0.0})
         else:
             _apply_optimizer_in_backward(cls, ec.parameters(), kwargs)
-        if sharding != "planner":
-            plans[f"items.{spec.module}"] = construct_module_sharding_plan(
-                ec, {spec.table: _generator(sharding, world, k)}, sharder=sharder,
-                local_size=world, world_size=world, device_type=device.type)
-    plan = (_planner_plan(items, specs, model, sharder, world, device, batch_size) if sharding == "planner"
-            else ShardingPlan(plans))
+    sharder = EmbeddingCollectionSharder()
+    plan = SHARDING_PLANS[sharding](PlanInputs(model, specs, sharder, world, device, batch_size))
     if dist.get_rank() == 0:
         log(f"[train] TorchRec plan ({sharding}, {world} workers):\n{plan}")
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),

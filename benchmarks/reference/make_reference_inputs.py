@@ -2,7 +2,7 @@
 """Write the input files of the AlphaFuse reference code (Hugo-Chinn/AlphaFuse, ``train.py``) from
 one of OUR run directories, so that both systems train and evaluate on identical data.
 
-Reads (contract: docs/run-directory.md, alphafuse_dist/train/data.py):
+Reads (contract: docs/run-directory.md, alphafuse_dist/data/sequences.py):
   RUN/prepare/train.parquet   user_idx, items list<int32> (chronological training interactions)
   RUN/prepare/valid.parquet   user_idx, history list<int32>, target int32
   RUN/prepare/test.parquet    user_idx, history list<int32>, target int32

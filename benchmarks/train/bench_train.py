@@ -71,7 +71,8 @@ def _rows(history: list[dict]) -> dict:
 def bench_gpu(items: int, users: int, seq_len: int, batch: int, epochs: int, negatives: int) -> dict:
     import torch
 
-    from alphafuse_dist.train.loop import TrainInputs, train_worker
+    from alphafuse_dist.train.inputs import TrainInputs
+    from alphafuse_dist.train.recipe import train_model
 
     with tempfile.TemporaryDirectory() as d:
         prep = synthetic_run(Path(d), items, users, seq_len, 128)
@@ -79,8 +80,8 @@ def bench_gpu(items: int, users: int, seq_len: int, batch: int, epochs: int, neg
                        f"train.batch_size={batch}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
                        f"train.num_negatives={negatives}", f"model.max_len={seq_len}"])
         torch.cuda.reset_peak_memory_stats()
-        result = train_worker(cfg, TrainInputs(prepare_dir=str(prep), semantic_path=str(Path(d) / "semantic.safetensors"),
-                                               num_items=items), log=lambda s: None)
+        result = train_model(cfg, TrainInputs(prepare_dir=str(prep), semantic_path=str(Path(d) / "semantic.safetensors"),
+                                              num_items=items), log=lambda s: None)
     row = _rows(result.history)
     steps = users // batch
     return {"mode": "gpu", "device": torch.cuda.get_device_name(0), "items": items, "users": users,
@@ -93,7 +94,7 @@ def bench_cpu(items: int, users: int, seq_len: int, batch: int, epochs: int, neg
     import ray
 
     from alphafuse_dist.train.launch import train_with_ray
-    from alphafuse_dist.train.loop import TrainInputs
+    from alphafuse_dist.train.inputs import TrainInputs
 
     with tempfile.TemporaryDirectory() as d:
         prep = synthetic_run(Path(d), items, users, seq_len, 128)

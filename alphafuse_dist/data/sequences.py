@@ -1,4 +1,5 @@
-"""Training and evaluation inputs as padded id arrays, built from prepare's Parquet files.
+"""Sequences as padded id arrays, built from prepare's Parquet files: training windows, evaluation
+histories, item counts.
 
 Shapes: ``W`` training windows, ``U`` users, ``L`` history length; the padding id is ``N``.
 """
@@ -64,44 +65,3 @@ def item_counts(train_parquet: Path, num_items: int) -> np.ndarray:
     """Training interactions per item [N] (int64): occurrences in train.parquet's ``items`` lists."""
     values, _ = _lists(train_parquet, "items")
     return np.bincount(values, minlength=num_items).astype(np.int64)
-
-
-def read_embeddings(embed_dir: Path, num_items: int) -> np.ndarray:
-    """The embed stage's language embeddings as float32 [N, d_l], row i = ``item_idx`` i.
-
-    Reads every ``part-*.parquet`` fragment (``item_idx``, fixed-size list ``vector``), whatever
-    the order of fragments and rows.
-
-    Raises:
-        DataError: naming the file when an item_idx is outside 0..N-1 or occurs twice, or naming
-            the folder when fragments or items are missing.
-    """
-    from ..errors import DataError
-
-    embed_dir = Path(embed_dir)
-    files = sorted(embed_dir.glob("part-*.parquet"))
-    if not files:
-        raise DataError("no part-*.parquet embedding fragments; run the embed stage", file=embed_dir)
-    table, seen = None, np.zeros(num_items, dtype=bool)
-    for path in files:
-        frag = pq.read_table(path, columns=["item_idx", "vector"])
-        vectors = frag.column("vector").combine_chunks()
-        idx = frag.column("item_idx").to_numpy().astype(np.int64)
-        X = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), vectors.type.list_size)
-        if table is None:
-            table = np.zeros((num_items, X.shape[1]), dtype=np.float32)
-        if X.shape[1] != table.shape[1]:
-            raise DataError(f"vectors have d_l={X.shape[1]}, {files[0].name} has {table.shape[1]}", file=path)
-        bad = idx[(idx < 0) | (idx >= num_items)]
-        if len(bad):
-            raise DataError(f"item_idx {bad[0]} is outside 0..{num_items - 1}", file=path, column="item_idx")
-        counts = np.bincount(idx, minlength=num_items)
-        twice = np.flatnonzero((counts > 1) | (seen & (counts > 0)))
-        if len(twice):
-            raise DataError(f"item_idx {twice[0]} occurs more than once", file=path, column="item_idx")
-        seen |= counts > 0
-        table[idx] = X
-    if not seen.all():
-        raise DataError(f"{int((~seen).sum())} items have no embedding (first item_idx {np.flatnonzero(~seen)[0]}); "
-                        "rerun the embed stage", file=embed_dir)
-    return table
