@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import time
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..runtime.manifest import atomic_write_bytes, atomic_write_json, read_manif
 from .basis import NullSpaceBasis
 from .covariance import INDEX_COLUMN, covariance, iter_rows, pieces, randomized_eigh
 from .drift import basis_drift, should_refit
+
+_log = logging.getLogger(__name__)
 
 PART_GLOB = "part-*.parquet"
 SEMANTIC_FILE = "semantic.safetensors"
@@ -113,11 +116,11 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
                                          scale=cfg.scale, total_variance=total_variance)
     info = _write(out_dir, basis, files, num_items, {k: getattr(cfg, k) for k in (
         "method", "null_rule", "null_threshold", "weighted_mean")})
-    print(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method}, "
+    _log.info(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method}, "
           f"{time.time() - t0:.1f}s; the d={dim} kept directions explain "
           f"{info['explained_variance_kept']:.1%} of the variance" + (
               f"; the items span only {basis.spanned_dims} of them, the other whitened coordinates are 0"
-              if basis.whiten and basis.spanned_dims < dim else ""), flush=True)
+              if basis.whiten and basis.spanned_dims < dim else ""))
     if reused is not None:
         info |= {"reused_basis": None, "refit": True}
     return {"rows": {"items": num_items}, **info}
@@ -153,9 +156,9 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
                          (False, "decompose.refit_threshold is not set: the basis is always reused"))
     facts |= {"refit": bool(refit), "reason": reason}
     atomic_write_json(out_dir / DRIFT_FILE, facts)
-    print(f"[decompose] reuse basis of {prev}: {facts['new_items']} new items, "
+    _log.info(f"[decompose] reuse basis of {prev}: {facts['new_items']} new items, "
           + (f"old basis explains {facts['drift']['explained_ratio_old_mean']:.1%} of their best d-dim share; "
-             if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason, flush=True)
+             if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason)
     if refit:
         old.save(out_dir / PREVIOUS_BASIS_DIR)
     else:

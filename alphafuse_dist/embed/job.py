@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_json
 from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import load_encoder, resolve_model, token_counts
+
+_log = logging.getLogger(__name__)
 
 INDEX_COLUMN = "item_idx"
 TEXT_COLUMN = "text"
@@ -275,8 +278,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     hit = cache.contains(keys) if cache else np.zeros(num_items, dtype=bool)
     num_cached = int(hit.sum())
     on = f"cuda ({cfg.actors_per_gpu} per GPU, fp16, batches of {cfg.gpu_batch_size})" if device == "cuda" else device
-    print(f"[embed] {num_items} items ({num_cached} cached), model {cfg.model} ({model_path}), "
-          f"{num_actors} actor(s) on {on}", flush=True)
+    _log.info(f"[embed] {num_items} items ({num_cached} cached), model {cfg.model} ({model_path}), "
+          f"{num_actors} actor(s) on {on}")
     if num_cached:
         _write_cached_parts(out_dir, cache, keys[hit], item_idx[hit], cfg.rows_per_file)
 
@@ -339,6 +342,6 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
         "files": len(parts), "seconds": round(seconds, 3), "items_per_s": round(rate, 1),
     })
     speed = f" ({rate:.0f} encoded items/s, actor start and model load included)" if num_encoded else ""
-    print(f"[embed] {num_items} items ({num_encoded} encoded, {num_cached} from the cache) -> {len(parts)} files, "
-          f"d_l={dim}, {seconds:.1f}s{speed}", flush=True)
+    _log.info(f"[embed] {num_items} items ({num_encoded} encoded, {num_cached} from the cache) -> {len(parts)} files, "
+          f"d_l={dim}, {seconds:.1f}s{speed}")
     return {"rows": {"items": num_items}, "dim": dim, "encoded": num_encoded, "cached": num_cached}
