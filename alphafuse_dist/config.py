@@ -176,7 +176,7 @@ class TrainConfig:
     backend: Literal["torchrec", "torch"] = "torchrec"
     num_workers: int = 2  # Ray Train workers (one process, and one GPU on CUDA, each)
     # TorchRec plan of every table: fixed types, or "planner" (TorchRec's EmbeddingShardingPlanner
-    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel needs CUDA
+    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel is refused (on CUDA its ID rows are not trained as the other plans train them)
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when available
     batch_size: int = 128  # sequences per step, summed over workers

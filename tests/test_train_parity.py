@@ -136,12 +136,13 @@ def test_plain_torch_semantic_frozen():
     torch.testing.assert_close(table[:, 8:], sem[:, 8:] + ids, rtol=0, atol=1e-6)
 
 
-def test_data_parallel_is_refused_on_cpu_with_the_reason():
+def test_data_parallel_is_refused_with_the_reason():
     from alphafuse_dist.errors import ConfigError
     from alphafuse_dist.train.sharding import check_sharding
 
     with pytest.raises(ConfigError, match=r"train\.sharding=data_parallel: .*corrupts the heap"):
         check_sharding("data_parallel", torch.device("cpu"))
-    check_sharding("data_parallel", torch.device("cuda"))  # allowed where the dense kernel works
+    with pytest.raises(ConfigError, match=r"train\.sharding=data_parallel: on CUDA it trains a different function"):
+        check_sharding("data_parallel", torch.device("cuda"))
     with pytest.raises(ConfigError, match=r"train\.sharding='diagonal'"):
         check_sharding("diagonal", torch.device("cpu"))

@@ -82,6 +82,10 @@ def check_sharding(kind: str, device: torch.device) -> None:
         raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel (dense) kernel corrupts the heap "
                           "with fbgemm-gpu-cpu 1.8; on CPU use row_wise, table_wise, column_wise "
                           "or planner (which is limited to those)")
+    if kind == "data_parallel":  # tests/test_gpu_train.py: the ID rows are not trained as the other plans train them
+        raise ConfigError("train.sharding=data_parallel: on CUDA it trains a different function from the other plans "
+                          "and from train.backend=torch (its ID rows do not get train.id_optimizer's updates); use "
+                          "row_wise, table_wise, column_wise or planner")
 
 
 def _planner_plan(p: PlanInputs):
