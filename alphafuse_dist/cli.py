@@ -3,8 +3,8 @@
     alphafuse quickstart [key=value ...]                 AlphaFuse vs ID-only SASRec on the embedded data
     alphafuse run --config NAME|FILE [key=value ...]     the whole pipeline (or --stages a,b) for one method
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
-    alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving
-    alphafuse recommend --run DIR --history id1,id2,... [--k 10] [--exclude-history] [--json]
+    alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving (DIR: a run or a registry)
+    alphafuse recommend --run DIR --item ID [--item ID ...] [--k 10] [--exclude-history] [--json]
     alphafuse retrain --previous REGISTRY|RUN [--interactions F] [--items F] [--tolerance X] [key=value ...]
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
@@ -202,6 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(lambda: _command(args))
 
 
+def _served_run(path: str) -> str:
+    """``--run`` as given, or, for a retraining registry, the run its ``LATEST`` promotes."""
+    from .retrain.registry import Registry
+
+    if not Registry.is_registry(path):
+        return path
+    entry = Registry(path).latest()
+    if entry is None:
+        raise AlphaFuseError(f"--run {path}: a registry with no promoted run yet (no LATEST); "
+                             "run alphafuse retrain first or pass a run directory")
+    return str(entry.run_dir)
+
+
 def _set_umask() -> None:
     """Files and folders this process and the Ray workers it starts write are owner-only (run
     directories hold user ids and histories) unless ``ALPHAFUSE_UMASK`` (octal, e.g. 022) says otherwise."""
@@ -235,10 +248,12 @@ def _command(args: argparse.Namespace) -> None:
     elif args.command == "export":
         from .serve import export_command
 
+        args.run = _served_run(args.run)
         export_command(args)
     elif args.command == "recommend":
         from .serve import recommend_command
 
+        args.run = _served_run(args.run)
         recommend_command(args)
     elif args.command == "retrain":
         from .pipeline import run_pipeline

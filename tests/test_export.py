@@ -323,6 +323,32 @@ def test_cli_helpers(run, tmp_path, capsys):
     assert "'zz9'" in capsys.readouterr().err
     assert cli.main(["export", "--run", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    # the same history as repeated --item flags and as a JSON list
+    table = None
+    for args in (["--item", "m3", "--item", "m4", "--item", "m5"], ["--history", '["m3", "m4", "m5"]'],
+                 ["--history", "m3,m4,m5"]):
+        assert cli.main(["recommend", "--run", str(tmp_path / "exp"), *args, "--k", "3", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert table is None or out == table
+        table = out
+    assert cli.main(["recommend", "--run", str(tmp_path / "exp"), "--history", '["m3", ']) == 2
+    assert capsys.readouterr().err.startswith("alphafuse: error: --history: not a JSON list of item ids")
+
+
+def test_cli_serves_a_registry_latest_run(run, tmp_path, capsys):
+    from alphafuse_dist.retrain.registry import Registry
+
+    run_dir, _, _ = run
+    registry = Registry(tmp_path / "registry")
+    registry.register("p1", run_dir, data_window={"start": 0, "end": 1}, metrics={})
+    assert cli.main(["recommend", "--run", str(registry.root), "--seed", "1", "--item", "m3", "--k", "2"]) == 2
+    assert capsys.readouterr().err == (f"alphafuse: error: --run {registry.root}: a registry with no promoted run yet "
+                                       "(no LATEST); run alphafuse retrain first or pass a run directory\n")
+    registry.promote("p1", "test")
+    assert cli.main(["recommend", "--run", str(registry.root), "--seed", "1", "--item", "m3", "--k", "2",
+                     "--json"]) == 0
+    direct = recommend(run_dir, ["m3"], k=2, seed=1)
+    assert json.loads(capsys.readouterr().out) == direct
 
 
 def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):

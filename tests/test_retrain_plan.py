@@ -84,7 +84,7 @@ def test_first_period_is_a_full_train_with_its_split_times(root):
 def test_first_period_needs_split_times_and_a_registry(root):
     with pytest.raises(ConfigError, match="the first period needs split_times"):
         _plan(root, END0 - 1, config="quickstart", overrides=TINY)
-    with pytest.raises(ConfigError, match="a first period .* needs run_root"):
+    with pytest.raises(ConfigError, match=r"a first period .* needs the registry folder: --registry DIR \(run_root= in Python\)"):
         registry_root(None, None)
 
 

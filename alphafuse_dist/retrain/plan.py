@@ -161,7 +161,8 @@ def registry_root(previous: str | Path | None, run_root: str | Path | None) -> P
     if run_root is not None:
         return Path(run_root).absolute()
     if previous is None:
-        raise ConfigError("retrain: a first period (no previous run) needs run_root, the registry folder")
+        raise ConfigError("retrain: a first period (no previous run) needs the registry folder: --registry DIR "
+                          "(run_root= in Python)")
     path = Path(previous).absolute()
     if path.is_file() and path.name == LATEST_FILE:
         return path.parent
@@ -169,8 +170,8 @@ def registry_root(previous: str | Path | None, run_root: str | Path | None) -> P
         return path
     if path.parent.name == RUNS_DIR and Registry.is_registry(path.parent.parent):
         return path.parent.parent  # <root>/runs/<id>
-    raise ConfigError(f"retrain: previous={previous} is a run directory outside a registry; pass run_root, "
-                      "the registry folder for the new run")
+    raise ConfigError(f"retrain: --previous {previous} is a run directory outside a registry; pass the registry "
+                      "folder for the new run: --registry DIR (run_root= in Python)")
 
 
 # ----------------------------------------------------------------------------- the period's config

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
 
 __all__ = [
     "Recommender",
@@ -47,7 +48,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--run DIR [--method M] [--seed S] [--to DIR] [--force]``."""
-    p.add_argument("--run", required=True, help="the run directory holding prepare/ and train-<method>-s<seed>/")
+    p.add_argument("--run", required=True, help="the run directory holding prepare/ and train-<method>-s<seed>/, "
+                                                "or a retraining registry (its LATEST run)")
     _common(p)
     p.add_argument("--to", default=None, help="export folder (default <run>/export-<method>-s<seed>)")
     p.add_argument("--force", action="store_true", help="export again even if the export is up to date")
@@ -57,10 +59,16 @@ def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_recommend_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--run DIR --history id1,id2,... [--k 10] [--method M] [--seed S] [--exclude-history] [--json]``."""
-    p.add_argument("--run", required=True, help="a run directory (its export is made if missing) or an export folder")
-    p.add_argument("--history", required=True,
-                   help="comma-separated source item ids, oldest first (the last model.max_len are used)")
+    """``--run DIR (--item ID ... | --history JSON|id1,id2) [--k 10] [--method M] [--seed S]
+    [--exclude-history] [--json]``."""
+    p.add_argument("--run", required=True, help="a run directory (its export is made if missing), an export "
+                                                "folder, or a retraining registry (its LATEST run)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--item", action="append", metavar="ID",
+                       help="one source item id of the history, oldest first; repeat it (any characters, "
+                            "commas included)")
+    given.add_argument("--history", help='the history as a JSON list (\'["1", "260"]\') or comma-separated ids; '
+                                         "oldest first (the last model.max_len are used)")
     p.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     _common(p)
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item of the history")
@@ -77,11 +85,24 @@ def export_command(args: argparse.Namespace) -> None:
     print(out)
 
 
+def parse_history(text: str) -> list[str]:
+    """``--history``: a JSON list of ids (ids may hold commas) or comma-separated ids."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--history: not a JSON list of item ids ({e.msg} at character {e.pos})") from None
+        if not isinstance(items, list) or not all(isinstance(i, (str, int)) for i in items):
+            raise ConfigError("--history: expected a JSON list of item ids (strings or integers)")
+        return [str(i) for i in items]
+    return [h.strip() for h in text.split(",") if h.strip()]
+
+
 def recommend_command(args: argparse.Namespace) -> None:
     """Run ``alphafuse recommend``: the table (or JSON) on stdout, export progress on stderr."""
     from .recommend import format_recommendations, recommend
 
-    history = [h.strip() for h in args.history.split(",") if h.strip()]
+    history = args.item if args.item is not None else parse_history(args.history)
     rows = recommend(args.run, history, args.k, method=args.method, seed=args.seed,
                      exclude_history=args.exclude_history)
     print(json.dumps(rows, indent=2) if args.json else format_recommendations(rows))
