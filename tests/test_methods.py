@@ -245,7 +245,7 @@ def test_pipeline_runs_the_stages_a_method_needs(method, stages, tmp_path, monke
     for fn in STAGE_FNS:
         monkeypatch.setattr(pipeline, fn, lambda cfg, fn=fn: calls.append(fn[:-len("_stage")]))
     cfg = load_config(None, [f"method={method}", f"run_dir={tmp_path}"])
-    pipeline._run_stages(cfg, tmp_path, ("prepare", "embed", "decompose", "train"))
+    pipeline.run_pipeline(cfg, stages=("prepare", "embed", "decompose", "train"))
     assert calls == stages
 
 
