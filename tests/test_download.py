@@ -235,3 +235,16 @@ def test_cli_max_size(server, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["download", url, "--sha256", DIGEST, "--to", str(tmp_path / "f"), "--max-size", "lots"])
     assert "'lots' is not a size" in capsys.readouterr().err
+
+
+def test_an_https_redirect_to_loopback_http_is_refused():
+    """The handler itself: from https, only https is followed (no request forgery to local services)."""
+    import urllib.request
+
+    from alphafuse_dist.data.download import _OPENER
+
+    handler = next(h for h in _OPENER.handlers if isinstance(h, urllib.request.HTTPRedirectHandler))
+    req = urllib.request.Request("https://example.org/data.csv")
+    with pytest.raises(Exception, match=re.escape("refused a redirect to 'http://127.0.0.1:8080/admin'")):
+        handler.redirect_request(req, None, 302, "Found", {}, "http://127.0.0.1:8080/admin")
+    assert handler.redirect_request(req, None, 302, "Found", {}, "https://mirror.example.org/data.csv") is not None

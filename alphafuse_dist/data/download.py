@@ -117,10 +117,13 @@ def _allowed(url: str) -> bool:
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only to an address :func:`_allowed` accepts."""
+    """Follows a redirect only to https, or from loopback http to loopback http: an https server
+    can never send the client to a local plain-http service."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not _allowed(newurl):
+        target = urllib.parse.urlsplit(newurl).scheme
+        from_loopback = urllib.parse.urlsplit(req.full_url).scheme == "http"
+        if not (target == "https" or (from_loopback and _allowed(newurl))):
             raise urllib.error.URLError(f"refused a redirect to {newurl!r} (only https:// is followed)")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 

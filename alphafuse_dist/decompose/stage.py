@@ -7,8 +7,8 @@ basis.json, semantic.safetensors (float32 [N, d], one Ray task per piece), spect
 from __future__ import annotations
 
 import io
-import time
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +117,10 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     info = _write(out_dir, basis, files, num_items, {k: getattr(cfg, k) for k in (
         "method", "null_rule", "null_threshold", "weighted_mean")})
     _log.info(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method}, "
-          f"{time.time() - t0:.1f}s; the d={dim} kept directions explain "
-          f"{info['explained_variance_kept']:.1%} of the variance" + (
-              f"; the items span only {basis.spanned_dims} of them, the other whitened coordinates are 0"
-              if basis.whiten and basis.spanned_dims < dim else ""))
+              f"{time.time() - t0:.1f}s; the d={dim} kept directions explain "
+              f"{info['explained_variance_kept']:.1%} of the variance" + (
+                  f"; the items span only {basis.spanned_dims} of them, the other whitened coordinates are 0"
+                  if basis.whiten and basis.spanned_dims < dim else ""))
     if reused is not None:
         info |= {"reused_basis": None, "refit": True}
     return {"rows": {"items": num_items}, **info}
@@ -157,8 +157,8 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
     facts |= {"refit": bool(refit), "reason": reason}
     atomic_write_json(out_dir / DRIFT_FILE, facts)
     _log.info(f"[decompose] reuse basis of {prev}: {facts['new_items']} new items, "
-          + (f"old basis explains {facts['drift']['explained_ratio_old_mean']:.1%} of their best d-dim share; "
-             if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason)
+              + (f"old basis explains {facts['drift']['explained_ratio_old_mean']:.1%} of their best d-dim share; "
+                 if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason)
     if refit:
         old.save(out_dir / PREVIOUS_BASIS_DIR)
     else:

@@ -29,8 +29,8 @@ Example::
 from __future__ import annotations
 
 import os
-import time
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +279,7 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     num_cached = int(hit.sum())
     on = f"cuda ({cfg.actors_per_gpu} per GPU, fp16, batches of {cfg.gpu_batch_size})" if device == "cuda" else device
     _log.info(f"[embed] {num_items} items ({num_cached} cached), model {cfg.model} ({model_path}), "
-          f"{num_actors} actor(s) on {on}")
+              f"{num_actors} actor(s) on {on}")
     if num_cached:
         _write_cached_parts(out_dir, cache, keys[hit], item_idx[hit], cfg.rows_per_file)
 
@@ -343,5 +343,5 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     })
     speed = f" ({rate:.0f} encoded items/s, actor start and model load included)" if num_encoded else ""
     _log.info(f"[embed] {num_items} items ({num_encoded} encoded, {num_cached} from the cache) -> {len(parts)} files, "
-          f"d_l={dim}, {seconds:.1f}s{speed}")
+              f"d_l={dim}, {seconds:.1f}s{speed}")
     return {"rows": {"items": num_items}, "dim": dim, "encoded": num_encoded, "cached": num_cached}

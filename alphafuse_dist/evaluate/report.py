@@ -18,7 +18,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -202,9 +201,3 @@ def write_report(report: dict, folder: Path, title: str = "Comparison", k: int =
     atomic_write_json(folder / "report.json", report)
     names = ["report.md", "report.json", *_plots(report, folder, k)]
     return [folder / n for n in names]
-
-
-def load_runs(pairs: list[tuple[Path, Path | None]]) -> list[tuple[dict, dict | None]]:
-    """Read (metrics.json, history.json or None) file pairs."""
-    return [(json.loads(Path(m).read_text()), json.loads(Path(h).read_text()) if h and Path(h).exists() else None)
-            for m, h in pairs]

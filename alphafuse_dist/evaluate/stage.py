@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..model.backbones import build_encoder
-from ..model.sasrec import user_states_from_table
 from ..data.sequences import eval_inputs
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives

@@ -79,7 +79,8 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     import ray
 
     t = cfg.train
-    use_gpu = t.device == "cuda"
+    # auto: GPUs when the cluster has one for every worker
+    use_gpu = t.device == "cuda" or (t.device == "auto" and ray.cluster_resources().get("GPU", 0) >= t.num_workers)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     # more workers than cores (e.g. 4 on this 2-core machine) must still be schedulable
     cpu_per_worker = min(1.0, cpus / t.num_workers)

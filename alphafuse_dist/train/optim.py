@@ -19,25 +19,25 @@ from ..config import RunConfig
 from ..errors import choose
 
 
-def _rowwise_adagrad(lr: float, weight_decay: float) -> tuple[type, dict]:
+def _rowwise_adagrad(lr: float) -> tuple[type, dict]:
     from torchrec.optim import RowWiseAdagrad
 
     return RowWiseAdagrad, {"lr": lr, "eps": 1e-8}
 
 
-# train.id_optimizer -> (lr, weight_decay) -> (torch optimiser class, kwargs); TorchRec maps the
-# classes to its fused kernels
+# train.id_optimizer -> lr -> (torch optimiser class, kwargs); TorchRec maps the classes to its fused
+# kernels. No weight decay on ID rows (train.weight_decay is the dense parameters'), on either backend.
 ID_OPTIMIZERS = {
-    "sgd": lambda lr, weight_decay: (torch.optim.SGD, {"lr": lr}),
-    "adagrad": lambda lr, weight_decay: (torch.optim.Adagrad, {"lr": lr, "eps": 1e-8}),
+    "sgd": lambda lr: (torch.optim.SGD, {"lr": lr}),
+    "adagrad": lambda lr: (torch.optim.Adagrad, {"lr": lr, "eps": 1e-8}),
     "rowwise_adagrad": _rowwise_adagrad,
-    "adam": lambda lr, weight_decay: (torch.optim.Adam, {"lr": lr, "weight_decay": weight_decay}),
+    "adam": lambda lr: (torch.optim.Adam, {"lr": lr}),
 }
 
 
-def id_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> tuple[type, dict]:
+def id_optimizer(name: str, lr: float) -> tuple[type, dict]:
     """The torch optimiser class + kwargs of the ID rows for ``train.id_optimizer=name``."""
-    return choose(ID_OPTIMIZERS, name, "train.id_optimizer")(lr, weight_decay)
+    return choose(ID_OPTIMIZERS, name, "train.id_optimizer")(lr)
 
 
 def with_adam_state(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -123,6 +123,6 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
     dense, ids = trainable_parameters(net)
     parts = {"dense": (adam(list(dense.values())), list(dense))}
     if ids:
-        cls, kwargs = id_optimizer(t.id_optimizer, t.id_lr, t.weight_decay)
+        cls, kwargs = id_optimizer(t.id_optimizer, t.id_lr)
         parts["ids"] = (with_adam_state(cls(list(ids.values()), **kwargs)), list(ids))
     return OptimizerGroup(parts)

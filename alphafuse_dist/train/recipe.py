@@ -50,14 +50,16 @@ class TrainResult:
     encoder_state: dict | None = None
 
 
-def _device(setting: str, rank: int, world: int) -> torch.device:
+def _device(setting: str, world: int) -> torch.device:
     """``train.device`` resolved; with several CUDA workers, this worker's GPU."""
     cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
     if not cuda:
         return torch.device("cpu")
     if world == 1:
         return torch.device("cuda")
-    device = torch.device("cuda", rank % torch.cuda.device_count())
+    from ray.train.torch import get_device  # several workers run under Ray Train: its GPU for this worker
+
+    device = get_device()
     torch.cuda.set_device(device)
     return device
 
@@ -81,7 +83,7 @@ class TrainRecipe:
         """Build the model (sharded with TorchRec, or DDP-wrapped), the optimiser and the data;
         with ``resume_from`` (a checkpoint folder) continue after its epoch."""
         cfg, t = self.cfg, self.cfg.train
-        self.device = _device(t.device, self.rank, self.world)
+        self.device = _device(t.device, self.world)
         self.num_items = self.pad = self.inputs.num_items
         self.item_inputs = load_item_inputs(cfg.method, self.inputs)
         ii = self.item_inputs
@@ -215,7 +217,7 @@ class TrainRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return all_reduce_sum(lsum.detach().to(torch.float64).cpu()).item() / total
+        return all_reduce_sum(lsum.detach().to(torch.float64)).item() / total  # on the device: NCCL has no CPU tensors
 
     # ------------------------------------------------------------------ validation, checkpoints
     def validate(self) -> dict:

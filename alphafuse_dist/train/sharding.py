@@ -82,7 +82,7 @@ def check_sharding(kind: str, device: torch.device) -> None:
         raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel (dense) kernel corrupts the heap "
                           "with fbgemm-gpu-cpu 1.8; on CPU use row_wise, table_wise, column_wise "
                           "or planner (which is limited to those)")
-    if kind == "data_parallel":  # tests/test_gpu_train.py: the ID rows are not trained as the other plans train them
+    if kind == "data_parallel":
         raise ConfigError("train.sharding=data_parallel: on CUDA it trains a different function from the other plans "
                           "and from train.backend=torch (its ID rows do not get train.id_optimizer's updates); use "
                           "row_wise, table_wise, column_wise or planner")
@@ -90,14 +90,13 @@ def check_sharding(kind: str, device: torch.device) -> None:
 
 def _planner_plan(p: PlanInputs):
     """TorchRec's EmbeddingShardingPlanner over the item module's tables, constrained to the
-    FUSED kernel and, on CPU, to the sharding types that work there; one plan for all ranks
+    FUSED kernel and to row-, table- or column-wise sharding; one plan for all ranks
     (``collective_plan``: rank 0 plans and broadcasts)."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
 
+    # never data-parallel: check_sharding says why
     allowed = [ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
-    if p.device.type == "cuda":
-        allowed.append(ShardingType.DATA_PARALLEL.value)
     constraints = {spec.table: ParameterConstraints(sharding_types=allowed, compute_kernels=["fused"])
                    for spec in p.specs}
     planner = EmbeddingShardingPlanner(
