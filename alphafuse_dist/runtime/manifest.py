@@ -95,13 +95,18 @@ def stage_kind(stage: str) -> str:
     return stage.split("-", 1)[0]
 
 
-@functools.lru_cache(maxsize=None)
 def code_fingerprint(kind: str) -> str:
-    """sha256 (16 hex digits) of the package version and of the ``.py`` files the stage kind's
-    output depends on (:data:`STAGE_SOURCES`), by path and content: the manifest's
-    ``code_version``."""
+    """The :func:`source_fingerprint` of the source the stage kind's output depends on
+    (:data:`STAGE_SOURCES`): the manifest's ``code_version``."""
+    return source_fingerprint(*STAGE_SOURCES.get(kind, (".",)))
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(*sources: str) -> str:
+    """sha256 (16 hex digits) of the package version and of the ``.py`` files of ``sources``
+    (folders or files relative to the package), by path and content."""
     h = hashlib.sha256(__version__.encode())
-    for rel in STAGE_SOURCES.get(kind, (".",)):
+    for rel in sources:
         root = _PACKAGE / rel
         files = [root] if root.is_file() else sorted(root.rglob("*.py"))
         for f in files:
