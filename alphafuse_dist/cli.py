@@ -2,6 +2,7 @@
 
     alphafuse quickstart [key=value ...]                 AlphaFuse vs ID-only SASRec on the embedded data
     alphafuse run --config NAME|FILE [key=value ...]     the whole pipeline (or --stages a,b) for one method
+                                                         (--force a,b: rerun those stages even if up to date)
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
     alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving (DIR: a run or a registry)
     alphafuse recommend --run DIR --item ID [--item ID ...] [--k 10] [--exclude-history] [--json]
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default="quickstart", help="preset name or YAML file")
     r.add_argument("--stages", default="prepare,embed,decompose,train,evaluate",
                    help="comma-separated stages to run (up-to-date ones are skipped anyway)")
+    r.add_argument("--force", default="", metavar="STAGES",
+                   help="comma-separated stages to run even if up to date (later stages rerun when its output changes)")
     r.add_argument("overrides", nargs="*")
     c = sub.add_parser("compare", parents=[verbose],
                        help="several methods x seeds on the same prepared data, one table")
@@ -93,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=1,
                    help="train/evaluate this many (method, seed) runs at once in child processes "
                         "(one-process training only: train.backend=torch train.num_workers=1)")
+    c.add_argument("--force", default="", metavar="STAGES",
+                   help="comma-separated stages to run even if up to date (the shared ones once, the others per run)")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", parents=[verbose], help="list the shipped presets")
     d = sub.add_parser("download", parents=[verbose],
@@ -118,21 +123,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stages(text: str) -> tuple[str, ...]:
+def _stages(text: str, option: str = "--stages") -> tuple[str, ...]:
     from .pipeline import STAGES
 
     stages = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise AlphaFuseError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+        raise AlphaFuseError(f"{option}: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
     return stages
+
+
+def _forced(text: str, stages: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``--force`` stages: known ones, each among the stages that run."""
+    force = _stages(text, "--force")
+    outside = [s for s in force if s not in stages]
+    if outside:
+        raise AlphaFuseError(f"--force: stage(s) {', '.join(outside)} not among the stages that run "
+                             f"({', '.join(stages)})")
+    return force
 
 
 def _compare(config: str, overrides: list[str], methods: str, seeds: str | None, output: str | None,
              stages: str = "prepare,embed,decompose,train,evaluate", title: str | None = None,
-             jobs: int = 1) -> None:
+             jobs: int = 1, force: str = "") -> None:
     from .evaluate.stage import format_table
     from .pipeline import compare
+
+    stage_list = _stages(stages)
+    force_list = _forced(force, stage_list)
 
     cfg = load_config(config, overrides)
     title = title or f"{cfg.name}: {methods}"
@@ -142,7 +160,8 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
     if jobs < 1:
         raise AlphaFuseError(f"--jobs {jobs}: must be >= 1")
-    rows = compare(cfg, method_list, seed_list, stages=_stages(stages), jobs=jobs, child_logging=configure_logging)
+    rows = compare(cfg, method_list, seed_list, stages=stage_list, jobs=jobs, child_logging=configure_logging,
+                   force=force_list)
     table = format_table(rows, ks=tuple(cfg.eval.ks))
     print("\n" + table)
     path = cfg.run_path / "comparison.json"
@@ -244,7 +263,7 @@ def _command(args: argparse.Namespace) -> None:
                  title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")
     elif args.command == "compare":
         _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title,
-                 args.jobs)
+                 args.jobs, args.force)
     elif args.command == "export":
         from .serve import export_command
 
@@ -264,8 +283,10 @@ def _command(args: argparse.Namespace) -> None:
         from .evaluate.stage import format_table
         from .pipeline import run_pipeline
 
+        stages = _stages(args.stages)
+        force = _forced(args.force, stages)
         cfg = load_config(args.config, args.overrides)
-        out = run_pipeline(cfg, stages=_stages(args.stages))
+        out = run_pipeline(cfg, stages=stages, force=force)
         if "metrics" in out:
             print("\n" + format_table([(cfg.method, out["metrics"])], ks=tuple(cfg.eval.ks)))
             print(f"\nmetrics: {out['metrics_path']}")

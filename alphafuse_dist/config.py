@@ -289,6 +289,12 @@ _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None,
                "EvalConfig.device": "auto"}
 
 
+# keys that leave a stage's output unchanged (progress lines, how long to wait for a hung worker,
+# how many worker failures to survive): never part of a section's hash, so changing them neither
+# reruns a stage nor starts its Ray Train run afresh
+_OUTPUT_FREE_KEYS = {"TrainConfig.log_every", "TrainConfig.timeout_s", "TrainConfig.max_failures"}
+
+
 def section_hash(*parts: Any) -> str:
     """A stable short hash of config sections (dataclasses or plain values), for manifests."""
     def body(p):
@@ -297,7 +303,8 @@ def section_hash(*parts: Any) -> str:
         d = dataclasses.asdict(p)
         later = {k: v for k, v in _LATER_KEYS.items() if "." not in k}
         later |= {k.split(".", 1)[1]: v for k, v in _LATER_KEYS.items() if k.startswith(type(p).__name__ + ".")}
-        return {k: v for k, v in d.items() if not (k in later and v == later[k])}
+        free = {k.split(".", 1)[1] for k in _OUTPUT_FREE_KEYS if k.startswith(type(p).__name__ + ".")}
+        return {k: v for k, v in d.items() if k not in free and not (k in later and v == later[k])}
 
     blob = json.dumps([body(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -24,13 +24,14 @@ from typing import Callable
 from .config import RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
 from .errors import AlphaFuseError, ConfigError
 from .model.items import METHOD_INPUTS
-from .runtime.manifest import clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest
+from .runtime.manifest import (clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest,
+                               stage_identity)
 from .runtime.ray import ensure_ray
 
 _log = logging.getLogger(__name__)
 
 
-def prepare_stage(cfg: RunConfig) -> Path:
+def prepare_stage(cfg: RunConfig, force: bool = False) -> Path:
     from .data.prepare import prepare
     from .data.sources import source_inputs
 
@@ -42,10 +43,10 @@ def prepare_stage(cfg: RunConfig) -> Path:
         tokenizer = resolve_model(cfg.embed.model)  # texts are cut by the tokens of the model that embeds them
     return run_stage(run_dir, "prepare", config_hash=section_hash(cfg.data, tokenizer),
                      inputs=source_inputs(cfg.data),
-                     build=lambda tmp: prepare(cfg.data, tmp, tokenizer_path=tokenizer))
+                     build=lambda tmp: prepare(cfg.data, tmp, tokenizer_path=tokenizer), force=force)
 
 
-def embed_stage(cfg: RunConfig) -> Path:
+def embed_stage(cfg: RunConfig, force: bool = False) -> Path:
     from .embed.cache import model_fingerprint
     from .embed.encoder import resolve_model
     from .embed.job import embed_items
@@ -63,7 +64,7 @@ def embed_stage(cfg: RunConfig) -> Path:
 
     # the model folder's fingerprint joins the hash: new weights under the same name rerun the stage
     return run_stage(run_dir, "embed", config_hash=section_hash(cfg.embed, model_fingerprint(resolve_model(cfg.embed.model))),
-                     inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build)
+                     inputs={"prepare": stage_digest(run_dir, "prepare")}, build=build, force=force)
 
 
 def _previous_digest(folder: str, key: str) -> str:
@@ -89,7 +90,7 @@ def _check_data(cfg: RunConfig, run_dir: Path, decomposed: Path | None = None) -
     return num_items
 
 
-def decompose_stage(cfg: RunConfig) -> Path:
+def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
     from .decompose.stage import decompose
 
     run_dir = cfg.run_path
@@ -115,10 +116,22 @@ def decompose_stage(cfg: RunConfig) -> Path:
     if cfg.decompose.weighted_mean:  # the weights are prepare's popularity column
         inputs["prepare"] = stage_digest(run_dir, "prepare")
     return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
-                     inputs=inputs, build=build)
+                     inputs=inputs, build=build, force=force)
 
 
-def train_stage(cfg: RunConfig) -> Path:
+def train_config_hash(cfg: RunConfig) -> str:
+    """The train stage's config hash: the sections that change the trained model."""
+    return section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
+                        cfg.decompose if METHOD_INPUTS[cfg.method] & {"semantic", "basis"} else None)
+
+
+def train_identity(cfg: RunConfig, inputs: dict[str, str]) -> str:
+    """The train stage's full identity (config hash, inputs' digests, code fingerprint): the key of
+    its Ray Train run, so that a run is resumed only by the very stage that started it."""
+    return stage_identity("train", train_config_hash(cfg), inputs)
+
+
+def train_stage(cfg: RunConfig, force: bool = False) -> Path:
     from .train.launch import train_local, train_with_ray
     from .train.inputs import TrainInputs
 
@@ -146,14 +159,13 @@ def train_stage(cfg: RunConfig) -> Path:
         if cfg.train.backend == "torch" and cfg.train.num_workers == 1:
             return train_local(cfg, train_inputs, tmp, _log.info)
         ensure_ray(cfg)
-        return train_with_ray(cfg, train_inputs, tmp)
+        return train_with_ray(cfg, train_inputs, tmp, identity=train_identity(cfg, inputs))
 
-    h = section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
-                     cfg.decompose if needs & {"semantic", "basis"} else None)
-    return run_stage(run_dir, train_stage_name(cfg), config_hash=h, inputs=inputs, build=build)
+    return run_stage(run_dir, train_stage_name(cfg), config_hash=train_config_hash(cfg), inputs=inputs, build=build,
+                     force=force)
 
 
-def evaluate_stage(cfg: RunConfig) -> Path:
+def evaluate_stage(cfg: RunConfig, force: bool = False) -> Path:
     from .evaluate.stage import evaluate
 
     run_dir = cfg.run_path
@@ -163,21 +175,27 @@ def evaluate_stage(cfg: RunConfig) -> Path:
                      config_hash=section_hash(cfg.eval, cfg.model, cfg.method, cfg.seed),
                      inputs={"prepare": stage_digest(run_dir, "prepare"),
                              "train": stage_digest(run_dir, train_stage_name(cfg))},
-                     build=lambda tmp: evaluate(cfg, trained / "model.safetensors", prep, tmp))
+                     build=lambda tmp: evaluate(cfg, trained / "model.safetensors", prep, tmp), force=force)
 
 
 STAGES = ("prepare", "embed", "decompose", "train", "evaluate")
+SHARED_STAGES = ("prepare", "embed", "decompose")  # one folder for every method and seed
 
 
-def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the stages in order (skipping up-to-date ones); return the metrics and their path."""
+def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> dict:
+    """Run the stages in order (skipping up-to-date ones, except those in ``force``); return the
+    metrics and their path."""
     run_dir = cfg.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):
-        return _run_stages(cfg, run_dir, stages)
+        return _run_stages(cfg, run_dir, stages, force=set(force))
 
 
-def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: bool = True) -> dict:
+def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: bool = True,
+                force: set[str] | None = None) -> dict:
+    """``force``: stages to run even when up to date; a shared stage leaves the set once it ran, so
+    that the runs of ``compare`` after the first reuse it."""
+    force = set() if force is None else force
     if clean:
         clean_temporaries(run_dir)
     t0 = time.time()
@@ -191,7 +209,9 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
         if name in skipped:
             continue
         _log.info(f"[{name}] ...")
-        fns[name](cfg)
+        fns[name](cfg, force=name in force)
+        if name in SHARED_STAGES:
+            force.discard(name)
     out: dict = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
     if "evaluate" in stages:
         path = run_dir / evaluate_stage_name(cfg) / "metrics.json"
@@ -200,16 +220,19 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
 
 
 def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
-            jobs: int = 1, child_logging: Callable[..., None] | None = None) -> list[tuple[str, dict]]:
+            jobs: int = 1, child_logging: Callable[..., None] | None = None,
+            force: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """Run several methods x seeds on the same prepared data and splits; return (label, metrics).
 
     ``jobs > 1`` runs the per-run stages (train, evaluate) of up to ``jobs`` (method, seed) pairs
     at once in child processes of this machine, after the shared stages (prepare, embed,
     decompose) ran once here. It is meant for one-process training (``train.backend=torch``,
     ``train.num_workers=1``): small models leave a GPU mostly idle, and one process per run fills
-    it. Ray Train runs schedule their own workers on the cluster, so they are refused. Each child
-    calls ``child_logging(verbose=..., prefix="[<method> s<seed>] ")`` (``cli.configure_logging``:
-    progress on stderr, each line naming its run) before its stages, when given.
+    it. Ray Train runs schedule their own workers on the cluster, so they are refused. ``force``
+    names stages to run even when up to date: the shared ones once, the per-run ones for every run.
+    Each child calls ``child_logging(verbose=..., prefix="[<method> s<seed>] ")``
+    (``cli.configure_logging``: progress on stderr, each line naming its run) before its stages,
+    when given.
     """
     runs = []
     for method in methods:
@@ -218,13 +241,21 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
             c.method, c.seed = method, seed
             c.validate()
             runs.append(c)
+    pending = set(force)  # the shared stages leave it once they ran
     if jobs <= 1:
-        return [(f"{c.method} (seed {c.seed})", run_pipeline(c, stages=stages)["metrics"]) for c in runs]
+        rows = []
+        for c in runs:
+            c.run_path.mkdir(parents=True, exist_ok=True)
+            with run_dir_lock(c.run_path):
+                pending |= set(force) - set(SHARED_STAGES)
+                out = _run_stages(c, c.run_path, stages, force=pending)
+            rows.append((f"{c.method} (seed {c.seed})", out["metrics"]))
+        return rows
     if cfg.train.backend != "torch" or cfg.train.num_workers != 1:
         raise AlphaFuseError(f"compare --jobs {jobs}: parallel runs are for one-process training "
                              "(train.backend=torch train.num_workers=1); with Ray Train the cluster "
                              "schedules the workers, use --jobs 1")
-    shared = tuple(s for s in stages if s in ("prepare", "embed", "decompose"))
+    shared = tuple(s for s in stages if s in SHARED_STAGES)
     per_run = tuple(s for s in stages if s not in shared)
     run_dir = cfg.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,12 +263,12 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
         clean_temporaries(run_dir)
         if shared:
             for c in {c.method: c for c in runs}.values():  # one pass per method: each needs its own inputs
-                _run_stages(c, run_dir, shared)
-        return _parallel_runs(runs, per_run, jobs, child_logging)
+                _run_stages(c, run_dir, shared, force=pending)
+        return _parallel_runs(runs, per_run, jobs, child_logging, tuple(s for s in force if s in per_run))
 
 
 def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int,
-                   child_logging: Callable[..., None] | None) -> list[tuple[str, dict]]:
+                   child_logging: Callable[..., None] | None, force: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """``stages`` of every run in a pool of ``jobs`` spawned processes (the caller holds the run
     directory's lock: stage folders are per (method, seed), so the runs never write the same one)."""
     import multiprocessing as mp
@@ -247,7 +278,7 @@ def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int,
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_child_init, initargs=(threads,)) as pool:
         verbose = logging.getLogger("alphafuse_dist").getEffectiveLevel() < logging.INFO
-        futures = [pool.submit(_child_run, c, stages, child_logging, verbose) for c in runs]
+        futures = [pool.submit(_child_run, c, stages, child_logging, verbose, force) for c in runs]
         rows = []
         for c, fut in zip(runs, futures):
             out = fut.result()  # re-raises the child's error (AlphaFuseError included)
@@ -263,7 +294,7 @@ def _child_init(threads: int) -> None:
 
 
 def _child_run(cfg: RunConfig, stages: tuple[str, ...], child_logging: Callable[..., None] | None,
-               verbose: bool) -> dict:
+               verbose: bool, force: tuple[str, ...] = ()) -> dict:
     if child_logging is not None:  # the parent's level, each line prefixed with the run it belongs to
         child_logging(verbose=verbose, prefix=f"[{cfg.method} s{cfg.seed}] ")
-    return _run_stages(cfg, cfg.run_path, stages, clean=False)
+    return _run_stages(cfg, cfg.run_path, stages, clean=False, force=set(force))

@@ -269,7 +269,7 @@ def test_bad_input_is_a_clear_error_and_leaves_latest(world, tmp_path, case):
         else:
             manifest = previous / "train-alphafuse-s22" / "manifest.json"
             body = json.loads(manifest.read_text())
-            manifest.write_text(json.dumps(body | {"code_version": "99.0.0"}))
+            manifest.write_text(json.dumps(body | {"package_version": "99.0.0"}))
             match = "another major version"
     with pytest.raises(AlphaFuseError, match=match) as err:
         retrain(previous, interactions, run_root=root)

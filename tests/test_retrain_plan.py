@@ -27,7 +27,7 @@ TINY = ["model.dim=32", "model.id_dims=16", "train.num_workers=1", "train.batch_
 def _stage(run_dir: Path, name: str, version: str = __version__) -> Path:
     folder = run_dir / name
     folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps({"stage": name, "code_version": version, "digest": "d"}))
+    (folder / "manifest.json").write_text(json.dumps({"stage": name, "package_version": version, "digest": "d"}))
     return folder
 
 
@@ -166,7 +166,7 @@ def test_the_previous_run_must_be_complete_and_readable(root, case, match):
     if case == "incomplete":
         (prev / "decompose" / "manifest.json").unlink()
     elif case == "version":
-        (prev / "prepare" / "manifest.json").write_text(json.dumps({"code_version": "99.0.0", "digest": "d"}))
+        (prev / "prepare" / "manifest.json").write_text(json.dumps({"package_version": "99.0.0", "digest": "d"}))
     elif case == "no_model":
         (prev / "train-alphafuse-s22" / "config.json").unlink()
     else:

@@ -42,7 +42,7 @@ from ray.data.datasource import FilenameProvider
 
 from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
-from ..runtime.manifest import atomic_write_json
+from ..runtime.manifest import atomic_write_json, source_fingerprint
 from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import load_encoder, resolve_model, token_counts
 
@@ -134,11 +134,12 @@ def actor_pool(cfg: EmbedConfig, cluster: dict, nodes: int = 1) -> tuple[str, in
 
 def cache_settings(cfg: EmbedConfig, device: str) -> dict:
     """The encode settings that change the vectors, hashed into the cache namespace: the
-    normalisation, the token limit and the precision (fp16 on CUDA, fp32 on CPU). Batch sizes and
-    pool sizes are left out: they change no more than the last bits, and a rerun with another
-    pool still finds its vectors."""
+    normalisation, the token limit, the precision (fp16 on CUDA, fp32 on CPU) and the source of
+    the encoder module that computes them (vectors of other encoding code are never reused).
+    Batch sizes and pool sizes are left out: they change no more than the last bits, and a rerun
+    with another pool still finds its vectors."""
     return {"normalize": cfg.normalize, "max_seq_length": cfg.max_seq_length,
-            "precision": "fp16" if device == "cuda" else "fp32"}
+            "precision": "fp16" if device == "cuda" else "fp32", "code": source_fingerprint("embed/encoder.py")}
 
 
 def _check_items(items_parquet: Path) -> int:

@@ -148,7 +148,9 @@ def load_previous(run_dir: Path, registry: Registry, overrides: Sequence[str] = 
         except AlphaFuseError as e:
             raise AlphaFuseError(f"previous run {run_dir} is incomplete: {e}") from None
     for stage in required + [train.name]:
-        version = (read_manifest(run_dir / stage) or {}).get("code_version")
+        manifest = read_manifest(run_dir / stage) or {}
+        # package_version; manifests that have none hold the package version in code_version
+        version = manifest.get("package_version", manifest.get("code_version"))
         if version is None or _major(version) != _major(__version__):
             raise AlphaFuseError(f"previous run {run_dir}: stage '{stage}' was written by alphafuse_dist "
                                  f"{version}, this is {__version__} (another major version): its files may not "

@@ -3,8 +3,8 @@
 A stage writes everything into a fresh hidden temporary folder inside the run directory, ends by
 writing ``manifest.json`` there, and only then the folder is renamed to ``<run_dir>/<stage>``.
 A stage killed midway leaves only a ``.<stage>.tmp-*`` folder, which no later stage reads and the
-next run removes. A rerun whose manifest matches (same config hash and input fingerprints) skips
-the stage.
+next run removes. A rerun whose manifest matches (same config hash, input fingerprints and code
+fingerprint of the stage's source, :func:`code_fingerprint`) skips the stage.
 
 Example::
 
@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -73,6 +74,55 @@ def fingerprint_path(path: str | Path, hash_limit: int = 64 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+# The package source each stage kind's output depends on (folders or files relative to the package):
+# a stage reruns when any of them changes. Whole folders rather than exact import closures: a
+# comment edit may rerun a stage needlessly, but no helper module a stage reads is missed. A stage
+# kind not listed here (the part of its name before the first "-") depends on the whole package.
+STAGE_SOURCES: dict[str, tuple[str, ...]] = {
+    "prepare": ("data",),
+    "embed": ("embed",),
+    "decompose": ("decompose",),
+    "train": ("train", "model", "data/sequences.py", "runtime/seeding.py"),
+    "evaluate": ("evaluate", "model"),
+    "export": ("serve", "model"),
+}
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def stage_kind(stage: str) -> str:
+    """``train-alphafuse-s1`` -> ``train``: the key of :data:`STAGE_SOURCES`."""
+    return stage.split("-", 1)[0]
+
+
+def code_fingerprint(kind: str) -> str:
+    """The :func:`source_fingerprint` of the source the stage kind's output depends on
+    (:data:`STAGE_SOURCES`): the manifest's ``code_version``."""
+    return source_fingerprint(*STAGE_SOURCES.get(kind, (".",)))
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(*sources: str) -> str:
+    """sha256 (16 hex digits) of the package version and of the ``.py`` files of ``sources``
+    (folders or files relative to the package), by path and content."""
+    h = hashlib.sha256(__version__.encode())
+    for rel in sources:
+        root = _PACKAGE / rel
+        files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+        for f in files:
+            h.update(f.relative_to(_PACKAGE).as_posix().encode() + b"\0")
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_identity(kind: str, config_hash: str, inputs: dict[str, str]) -> str:
+    """One hash (16 hex digits) of everything a stage's output depends on: its config hash, its
+    inputs' digests and its code fingerprint. Resumable state outside the stage folder (the Ray
+    Train run) is keyed by it, so that it is never resumed under another identity."""
+    blob = json.dumps({"config_hash": config_hash, "inputs": inputs, "code": code_fingerprint(kind)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
     m = Path(stage_dir) / MANIFEST
     if not m.is_file():
@@ -105,8 +155,12 @@ def clean_temporaries(run_dir: Path) -> None:
 
 
 def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, str],
-              build: Callable[[Path], dict], force: bool = False) -> Path:
+              build: Callable[[Path], dict], force: bool = False, kind: str | None = None) -> Path:
     """Run ``build(tmp_dir)`` unless the stage's manifest already matches; return the stage folder.
+
+    The manifest matches when its ``config_hash``, ``inputs`` and ``code_version`` (the
+    :func:`code_fingerprint` of ``kind``, default :func:`stage_kind` of ``stage``) are those given;
+    ``force`` runs the stage regardless.
 
     ``build`` writes its outputs into ``tmp_dir`` and returns a dict for the manifest (put row
     counts under ``"rows"``). On any exception the temporary folder is removed and nothing of the
@@ -116,8 +170,9 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / stage
     old = read_manifest(final)
+    code_version = code_fingerprint(kind or stage_kind(stage))
     if not force and old and old.get("config_hash") == config_hash and old.get("inputs") == inputs \
-            and old.get("code_version") == __version__:
+            and old.get("code_version") == code_version:
         _log.info(f"[{stage}] up to date (manifest {final / MANIFEST}), skipped")
         return final
     tmp = run_dir / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
@@ -125,8 +180,8 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
     t0 = time.time()
     try:
         info = build(tmp) or {}
-        body = {"stage": stage, "config_hash": config_hash, "inputs": inputs, "code_version": __version__,
-                "seconds": round(time.time() - t0, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        body = {"stage": stage, "config_hash": config_hash, "inputs": inputs, "code_version": code_version,
+                "package_version": __version__, "seconds": round(time.time() - t0, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **info}
         body["digest"] = hashlib.sha256(json.dumps({k: body[k] for k in ("config_hash", "inputs", "stage")}
                                                    | {"outputs": _outputs_digest(tmp)},

@@ -168,7 +168,7 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
                                                                       *(["serve_retired"] if serve_retired else [])),
                          inputs=inputs,
                          build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, serve_retired),
-                         force=force)
+                         force=force, kind="export")
 
 
 def load_train_config(train_dir: Path) -> RunConfig:

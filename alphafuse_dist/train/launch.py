@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..config import RunConfig, config_from_dict, section_hash
+from ..config import RunConfig, config_from_dict
 from .inputs import TrainInputs
 from .recipe import train_model
 
@@ -71,8 +71,26 @@ def _ray_worker_loop(payload: dict) -> None:
             ray.train.report(final)
 
 
-def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
-    """Run distributed training under Ray Train; write model.safetensors + history.json to out_dir."""
+def ray_run_name(cfg: RunConfig, identity: str) -> str:
+    """``train-<method>-s<seed>-<identity>``: the Ray Train run of the train stage whose full identity
+    (``pipeline.train_identity``: config hash, inputs' digests, code fingerprint) is ``identity``."""
+    return f"train-{cfg.method}-s{cfg.seed}-{identity}"
+
+
+def remove_stale_runs(storage: Path, cfg: RunConfig, run_name: str) -> None:
+    """Remove the Ray Train runs of this method and seed under ``storage`` other than ``run_name``:
+    checkpoints of another identity are never resumed."""
+    for stale in Path(storage).glob(ray_run_name(cfg, "*")):
+        if stale.name != run_name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identity: str) -> dict:
+    """Run distributed training under Ray Train; write model.safetensors + history.json to out_dir.
+
+    The Ray Train run is named by ``identity`` (:func:`ray_run_name`): a rerun of the same stage
+    resumes from its last checkpoint, and the runs of this method and seed under any other identity
+    (another config, other input data, other code) are removed before training, never resumed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -85,10 +103,11 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path) -> dict:
     # more workers than cores (e.g. 4 on this 2-core machine) must still be schedulable
     cpu_per_worker = min(1.0, cpus / t.num_workers)
     threads = max(1, int(cpus) // t.num_workers)
-    # Outside the stage's temporary folder, keyed by the training config: a rerun after a crash of
+    # Outside the stage's temporary folder, keyed by the stage's identity: a rerun after a crash of
     # the whole job finds the same Ray Train run and resumes from its last checkpoint.
     storage = (out_dir.parent / ".ray-train").resolve()
-    run_name = f"train-{cfg.method}-s{cfg.seed}-{section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.decompose)}"
+    run_name = ray_run_name(cfg, identity)
+    remove_stale_runs(storage, cfg, run_name)
     trainer = TorchTrainer(
         _ray_worker_loop,
         train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads},
