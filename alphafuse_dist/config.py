@@ -530,6 +530,13 @@ def validate(cfg: "RunConfig") -> None:
         if value and not data.id_map:
             raise ConfigError(f"{key}={value}: needs data.id_map (the previous run's prepare folder): without "
                               "stable ids, item i of this run is not item i of the previous one")
+    if t.backend == "torchrec" and t.sharding == "data_parallel":
+        raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel plan does not train the ID rows "
+                          "with train.id_optimizer (on CUDA it trained a different function; on CPU its dense kernel "
+                          "corrupts the heap with fbgemm-gpu-cpu 1.8); use row_wise, table_wise, column_wise or planner")
+    if t.backend == "torchrec" and t.id_optimizer == "adam" and t.device == "cpu":
+        raise ConfigError("train.id_optimizer=adam: TorchRec has no fused Adam on CPU; use adagrad, rowwise_adagrad "
+                          "or sgd (or train.backend=torch)")
     if t.cold_items == "neighbours" and cfg.method != "alphafuse":
         raise ConfigError(f"train.cold_items=neighbours: only for method=alphafuse (its ID parts live beside a "
                           f"frozen semantic table), not method={cfg.method}")

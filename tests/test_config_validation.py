@@ -286,3 +286,13 @@ def test_compare_children_log_their_progress_with_the_run_they_belong_to(write_c
     assert code == 0
     for seed in (1, 2):
         assert any(line.startswith(f"[sasrec_id s{seed}] [train-sasrec_id-s{seed}] done in") for line in err), err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.sharding=data_parallel"], "train.sharding=data_parallel: TorchRec's data-parallel plan does not train"),
+    (["train.id_optimizer=adam", "train.device=cpu"], "train.id_optimizer=adam: TorchRec has no fused Adam on CPU"),
+])
+def test_torchrec_choices_that_cannot_train_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config("quickstart", overrides)
+    load_config("quickstart", [*overrides, "train.backend=torch"])  # the plain-torch path takes them

@@ -176,6 +176,7 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
         _log.info(f"[{stage}] up to date (manifest {final / MANIFEST}), skipped")
         return final
     tmp = run_dir / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+    trash = None
     tmp.mkdir()
     t0 = time.time()
     try:
@@ -196,6 +197,8 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
         shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and trash.exists() and not final.exists():
+            os.replace(trash, final)  # the swap failed half-way: the previous output goes back
         raise
     _log.info(f"[{stage}] done in {time.time() - t0:.1f}s -> {final}")
     return final
