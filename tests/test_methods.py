@@ -243,7 +243,7 @@ def test_pipeline_runs_the_stages_a_method_needs(method, stages, tmp_path, monke
 
     calls = []
     for fn in STAGE_FNS:
-        monkeypatch.setattr(pipeline, fn, lambda cfg, fn=fn: calls.append(fn[:-len("_stage")]))
+        monkeypatch.setattr(pipeline, fn, lambda cfg, fn=fn, **_: calls.append(fn[:-len("_stage")]))
     cfg = load_config(None, [f"method={method}", f"run_dir={tmp_path}"])
     pipeline.run_pipeline(cfg, stages=("prepare", "embed", "decompose", "train"))
     assert calls == stages
@@ -470,7 +470,7 @@ def test_compare_command_accepts_every_method(monkeypatch, tmp_path, capsys):
 
     asked = []
 
-    def fake_compare(cfg, methods, seeds, stages, jobs=1, child_logging=None):  # stop once the method names got through
+    def fake_compare(cfg, methods, seeds, stages, **_):  # stop once the method names got through
         asked.append(methods)
         raise AlphaFuseError("compare reached")
 
