@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import DataError
+from ..runtime.manifest import file_sha256
 
 # seconds without a byte from the server before a download is abandoned (and can be resumed)
 _TIMEOUT_S = 60
@@ -62,7 +63,7 @@ def download(url: str, dest: Path, sha256: str, *, chunk: int = 1 << 20, progres
     if not re.fullmatch(r"[0-9a-f]{64}", expected):
         raise DataError(f"sha256 {sha256!r} is not a sha256 digest: expected 64 hexadecimal digits")
     local = _check_source(url)
-    if dest.is_file() and _file_sha256(dest, chunk) == expected:
+    if dest.is_file() and file_sha256(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
@@ -71,7 +72,7 @@ def download(url: str, dest: Path, sha256: str, *, chunk: int = 1 << 20, progres
             if local.stat().st_size > max_bytes:
                 raise DataError(f"{local}: {local.stat().st_size} bytes, over the limit of {max_bytes} (--max-size)")
             shutil.copyfile(local, partial)
-            digest = _file_sha256(partial, chunk)
+            digest = file_sha256(partial)
         else:
             digest = _fetch(url, partial, chunk, progress, max_bytes)
     except DataError:  # over max_bytes: what arrived can never be completed
@@ -142,7 +143,7 @@ def _fetch(url: str, partial: Path, chunk: int, progress: bool, max_bytes: int) 
             raise
         # 416 Range Not Satisfiable: the partial file already holds every byte; the digest decides
         e.close()
-        return _file_sha256(partial, chunk)
+        return file_sha256(partial)
     with response:
         resumed = response.status == 206
         if resumed and _range_start(response) != offset:
@@ -187,12 +188,6 @@ def _hash_into(digest, path: Path, chunk: int) -> None:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-
-
-def _file_sha256(path: Path, chunk: int) -> str:
-    digest = hashlib.sha256()
-    _hash_into(digest, path, chunk)
-    return digest.hexdigest()
 
 
 class _Progress:

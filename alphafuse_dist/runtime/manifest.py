@@ -53,6 +53,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, 64 hex digits."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def fingerprint_path(path: str | Path, hash_limit: int = 64 << 20) -> str:
     """Content fingerprint of a file or folder: sha256 of files up to ``hash_limit`` bytes, else
     (size, mtime) of larger ones. Hidden files (temporaries) are ignored."""

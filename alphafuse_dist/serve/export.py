@@ -43,7 +43,6 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -63,7 +62,7 @@ from .. import __version__
 from ..config import RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..model.items import METHOD_INPUTS
-from ..runtime.manifest import read_manifest, require_stage, run_dir_lock, run_stage
+from ..runtime.manifest import file_sha256, read_manifest, require_stage, run_dir_lock, run_stage
 
 EXPORT_FORMAT = 1
 ITEMS_FILE = "items.parquet"
@@ -346,14 +345,6 @@ def _metrics(run_dir: Path, method: str, seed: int) -> dict | None:
         return None
     return {k: m.get(k) for k in ("split", "protocol", "sampled_negatives", "history_masked", "data_split",
                                   "similarity", "items", "groups", "metrics")}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, seed: int,

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import AlphaFuseError, ConfigError, DataError
-from ..runtime.manifest import read_manifest
-from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run, file_sha256
+from ..runtime.manifest import file_sha256, read_manifest
+from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run
 
 
 def _vectors(table: pa.Table, column: str, path: Path) -> torch.Tensor:
