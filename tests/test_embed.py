@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -145,12 +146,18 @@ def test_actor_pool_is_sized_to_the_cluster():
         actor_pool(EmbedConfig(device="cuda", num_actors=3, actors_per_gpu=2), {"CPU": 8, "GPU": 1})
 
 
-def test_token_counts_order_texts_by_the_tokenizer():
-    from alphafuse_dist.embed.encoder import token_counts
+def test_tokenize_then_encode_tokens_equals_encode():
+    """The stage's split of encoding (tokens from CPU tasks, the model in the actors) computes what
+    ``SentenceTransformer.encode`` computes, with truncation at the model's limit."""
+    from alphafuse_dist.embed.encoder import encode_tokens, tokenize
 
-    texts = ["a", "Toy Story (1995)", "supercalifragilisticexpialidocious", "I I I I I I"]
-    counts = token_counts(resolve_model("all-MiniLM-L6-v2"), texts, chunk=3)  # two chunks
-    # word pieces, not characters: six one-letter words outnumber the 16-character title's pieces
-    assert counts[0] == 1 and counts[3] == 6 and counts[1] < 6 and counts[2] > 6, counts
-    tokenizer = load_encoder("all-MiniLM-L6-v2").tokenizer
-    assert counts.tolist() == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    model = load_encoder("all-MiniLM-L6-v2", max_seq_length=8)
+    texts = ["a", "Toy Story (1995)", "supercalifragilisticexpialidocious " * 5, "I I I I I I"]
+    features = tokenize(model, texts)
+    assert features["input_ids"].type == pa.list_(pa.int32())
+    assert pc.list_value_length(features["input_ids"]).to_pylist()[2] == 8  # cut at max_seq_length
+    static = {k: v for k, v in model.preprocess([""]).items() if not hasattr(v, "shape")}
+    for normalize in (False, True):
+        got = encode_tokens(model, features, static, normalize)
+        expected = model.encode(texts, batch_size=2, normalize_embeddings=normalize)  # other batches and padding
+        np.testing.assert_allclose(got, expected, atol=1e-5)

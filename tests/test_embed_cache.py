@@ -98,7 +98,7 @@ def test_rerun_encodes_only_new_and_changed_texts(ray_session, tmp_path):
         out = tmp_path / name
         out.mkdir()
         info = embed_items(write_items(tmp_path / f"{name}.parquet", texts), cfg, out, cache_dir=cache,
-                           batch_encoder=CountingEncoder)
+                           batch_encoder=CountingEncoder, tokenizer=None)
         return info, read_output(out)
 
     info, E = run("first", texts)

