@@ -4,7 +4,9 @@ rows after two epochs of the embedded data (dropout off), and the semantic colum
 table stay bit-identical to the decompose stage's frozen table. The data-parallel plan trained a
 different function here (epoch-1 loss 5.850 against 5.449), so it is refused with that reason.
 
-Marked ``gpu``: skipped without CUDA; the runs on the GPU machine are recorded in benchmarks/million.
+A Ray Train worker killed on the GPU resumes from its checkpoint and ends where an uninterrupted
+run ends. Marked ``gpu``: skipped without CUDA; the runs on the GPU machine are recorded in
+benchmarks/million.
 """
 from __future__ import annotations
 
@@ -62,3 +64,14 @@ def test_semantic_columns_stay_bit_identical(runs, plan):
     table = out[plan][1]["item_table"]
     d_s = semantic.shape[1] - 64  # the quickstart's ID width
     assert torch.equal(table[:, :d_s], semantic[:, :d_s])
+
+
+def test_checkpoint_resumed_on_the_gpu_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """A Ray Train + TorchRec worker on the GPU SIGKILLed after its second checkpoint: the run resumes
+    and ends with the uninterrupted run's test metrics (bf16 autocast; CUDA's atomics may reorder
+    float sums, hence 1e-4 rather than the CPU test's 1e-6)."""
+    from test_train_resume import straight_and_killed_runs
+
+    a, b = straight_and_killed_runs(tmp_path, ("train.device=cuda", "train.backend=torchrec"))
+    for k in ("HR@10", "NDCG@10", "MRR@10"):
+        assert abs(a[k] - b[k]) <= 1e-4, (k, a, b)

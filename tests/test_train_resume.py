@@ -24,12 +24,12 @@ from test_pipeline_e2e import _write_dataset
 EPOCHS = 25
 
 
-def _command(data: Path, run_dir: Path) -> list[str]:
+def _command(data: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "alphafuse_dist.cli", "run", "--config", "quickstart", "method=sasrec_id",
             "data.source=interactions", f"data.path={data / 'inter.csv'}", f"data.items_path={data / 'items.csv'}",
             "data.text_template={title}", f"run_dir={run_dir}", "model.dim=32", "model.id_dims=16",
             "model.max_len=8", "train.batch_size=32", f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}",
-            "train.num_negatives=16", "train.lr=0.005", "train.log_every=0", "train.max_failures=1"]
+            "train.num_negatives=16", "train.lr=0.005", "train.log_every=0", "train.max_failures=1", *extra]
 
 
 def _env() -> dict:
@@ -69,19 +69,22 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "evaluate-sasrec_id-s22" / "metrics.json").read_text())["metrics"]["overall"]
 
 
-def test_killed_worker_resumes_from_checkpoint(tmp_path):
+def straight_and_killed_runs(tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Test metrics of an uninterrupted run and of a run whose Ray Train worker is SIGKILLed after
+    its second checkpoint (``extra``: config overrides for both), after checking that the killed run
+    resumed from a checkpoint and completed every epoch."""
     data = tmp_path / "data"
     data.mkdir()
     _write_dataset(data)
 
-    straight = subprocess.run(_command(data, tmp_path / "straight"), env=_env(), capture_output=True, text=True,
-                              timeout=600)
+    straight = subprocess.run(_command(data, tmp_path / "straight", extra), env=_env(), capture_output=True,
+                              text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
     log_path = tmp_path / "killed.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(_command(data, run_dir), env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_command(data, run_dir, extra), env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
         killed = None
         try:
             # two epochs' checkpoints in the run's storage, then one poll of Ray Train's controller
@@ -99,14 +102,17 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
             proc.wait(timeout=600)
         finally:
             proc.kill()
-    log = [log_path.read_text()]
-    text = "".join(log)
+    text = log_path.read_text()
     assert killed is not None, text[-3000:]
     assert proc.returncode == 0, text[-3000:]
     resumed = re.findall(r"resumed from checkpoint .* after epoch (\d+)", text)
     assert resumed and 1 <= int(resumed[0]) < EPOCHS, text[-3000:]
     history = json.loads((tmp_path / "killed" / "train-sasrec_id-s22" / "history.json").read_text())
     assert [row["epoch"] for row in history["epochs"]] == list(range(1, EPOCHS + 1))
-    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    return _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+
+
+def test_killed_worker_resumes_from_checkpoint(tmp_path):
+    a, b = straight_and_killed_runs(tmp_path)
     for k in ("HR@10", "NDCG@10", "MRR@10"):
         assert abs(a[k] - b[k]) <= 1e-6, (k, a, b)

@@ -5,6 +5,8 @@ GPU (plain-torch backend, bf16 autocast) at catalogue sizes 10k, 100k and 1M ite
     .venv/bin/python benchmarks/train/bench_train.py cpu --items 10000 --workers 1 2
     # one GPU, no Ray / TorchRec needed: the plain-torch backend in one process
     python benchmarks/train/bench_train.py gpu --items 10000 100000 1000000
+    # one GPU, the product path (Ray Train + TorchRec, 1 worker) beside plain torch, same data
+    python benchmarks/train/bench_train.py product --items 1000000
 
 Data: a synthetic prepared run (``prepare/train.parquet``, ``valid.parquet``) with power-law item
 popularity (``alphafuse_dist.data.synthetic._power_law_draw``, exponent 0.9), ``--users`` users of
@@ -13,7 +15,11 @@ decompose stage's output (its values do not change the cost of a step). Model: t
 AlphaFuse (d=128, d_n=64, SASRec 1 block 1 head, L=50, InfoNCE, shared negatives, loss at every
 position). A "sequence" is one training window of up to L (history -> next item) pairs, the unit
 of ``train.batch_size``. Throughput is read from the training loop's own epoch rows (validation
-excluded); the first epoch is a warm-up and is not reported. One JSON line per configuration
+excluded); the first epoch is a warm-up and is not reported. ``product`` mode adds the GPU's
+utilisation (nvidia-smi, sampled over each side's whole training call, start-up included) and
+the model FLOPs utilisation: FLOPs of one training step counted by
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention, forward and backward) x
+steps/s, over the card's dense bf16 peak. One JSON line per configuration
 goes to ``results.jsonl`` (or ``$OUT``).
 """
 from __future__ import annotations
@@ -90,6 +96,73 @@ def bench_gpu(items: int, users: int, seq_len: int, batch: int, epochs: int, neg
             "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+# dense bf16 tensor-core peak (FLOP/s) from NVIDIA's data sheets, for MFU
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def step_flops(cfg, inputs) -> float:
+    """FLOPs of one training step (forward + backward) of ``cfg``'s model, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alphafuse_dist.train.recipe import TrainRecipe
+
+    recipe = TrainRecipe(cfg, inputs, log=lambda s: None)
+    recipe.setup()
+    rows = list(range(cfg.train.batch_size))
+    recipe.train_step(0, 0, rows)  # warm-up: lazy initialisation outside the count
+    with FlopCounterMode(display=False) as counter:
+        recipe.train_step(0, 1, rows)
+    return float(counter.get_total_flops())
+
+
+def bench_product(items: int, users: int, seq_len: int, batch: int, epochs: int, negatives: int) -> list[dict]:
+    """The product path (Ray Train + TorchRec, one CUDA worker) and plain torch on the same data."""
+    import ray
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gpu_util import GpuSampler
+
+    from alphafuse_dist.train.inputs import TrainInputs
+    from alphafuse_dist.train.launch import train_with_ray
+    from alphafuse_dist.train.recipe import train_model
+
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    sampler = GpuSampler().start()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        prep = synthetic_run(Path(d), items, users, seq_len, 128)
+        inputs = TrainInputs(prepare_dir=str(prep), semantic_path=str(Path(d) / "semantic.safetensors"), num_items=items)
+        common = ["train.device=cuda", "train.num_workers=1", f"train.batch_size={batch}", f"train.epochs={epochs}",
+                  f"train.eval_every={epochs}", f"train.num_negatives={negatives}", f"model.max_len={seq_len}",
+                  f"run_dir={d}/run"]
+        flops = step_flops(_config(["train.backend=torch", *common]), inputs)
+        for side in ("plain torch", "ray train + torchrec"):
+            t0 = time.time()
+            if side == "plain torch":
+                history = train_model(_config(["train.backend=torch", *common]), inputs, log=lambda s: None).history
+            else:
+                ray.init(include_dashboard=False, logging_level="ERROR", ignore_reinit_error=True)
+                out = Path(d) / "out"
+                out.mkdir()
+                train_with_ray(_config(["train.backend=torchrec", *common]), inputs, out, identity="bench")
+                history = json.loads((out / "history.json").read_text())["epochs"]
+            row = {"mode": "product", "side": side, "device": name, "items": items, "users": users, "seq_len": seq_len,
+                   "batch": batch, "negatives": negatives, **_rows(history), **sampler.window(t0, time.time()),
+                   "gflops_per_step": round(flops / 1e9, 1)}
+            steps_per_s = row["seq_per_s"] / batch
+            row["model_tflops_per_s"] = round(flops * steps_per_s / 1e12, 2)
+            row["mfu"] = round(flops * steps_per_s / peak, 4) if peak else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    sampler.stop()
+    base = rows[0]["seq_per_s"]
+    for r in rows:
+        r["vs_plain_torch"] = round(r["seq_per_s"] / base, 3)
+    return rows
+
+
 def bench_cpu(items: int, users: int, seq_len: int, batch: int, epochs: int, negatives: int, workers: int) -> dict:
     import ray
 
@@ -104,7 +177,7 @@ def bench_cpu(items: int, users: int, seq_len: int, batch: int, epochs: int, neg
         out = Path(d) / "out"
         out.mkdir()
         train_with_ray(cfg, TrainInputs(prepare_dir=str(prep), semantic_path=str(Path(d) / "semantic.safetensors"),
-                                        num_items=items), out)
+                                        num_items=items), out, identity="bench")
         history = json.loads((out / "history.json").read_text())["epochs"]
     return {"mode": "cpu", "workers": workers, "backend": "torchrec row_wise", "items": items, "users": users,
             "seq_len": seq_len, "batch": batch, "negatives": negatives, **_rows(history),
@@ -113,7 +186,7 @@ def bench_cpu(items: int, users: int, seq_len: int, batch: int, epochs: int, neg
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["cpu", "gpu"])
+    p.add_argument("mode", choices=["cpu", "gpu", "product"])
     p.add_argument("--items", type=int, nargs="+", default=[10_000])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cpu mode")
     p.add_argument("--users", type=int, default=None, help="default: 2048 (cpu), 65536 (gpu)")
@@ -132,6 +205,9 @@ def main() -> None:
                 results.append(bench_cpu(n, a.users or 2048, a.seq_len, a.batch or 128, a.epochs, a.negatives, w))
                 print(json.dumps(results[-1]), flush=True)
         ray.shutdown()
+    elif a.mode == "product":
+        for n in a.items:
+            results += bench_product(n, a.users or 65_536, a.seq_len, a.batch or 1024, a.epochs, a.negatives)
     else:
         for n in a.items:
             results.append(bench_gpu(n, a.users or 65_536, a.seq_len, a.batch or 1024, a.epochs, a.negatives))
