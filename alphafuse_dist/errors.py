@@ -43,15 +43,10 @@ class DataError(AlphaFuseError):
 _WRAPPED = ("cause", "worker_failures", "controller_failure", "_base_exc", "__cause__", "__context__")
 
 
-def user_error(exc: BaseException) -> AlphaFuseError | None:
-    """The :class:`AlphaFuseError` behind ``exc``: ``exc`` itself, or the one a Ray task or Ray
-    Train worker raised, unwrapped from Ray's exceptions (which carry the remote traceback in their
-    text); None when ``exc`` is not caused by input.
-
-    A Ray task's error re-raised on the driver is an instance of both ``RayTaskError`` and the
-    original class, with the remote traceback as its text: the original exception
-    (``RayTaskError.cause``) is returned instead, whose text is the one-line message.
-    """
+def wrapped_errors(exc: BaseException, *, through_ray_only: bool = False):
+    """``exc`` and the exceptions behind it, each once, breadth first: those a Ray task or Ray Train
+    worker raised, unwrapped from Ray's exceptions, and Python's ``__cause__`` / ``__context__``
+    chain (with ``through_ray_only``, only Ray's wrappers are looked into)."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -59,15 +54,28 @@ def user_error(exc: BaseException) -> AlphaFuseError | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if not _is_ray_wrapper(e):
-            if isinstance(e, AlphaFuseError):
-                return e
-            continue  # another error, even one raised while handling an AlphaFuseError, is a bug
+        yield e
+        if through_ray_only and not _is_ray_wrapper(e):
+            continue
         for name in _WRAPPED:
             value = getattr(e, name, None)
             values = value.values() if isinstance(value, dict) else [value]
             todo += [v for v in values if isinstance(v, BaseException)]
-    return None
+
+
+def user_error(exc: BaseException) -> AlphaFuseError | None:
+    """The :class:`AlphaFuseError` behind ``exc``: ``exc`` itself, or the one a Ray task or Ray
+    Train worker raised, unwrapped from Ray's exceptions (which carry the remote traceback in their
+    text); None when ``exc`` is not caused by input.
+
+    A Ray task's error re-raised on the driver is an instance of both ``RayTaskError`` and the
+    original class, with the remote traceback as its text: the original exception
+    (``RayTaskError.cause``) is returned instead, whose text is the one-line message. Another
+    error, even one raised while handling an AlphaFuseError, is a bug: only Ray's wrappers are
+    looked into.
+    """
+    return next((e for e in wrapped_errors(exc, through_ray_only=True)
+                 if isinstance(e, AlphaFuseError) and not _is_ray_wrapper(e)), None)
 
 
 def _is_ray_wrapper(exc: BaseException) -> bool:

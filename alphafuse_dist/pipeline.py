@@ -27,6 +27,7 @@ from .model.items import METHOD_INPUTS
 from .runtime.manifest import (clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest,
                                stage_identity)
 from .runtime.ray import ensure_ray
+from .runtime.gpu import check_gpus, out_of_memory_hint
 
 _log = logging.getLogger(__name__)
 
@@ -205,11 +206,12 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
     skipped = {"embed"} if not needs else set()
     if not needs & {"semantic", "basis"}:
         skipped.add("decompose")
-    for name in stages:
-        if name in skipped:
-            continue
+    todo = [name for name in stages if name not in skipped]
+    check_gpus(cfg, todo)
+    for name in todo:
         _log.info(f"[{name}] ...")
-        fns[name](cfg, force=name in force)
+        with out_of_memory_hint(name, cfg):
+            fns[name](cfg, force=name in force)
         if name in SHARED_STAGES:
             force.discard(name)
     out: dict = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
