@@ -98,8 +98,13 @@ def main() -> None:
     ]
     run_s = _cli(["run", *overrides], log)
     export_s = _cli(["export", "--run", str(run_dir)], log)
-    history = ["i0", "i1", "i2"]
-    recommend_s = _cli(["recommend", "--run", str(run_dir), "--history", ",".join(history), "--k", "10"], log)
+    import pyarrow.parquet as pq
+
+    # three catalogue items that survived prepare's filters (rare synthetic items may be dropped)
+    items = pq.read_table(run_dir / "prepare" / "items.parquet", columns=["item_id", "retired"]).to_pylist()
+    history = [row["item_id"] for row in items if not row["retired"]][:3]
+    recommend_s = _cli(["recommend", "--run", str(run_dir), *[a for i in history for a in ("--item", i)], "--k", "10"],
+                       log)
     total_s = time.time() - t_all
     stop.set()
 
