@@ -260,3 +260,49 @@ def test_evaluate_split_full_and_sampled_protocols_with_groups(tmp_path):
     cfg.eval.sampled_negatives = 55
     with pytest.raises(ConfigError, match=r"eval\.sampled_negatives=55: user \d+: only \d+ items never"):
         evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+
+
+def test_evaluate_split_reports_filtered_and_unfiltered_with_list_metrics(tmp_path):
+    """Both rankings from one pass, the lead one by eval.exclude_history, each equal to
+    target_ranks with / without the history excluded; PopShare and Coverage of the top-10 lists
+    as computed by hand from full_ranking_topk."""
+    from alphafuse_dist.data.sequences import eval_inputs
+    from alphafuse_dist.evaluate.metrics import full_ranking_topk, metrics_from_ranks
+    from alphafuse_dist.evaluate.stage import evaluate_split, format_table, load_model
+    from alphafuse_dist.model.sasrec import user_states_from_table
+
+    cfg, prep, hists, targets = _prepared(tmp_path)
+    cfg.eval.ks = [10]
+    table, encoder = load_model(tmp_path / "model.safetensors", cfg)
+    _, hist, _ = eval_inputs(prep / "test.parquet", cfg.model.max_len, 60)
+    with torch.no_grad():
+        states = user_states_from_table(encoder, table, torch.as_tensor(hist))
+    exclude = [torch.as_tensor(h, dtype=torch.long) for h in hists]
+    y = torch.as_tensor(targets, dtype=torch.long)
+    expected = {"unfiltered": (target_ranks(states, table, y, similarity=cfg.model.similarity), None),
+                "filtered": (target_ranks(states, table, y, similarity=cfg.model.similarity, exclude=exclude), exclude)}
+    head = _popularity(60) >= 5
+
+    unfiltered_first = evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+    cfg.eval.exclude_history = True
+    filtered_first = evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+    assert list(unfiltered_first["by_protocol"]) == ["unfiltered", "filtered"]
+    assert list(filtered_first["by_protocol"]) == ["filtered", "unfiltered"]
+    assert filtered_first["ranking"] == "filtered" and filtered_first["history_masked"] is True
+    assert filtered_first["protocol_name"] == "full ranking, filtered (the user's seen items removed)"
+    assert filtered_first["metrics"] == filtered_first["by_protocol"]["filtered"]
+    assert unfiltered_first["metrics"] == unfiltered_first["by_protocol"]["unfiltered"]
+    for name, (ranks, excluded) in expected.items():
+        got = filtered_first["by_protocol"][name]
+        assert got == unfiltered_first["by_protocol"][name]  # the same scores whichever leads
+        assert got["overall"]["NDCG@10"] == pytest.approx(metrics_from_ranks(ranks, (10,))["NDCG@10"])
+        _, top = full_ranking_topk(states, table, 10, similarity=cfg.model.similarity, exclude=excluded)
+        top = top.numpy()
+        assert got["overall"]["PopShare@10"] == pytest.approx(head[top].sum() / (40 * 10))
+        assert got["overall"]["Coverage@10"] == pytest.approx(len(np.unique(top)) / 60)
+        tail = ~head[targets]
+        assert got["tail"]["Coverage@10"] == pytest.approx(len(np.unique(top[tail])) / 60)
+    assert expected["filtered"][0].le(expected["unfiltered"][0]).all()  # removing items only lifts targets
+    text = format_table([("alphafuse", filtered_first)], ks=(10,))
+    assert text.index("protocol: full ranking, filtered") < text.index("protocol: full ranking, unfiltered")
+    assert "PopShare@10" in text and "Coverage@10" in text

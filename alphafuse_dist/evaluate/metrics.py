@@ -254,14 +254,51 @@ def sampled_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, nega
     return ahead.sum(dim=1)
 
 
-def metrics_by_group(ranks: Tensor, groups: dict[str, Tensor], ks: Sequence[int] = (10, 20)) -> dict[str, dict[str, float]]:
-    """:func:`metrics_from_ranks` overall and for each named user mask ``[U]`` bool in ``groups``."""
-    out = {"overall": metrics_from_ranks(ranks, ks)}
+def metrics_by_group(ranks: Tensor, groups: dict[str, Tensor], ks: Sequence[int] = (10, 20), *,
+                     top: Tensor | None = None, head_items: Tensor | None = None) -> dict[str, dict[str, float]]:
+    """:func:`metrics_from_ranks` overall and for each named user mask ``[U]`` bool in ``groups``;
+    with ``top`` (``[U, k]`` each user's recommended items) and ``head_items`` (``[N]`` bool) also
+    :func:`list_metrics` of each group's lists."""
+    def of(mask: Tensor | None) -> dict[str, float]:
+        sel = ranks if mask is None else ranks[mask.to(ranks.device)]
+        out = metrics_from_ranks(sel, ks)
+        if top is not None:
+            out |= list_metrics(top if mask is None else top[mask.to(top.device)], head_items)
+        return out
+
+    out = {"overall": of(None)}
     for name, mask in groups.items():
         if mask.shape != ranks.shape or mask.dtype != torch.bool:
             raise ValueError(f"group {name!r}: expected a bool mask of shape {list(ranks.shape)}")
-        out[name] = metrics_from_ranks(ranks[mask.to(ranks.device)], ks)
+        out[name] = of(mask)
     return out
+
+
+def list_metrics(top: Tensor, head_items: Tensor) -> dict[str, float]:
+    """What the top-k lists hold, beside their accuracy (``k = top.shape[1]``):
+
+    - ``PopShare@k``: the share of all list slots that hold a head item;
+    - ``Coverage@k``: distinct items over all the lists / the ``N`` items of the catalogue.
+
+    Args:
+        top: ``[U, k]`` long, each user's recommended items.
+        head_items: ``[N]`` bool, which items are head items.
+
+    Returns:
+        ``{"PopShare@k": ..., "Coverage@k": ...}``; 0.0 for both when there are no users.
+
+    Example::
+
+        list_metrics(torch.tensor([[0, 1], [0, 2]]), torch.tensor([True, False, False, False]))
+        # {"PopShare@2": 0.5, "Coverage@2": 0.75}
+    """
+    if top.dim() != 2 or head_items.dim() != 1:
+        raise ValueError(f"top: expected [U, k] and head_items [N], got {list(top.shape)} and {list(head_items.shape)}")
+    k, slots = top.shape[1], top.numel()
+    top, head_items = top.cpu(), head_items.cpu().bool()
+    share = head_items[top].sum().item() / slots if slots else 0.0
+    coverage = torch.unique(top).numel() / head_items.numel() if slots else 0.0
+    return {f"PopShare@{k}": share, f"Coverage@{k}": coverage}
 
 
 def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
