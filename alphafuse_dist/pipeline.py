@@ -120,9 +120,11 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
 
 
 def train_config_hash(cfg: RunConfig) -> str:
-    """The train stage's config hash: the sections that change the trained model."""
+    """The train stage's config hash: the sections that change the trained model (the validation
+    protocol picks the kept epoch; named only when filtered, so unfiltered stages keep their hash)."""
+    filtered = ("validation filtered",) if cfg.eval.exclude_history else ()
     return section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
-                        cfg.decompose if METHOD_INPUTS[cfg.method] & {"semantic", "basis"} else None)
+                        cfg.decompose if METHOD_INPUTS[cfg.method] & {"semantic", "basis"} else None, *filtered)
 
 
 def train_identity(cfg: RunConfig, inputs: dict[str, str]) -> str:

@@ -101,14 +101,19 @@ def _tiny_model():
     return net, hist, targets
 
 
+def _tiny_exclude(hist):
+    """The filtered protocol's exclusions: each user's window items (not the padding id 23)."""
+    return [h[h < 23] for h in hist]
+
+
 def _validate_worker(rank, world, store_path, out):
     from alphafuse_dist.evaluate.sharded import sharded_metrics
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         net, hist, targets = _tiny_model()
-        torch.save(sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3),
-                   f"{out}.{rank}")
+        torch.save([sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3,
+                                    exclude=exclude) for exclude in (None, _tiny_exclude(hist))], f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -116,7 +121,8 @@ def _validate_worker(rank, world, store_path, out):
 @pytest.mark.parametrize("world", [2, 3])
 def test_validation_over_row_shards_equals_one_process(tmp_path, world):
     """The training recipe's validation: each worker holds a row range of the table and a share of
-    the users (10 users, 23 items: uneven on 3 workers); the metrics equal one process's."""
+    the users (10 users, 23 items: uneven on 3 workers); the metrics equal one process's, with and
+    without the histories excluded (the filtered protocol's model selection)."""
     from alphafuse_dist.evaluate.metrics import metrics_from_ranks
     from alphafuse_dist.evaluate.sharded import sharded_metrics
 
@@ -127,11 +133,17 @@ def test_validation_over_row_shards_equals_one_process(tmp_path, world):
         table = net.normalize(net.items.full_table())
         states = net.normalize(net.user_states(torch.as_tensor(hist), table))
         direct = metrics_from_ranks(target_ranks(states, table, torch.as_tensor(targets)), (1, 5, 10))
+        exclude = [torch.as_tensor(e) for e in _tiny_exclude(hist)]
+        direct_filtered = metrics_from_ranks(target_ranks(states, table, torch.as_tensor(targets), exclude=exclude),
+                                             (1, 5, 10))
     assert single == direct and single["users"] == 10
+    filtered = sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3,
+                               exclude=_tiny_exclude(hist))
+    assert filtered == direct_filtered and filtered["MRR@10"] > single["MRR@10"]
     mp.start_processes(_validate_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "out")),
                        nprocs=world, start_method="spawn")
     for rank in range(world):
-        assert torch.load(f"{tmp_path / 'out'}.{rank}") == single
+        assert torch.load(f"{tmp_path / 'out'}.{rank}") == [single, filtered]
 
 
 def test_sampled_negatives_avoid_history_and_target_and_are_reproducible():

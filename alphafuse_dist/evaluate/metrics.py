@@ -87,7 +87,7 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
 
 def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: int, targets: Tensor,
                          target_rows: Tensor, *, similarity: Similarity = "dot", item_chunk: int = 65_536,
-                         group=None) -> Tensor:
+                         group=None, exclude: Sequence[Tensor] | None = None) -> Tensor:
     """:func:`target_ranks` over an item table split by rows across the ranks of a process group:
     each rank counts the items of its own rows that rank ahead of each user's target, and the
     counts are summed (one ``all_reduce``).
@@ -104,6 +104,7 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
         target_rows: ``[U, d]`` the targets' rows of the whole table (``table[targets]``).
         group: the ``torch.distributed`` process group (None: the default group; without an
             initialised process group the local counts are returned, i.e. one shard).
+        exclude: per user, global item ids that do not compete (as in :func:`target_ranks`).
     """
     import torch.distributed as dist
 
@@ -120,7 +121,10 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
         _check_inputs(user_states, local_rows, item_chunk)
         target_scores = _row_scores(users, exact_rows(target_rows.to(device), similarity)).unsqueeze(1)
         local_targets = targets.to(device) - row_offset  # outside 0..n_r-1 when the target is another shard's
-        blocked = _pairs_by_item(None, num_users, local_rows.shape[0], device, targets=local_targets)
+        n_local = local_rows.shape[0]
+        local_exclude = None if exclude is None else [
+            e[(e >= row_offset) & (e < row_offset + n_local)].to(device, torch.long) - row_offset for e in exclude]
+        blocked = _pairs_by_item(local_exclude, num_users, n_local, device, targets=local_targets)
         for start, end, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
             ids = torch.arange(start, end, device=device)
             ahead = (scores > target_scores) | ((scores == target_scores) & (ids < local_targets.unsqueeze(1)))
