@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                                              "encoder, model card"))
     add_recommend_arguments(sub.add_parser("recommend", parents=[verbose],
                                            help="top-k items with titles for a history of item ids"))
+    from .tune import add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", parents=[verbose],
+                                      help="hyper-parameter search with Ray Tune (ASHA on validation NDCG), the "
+                                           "same budget per method; the best configuration as a preset file"))
     from .retrain.job import add_retrain_arguments
 
     add_retrain_arguments(sub.add_parser("retrain", parents=[verbose],
