@@ -42,7 +42,7 @@ space:
     # the shared stage ran once, in the run directory; trials trained on it (no train stage folder)
     assert (run_dir / "prepare" / "manifest.json").is_file() and not list(run_dir.glob("train-*"))
     table = (run_dir / "tune" / "results.md").read_text()
-    assert "Budget (the same for every method): 1 trials per method; ASHA (grace period 1 epochs, reduction " \
+    assert "Budget (the same for every method): 2 trials per method; ASHA (grace period 1 epochs, reduction " \
            "factor 2) on validation NDCG; 1 cpu per trial." in table
     assert "| train.id_lr | val_NDCG@10 | epochs | ended |" in table
     preset = load_config(str(run_dir / "tune" / "sasrec_id.yaml"))
@@ -60,6 +60,7 @@ space:
     ("space: {train.lr: {choice: [0.1]}}\nresources: {tpu: 1}", "resources: expected cpu and/or gpu"),
 ])
 def test_bad_space_files_name_the_entry(tmp_path, body, message):
+    """Each mistake is one error naming the file's entry."""
     with pytest.raises(ConfigError, match=message):
         load_space(_space(tmp_path, body))
 
@@ -72,3 +73,17 @@ def test_space_values_are_checked_against_the_config_before_any_trial(tmp_path, 
     space = _space(tmp_path, "space: {train.nope: {choice: [1]}}")
     assert main(["tune", "--space", str(space), "--methods", "sasrec_id", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "space.train.nope: space: train.nope: not a config key" in capsys.readouterr().err
+
+
+def test_budget_counts_grid_points_and_states_resources(tmp_path):
+    space = load_space(_space(tmp_path, """
+budget: {num_samples: 3, time_budget_s: 600}
+resources: {cpu: 2, gpu: 0.5}
+space:
+  train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+  model.dropout: {grid: [0.1, 0.2]}
+  model.num_blocks: {grid: [1, 2, 3]}
+"""))
+    assert space.trials() == 18
+    assert space.budget() == ("18 trials per method, at most 600 s; ASHA (grace period 4 epochs, reduction factor 2) "
+                              "on validation NDCG; 2 cpu, 0.5 gpu per trial")

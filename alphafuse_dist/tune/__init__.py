@@ -64,10 +64,14 @@ class TuneSpace:
     seed: int = 0
     source: str = ""
 
+    def trials(self) -> int:
+        """Trials per method: ``num_samples`` draws of every grid combination."""
+        return self.num_samples * math.prod(len(args) for kind, args in self.space.values() if kind == "grid")
+
     def budget(self) -> str:
         """The budget in words, as every report states it."""
         time_part = f", at most {self.time_budget_s:g} s" if self.time_budget_s else ""
-        return (f"{self.num_samples} trials per method{time_part}; ASHA (grace period {self.grace_period} epochs, "
+        return (f"{self.trials()} trials per method{time_part}; ASHA (grace period {self.grace_period} epochs, "
                 f"reduction factor {self.reduction_factor:g}) on validation NDCG; "
                 f"{', '.join(f'{v:g} {k}' for k, v in self.resources.items())} per trial")
 
