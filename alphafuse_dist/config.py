@@ -228,7 +228,9 @@ class EvalConfig:
     # has GPUs. cuda splits the users over every GPU (one Ray task each); the ranks equal the CPU's
     # for the same user states (exact float64 scores, see evaluate/metrics.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    exclude_history: bool = False  # off, as in the paper: the history is not masked
+    # the lead ranking of protocol=full (both are reported): true = filtered (each user's seen items
+    # removed, also in validation), false = unfiltered as in the paper
+    exclude_history: bool = False
     # "full": rank the target among all N items (the paper's cold-start table, public baselines);
     # "sampled": among the target + eval.sampled_negatives items the user never interacted with
     # (the LLM-ESR long-tail protocol of the paper's Table 3)
