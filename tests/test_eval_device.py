@@ -128,7 +128,8 @@ def test_rank_job_with_encoder_equals_the_per_batch_loop():
     assert rank_users(RankJob(**base, exclude=exclude), table, "cpu")[0]["ranks"].tolist() == direct("masked")
     assert rank_users(RankJob(**base, negatives=negatives), table, "cpu")[0]["ranks"].tolist() == direct("sampled")
     # three threads, each with its own copy of the encoder
-    assert run_shards(RankJob(**base, exclude=exclude), table, ["cpu"] * 3, via_ray=False)[0]["ranks"].tolist() == direct("masked")
+    sharded = run_shards(RankJob(**base, exclude=exclude), table, ["cpu"] * 3, via_ray=False)[0]
+    assert sharded["ranks"].tolist() == direct("masked")
 
 
 def test_eval_device_setting():
@@ -177,7 +178,8 @@ def test_scan_items_gives_both_rankings_and_top_lists_of_the_reference_functions
 
     states, table, targets = _tie_heavy(3, users=29)
     g = torch.Generator().manual_seed(1)
-    exclude = [torch.randint(0, table.shape[0], (int(n),), generator=g) for n in torch.randint(0, 9, (29,), generator=g)]
+    exclude = [torch.randint(0, table.shape[0], (int(n),), generator=g)
+               for n in torch.randint(0, 9, (29,), generator=g)]
     for chunk in (7, 50, 1000):
         out = scan_items(states, ExactItems(table, "cosine", "cpu", chunk, False), targets, exclude,
                          unfiltered=True, top_k=10)

@@ -353,7 +353,8 @@ def test_unisrec_sequences_items_and_both_splits(tmp_path):
                                  (3, "0", "B0D", 3, None), (4, "1", "B0C", 0, None), (5, "1", "B0A", 1, None),
                                  (6, "1", "B0B", 2, None), (7, "2", "B0D", 0, None), (8, "2", "B0D", 1, None),
                                  (9, "2", "B0B", 2, None), (10, "2", "B0A", 3, None)]
-    assert items(src)[0] == {"item_id": "B0A", "text": "Gorilla Glue, 8 ounce. Industrial & Scientific Adhesives. Gorilla."}
+    assert items(src)[0] == {"item_id": "B0A",
+                             "text": "Gorilla Glue, 8 ounce. Industrial & Scientific Adhesives. Gorilla."}
     assert set(source_inputs(DataConfig(source="unisrec", path=str(folder)))) == {"interactions", "item_index", "items"}
     prepare(DataConfig(source="unisrec", path=str(folder), text_template="{text}", dedupe="none"), tmp_path / "loo")
     test = pl.read_parquet(tmp_path / "loo" / "test.parquet")
@@ -370,7 +371,8 @@ def test_unisrec_sequences_items_and_both_splits(tmp_path):
 
 def test_unisrec_unknown_index_names_the_row(tmp_path):
     folder = write_unisrec(tmp_path / "Sci", test_rows="0\t0 1\t2\n1\t0 9\t1\n")
-    with pytest.raises(DataError, match=r"Sci\.test\.inter, column 'item_id_list:token_seq / item_id:token', row 1: item index '9' is not in Sci\.item2index$"):
+    with pytest.raises(DataError, match=r"Sci\.test\.inter, column 'item_id_list:token_seq / item_id:token', "
+                                        r"row 1: item index '9' is not in Sci\.item2index$"):
         load_source(DataConfig(source="unisrec", path=str(folder)))
 
 

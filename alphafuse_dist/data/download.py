@@ -257,7 +257,8 @@ class DataSet:
     files: tuple[DataFile, ...]
 
 
-_COWPIREC = "https://raw.githubusercontent.com/ysh-1998/CoWPiRec/db47560c2364650d22afc77080717287daec5079/dataset/Scientific"
+_COWPIREC = ("https://raw.githubusercontent.com/ysh-1998/CoWPiRec/"
+             "db47560c2364650d22afc77080717287daec5079/dataset/Scientific")
 _RECBOLE_SAE = ("https://media.githubusercontent.com/media/parepic/RecBole_SAE/"
                 "cebc1fa9eed33dcf9af27b7d3fe4b4a2121ad0e1/dataset/Amazon_Beauty")
 # Amazon review data (McAuley lab) may be used for research but not redistributed: these copies are
@@ -267,15 +268,20 @@ DATASETS: dict[str, DataSet] = {
         "Amazon 2018 'Industrial and Scientific' in UniSRec's layout (8,442 users, 4,385 items with "
         "title + categories + brand text, 59,384 interactions), from the CoWPiRec repository",
         "unisrec",
-        (DataFile(f"{_COWPIREC}/Scientific.test.inter", "546da7e5f44002b4518d7fd58066684bc09613f76c240914e16976d57cfe7083"),
-         DataFile(f"{_COWPIREC}/Scientific.item2index", "896ab1017508cf20834d3d0537da9f8f624324223a835af272a98ba16f8c087a"),
-         DataFile(f"{_COWPIREC}/Scientific.text", "95887e6bda76e54f59b71b566320520d5da74e21d3b6ff8f20bfb6e8e84aa831"))),
+        (DataFile(f"{_COWPIREC}/Scientific.test.inter",
+                  "546da7e5f44002b4518d7fd58066684bc09613f76c240914e16976d57cfe7083"),
+         DataFile(f"{_COWPIREC}/Scientific.item2index",
+                  "896ab1017508cf20834d3d0537da9f8f624324223a835af272a98ba16f8c087a"),
+         DataFile(f"{_COWPIREC}/Scientific.text",
+                  "95887e6bda76e54f59b71b566320520d5da74e21d3b6ff8f20bfb6e8e84aa831"))),
     "amazon-beauty": DataSet(
         "Amazon 2014 'Beauty' as RecBole atomic files (every rating of the release, with title, "
         "categories, brand; the presets keep the 5-core), Git LFS objects of the RecBole_SAE repository",
         "recbole",
-        (DataFile(f"{_RECBOLE_SAE}/Amazon_Beauty.inter", "2e24b454c4b17675b4bb697ba17d60c1de3de2fd6ec98fbae3e980cbb8e2aa9a"),
-         DataFile(f"{_RECBOLE_SAE}/Amazon_Beauty.item", "a8d3f2a09c8842e07f118c67817bb84df815329f5289f791888b2fa71b7d982c"))),
+        (DataFile(f"{_RECBOLE_SAE}/Amazon_Beauty.inter",
+                  "2e24b454c4b17675b4bb697ba17d60c1de3de2fd6ec98fbae3e980cbb8e2aa9a"),
+         DataFile(f"{_RECBOLE_SAE}/Amazon_Beauty.item",
+                  "a8d3f2a09c8842e07f118c67817bb84df815329f5289f791888b2fa71b7d982c"))),
 }
 
 

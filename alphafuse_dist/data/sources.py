@@ -724,7 +724,8 @@ def _unisrec(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     index = index.with_columns(pl.col("index").str.strip_chars())
     if index["index"].is_duplicated().any():
         row = index["index"].is_duplicated().arg_true()[0]
-        raise DataError(f"index {index['index'][row]!r} is given to two items", file=index_path, column="index", row=row)
+        raise DataError(f"index {index['index'][row]!r} is given to two items", file=index_path, column="index",
+                        row=row)
     long = (rows.select(pl.int_range(0, rows.height).alias("row"), pl.col(fields[0]).alias("user_id"),
                         pl.concat_list(pl.col(fields[1]).fill_null("").str.extract_all(r"\S+"),
                                        pl.col(fields[2]).str.strip_chars()).alias("index"))
@@ -741,7 +742,8 @@ def _unisrec(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     items = _items(raw, files["items"], "item_id:token")
     items = items.rename({c: c.split(":", 1)[0] for c in items.columns[1:]})
     named = {"user_id": fields[0], "item_id": fields[1], "timestamp": fields[1]}  # for error messages
-    return Source(interactions, items, files, named, f"UniSRec files {path} + {index_path.name} + {files['items'].name}")
+    return Source(interactions, items, files, named,
+                  f"UniSRec files {path} + {index_path.name} + {files['items'].name}")
 
 
 def _generic(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:

@@ -187,7 +187,8 @@ def _trial(params: dict, *, base: dict, inputs: dict, metric: str, threads: int)
 
 def tune_method(cfg: RunConfig, method: str, space: TuneSpace, out_dir: Path) -> dict:
     """Search ``space`` (checked by :func:`check_space`) for ``method`` on the finished shared
-    stages of ``cfg``'s run directory; returns ``{"method", "metric", "trials": [...], "best": {...}, "preset": path}``."""
+    stages of ``cfg``'s run directory. Trials train on a GPU when ``resources`` give them one,
+    else on the CPU. Returns ``{"method", "metric", "seconds", "trials", "best", "preset"}``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -199,13 +200,14 @@ def tune_method(cfg: RunConfig, method: str, space: TuneSpace, out_dir: Path) ->
     c.validate()
     inputs, _ = train_inputs(c)
     base = c.to_dict()
-    # trials train in one process each; no progress lines within an epoch
-    base["train"] |= {"backend": "torch", "num_workers": 1, "log_every": 0}
+    # trials train in one process each, on the device their resources hold; no progress lines within an epoch
+    base["train"] |= {"backend": "torch", "num_workers": 1, "log_every": 0,
+                      "device": "cuda" if space.resources.get("gpu", 0) > 0 else "cpu"}
     metric = metric_name(c)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, inputs=vars(inputs), metric=metric,
                              threads=max(1, int(space.resources.get("cpu", 1)))),
-        {k: v for k, v in space.resources.items()})
+        dict(space.resources))
     tuner = tune.Tuner(
         trainable, param_space=_param_space(space),
         tune_config=tune.TuneConfig(
