@@ -10,6 +10,9 @@
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
+    alphafuse download NAME --to DIR [--from DIR|URL]    fetch a named data set (alphafuse download --list)
+    alphafuse tune --config NAME|FILE --space FILE --methods a,b [key=value ...]
+                                                         Ray Tune search, ASHA on validation NDCG, best preset
 
 Progress goes to stderr (``-v`` / ``--verbose``: debug lines too, with the module that wrote
 them). Errors caused by input (config, data) print one line and exit with status 2.
@@ -101,10 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", parents=[verbose], help="list the shipped presets")
     d = sub.add_parser("download", parents=[verbose],
-                       help="download a data file, resuming a partial one, and verify its sha256")
-    d.add_argument("url")
-    d.add_argument("--sha256", required=True, help="the expected sha256 digest (64 hex digits)")
-    d.add_argument("--to", required=True, help="destination file (the download goes to <file>.partial first)")
+                       help="download a data file or a named data set, resuming a partial one, and verify sha256s")
+    d.add_argument("url", nargs="?", help="an https:// address (with --sha256) or a named data set")
+    d.add_argument("--sha256", help="the expected sha256 digest of URL (64 hex digits)")
+    d.add_argument("--to", help="destination file, or folder for a named data set (downloads go to *.partial first)")
+    d.add_argument("--from", dest="mirror", default=None, metavar="DIR|URL",
+                   help="named data set: take its files from this folder or https address instead")
+    d.add_argument("--list", action="store_true", help="list the named data sets")
     d.add_argument("--max-size", type=_byte_size, default=None, metavar="SIZE",
                    help="refuse a larger download, e.g. 500M or 2G (default 64G)")
     from .serve import add_export_arguments, add_recommend_arguments
@@ -114,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                                              "encoder, model card"))
     add_recommend_arguments(sub.add_parser("recommend", parents=[verbose],
                                            help="top-k items with titles for a history of item ids"))
+    from .tune import add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", parents=[verbose],
+                                      help="hyper-parameter search with Ray Tune (ASHA on validation NDCG), the "
+                                           "same budget per method; the best configuration as a preset file"))
     from .retrain.job import add_retrain_arguments
 
     add_retrain_arguments(sub.add_parser("retrain", parents=[verbose],
@@ -198,6 +209,25 @@ def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: 
     return folder
 
 
+def _download(args: argparse.Namespace) -> None:
+    from .data.download import DATASETS, download, download_dataset
+
+    if args.list:
+        for name, ds in DATASETS.items():
+            print(f"{name} (data.source={ds.source}): {ds.about}")
+        return
+    if not args.url or not args.to:
+        raise AlphaFuseError("download: give a URL or data set name and --to (or --list)")
+    # the progress line redraws itself with '\r': only a terminal shows that as intended
+    progress = sys.stderr.isatty()
+    if args.sha256 is None:
+        for path in download_dataset(args.url, Path(args.to), mirror=args.mirror, progress=progress):
+            print(path)
+        return
+    limit = {} if args.max_size is None else {"max_bytes": args.max_size}
+    print(download(args.url, Path(args.to), args.sha256, progress=progress, **limit))
+
+
 def exit_code(run: Callable[[], object], prefix: str = "alphafuse: error: ") -> int:
     """Call ``run``; 0, or 2 with the error in one line on stderr when input (config, data) is at
     fault, also when a Ray task or Ray Train worker raised it (:func:`errors.user_error`). Other
@@ -253,11 +283,11 @@ def _command(args: argparse.Namespace) -> None:
     if args.command == "presets":
         print("\n".join(preset_names()))
     elif args.command == "download":
-        from .data.download import download
+        _download(args)
+    elif args.command == "tune":
+        from .tune import tune_command
 
-        # the progress line redraws itself with '\r': only a terminal shows that as intended
-        limit = {} if args.max_size is None else {"max_bytes": args.max_size}
-        print(download(args.url, Path(args.to), args.sha256, progress=sys.stderr.isatty(), **limit))
+        tune_command(args)
     elif args.command == "quickstart":
         _compare("quickstart", args.overrides, "alphafuse,sasrec_id", None, None,
                  title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")

@@ -37,10 +37,10 @@ class DataConfig:
     """Where interactions and item text come from and how they become sequences."""
 
     # where interactions and item text come from (ml-latest-small is shipped in the package)
-    source: Literal["ml-latest-small", "movielens", "recbole", "interactions",
+    source: Literal["ml-latest-small", "movielens", "recbole", "unisrec", "interactions",
                     "amazon2014", "amazon2018", "amazon2023"] = "ml-latest-small"
     # folder (movielens: ratings.csv/movies.csv, ratings.dat/movies.dat or u.data/u.item; recbole:
-    # <name>.inter/.item; amazon: the reviews file or a folder holding reviews + meta files) or,
+    # <name>.inter/.item; unisrec: <name>.test.inter/.item2index/.text; amazon: the reviews file or a folder holding reviews + meta files) or,
     # for source=interactions, the interactions file; ignored for the embedded set. .gz/.zst read
     # transparently.
     path: str | None = None
@@ -229,7 +229,9 @@ class EvalConfig:
     # has GPUs. cuda splits the users over every GPU (one Ray task each); the ranks equal the CPU's
     # for the same user states (exact float64 scores, see evaluate/metrics.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    exclude_history: bool = False  # off, as in the paper: the history is not masked
+    # the lead ranking of protocol=full (both are reported): true = filtered (each user's seen items
+    # removed, also in validation), false = unfiltered as in the paper
+    exclude_history: bool = False
     # "full": rank the target among all N items (the paper's cold-start table, public baselines);
     # "sampled": among the target + eval.sampled_negatives items the user never interacted with
     # (the LLM-ESR long-tail protocol of the paper's Table 3)

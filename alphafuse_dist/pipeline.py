@@ -121,9 +121,11 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
 
 
 def train_config_hash(cfg: RunConfig) -> str:
-    """The train stage's config hash: the sections that change the trained model."""
+    """The train stage's config hash: the sections that change the trained model (the validation
+    protocol picks the kept epoch; named only when filtered, so unfiltered stages keep their hash)."""
+    filtered = ("validation filtered",) if cfg.eval.exclude_history else ()
     return section_hash(cfg.method, cfg.seed, cfg.model, cfg.train, cfg.eval.ks,
-                        cfg.decompose if METHOD_INPUTS[cfg.method] & {"semantic", "basis"} else None)
+                        cfg.decompose if METHOD_INPUTS[cfg.method] & {"semantic", "basis"} else None, *filtered)
 
 
 def train_identity(cfg: RunConfig, inputs: dict[str, str]) -> str:
@@ -132,15 +134,16 @@ def train_identity(cfg: RunConfig, inputs: dict[str, str]) -> str:
     return stage_identity("train", train_config_hash(cfg), inputs)
 
 
-def train_stage(cfg: RunConfig, force: bool = False) -> Path:
-    from .train.launch import train_local, train_with_ray
+def train_inputs(cfg: RunConfig) -> tuple["TrainInputs", dict[str, str]]:
+    """What the train stage of ``cfg`` reads (the finished upstream stage folders of its run
+    directory, checked against the config) and their digests."""
     from .train.inputs import TrainInputs
 
     run_dir = cfg.run_path
     prep = require_stage(run_dir, "prepare")
     inputs = {"prepare": stage_digest(run_dir, "prepare")}
     needs = METHOD_INPUTS[cfg.method]
-    semantic = language = basis = None
+    semantic = language = basis = decomposed = None
     if needs & {"semantic", "basis"}:
         decomposed = require_stage(run_dir, "decompose").resolve()
         inputs["decompose"] = stage_digest(run_dir, "decompose")
@@ -151,16 +154,23 @@ def train_stage(cfg: RunConfig, force: bool = False) -> Path:
         inputs["embed"] = stage_digest(run_dir, "embed")
     if cfg.train.warm_start:  # a retrained previous model reruns this stage
         inputs["warm_start"] = _previous_digest(cfg.train.warm_start, "train.warm_start")
-    num_items = _check_data(cfg, run_dir, decomposed if needs & {"semantic", "basis"} else None)
-    train_inputs = TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items,
-                               language_path=language, basis_path=basis)
+    num_items = _check_data(cfg, run_dir, decomposed)
+    return TrainInputs(prepare_dir=str(prep.resolve()), semantic_path=semantic, num_items=num_items,
+                       language_path=language, basis_path=basis), inputs
+
+
+def train_stage(cfg: RunConfig, force: bool = False) -> Path:
+    from .train.launch import train_local, train_with_ray
+
+    run_dir = cfg.run_path
+    train_in, inputs = train_inputs(cfg)
 
     def build(tmp: Path) -> dict:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         if cfg.train.backend == "torch" and cfg.train.num_workers == 1:
-            return train_local(cfg, train_inputs, tmp, _log.info)
+            return train_local(cfg, train_in, tmp, _log.info)
         ensure_ray(cfg)
-        return train_with_ray(cfg, train_inputs, tmp, identity=train_identity(cfg, inputs))
+        return train_with_ray(cfg, train_in, tmp, identity=train_identity(cfg, inputs))
 
     return run_stage(run_dir, train_stage_name(cfg), config_hash=train_config_hash(cfg), inputs=inputs, build=build,
                      force=force)

@@ -72,20 +72,21 @@ def test_rank_users_on_cpu_equals_target_ranks_and_shards_keep_user_order():
     job, table = _job()
     expected = target_ranks(torch.from_numpy(job.states), table, torch.from_numpy(job.targets), similarity="cosine")
     ranks, info = rank_users(job, table, "cpu")
+    ranks = ranks["ranks"]
     assert ranks.dtype == np.int64 and ranks.tolist() == expected.tolist()
     assert info["device"] == "cpu" and info["gpus"] == 0 and info["shards"][0]["users"] == 53
     # the users split over "devices" (threads here; one GPU each on a CUDA machine), in user order
     for shards in (2, 3, 7):
         sharded, infos = run_shards(job, table, ["cpu"] * shards, via_ray=False)
-        assert sharded.tolist() == expected.tolist()
+        assert sharded["ranks"].tolist() == expected.tolist()
         assert sum(i["users"] for i in infos) == 53
 
 
 def test_shards_as_ray_tasks_keep_user_order(ray_session):
     job, table = _job(users=41)
-    expected = rank_job(job, table, "cpu")[0]
+    expected = rank_job(job, table, "cpu")[0]["ranks"]
     ranks, infos = run_shards(job, table, ["cpu", "cpu"], via_ray=True)  # num_gpus=0 tasks
-    assert ranks.tolist() == expected.tolist() and [i["users"] for i in infos] == [20, 21]
+    assert ranks["ranks"].tolist() == expected.tolist() and [i["users"] for i in infos] == [20, 21]
 
 
 def test_rank_job_with_encoder_equals_the_per_batch_loop():
@@ -123,11 +124,12 @@ def test_rank_job_with_encoder_equals_the_per_batch_loop():
                 out.append(target_ranks(states, table, t, similarity="cosine", item_chunk=32, exclude=ex))
         return torch.cat(out).tolist()
 
-    assert rank_users(RankJob(**base), table, "cpu")[0].tolist() == direct("full")
-    assert rank_users(RankJob(**base, exclude=exclude), table, "cpu")[0].tolist() == direct("masked")
-    assert rank_users(RankJob(**base, negatives=negatives), table, "cpu")[0].tolist() == direct("sampled")
+    assert rank_users(RankJob(**base), table, "cpu")[0]["ranks"].tolist() == direct("full")
+    assert rank_users(RankJob(**base, exclude=exclude), table, "cpu")[0]["ranks"].tolist() == direct("masked")
+    assert rank_users(RankJob(**base, negatives=negatives), table, "cpu")[0]["ranks"].tolist() == direct("sampled")
     # three threads, each with its own copy of the encoder
-    assert run_shards(RankJob(**base, exclude=exclude), table, ["cpu"] * 3, via_ray=False)[0].tolist() == direct("masked")
+    sharded = run_shards(RankJob(**base, exclude=exclude), table, ["cpu"] * 3, via_ray=False)[0]
+    assert sharded["ranks"].tolist() == direct("masked")
 
 
 def test_eval_device_setting():
@@ -166,5 +168,26 @@ def test_cuda_ranks_equal_cpu_ranks_exactly(similarity):
     job = RankJob(targets=targets.numpy(), similarity=similarity, user_batch=512, item_chunk=8192,
                   states=states.numpy())
     ranks, info = rank_users(job, table, "cuda")
-    assert info["device"] == "cuda" and ranks.tolist() == cpu.tolist()
-    assert ranks.tolist() == rank_users(job, table, "cpu")[0].tolist()
+    assert info["device"] == "cuda" and ranks["ranks"].tolist() == cpu.tolist()
+    assert ranks["ranks"].tolist() == rank_users(job, table, "cpu")[0]["ranks"].tolist()
+
+
+def test_scan_items_gives_both_rankings_and_top_lists_of_the_reference_functions():
+    from alphafuse_dist.evaluate.device import scan_items
+    from alphafuse_dist.evaluate.metrics import full_ranking_topk
+
+    states, table, targets = _tie_heavy(3, users=29)
+    g = torch.Generator().manual_seed(1)
+    exclude = [torch.randint(0, table.shape[0], (int(n),), generator=g)
+               for n in torch.randint(0, 9, (29,), generator=g)]
+    for chunk in (7, 50, 1000):
+        out = scan_items(states, ExactItems(table, "cosine", "cpu", chunk, False), targets, exclude,
+                         unfiltered=True, top_k=10)
+        assert torch.equal(out["ranks"], target_ranks(states, table, targets, similarity="cosine", exclude=exclude))
+        assert torch.equal(out["ranks_unfiltered"], target_ranks(states, table, targets, similarity="cosine"))
+        assert torch.equal(out["top"], full_ranking_topk(states, table, 10, similarity="cosine", exclude=exclude)[1])
+        assert torch.equal(out["top_unfiltered"], full_ranking_topk(states, table, 10, similarity="cosine")[1])
+    job, table = _job(users=23, exclude=[e.numpy() for e in exclude[:23]], unfiltered=True, top_k=5)
+    out, _ = run_shards(job, table, ["cpu"] * 3, via_ray=False)
+    assert {k: v.shape for k, v in out.items()} == {"ranks": (23,), "ranks_unfiltered": (23,), "top": (23, 5),
+                                                    "top_unfiltered": (23, 5)}

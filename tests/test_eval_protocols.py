@@ -101,14 +101,19 @@ def _tiny_model():
     return net, hist, targets
 
 
+def _tiny_exclude(hist):
+    """The filtered protocol's exclusions: each user's window items (not the padding id 23)."""
+    return [h[h < 23] for h in hist]
+
+
 def _validate_worker(rank, world, store_path, out):
     from alphafuse_dist.evaluate.sharded import sharded_metrics
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         net, hist, targets = _tiny_model()
-        torch.save(sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3),
-                   f"{out}.{rank}")
+        torch.save([sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3,
+                                    exclude=exclude) for exclude in (None, _tiny_exclude(hist))], f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -116,7 +121,8 @@ def _validate_worker(rank, world, store_path, out):
 @pytest.mark.parametrize("world", [2, 3])
 def test_validation_over_row_shards_equals_one_process(tmp_path, world):
     """The training recipe's validation: each worker holds a row range of the table and a share of
-    the users (10 users, 23 items: uneven on 3 workers); the metrics equal one process's."""
+    the users (10 users, 23 items: uneven on 3 workers); the metrics equal one process's, with and
+    without the histories excluded (the filtered protocol's model selection)."""
     from alphafuse_dist.evaluate.metrics import metrics_from_ranks
     from alphafuse_dist.evaluate.sharded import sharded_metrics
 
@@ -127,11 +133,17 @@ def test_validation_over_row_shards_equals_one_process(tmp_path, world):
         table = net.normalize(net.items.full_table())
         states = net.normalize(net.user_states(torch.as_tensor(hist), table))
         direct = metrics_from_ranks(target_ranks(states, table, torch.as_tensor(targets)), (1, 5, 10))
+        exclude = [torch.as_tensor(e) for e in _tiny_exclude(hist)]
+        direct_filtered = metrics_from_ranks(target_ranks(states, table, torch.as_tensor(targets), exclude=exclude),
+                                             (1, 5, 10))
     assert single == direct and single["users"] == 10
+    filtered = sharded_metrics(net, hist, targets, (1, 5, 10), torch.device("cpu"), item_chunk=4, user_batch=3,
+                               exclude=_tiny_exclude(hist))
+    assert filtered == direct_filtered and filtered["MRR@10"] > single["MRR@10"]
     mp.start_processes(_validate_worker, args=(world, str(tmp_path / "store"), str(tmp_path / "out")),
                        nprocs=world, start_method="spawn")
     for rank in range(world):
-        assert torch.load(f"{tmp_path / 'out'}.{rank}") == single
+        assert torch.load(f"{tmp_path / 'out'}.{rank}") == [single, filtered]
 
 
 def test_sampled_negatives_avoid_history_and_target_and_are_reproducible():
@@ -260,3 +272,49 @@ def test_evaluate_split_full_and_sampled_protocols_with_groups(tmp_path):
     cfg.eval.sampled_negatives = 55
     with pytest.raises(ConfigError, match=r"eval\.sampled_negatives=55: user \d+: only \d+ items never"):
         evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+
+
+def test_evaluate_split_reports_filtered_and_unfiltered_with_list_metrics(tmp_path):
+    """Both rankings from one pass, the lead one by eval.exclude_history, each equal to
+    target_ranks with / without the history excluded; PopShare and Coverage of the top-10 lists
+    as computed by hand from full_ranking_topk."""
+    from alphafuse_dist.data.sequences import eval_inputs
+    from alphafuse_dist.evaluate.metrics import full_ranking_topk, metrics_from_ranks
+    from alphafuse_dist.evaluate.stage import evaluate_split, format_table, load_model
+    from alphafuse_dist.model.sasrec import user_states_from_table
+
+    cfg, prep, hists, targets = _prepared(tmp_path)
+    cfg.eval.ks = [10]
+    table, encoder = load_model(tmp_path / "model.safetensors", cfg)
+    _, hist, _ = eval_inputs(prep / "test.parquet", cfg.model.max_len, 60)
+    with torch.no_grad():
+        states = user_states_from_table(encoder, table, torch.as_tensor(hist))
+    exclude = [torch.as_tensor(h, dtype=torch.long) for h in hists]
+    y = torch.as_tensor(targets, dtype=torch.long)
+    expected = {"unfiltered": (target_ranks(states, table, y, similarity=cfg.model.similarity), None),
+                "filtered": (target_ranks(states, table, y, similarity=cfg.model.similarity, exclude=exclude), exclude)}
+    head = _popularity(60) >= 5
+
+    unfiltered_first = evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+    cfg.eval.exclude_history = True
+    filtered_first = evaluate_split(cfg, tmp_path / "model.safetensors", prep)
+    assert list(unfiltered_first["by_protocol"]) == ["unfiltered", "filtered"]
+    assert list(filtered_first["by_protocol"]) == ["filtered", "unfiltered"]
+    assert filtered_first["ranking"] == "filtered" and filtered_first["history_masked"] is True
+    assert filtered_first["protocol_name"] == "full ranking, filtered (the user's seen items removed)"
+    assert filtered_first["metrics"] == filtered_first["by_protocol"]["filtered"]
+    assert unfiltered_first["metrics"] == unfiltered_first["by_protocol"]["unfiltered"]
+    for name, (ranks, excluded) in expected.items():
+        got = filtered_first["by_protocol"][name]
+        assert got == unfiltered_first["by_protocol"][name]  # the same scores whichever leads
+        assert got["overall"]["NDCG@10"] == pytest.approx(metrics_from_ranks(ranks, (10,))["NDCG@10"])
+        _, top = full_ranking_topk(states, table, 10, similarity=cfg.model.similarity, exclude=excluded)
+        top = top.numpy()
+        assert got["overall"]["PopShare@10"] == pytest.approx(head[top].sum() / (40 * 10))
+        assert got["overall"]["Coverage@10"] == pytest.approx(len(np.unique(top)) / 60)
+        tail = ~head[targets]
+        assert got["tail"]["Coverage@10"] == pytest.approx(len(np.unique(top[tail])) / 60)
+    assert expected["filtered"][0].le(expected["unfiltered"][0]).all()  # removing items only lifts targets
+    text = format_table([("alphafuse", filtered_first)], ks=(10,))
+    assert text.index("protocol: full ranking, filtered") < text.index("protocol: full ranking, unfiltered")
+    assert "PopShare@10" in text and "Coverage@10" in text

@@ -29,8 +29,9 @@ ALLOWED: dict[str, set[str]] = {
                  "evaluate", "train", "serve"},
     "retrain": {"__init__", "errors", "config", "runtime", "data", "embed", "decompose", "model",
                 "evaluate", "train", "serve", "pipeline"},
+    "tune": {"errors", "config", "runtime", "train", "pipeline"},
     "cli": {"__init__", "errors", "config", "configref", "runtime", "data", "embed", "decompose",
-            "model", "evaluate", "train", "serve", "pipeline", "retrain"},
+            "model", "evaluate", "train", "serve", "pipeline", "retrain", "tune"},
 }
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from alphafuse_dist.evaluate.metrics import full_ranking_topk, metrics_from_ranks, target_ranks
+from alphafuse_dist.evaluate.metrics import full_ranking_topk, metrics_by_group, metrics_from_ranks, target_ranks
 
 # Scores of user [1, 0] by dot product: [3, 1, 2, 2, 0]; items 2 and 3 tie.
 TABLE = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.0, 0.0], [2.0, 5.0], [0.0, 0.0]])
@@ -204,3 +204,17 @@ def test_topk_rejects_bad_k():
     for k in (0, 6):
         with pytest.raises(ValueError, match=f"k={k}: must lie in 1..5"):
             full_ranking_topk(USER, TABLE, k)
+
+
+def test_list_metrics_hand_computed():
+    from alphafuse_dist.evaluate.metrics import list_metrics
+
+    head = torch.tensor([True, True, False, False, False, False, False, False, False, False])  # items 0, 1 of 10
+    top = torch.tensor([[0, 1, 2], [0, 3, 4], [5, 0, 1]])
+    # head slots: 2 + 1 + 2 = 5 of 9; distinct items {0, 1, 2, 3, 4, 5}: 6 of 10
+    assert list_metrics(top, head) == {"PopShare@3": pytest.approx(5 / 9), "Coverage@3": pytest.approx(0.6)}
+    assert list_metrics(top[:0], head) == {"PopShare@3": 0.0, "Coverage@3": 0.0}
+    groups = {"first": torch.tensor([True, False, False])}
+    out = metrics_by_group(torch.tensor([0, 5, 20]), groups, (10,), top=top, head_items=head)
+    assert out["first"]["PopShare@3"] == pytest.approx(2 / 3) and out["first"]["Coverage@3"] == pytest.approx(0.3)
+    assert out["overall"]["HR@10"] == pytest.approx(2 / 3) and out["overall"]["Coverage@3"] == pytest.approx(0.6)

@@ -51,7 +51,7 @@ def test_markdown_json_and_plots_are_written(runs, tmp_path):
     assert "| alphafuse | 0.2100 ± 0.0141 | **0.1100 ± 0.0141** |" in md
     assert "| sasrec_id | **0.2200 ± 0.0141** | 0.0900 ± 0.0141 |" in md
     assert "| improv. of alphafuse over the best baseline | -4.5% (vs sasrec_id) | +22.2% (vs sasrec_id) |" in md
-    assert "## tail (20 test cases)" in md and "history masked: False" in md
+    assert "## tail (20 test cases), full ranking, unfiltered (seen items ranked too)" in md
     paths = write_report(r, tmp_path / "report", title="ML test")
     assert sorted(p.name for p in paths) == ["metrics_by_group.png", "report.json", "report.md",
                                              "training_curves.png"]
@@ -76,7 +76,33 @@ def test_an_empty_group_is_named_not_tabulated(runs, tmp_path):
     for metrics, _ in runs:  # no target was never seen in training: the group has 0 test cases
         metrics["metrics"]["never_seen"] = {"NDCG@10": 0.0, "HR@10": 0.0, "users": 0}
     md = to_markdown(build_report(runs), "ML test")
-    section = md.split("## never_seen (0 test cases)")[1]
+    section = md.split("## never_seen (0 test cases), full ranking, unfiltered (seen items ranked too)")[1]
     assert section.strip() == "No test case falls in this group."
     assert "## tail (20 test cases)" in md and "| alphafuse |" in md.split("## never_seen")[0]
     write_report(build_report(runs), tmp_path / "r")  # the plot leaves the empty group out without error
+
+
+def _two_protocols(method, seed, filtered_ndcg, unfiltered_ndcg, share):
+    def table(ndcg):
+        return {"overall": {"NDCG@10": ndcg, "PopShare@10": share, "Coverage@10": 0.5, "users": 50}}
+
+    by_protocol = {"filtered": table(filtered_ndcg), "unfiltered": table(unfiltered_ndcg)}
+    return {"method": method, "seed": seed, "split": "test", "protocol": "full", "history_masked": True,
+            "ranking": "filtered", "items": 100, "metrics": by_protocol["filtered"], "by_protocol": by_protocol}
+
+
+def test_both_protocols_tabulated_lead_first_and_list_metrics_never_improvements():
+    runs = [(_two_protocols("alphafuse", 1, 0.20, 0.10, 0.9), None),
+            (_two_protocols("sasrec_id", 1, 0.18, 0.12, 0.3), None)]
+    r = build_report(runs)
+    assert r["protocols"] == ["filtered", "unfiltered"]
+    assert r["by_protocol"]["unfiltered"]["groups"]["overall"]["sasrec_id"]["NDCG@10"] == [0.12, 0.0]
+    assert set(r["improvement"]["overall"]) == {"NDCG@10"}  # a head share is no gain or loss
+    md = to_markdown(r, "two")
+    filtered = md.index("## overall (50 test cases), full ranking, filtered (the user's seen items removed)")
+    unfiltered = md.index("## overall (50 test cases), full ranking, unfiltered (seen items ranked too)")
+    assert filtered < unfiltered
+    assert "| method | NDCG@10 | PopShare@10 | Coverage@10 |" in md
+    assert "| alphafuse | **0.2000** | 0.9000 | 0.5000 |" in md  # the larger head share is not bold
+    assert "| improv. of alphafuse over the best baseline | +11.1% (vs sasrec_id) |  |  |" in md
+    assert "| improv. of alphafuse over the best baseline | -16.7% (vs sasrec_id) |  |  |" in md

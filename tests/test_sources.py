@@ -326,3 +326,79 @@ def test_bad_amazon_folder(tmp_path):
                                                   "optionally .gz / .zst) and at most one meta_* file; found: "
                                                   "reviews_A.json.gz, reviews_B.json")):
         load_source(DataConfig(source="amazon2014", path=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- UniSRec layout
+
+def write_unisrec(folder: Path, test_rows: str | None = None) -> Path:
+    """<name>.test.inter (user, history as item indices, last item), <name>.item2index (no header)
+    and <name>.text, as UniSRec's downstream data sets ship them."""
+    write(folder / "Sci.test.inter", "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+          + (test_rows or "0\t0 1 2\t3\n1\t2 0\t1\n2\t3 3 1\t0\n"))
+    write(folder / "Sci.item2index", "B0A\t0\nB0B\t1\nB0C\t2\nB0D\t3\nB0E\t4\n")
+    write(folder / "Sci.text", "item_id:token\ttext:token_seq\n"
+          "B0A\tGorilla Glue, 8 ounce. Industrial & Scientific Adhesives. Gorilla.\n"
+          "B0B\tNitrile Gloves, Large. Industrial & Scientific Safety. Ammex.\n"
+          "B0C\tDigital Caliper. Industrial & Scientific Measuring. Neiko.\n"
+          "B0D\tLab Timer. Industrial & Scientific Lab. Traceable.\n"
+          "B0E\tUnused Item. Industrial & Scientific. Nobody.\n")
+    return folder
+
+
+def test_unisrec_sequences_items_and_both_splits(tmp_path):
+    folder = write_unisrec(tmp_path / "Sci")
+    src = load_source(DataConfig(source="unisrec", path=str(folder)))
+    # each user's history then its last item, positions as timestamps
+    assert interactions(src) == [(0, "0", "B0A", 0, None), (1, "0", "B0B", 1, None), (2, "0", "B0C", 2, None),
+                                 (3, "0", "B0D", 3, None), (4, "1", "B0C", 0, None), (5, "1", "B0A", 1, None),
+                                 (6, "1", "B0B", 2, None), (7, "2", "B0D", 0, None), (8, "2", "B0D", 1, None),
+                                 (9, "2", "B0B", 2, None), (10, "2", "B0A", 3, None)]
+    assert items(src)[0] == {"item_id": "B0A",
+                             "text": "Gorilla Glue, 8 ounce. Industrial & Scientific Adhesives. Gorilla."}
+    assert set(source_inputs(DataConfig(source="unisrec", path=str(folder)))) == {"interactions", "item_index", "items"}
+    prepare(DataConfig(source="unisrec", path=str(folder), text_template="{text}", dedupe="none"), tmp_path / "loo")
+    test = pl.read_parquet(tmp_path / "loo" / "test.parquet")
+    ids = pl.read_parquet(tmp_path / "loo" / "items.parquet")["item_id"].to_list()
+    last = [ids[t] for t in test["target"].to_list()]
+    assert last == ["B0D", "B0B", "B0A"]  # leave-one-out keeps the files' own test targets
+    prepare(DataConfig(source="unisrec", path=str(folder), text_template="{text}", dedupe="none",
+                       split="cold_start_users", split_fractions=[0.34, 0.33, 0.33], split_seed=4,
+                       min_user_interactions=2),
+            tmp_path / "cold")
+    users = sum(pl.read_parquet(tmp_path / "cold" / f"{s}.parquet").height for s in ("train", "valid", "test"))
+    assert users == 3  # split_seed 4 puts one user in each part
+
+
+def test_unisrec_unknown_index_names_the_row(tmp_path):
+    folder = write_unisrec(tmp_path / "Sci", test_rows="0\t0 1\t2\n1\t0 9\t1\n")
+    with pytest.raises(DataError, match=r"Sci\.test\.inter, column 'item_id_list:token_seq / item_id:token', "
+                                        r"row 1: item index '9' is not in Sci\.item2index$"):
+        load_source(DataConfig(source="unisrec", path=str(folder)))
+
+
+def test_named_data_sets_download_from_a_mirror_verified(tmp_path, capsys):
+    import hashlib
+
+    from alphafuse_dist.cli import main
+    from alphafuse_dist.data.download import DATASETS, DataFile, DataSet, download_dataset
+
+    mirror = write_unisrec(tmp_path / "mirror")
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mirror.iterdir()}
+    files = tuple(DataFile(f"https://example.org/x/{n}", d) for n, d in sorted(digest.items()))
+    catalogue = {"sci": DataSet("a fixture", "unisrec", files)}
+    got = download_dataset("sci", tmp_path / "data", mirror=str(mirror), progress=False, catalogue=catalogue)
+    assert sorted(p.name for p in got) == sorted(digest)
+    assert load_source(DataConfig(source="unisrec", path=str(tmp_path / "data"))).interactions.height == 11
+    # the pinned digests of the real sets: the fixture is not the real file, so nothing is kept
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for p in mirror.iterdir():
+        (renamed / p.name.replace("Sci.", "Scientific.")).write_bytes(p.read_bytes())
+    assert main(["download", "amazon-scientific", "--to", str(tmp_path / "real"), "--from", str(renamed)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err and not any((tmp_path / "real").iterdir())
+    with pytest.raises(DataError, match="no data set named 'beauty': known ones are amazon-beauty, amazon-scientific"):
+        download_dataset("beauty", tmp_path / "x")
+    assert main(["download", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"{name} (data.source={ds.source})" in listed for name, ds in DATASETS.items())
+    assert all(f.url.startswith("https://") and len(f.sha256) == 64 for ds in DATASETS.values() for f in ds.files)

@@ -9,6 +9,9 @@ Only ``https://`` addresses are fetched (plain ``http://`` only from a loopback 
 mirror or a test server), redirects may not leave https, and a download stops at ``max_bytes``.
 A local file is given as a plain path: it is copied the same way, checksum first.
 
+Named data sets (:data:`DATASETS`, ``alphafuse download NAME --to DIR``) pin every file's address
+and sha256; ``--from`` takes the same files from a local folder or another https address.
+
 Example::
 
     download("https://example.org/reviews_Beauty_5.json.gz", Path("data/reviews_Beauty_5.json.gz"),
@@ -27,6 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
@@ -222,3 +226,86 @@ def _size(n: float) -> str:
     while n >= 1024 and power < len(units) - 1:
         n, power = n / 1024, power + 1
     return f"{n:.1f} {units[power]}" if power else f"{n:.0f} B"
+
+
+# ----------------------------------------------------------------------------- named data sets
+
+@dataclass(frozen=True)
+class DataFile:
+    """One file of a named data set: where it is published and its sha256."""
+
+    url: str
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A public data set that ``alphafuse download NAME`` fetches into one folder.
+
+    Attributes:
+        about: what it is, where the copy comes from, and its licence terms.
+        source: the ``data.source`` that reads the folder.
+        files: every file, pinned by sha256 (a Git LFS object's id is the sha256 of its content).
+    """
+
+    about: str
+    source: str
+    files: tuple[DataFile, ...]
+
+
+_COWPIREC = ("https://raw.githubusercontent.com/ysh-1998/CoWPiRec/"
+             "db47560c2364650d22afc77080717287daec5079/dataset/Scientific")
+_RECBOLE_SAE = ("https://media.githubusercontent.com/media/parepic/RecBole_SAE/"
+                "cebc1fa9eed33dcf9af27b7d3fe4b4a2121ad0e1/dataset/Amazon_Beauty")
+# Amazon review data (McAuley lab) may be used for research but not redistributed: these copies are
+# downloaded by each user, never shipped or committed.
+DATASETS: dict[str, DataSet] = {
+    "amazon-scientific": DataSet(
+        "Amazon 2018 'Industrial and Scientific' in UniSRec's layout (8,442 users, 4,385 items with "
+        "title + categories + brand text, 59,384 interactions), from the CoWPiRec repository",
+        "unisrec",
+        (DataFile(f"{_COWPIREC}/Scientific.test.inter",
+                  "546da7e5f44002b4518d7fd58066684bc09613f76c240914e16976d57cfe7083"),
+         DataFile(f"{_COWPIREC}/Scientific.item2index",
+                  "896ab1017508cf20834d3d0537da9f8f624324223a835af272a98ba16f8c087a"),
+         DataFile(f"{_COWPIREC}/Scientific.text",
+                  "95887e6bda76e54f59b71b566320520d5da74e21d3b6ff8f20bfb6e8e84aa831"))),
+    "amazon-beauty": DataSet(
+        "Amazon 2014 'Beauty' as RecBole atomic files (every rating of the release, with title, "
+        "categories, brand; the presets keep the 5-core), Git LFS objects of the RecBole_SAE repository",
+        "recbole",
+        (DataFile(f"{_RECBOLE_SAE}/Amazon_Beauty.inter",
+                  "2e24b454c4b17675b4bb697ba17d60c1de3de2fd6ec98fbae3e980cbb8e2aa9a"),
+         DataFile(f"{_RECBOLE_SAE}/Amazon_Beauty.item",
+                  "a8d3f2a09c8842e07f118c67817bb84df815329f5289f791888b2fa71b7d982c"))),
+}
+
+
+def download_dataset(name: str, folder: Path, *, mirror: str | None = None, progress: bool = True,
+                     catalogue: dict[str, DataSet] | None = None) -> list[Path]:
+    """Every file of the named data set into ``folder`` (each verified by its pinned sha256, see
+    :func:`download`); returns their paths.
+
+    Args:
+        name: a key of ``catalogue`` (default :data:`DATASETS`).
+        folder: destination; the files keep their published names.
+        mirror: a local folder or an https address holding the same file names, used instead of
+            the published addresses (a machine without internet access: copy the files there first).
+
+    Raises:
+        DataError: an unknown name (the known ones listed), or any error of :func:`download`.
+    """
+    catalogue = DATASETS if catalogue is None else catalogue
+    if name not in catalogue:
+        raise DataError(f"no data set named {name!r}: known ones are {', '.join(sorted(catalogue))} "
+                        "(or give an https:// address with --sha256)")
+    out = []
+    for f in catalogue[name].files:
+        url = f.url if mirror is None else (str(Path(mirror) / f.name) if "://" not in mirror
+                                             else f"{mirror.rstrip('/')}/{f.name}")
+        out.append(download(url, Path(folder) / f.name, f.sha256, progress=progress))
+    return out

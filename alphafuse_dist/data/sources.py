@@ -9,6 +9,9 @@
   latin-1 in ml-1m); or ``u.data`` + ``u.item`` (+ optional ``u.genre``) as in ml-100k.
 - ``recbole``: RecBole atomic files ``<name>.inter`` (+ optional ``<name>.item``) in a folder: TSV
   with typed headers such as ``user_id:token  item_id:token  rating:float  timestamp:float``.
+- ``unisrec``: UniSRec's downstream layout in a folder: ``<name>.test.inter`` (per user the
+  history as item indices and the last item), ``<name>.item2index`` (raw item id, index) and
+  ``<name>.text`` (raw item id, item text); see :func:`_unisrec`.
 - ``interactions``: one Parquet / CSV / TSV file of interactions (``data.path``) and optionally one
   of items (``data.items_path``), with the column names ``data.user_col``, ``data.item_col``,
   ``data.time_col``; a column named ``rating``, when present, is the rating.
@@ -154,6 +157,14 @@ def _locate(cfg: DataConfig) -> tuple[str, dict[str, Path]]:
         if (item := _find(folder, _plain_name(inter)[:-len(".inter")] + ".item")) is not None:
             files["items"] = item
         return "recbole", files
+    if cfg.source == "unisrec":
+        folder = _folder(cfg, "a folder of UniSRec files (<name>.test.inter, <name>.item2index, <name>.text)")
+        found = [p for p in _visible_files(folder) if _plain_name(p).endswith(".test.inter")]
+        if len(found) != 1:
+            raise DataError(f"expected one <name>.test.inter file; found: {_listing(folder)}", file=folder)
+        stem = _plain_name(found[0])[:-len(".test.inter")]
+        return "unisrec", {"interactions": found[0], "item_index": _required(folder, f"{stem}.item2index"),
+                           "items": _required(folder, f"{stem}.text")}
     if cfg.source == "interactions":
         if cfg.path is None:
             raise ConfigError("data.path: required for data.source=interactions (a Parquet or CSV file)")
@@ -657,9 +668,10 @@ def _tag_lists(tags: pl.DataFrame, path: Path, id_col: str, tag_col: str) -> pl.
 def _recbole(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     """RecBole ``.inter`` (+ ``.item``); ``data.user_col`` etc. name the fields (RecBole's defaults).
 
-    Item fields become text: ``*_seq`` fields and ``genre`` (a space-separated list in the ML-1M
-    copy even where typed ``token``) are ', '-joined; ``movie_title`` + ``release_year`` become
-    ``title`` = "Title (Year)" as in MovieLens, plus ``year``.
+    Item fields become text: list fields (``genre``, ``genres``, ``categories``, ``tags``: space-
+    separated, in the ML-1M copy even where typed ``token``) are ', '-joined; other ``*_seq`` fields
+    (e.g. a title typed ``token_seq``) keep their words, single-spaced; ``movie_title`` +
+    ``release_year`` become ``title`` = "Title (Year)" as in MovieLens, plus ``year``.
     """
     inter = _read_recbole(files["interactions"])
     typed = {c.split(":", 1)[0]: c for c in inter.columns}
@@ -675,9 +687,10 @@ def _recbole(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     typed_items = {c.split(":", 1)[0]: c for c in raw.columns}
     items = _items(raw, files["items"], typed_items.get(cfg.item_col, cfg.item_col))
     bare = {c: c.split(":", 1)[0] for c in items.columns[1:]}
+    lists = ("genre", "genres", "categories", "tags")
     items = items.rename(bare).with_columns(
-        pl.col(name).str.extract_all(r"\S+").list.join(", ")
-        for header, name in bare.items() if header.endswith("_seq") or name in ("genre", "genres"))
+        pl.col(name).str.extract_all(r"\S+").list.join(", " if name in lists else " ")
+        for header, name in bare.items() if header.endswith("_seq") or name in lists)
     if "movie_title" in items.columns and "release_year" in items.columns:
         year = pl.col("release_year").str.strip_chars().str.replace(r"\.0+$", "")
         items = items.with_columns(
@@ -688,6 +701,49 @@ def _recbole(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     items = items.rename({k: v for k, v in names.items() if k in items.columns and v not in items.columns})
     return Source(interactions, items, files, cols,
                   f"RecBole atomic files {files['interactions']} + {files['items'].name}")
+
+
+def _unisrec(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
+    """UniSRec's downstream files (Amazon 2018 categories such as Scientific, Office, Pantry).
+
+    ``<name>.test.inter`` has one row per user: ``user_id:token``, ``item_id_list:token_seq`` (the
+    history, space-separated item indices, at most its last 50 items in UniSRec's preprocessing)
+    and ``item_id:token`` (the last item). ``<name>.item2index`` maps raw item ids to those indices
+    (``<id><TAB><index>``, no header); ``<name>.text`` holds ``item_id:token`` (raw id) and
+    ``text:token_seq`` (title, categories and brand in one string), which becomes the ``text``
+    column. A user's sequence is its history then its last item; there are no times, so the
+    timestamps are the positions 0, 1, ... (they keep the order, which is all a split needs).
+    """
+    path, index_path = files["interactions"], files["item_index"]
+    fields = ["user_id:token", "item_id_list:token_seq", "item_id:token"]
+    rows = _read_recbole(path)
+    _require_columns(rows.columns, fields, path)
+    if rows.height == 0:
+        raise DataError("has no data rows: expected one user per row", file=path)
+    index = _read_headerless(index_path, "\t", ["item_id", "index"], "a UniSRec item2index file (item id, index)")
+    index = index.with_columns(pl.col("index").str.strip_chars())
+    if index["index"].is_duplicated().any():
+        row = index["index"].is_duplicated().arg_true()[0]
+        raise DataError(f"index {index['index'][row]!r} is given to two items", file=index_path, column="index",
+                        row=row)
+    long = (rows.select(pl.int_range(0, rows.height).alias("row"), pl.col(fields[0]).alias("user_id"),
+                        pl.concat_list(pl.col(fields[1]).fill_null("").str.extract_all(r"\S+"),
+                                       pl.col(fields[2]).str.strip_chars()).alias("index"))
+            .with_columns(pl.col("index").list.eval(pl.int_range(pl.len())).alias("timestamp"))
+            .explode(["index", "timestamp"])
+            .join(index, on="index", how="left", maintain_order="left"))
+    unknown = long.filter(pl.col("item_id").is_null())
+    if unknown.height:
+        raise DataError(f"item index {unknown['index'][0]!r} is not in {index_path.name}", file=path,
+                        column=f"{fields[1]} / {fields[2]}", row=int(unknown["row"][0]))
+    cols = {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp"}
+    interactions = _interactions(long.select("user_id", "item_id", "timestamp"), path, cols)
+    raw = _read_recbole(files["items"])
+    items = _items(raw, files["items"], "item_id:token")
+    items = items.rename({c: c.split(":", 1)[0] for c in items.columns[1:]})
+    named = {"user_id": fields[0], "item_id": fields[1], "timestamp": fields[1]}  # for error messages
+    return Source(interactions, items, files, named,
+                  f"UniSRec files {path} + {index_path.name} + {files['items'].name}")
 
 
 def _generic(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
@@ -813,5 +869,5 @@ def _amazon_text(values: pl.Series, separator: str | None, path: Path) -> pl.Ser
 
 
 _READERS = {"embedded": _movielens, "movielens-csv": _movielens, "movielens-dat": _movielens,
-            "movielens-100k": _movielens_100k, "recbole": _recbole, "interactions": _generic,
+            "movielens-100k": _movielens_100k, "recbole": _recbole, "unisrec": _unisrec, "interactions": _generic,
             **{name: _amazon for name in _AMAZON}}

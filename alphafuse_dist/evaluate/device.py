@@ -33,13 +33,14 @@ user states.
 Example::
 
     job = RankJob(targets=targets, similarity="dot", user_batch=1024, item_chunk=65_536, states=states)
-    ranks, info = rank_users(job, item_table, "auto")   # int64 [U], {"device": "cuda", "gpus": 1, ...}
+    out, info = rank_users(job, item_table, "auto")   # out["ranks"]: int64 [U]; info: {"device": "cuda", ...}
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +51,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .metrics import Similarity, _pairs_by_item, _pairs_in, _row_scores, exact_rows, exact_scores, sampled_ranks
+from .metrics import (Similarity, _pairs_by_item, _pairs_in, _row_scores, _topk_in_id_order, exact_rows, exact_scores,
+                      sampled_ranks)
 
 _log = logging.getLogger(__name__)
 
@@ -124,6 +126,25 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
     Returns:
         ``[B]`` long ranks on the items' device.
     """
+    return scan_items(user_states, items, targets, exclude)["ranks"]
+
+
+def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude: Sequence[Tensor] | None = None,
+               *, unfiltered: bool = False, top_k: int = 0) -> dict[str, Tensor]:
+    """One pass over the item chunks: each user's target rank and, on request, the rank without
+    ``exclude`` and the ``top_k`` best items, all from the same exact scores.
+
+    Args:
+        user_states, items, targets, exclude: as :func:`exact_target_ranks`.
+        unfiltered: with ``exclude``, also the ranks among all items (``ranks_unfiltered``).
+        top_k: also each user's ``top_k`` best items, best first, in the order
+            :func:`.metrics.full_ranking_topk` gives (``top``: without the excluded items;
+            ``top_unfiltered`` too when ``unfiltered``).
+
+    Returns:
+        ``{"ranks": [B], "ranks_unfiltered": [B], "top": [B, top_k], "top_unfiltered": [B, top_k]}``
+        (the keys asked for), long tensors on the items' device.
+    """
     num_users, device = user_states.shape[0], items.device
     if user_states.dim() != 2 or not user_states.is_floating_point() or user_states.shape[1] != items.dim:
         raise ValueError(f"user_states: expected a float tensor of shape [B, {items.dim}], got "
@@ -131,8 +152,13 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
     if targets.shape != (num_users,) or targets.dtype != torch.long:
         raise ValueError(f"targets: expected a long tensor of shape [{num_users}], "
                          f"got {targets.dtype} of shape {list(targets.shape)}")
+    if not 0 <= top_k <= items.num_items:
+        raise ValueError(f"top_k={top_k}: must lie in 0..{items.num_items} (the number of items)")
+    unfiltered = unfiltered and exclude is not None
+    keys = ["ranks"] + ["ranks_unfiltered"] * unfiltered + (["top"] + ["top_unfiltered"] * unfiltered) * bool(top_k)
     if not num_users:
-        return torch.zeros(0, dtype=torch.long, device=device)
+        return {k: torch.zeros((0, top_k) if k.startswith("top") else 0, dtype=torch.long, device=device)
+                for k in keys}
     if not (0 <= int(targets.min()) and int(targets.max()) < items.num_items):
         raise ValueError(f"targets: item ids must lie in 0..{items.num_items - 1}")
     states = user_states.to(device)
@@ -145,7 +171,8 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
     # The target never counts itself (equal score, equal id), so only listed items are blocked.
     blocked = _pairs_by_item(exclude, num_users, items.num_items, device) if exclude is not None else None
 
-    ranks = torch.zeros(num_users, dtype=torch.long, device=device)
+    ranks = {k: torch.zeros(num_users, dtype=torch.long, device=device) for k in keys if k.startswith("ranks")}
+    tops = {k: _TopK(num_users, top_k, device) for k in keys if k.startswith("top")}
     for start, end, folded, q, scale in items.chunks():
         if users_folded is not None and folded is not None:
             scores = (users_folded @ folded.T).float()
@@ -154,11 +181,40 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
         # ties go to smaller ids: columns left of the target's own column
         left = torch.arange(end - start, device=device) < (targets - start).unsqueeze(1)
         ahead = (scores > target_scores) | ((scores == target_scores) & left)
+        if "ranks_unfiltered" in ranks:
+            ranks["ranks_unfiltered"] += ahead.sum(dim=1)
+        if "top_unfiltered" in tops:
+            tops["top_unfiltered"].add(scores, start)
         if blocked is not None:
             rows, cols = _pairs_in(blocked, start, end)
             ahead[rows, cols] = False
-        ranks += ahead.sum(dim=1)
-    return ranks
+            if "top" in tops:
+                scores = scores.clone() if "top_unfiltered" in tops else scores
+                scores[rows, cols] = -math.inf
+        ranks["ranks"] += ahead.sum(dim=1)
+        if "top" in tops:
+            tops["top"].add(scores, start)
+    return ranks | {k: t.ids for k, t in tops.items()}
+
+
+class _TopK:
+    """The running ``k`` best items of each user over item chunks: higher score first, then the
+    smaller id (the tie rule of :func:`.metrics.full_ranking_topk`)."""
+
+    def __init__(self, num_users: int, k: int, device: torch.device):
+        self.k = k
+        self.scores = torch.empty(num_users, 0, device=device)
+        self.ids = torch.empty(num_users, 0, dtype=torch.long, device=device)
+
+    def add(self, scores: Tensor, start: int) -> None:
+        """Merge the ``[B, C]`` scores of items ``start .. start + C - 1``."""
+        chunk_scores, chunk_cols = _topk_in_id_order(scores, min(self.k, scores.shape[1]))
+        # equal scores sit in id order (the running best, all of smaller ids, then this chunk's),
+        # so a stable sort keeps the tie rule
+        candidates = torch.cat([self.scores, chunk_scores], dim=1)
+        candidate_ids = torch.cat([self.ids, chunk_cols + start], dim=1)
+        order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :self.k]
+        self.scores, self.ids = candidates.gather(1, order), candidate_ids.gather(1, order)
 
 
 @dataclasses.dataclass
@@ -179,6 +235,8 @@ class RankJob:
     encoder: torch.nn.Module | None = None  # the sequence encoder (model.backbones), eval mode
     exclude: list[np.ndarray] | None = None  # per user, items that do not compete (full protocol)
     negatives: np.ndarray | None = None  # [U, S] int64: the sampled protocol's candidates
+    unfiltered: bool = False  # with exclude: also the ranks among all items ("ranks_unfiltered")
+    top_k: int = 0  # full protocol: also each user's top_k items ("top", "top_unfiltered")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -191,11 +249,13 @@ class RankJob:
 
 
 def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: str = "",
-             log: Callable[[str], None] = _log.info) -> tuple[np.ndarray, dict]:
+             log: Callable[[str], None] = _log.info) -> tuple[dict[str, np.ndarray], dict]:
     """Ranks of ``job``'s users on one device, ``job.user_batch`` users at a time.
 
     Returns:
-        ``(ranks, info)``: int64 ``[U]`` and ``{"device", "users", "seconds", "peak_gpu_bytes"}``.
+        ``(out, info)``: ``out["ranks"]`` int64 ``[U]`` (with ``job.unfiltered`` also
+        ``ranks_unfiltered``, with ``job.top_k`` also ``top`` / ``top_unfiltered`` int64
+        ``[U, top_k]``, see :func:`scan_items`), and ``{"device", "users", "seconds", "peak_gpu_bytes"}``.
     """
     t0 = time.time()
     dev = torch.device(device)
@@ -225,19 +285,23 @@ def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: 
             else:
                 states = torch.as_tensor(job.states[s:e]).to(dev)
             if job.negatives is not None:
-                ranks = sampled_ranks(states, table, targets, torch.as_tensor(job.negatives[s:e]),
-                                      similarity=job.similarity)
+                batch = {"ranks": sampled_ranks(states, table, targets, torch.as_tensor(job.negatives[s:e]),
+                                                similarity=job.similarity)}
             else:
                 exclude = [torch.as_tensor(x) for x in job.exclude[s:e]] if job.exclude is not None else None
-                ranks = exact_target_ranks(states, items, targets, exclude)
-        out.append(ranks)
+                batch = scan_items(states, items, targets, exclude, unfiltered=job.unfiltered, top_k=job.top_k)
+        out.append(batch)
         if time.time() - last > PROGRESS_S:
             last = time.time()
             log(f"[eval]{label} {device}: {e:,} / {len(job):,} users, {e / (last - t0):,.0f} users/s")
-    ranks = torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)
+    if not out:  # no users: the arrays of an empty batch
+        out = [{"ranks": torch.zeros(0, dtype=torch.long)}] if job.negatives is not None else \
+            [scan_items(torch.zeros(0, table.shape[1]), items, torch.zeros(0, dtype=torch.long),
+                        [] if job.exclude is not None else None, unfiltered=job.unfiltered, top_k=job.top_k)]
+    arrays = {k: torch.cat([b[k] for b in out]).cpu().numpy().astype(np.int64) for k in out[0]}
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return ranks.astype(np.int64), {"device": device, "users": len(job), "seconds": round(time.time() - t0, 3),
-                                    "peak_gpu_bytes": peak}
+    return arrays, {"device": device, "users": len(job), "seconds": round(time.time() - t0, 3),
+                    "peak_gpu_bytes": peak}
 
 
 def eval_device(setting: str) -> tuple[str, int, bool]:
@@ -264,17 +328,17 @@ def eval_device(setting: str) -> tuple[str, int, bool]:
     return "cpu", 0, False
 
 
-def _shard_task(job: RankJob, item_table: np.ndarray, device: str, label: str) -> tuple[np.ndarray, dict]:
+def _shard_task(job: RankJob, item_table: np.ndarray, device: str, label: str) -> tuple[dict[str, np.ndarray], dict]:
     """One Ray task's shard (Ray makes its GPU ``cuda:0``); its progress is printed: a Ray
     worker's output reaches the driver's terminal, its loggers are not configured."""
     return rank_job(job, item_table, device, label, print)
 
 
 def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bool,
-               log: Callable[[str], None] = _log.info) -> tuple[np.ndarray, list[dict]]:
+               log: Callable[[str], None] = _log.info) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Users split into ``len(devices)`` contiguous shards, shard ``i`` ranked on ``devices[i]``
     (a Ray task holding one GPU per ``cuda`` entry when ``via_ray``, else a thread of this
-    process); ranks concatenated in user order."""
+    process); every array of :func:`rank_job` concatenated in user order."""
     bounds = np.linspace(0, len(job), len(devices) + 1).round().astype(int)
     shards = [(job.shard(lo, hi), dev, f" shard {i + 1}/{len(devices)}")
               for i, (lo, hi, dev) in enumerate(zip(bounds[:-1], bounds[1:], devices))]
@@ -292,28 +356,29 @@ def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bo
         with ThreadPoolExecutor(len(shards)) as pool:
             futures = [pool.submit(rank_job, shard, item_table, dev, label, log) for shard, dev, label in shards]
             results = [f.result() for f in futures]
-    ranks = np.concatenate([r for r, _ in results]) if results else np.zeros(0, dtype=np.int64)
-    return ranks, [info for _, info in results]
+    arrays = {k: np.concatenate([r[k] for r, _ in results]) for k in results[0][0]}
+    return arrays, [info for _, info in results]
 
 
 def rank_users(job: RankJob, item_table: Tensor, setting: str = "auto",
-               log: Callable[[str], None] = _log.info) -> tuple[np.ndarray, dict]:
+               log: Callable[[str], None] = _log.info) -> tuple[dict[str, np.ndarray], dict]:
     """Ranks of every user of ``job`` under ``eval.device`` = ``setting`` (see the module notes).
 
     Returns:
-        ``(ranks, info)``: int64 ``[U]`` in user order, and ``{"device", "gpus", "shards": [per
-        shard: device, users, seconds, peak_gpu_bytes], "seconds"}``.
+        ``(out, info)``: the arrays of :func:`rank_job` in user order (``out["ranks"]``: int64
+        ``[U]``), and ``{"device", "gpus", "shards": [per shard: device, users, seconds,
+        peak_gpu_bytes], "seconds"}``.
     """
     t0 = time.time()
     device, gpus, via_ray = eval_device(setting)
     if device == "cpu":
-        ranks, info = rank_job(job, item_table, "cpu", log=log)
+        arrays, info = rank_job(job, item_table, "cpu", log=log)
         shards = [info]
     else:
         # at most one shard per user batch: a GPU without users would only load the table
         used = max(1, min(gpus, -(-len(job) // job.user_batch)))
         devices = ["cuda"] * used if via_ray else [f"cuda:{i}" for i in range(used)]
         log(f"[eval] {len(job):,} users on {used} GPU(s){' (Ray tasks)' if via_ray else ''}")
-        ranks, shards = run_shards(job, item_table, devices, via_ray, log)
-    return ranks, {"device": device, "gpus": gpus if device == "cuda" else 0, "shards": shards,
+        arrays, shards = run_shards(job, item_table, devices, via_ray, log)
+    return arrays, {"device": device, "gpus": gpus if device == "cuda" else 0, "shards": shards,
                    "seconds": round(time.time() - t0, 3)}

@@ -87,7 +87,7 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
 
 def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: int, targets: Tensor,
                          target_rows: Tensor, *, similarity: Similarity = "dot", item_chunk: int = 65_536,
-                         group=None) -> Tensor:
+                         group=None, exclude: Sequence[Tensor] | None = None) -> Tensor:
     """:func:`target_ranks` over an item table split by rows across the ranks of a process group:
     each rank counts the items of its own rows that rank ahead of each user's target, and the
     counts are summed (one ``all_reduce``).
@@ -104,6 +104,7 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
         target_rows: ``[U, d]`` the targets' rows of the whole table (``table[targets]``).
         group: the ``torch.distributed`` process group (None: the default group; without an
             initialised process group the local counts are returned, i.e. one shard).
+        exclude: per user, global item ids that do not compete (as in :func:`target_ranks`).
     """
     import torch.distributed as dist
 
@@ -120,7 +121,10 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
         _check_inputs(user_states, local_rows, item_chunk)
         target_scores = _row_scores(users, exact_rows(target_rows.to(device), similarity)).unsqueeze(1)
         local_targets = targets.to(device) - row_offset  # outside 0..n_r-1 when the target is another shard's
-        blocked = _pairs_by_item(None, num_users, local_rows.shape[0], device, targets=local_targets)
+        n_local = local_rows.shape[0]
+        local_exclude = None if exclude is None else [
+            e[(e >= row_offset) & (e < row_offset + n_local)].to(device, torch.long) - row_offset for e in exclude]
+        blocked = _pairs_by_item(local_exclude, num_users, n_local, device, targets=local_targets)
         for start, end, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
             ids = torch.arange(start, end, device=device)
             ahead = (scores > target_scores) | ((scores == target_scores) & (ids < local_targets.unsqueeze(1)))
@@ -254,14 +258,51 @@ def sampled_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, nega
     return ahead.sum(dim=1)
 
 
-def metrics_by_group(ranks: Tensor, groups: dict[str, Tensor], ks: Sequence[int] = (10, 20)) -> dict[str, dict[str, float]]:
-    """:func:`metrics_from_ranks` overall and for each named user mask ``[U]`` bool in ``groups``."""
-    out = {"overall": metrics_from_ranks(ranks, ks)}
+def metrics_by_group(ranks: Tensor, groups: dict[str, Tensor], ks: Sequence[int] = (10, 20), *,
+                     top: Tensor | None = None, head_items: Tensor | None = None) -> dict[str, dict[str, float]]:
+    """:func:`metrics_from_ranks` overall and for each named user mask ``[U]`` bool in ``groups``;
+    with ``top`` (``[U, k]`` each user's recommended items) and ``head_items`` (``[N]`` bool) also
+    :func:`list_metrics` of each group's lists."""
+    def of(mask: Tensor | None) -> dict[str, float]:
+        sel = ranks if mask is None else ranks[mask.to(ranks.device)]
+        out = metrics_from_ranks(sel, ks)
+        if top is not None:
+            out |= list_metrics(top if mask is None else top[mask.to(top.device)], head_items)
+        return out
+
+    out = {"overall": of(None)}
     for name, mask in groups.items():
         if mask.shape != ranks.shape or mask.dtype != torch.bool:
             raise ValueError(f"group {name!r}: expected a bool mask of shape {list(ranks.shape)}")
-        out[name] = metrics_from_ranks(ranks[mask.to(ranks.device)], ks)
+        out[name] = of(mask)
     return out
+
+
+def list_metrics(top: Tensor, head_items: Tensor) -> dict[str, float]:
+    """What the top-k lists hold, beside their accuracy (``k = top.shape[1]``):
+
+    - ``PopShare@k``: the share of all list slots that hold a head item;
+    - ``Coverage@k``: distinct items over all the lists / the ``N`` items of the catalogue.
+
+    Args:
+        top: ``[U, k]`` long, each user's recommended items.
+        head_items: ``[N]`` bool, which items are head items.
+
+    Returns:
+        ``{"PopShare@k": ..., "Coverage@k": ...}``; 0.0 for both when there are no users.
+
+    Example::
+
+        list_metrics(torch.tensor([[0, 1], [0, 2]]), torch.tensor([True, False, False, False]))
+        # {"PopShare@2": 0.5, "Coverage@2": 0.75}
+    """
+    if top.dim() != 2 or head_items.dim() != 1:
+        raise ValueError(f"top: expected [U, k] and head_items [N], got {list(top.shape)} and {list(head_items.shape)}")
+    k, slots = top.shape[1], top.numel()
+    top, head_items = top.cpu(), head_items.cpu().bool()
+    share = head_items[top].sum().item() / slots if slots else 0.0
+    coverage = torch.unique(top).numel() / head_items.numel() if slots else 0.0
+    return {f"PopShare@{k}": share, f"Coverage@{k}": coverage}
 
 
 def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 20)) -> dict[str, float]:

@@ -4,9 +4,11 @@ an improvement row of the proposed method over the best baseline, per-group metr
 Inputs are the evaluate stage's ``metrics.json`` contents (one per method and seed) and, for the
 training curves, the train stage's ``history.json``. Outputs (written atomically into one folder):
 
-- ``report.md``: one table per metric group (overall, then head/tail items, tail/head users,
-  never-seen targets, whichever the runs have), ``mean ± std`` over seeds, the best baseline and
-  the improvement row; the protocol (split, full ranking or sampled, history masked or not).
+- ``report.md``: per protocol (the lead one first: full ranking filtered or unfiltered, or
+  sampled), one table per metric group (overall, then head/tail items, tail/head users,
+  never-seen targets, whichever the runs have), each headed with its protocol, ``mean ± std``
+  over seeds, the best baseline and the improvement row (accuracy metrics only; the top-k lists'
+  ``PopShare`` and ``Coverage`` stand beside them).
 - ``report.json``: the same numbers for machines, plus every seed's raw metrics.
 - ``metrics_by_group.png``: NDCG@k per group and method, std as error bars.
 - ``training_curves.png``: training loss and validation NDCG@10 per epoch, one line per run.
@@ -29,6 +31,22 @@ from ..runtime.manifest import atomic_write_bytes, atomic_write_json
 _log = logging.getLogger(__name__)
 
 GROUP_ORDER = ("overall", "head", "tail", "head_users", "tail_users", "never_seen")
+ACCURACY = ("HR", "NDCG", "MRR")  # higher is better; the list metrics (PopShare, Coverage) describe
+
+
+def protocol_label(metrics: dict, ranking: str | None = None) -> str:
+    """The protocol of a metrics.json content in words; ``ranking``: ``filtered``, ``unfiltered``
+    or ``sampled`` (None: the file's lead one)."""
+    ranking = ranking or metrics.get("ranking") or ("filtered" if metrics.get("history_masked") else "unfiltered")
+    if ranking == "sampled" or metrics.get("protocol") == "sampled":
+        return f"sampled: the target against {metrics.get('sampled_negatives')} items the user never interacted with"
+    if ranking == "filtered":
+        return "full ranking, filtered (the user's seen items removed)"
+    return "full ranking, unfiltered (seen items ranked too)"
+
+
+def _is_accuracy(metric: str) -> bool:
+    return metric.split("@")[0] in ACCURACY
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -57,13 +75,32 @@ def build_report(runs: list[tuple[dict, dict | None]], proposed: str = "alphafus
     for metrics, _ in runs:
         by_method[metrics["method"]].append(metrics)
     methods = sorted(by_method, key=lambda m: (m == proposed, m))  # baselines first, proposed last
-    groups = [g for g in GROUP_ORDER if any(g in m["metrics"] for m, _ in runs)]
+    first = runs[0][0]
+    protocols = list(first.get("by_protocol") or {first.get("ranking"): None})
+    tables = {p: _protocol_tables(by_method, methods, proposed, p) for p in protocols}
+    protocol = {k: first.get(k) for k in ("data_split", "split", "protocol", "history_masked", "similarity", "items",
+                                          "sampled_negatives") if k in first}
+    return {"methods": methods, "proposed": proposed, "seeds": {m: sorted(r["seed"] for r in by_method[m])
+                                                                 for m in methods},
+            **tables[protocols[0]], "protocol": protocol, "protocols": protocols,
+            "protocol_names": {p: protocol_label(first, p) for p in protocols},
+            "by_protocol": tables, "runs": [{"metrics": m, "history": h} for m, h in runs]}
+
+
+def _protocol_tables(by_method: dict[str, list[dict]], methods: list[str], proposed: str, ranking: str | None) -> dict:
+    """``{"groups", "users", "improvement"}`` of one protocol (``ranking``: a key of the runs'
+    ``by_protocol``; None: their ``metrics``)."""
+    def metrics_of(run: dict) -> dict:
+        return run["by_protocol"][ranking] if ranking and "by_protocol" in run else run["metrics"]
+
+    all_runs = [r for m in methods for r in by_method[m]]
+    groups = [g for g in GROUP_ORDER if any(g in metrics_of(r) for r in all_runs)]
     stats: dict[str, dict[str, dict[str, list[float]]]] = {}
     users: dict[str, int] = {}
     for group in groups:
         stats[group] = {}
         for method in methods:
-            rows = [r["metrics"][group] for r in by_method[method] if group in r["metrics"]]
+            rows = [metrics_of(r)[group] for r in by_method[method] if group in metrics_of(r)]
             if not rows:
                 continue
             names = [k for k in rows[0] if k != "users"]
@@ -77,22 +114,16 @@ def build_report(runs: list[tuple[dict, dict | None]], proposed: str = "alphafus
             improvement[group] = {}
             for metric, (value, _) in per_method[proposed].items():
                 baselines = {m: s[metric][0] for m, s in per_method.items() if m != proposed and metric in s}
-                if not baselines:
+                if not baselines or not _is_accuracy(metric):
                     continue
                 best = max(baselines, key=baselines.get)
                 rel = (value - baselines[best]) / baselines[best] if baselines[best] > 0 else None
                 improvement[group][metric] = {"best_baseline": best, "best_value": baselines[best], "relative": rel}
-    first = runs[0][0]
-    protocol = {k: first.get(k) for k in ("data_split", "split", "protocol", "history_masked", "similarity", "items",
-                                          "sampled_negatives") if k in first}
-    return {"methods": methods, "proposed": proposed, "seeds": {m: sorted(r["seed"] for r in by_method[m])
-                                                                 for m in methods},
-            "groups": stats, "users": users, "improvement": improvement, "protocol": protocol,
-            "runs": [{"metrics": m, "history": h} for m, h in runs]}
+    return {"groups": stats, "users": users, "improvement": improvement}
 
 
-def _metric_columns(report: dict, group: str) -> list[str]:
-    any_method = next(iter(report["groups"][group].values()))
+def _metric_columns(tables: dict, group: str) -> list[str]:
+    any_method = next(iter(tables["groups"][group].values()))
     def key(name: str) -> tuple:
         kind, k = name.split("@")
         return int(k), ("HR", "NDCG", "MRR").index(kind) if kind in ("HR", "NDCG", "MRR") else 9
@@ -103,37 +134,51 @@ def to_markdown(report: dict, title: str = "Comparison") -> str:
     """The report as Markdown tables (see the module docstring)."""
     p = report["protocol"]
     lines = [f"# {title}", ""]
+    names = report.get("protocol_names", {})
     facts = [f"data split `{p.get('data_split', '?')}` (evaluated: {p.get('split', '?')})", f"protocol `{p.get('protocol', 'full')}`"
              + (f" ({p['sampled_negatives']} sampled negatives)" if p.get("sampled_negatives") else ""),
-             f"history masked: {p.get('history_masked', False)}", f"similarity `{p.get('similarity', '?')}`",
+             f"similarity `{p.get('similarity', '?')}`",
              f"{p.get('items', '?')} items"]
     lines += ["Protocol: " + ", ".join(facts) + ".",
               "Seeds: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in report["seeds"].items())
               + ". Cells: mean ± sample std over seeds (the mean alone for a single seed).", ""]
-    for group, per_method in report["groups"].items():
-        cols = _metric_columns(report, group)
-        if not report["users"].get(group, 0):  # metrics of an empty group are 0 by convention, not results
-            lines += [f"## {group} (0 test cases)", "", "No test case falls in this group.", ""]
+    if names:
+        lines += ["Rankings reported (the first leads): " + "; ".join(names.values()) + ".", ""]
+    for ranking, tables in (report.get("by_protocol") or {None: report}).items():
+        lines += _protocol_markdown(report, tables, names.get(ranking, "protocol as above"))
+    return "\n".join(lines)
+
+
+def _protocol_markdown(report: dict, tables: dict, name: str) -> list[str]:
+    """One protocol's tables, each headed with the protocol ``name``."""
+    lines = []
+    for group, per_method in tables["groups"].items():
+        cols = _metric_columns(tables, group)
+        users = tables["users"].get(group, 0)
+        if not users:  # metrics of an empty group are 0 by convention, not results
+            lines += [f"## {group} (0 test cases), {name}", "", "No test case falls in this group.", ""]
             continue
-        lines += [f"## {group} ({report['users'].get(group, 0)} test cases)", "",
+        lines += [f"## {group} ({users} test cases), {name}", "",
                   "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        best = {c: max(per_method[m][c][0] for m in per_method) for c in cols}
         for method, values in per_method.items():
-            best = {c: max(per_method[m][c][0] for m in per_method) for c in cols}
             cells = []
             seeds = len(report["seeds"].get(method, []))
             for c in cols:
                 mean, std = values[c]
                 cell = f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"  # one seed: no spread
-                cells.append(f"**{cell}**" if mean == best[c] and len(per_method) > 1 else cell)
+                bold = mean == best[c] and len(per_method) > 1 and _is_accuracy(c)
+                cells.append(f"**{cell}**" if bold else cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        imp = report["improvement"].get(group)
+        imp = tables["improvement"].get(group)
         if imp:
             lines.append(f"| improv. of {report['proposed']} over the best baseline | "
                          + " | ".join(f"{imp[c]['relative'] * 100:+.1f}% (vs {imp[c]['best_baseline']})"
-                                      if c in imp and imp[c]["relative"] is not None else "n/a" for c in cols)
+                                      if c in imp and imp[c]["relative"] is not None
+                                      else ("n/a" if _is_accuracy(c) else "") for c in cols)
                          + " |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _plots(report: dict, folder: Path, k: int) -> list[str]:
@@ -161,7 +206,8 @@ def _plots(report: dict, folder: Path, k: int) -> list[str]:
         ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2)
         ax.set_xticklabels([f"{g}\n({report['users'].get(g, 0)})" for g in groups])
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} by group (mean ± std over seeds; test cases in brackets)")
+        lead = report.get("protocol_names", {}).get((report.get("protocols") or [None])[0], "")
+        ax.set_title(f"{metric} by group (mean ± std over seeds; test cases in brackets)\n{lead}", fontsize="medium")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
         fig.tight_layout()
         written.append(_save(fig, folder / "metrics_by_group.png"))

@@ -2,7 +2,10 @@
 shards of the item table: every worker of a training run calls :func:`sharded_metrics`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -12,7 +15,7 @@ from .metrics import metrics_from_ranks, sharded_target_ranks
 
 @torch.no_grad()
 def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int,
-                    user_batch: int = 1024) -> dict:
+                    user_batch: int = 1024, exclude: list[np.ndarray] | None = None) -> dict:
     """Full-ranking metrics of all users ``hist`` [U, L] (left-padded) -> ``targets`` [U].
 
     Each worker builds the fused rows of its own item range only (``N / world`` rows, never the
@@ -27,6 +30,8 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
     Args:
         net: the unwrapped ``model.recommender.SequentialRecommender`` (its ``items``,
             ``normalize`` and ``user_states``); left in train mode afterwards.
+        exclude: per user, items removed from the ranking (the filtered protocol: the whole
+            history, see :func:`read_histories`); None ranks every item.
 
     Returns:
         ``metrics_from_ranks`` of the ranks, ``users`` as an int.
@@ -62,9 +67,17 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
     ranks = []
     for s in range(0, num_users, user_batch):
         t = y[s:s + user_batch]
+        ex = None if exclude is None else [torch.as_tensor(e) for e in exclude[s:s + user_batch]]
         ranks.append(sharded_target_ranks(states[s:s + user_batch], local_rows, lo, t,
-                                          net.normalize(items(t)).float(), item_chunk=item_chunk))
+                                          net.normalize(items(t)).float(), item_chunk=item_chunk, exclude=ex))
     ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
     net.train()
     out = metrics_from_ranks(ranks.cpu(), ks)
     return out | {"users": int(out.pop("users"))}
+
+
+def read_histories(split_file: Path) -> list[np.ndarray]:
+    """Each user's whole history (int64 item ids) from a prepare split file (``valid.parquet``,
+    ``test.parquet``), in row order."""
+    return [np.asarray(h, dtype=np.int64) for h in pq.read_table(split_file, columns=["history"]).column("history")
+            .to_pylist()]

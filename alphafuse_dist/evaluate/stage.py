@@ -2,14 +2,19 @@
 
 Reads a trained model (``model.safetensors``: the fused item table and the encoder) and prepare's
 ``test.parquet``; writes ``metrics.json`` with HR / NDCG / MRR at each k, overall and per group:
-head / tail target items, head / tail users (history length), never-seen target items.
+head / tail target items, head / tail users (history length), never-seen target items; beside
+them, what the top-k lists hold (k = the first of ``eval.ks``): the share of slots going to head
+items (``PopShare@k``) and the share of the catalogue the lists cover (``Coverage@k``).
 
 Protocols (docs/method.md section 4): ``full`` ranks the target among all N items (chunked, exact,
 deterministic ties; the paper's cold-start-user table and the public baselines' leave-one-out);
 ``sampled`` ranks it among ``eval.sampled_negatives`` items the user never interacted with
-(LLM-ESR's long-tail protocol). The history is not masked unless ``eval.exclude_history``.
-Ranks are computed on ``eval.device`` (device.py: the users split over every GPU, or this
-process on the CPU), equal on every device for the same user states.
+(LLM-ESR's long-tail protocol). ``full`` is reported both ways from the same scores, under
+``by_protocol``: ``filtered`` (the user's history removed from the ranking, as SASRec, HSTU and
+gSASRec report) and ``unfiltered`` (every item ranked, as the AlphaFuse paper); ``metrics`` holds the
+lead one, ``filtered`` when ``eval.exclude_history``. Ranks are computed on ``eval.device``
+(device.py: the users split over every GPU, or this process on the CPU), equal on every device for
+the same user states.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from ..model.backbones import build_encoder
 from ..data.sequences import eval_inputs
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives
+from .report import protocol_label
 
 
 def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -41,8 +47,10 @@ def load_model(model_path: Path, cfg: RunConfig) -> tuple[torch.Tensor, torch.nn
     return tensors["item_table"], encoder.eval()
 
 
-def _groups(cfg: RunConfig, items: "pa.Table", hist_lengths: np.ndarray, targets: np.ndarray) -> tuple[dict, dict]:
-    """Per-user boolean masks of the reported groups, and the rules that made them."""
+def _groups(cfg: RunConfig, items: "pa.Table", hist_lengths: np.ndarray, targets: np.ndarray
+            ) -> tuple[dict, dict, np.ndarray]:
+    """Per-user boolean masks of the reported groups, the rules that made them, and the ``[N]``
+    head-item mask."""
     e = cfg.eval
     popularity = items.column("popularity").to_numpy().astype(np.int64)
     if e.tail_item_threshold is not None:
@@ -61,7 +69,8 @@ def _groups(cfg: RunConfig, items: "pa.Table", hist_lengths: np.ndarray, targets
               "head_users": ~tail_users, "tail_users": tail_users, "never_seen": never_seen[targets]}
     rules = {"items": item_rule, "users": f"tail users: fewer than {user_threshold} history items",
              "never_seen": "targets with no training interaction"}
-    return {k: torch.as_tensor(np.asarray(v, dtype=bool)) for k, v in groups.items()}, rules
+    masks = {k: torch.as_tensor(np.asarray(v, dtype=bool)) for k, v in groups.items()}
+    return masks, rules, np.asarray(head_items, dtype=bool)
 
 
 def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: str = "test") -> dict:
@@ -74,9 +83,8 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
     items = pq.read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head"])
     full_hist = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
     hist_lengths = pc.list_value_length(full_hist).to_numpy(zero_copy_only=False).astype(np.int64)
-    histories = None
-    if e.exclude_history or e.protocol == "sampled":
-        histories = [np.asarray(h, dtype=np.int64) for h in full_hist.to_pylist()]
+    histories = [np.asarray(h, dtype=np.int64) for h in full_hist.to_pylist()]
+    full = e.protocol == "full"
     negatives = None
     if e.protocol == "sampled":
         # the user's whole history AND the target are never negatives
@@ -85,21 +93,36 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
             negatives = torch.as_tensor(sample_negatives(N, seen, users, e.sampled_negatives, e.negative_seed))
         except ValueError as err:
             raise ConfigError(f"eval.sampled_negatives={e.sampled_negatives}: {err}") from None
-    # user states per batch from the encoder, ranks by the exact scores; on eval.device (see
-    # device.py: one shard of users per GPU, the ranks of the CPU path)
+    # user states per batch from the encoder, ranks and top-k lists by the exact scores, both
+    # protocols in one pass; on eval.device (see device.py: one shard of users per GPU, the ranks
+    # of the CPU path)
+    k = min(e.ks[0], N)
     job = RankJob(targets=targets, similarity=cfg.model.similarity, user_batch=e.user_batch,
-                  item_chunk=e.item_chunk, hist=hist, encoder=encoder,
-                  exclude=histories if e.exclude_history and negatives is None else None,
-                  negatives=negatives.numpy() if negatives is not None else None)
-    ranks, placement = rank_users(job, table, e.device)
-    ranks = torch.as_tensor(ranks)
-    groups, rules = _groups(cfg, items, hist_lengths, targets)
-    metrics = metrics_by_group(ranks, groups, e.ks)
-    return {"split": split, "method": cfg.method, "seed": cfg.seed, "items": N, "protocol": e.protocol,
-            "sampled_negatives": e.sampled_negatives if e.protocol == "sampled" else None,
-            "history_masked": e.exclude_history, "similarity": cfg.model.similarity, "data_split": cfg.data.split,
-            "groups": rules, "device": placement["device"], "gpus": placement["gpus"],
-            "seconds": round(time.time() - t0, 2), "metrics": metrics}
+                  item_chunk=e.item_chunk, hist=hist, encoder=encoder, exclude=histories if full else None,
+                  negatives=negatives.numpy() if negatives is not None else None, unfiltered=full,
+                  top_k=k if full else 0)
+    out, placement = rank_users(job, table, e.device)
+    groups, rules, head_items = _groups(cfg, items, hist_lengths, targets)
+    if full:
+        by_protocol = {name: metrics_by_group(torch.as_tensor(out[f"ranks{suffix}"]), groups, e.ks,
+                                              top=torch.as_tensor(out[f"top{suffix}"]),
+                                              head_items=torch.as_tensor(head_items))
+                       for name, suffix in (("filtered", ""), ("unfiltered", "_unfiltered"))}
+        ranking = "filtered" if e.exclude_history else "unfiltered"
+        by_protocol = {ranking: by_protocol[ranking]} | by_protocol  # the lead one first
+    else:
+        ranking = "sampled"
+        by_protocol = {ranking: metrics_by_group(torch.as_tensor(out["ranks"]), groups, e.ks)}
+    result = {"split": split, "method": cfg.method, "seed": cfg.seed, "items": N, "protocol": e.protocol,
+              "sampled_negatives": e.sampled_negatives if e.protocol == "sampled" else None,
+              "history_masked": ranking != "unfiltered", "ranking": ranking,
+              "similarity": cfg.model.similarity, "data_split": cfg.data.split,
+              "groups": rules | {"lists": f"PopShare@{k}: share of top-{k} slots holding a head item; "
+                                          f"Coverage@{k}: distinct items in all top-{k} lists / {N} items"},
+              "device": placement["device"], "gpus": placement["gpus"],
+              "seconds": round(time.time() - t0, 2), "metrics": by_protocol[ranking], "by_protocol": by_protocol}
+    result["protocol_name"] = protocol_label(result, ranking)
+    return result
 
 
 def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path) -> dict:
@@ -110,21 +133,27 @@ def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path)
 
 
 def format_table(rows: list[tuple[str, dict]], ks=(10, 20)) -> str:
-    """A plain-text table, one row per (label, metrics.json content): every metric overall, then
-    HR and NDCG at the first k for tail and head target items (with their user counts)."""
+    """A plain-text table per protocol (the lead one first), one row per (label, metrics.json
+    content): every metric overall, HR and NDCG at the first k for tail and head target items
+    (with their user counts), and the top-k lists' head share and catalogue coverage."""
     overall = [(f"{m}@{k}", "overall", f"{m}@{k}") for k in ks for m in ("HR", "NDCG", "MRR")]
     k0 = ks[0]
     grouped = [(f"{g}:{m}@{k0}", g, f"{m}@{k0}") for g in ("tail", "head") for m in ("HR", "NDCG")]
-    cols = overall + grouped
+    lists = [(f"{m}@{k0}", "overall", f"{m}@{k0}") for m in ("PopShare", "Coverage")]
+    cols = overall + grouped + lists
     width = max(len(c[0]) for c in cols) + 2
     head = f"{'run':<22}" + "".join(f"{c[0]:>{width}}" for c in cols) + f"{'users':>8}"
-    lines = [head, "-" * len(head)]
-    for label, res in rows:
-        mets = res["metrics"]
-        cells = "".join(f"{mets.get(g, {}).get(key, float('nan')):>{width}.4f}" for _, g, key in cols)
-        lines.append(f"{label:<22}{cells}{mets['overall'].get('users', 0):>8}")
+    protocols = list(rows[0][1].get("by_protocol", {None: None})) if rows else []
+    lines = []
+    for protocol in protocols:
+        lines += ["", f"protocol: {protocol_label(rows[0][1], protocol)}", head, "-" * len(head)]
+        for label, res in rows:
+            mets = res["by_protocol"][protocol] if protocol else res["metrics"]
+            cells = "".join(f"{mets.get(g, {}).get(key, float('nan')):>{width}.4f}" for _, g, key in cols)
+            lines.append(f"{label:<22}{cells}{mets['overall'].get('users', 0):>8}")
     groups = rows[0][1]["metrics"] if rows else {}
     lines.append(f"(tail/head: target items outside/inside the top share of items by training "
                  f"popularity; users: tail {groups.get('tail', {}).get('users', 0)}, "
-                 f"head {groups.get('head', {}).get('users', 0)})")
-    return "\n".join(lines)
+                 f"head {groups.get('head', {}).get('users', 0)}; PopShare: share of top-{k0} slots holding "
+                 f"a head item; Coverage: distinct items in all top-{k0} lists / catalogue)")
+    return "\n".join(lines[1:])

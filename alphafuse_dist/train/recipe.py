@@ -25,7 +25,7 @@ import torch
 from ..config import RunConfig
 from ..data.sequences import eval_inputs, item_counts, training_windows
 from ..errors import ConfigError
-from ..evaluate.sharded import sharded_metrics
+from ..evaluate.sharded import read_histories, sharded_metrics
 from ..model.backbones import draw_cloze_mask
 from ..model.losses import expected_count_log_q
 from ..model.recommender import build_model
@@ -96,6 +96,8 @@ class TrainRecipe:
         prep = Path(self.inputs.prepare_dir)
         self.win_in, self.win_tgt = training_windows(prep / "train.parquet", cfg.model.max_len, self.pad)
         _, self.val_hist, self.val_tgt = eval_inputs(prep / "valid.parquet", cfg.model.max_len, self.pad)
+        # model selection ranks as the evaluation's lead protocol does: filtered with eval.exclude_history
+        self.val_exclude = read_histories(prep / "valid.parquet") if cfg.eval.exclude_history else None
         self.probs = sampling_probs(cfg, prep / "train.parquet", self.num_items)
         self.log_q = None
         if t.logq:
@@ -221,9 +223,11 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------ validation, checkpoints
     def validate(self) -> dict:
-        """Full-ranking metrics of the validation users (``evaluate.sharded.sharded_metrics``)."""
+        """Full-ranking metrics of the validation users (``evaluate.sharded.sharded_metrics``),
+        their histories removed from the ranking with ``eval.exclude_history``."""
         e = self.cfg.eval
-        return sharded_metrics(self.net, self.val_hist, self.val_tgt, e.ks, self.device, e.item_chunk, e.user_batch)
+        return sharded_metrics(self.net, self.val_hist, self.val_tgt, e.ks, self.device, e.item_chunk, e.user_batch,
+                               exclude=self.val_exclude)
 
     def _track_best(self, epoch: int, val: dict) -> bool:
         """Keep the model of the best validation NDCG@10 (NDCG at the first k without 10); count

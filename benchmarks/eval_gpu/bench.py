@@ -64,7 +64,8 @@ def timed_ranking(job, table, device: str, ks=(10, 20)) -> tuple[np.ndarray, dic
     from alphafuse_dist.evaluate.metrics import metrics_from_ranks
 
     t0 = time.time()
-    ranks, info = rank_users(job, table, device, log=log)
+    out, info = rank_users(job, table, device, log=log)
+    ranks = out["ranks"]
     metrics = metrics_from_ranks(torch.as_tensor(ranks), ks)
     return ranks, info, metrics, time.time() - t0
 
