@@ -29,7 +29,6 @@ from safetensors.numpy import load_file
 from ..config import RunConfig
 from ..data.sequences import item_counts
 from ..decompose.basis import TENSORS_FILE, NullSpaceBasis
-from ..decompose.stage import SEMANTIC_FILE, SEMANTIC_TENSOR
 from ..errors import AlphaFuseError, DataError
 from ..runtime.manifest import read_manifest
 from ..train.cold_items import neighbour_id_parts
@@ -68,6 +67,8 @@ def export_text_items(run_dir: Path, prep: Path, cfg: RunConfig, method: str,
         DataError when the decompose stage does not hold the train stage's frozen coordinates;
         AlphaFuseError when the shipped text recipe does not reproduce them (another encoder).
     """
+    from ..decompose.stage import SEMANTIC_FILE, SEMANTIC_TENSOR  # imports ray: the export side only
+
     if method != "alphafuse":
         return _unsupported(f"method {method}: only alphafuse places items by their text through a frozen basis")
     folder = Path(run_dir) / "decompose"
