@@ -360,6 +360,11 @@ def test_cli_serves_a_registry_latest_run(run, tmp_path, capsys):
     assert cli.main(["recommend", "--run", str(registry.root), "--seed", "1", "--item", "m3", "--k", "2"]) == 2
     assert capsys.readouterr().err == (f"alphafuse: error: --run {registry.root}: a registry with no promoted run yet "
                                        "(no LATEST); run alphafuse retrain first or pass a run directory\n")
+    assert cli.main(["serve", "--export", str(registry.root)]) == 2  # resolved before any server starts
+    assert capsys.readouterr().err.startswith(f"alphafuse: error: --export {registry.root}: a registry with no "
+                                              "promoted run yet")
+    assert cli.main(["serve", "--export", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
     registry.promote("p1", "test")
     assert cli.main(["recommend", "--run", str(registry.root), "--seed", "1", "--item", "m3", "--k", "2",
                      "--json"]) == 0
@@ -399,3 +404,11 @@ def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):
             Recommender(folder)
     card_path.write_text(json.dumps(card))
     assert Recommender(folder).num_candidates > 0
+
+
+def test_an_export_that_does_not_score_like_the_library_is_refused(run, monkeypatch, tmp_path):
+    run_dir, _, _ = run
+    monkeypatch.setattr(export_mod, "SELF_CHECK_TOLERANCE", -1.0)  # any error is now too large
+    with pytest.raises(AlphaFuseError, match="exported encoder's scores differ from the library's"):
+        export_run(run_dir, "alphafuse", 2, out_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -14,7 +14,7 @@ import pytest
 
 from alphafuse_dist import cli
 from alphafuse_dist.config import load_config
-from alphafuse_dist.errors import ConfigError
+from alphafuse_dist.errors import ConfigError, DataError
 from alphafuse_dist.pipeline import run_pipeline
 from alphafuse_dist.serve.export import export_run
 from alphafuse_dist.serve.recommend import Recommender
@@ -98,6 +98,18 @@ def test_a_text_only_item_is_recommended_to_histories_that_read_like_it(export):
     assert sum(r["item_id"] in by_topic["space"] for r in top) >= 6 and not any(r["new"] for r in top)
     with pytest.raises(ConfigError, match="already in the catalogue"):
         rec.recommend(["spa1"], new_items=[{"id": "spa1", "text": "x"}])
+
+
+def test_the_text_basis_is_checked_against_the_model_card(export, tmp_path):
+    import shutil
+
+    folder = tmp_path / "export"
+    shutil.copytree(export[0], folder)
+    basis = folder / "text_basis.safetensors"
+    data = basis.read_bytes()
+    basis.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(DataError, match="sha256 differs from the model card's"):
+        Recommender(folder)
 
 
 def test_cli_recommend_with_text_only_items(export, tmp_path, capsys):

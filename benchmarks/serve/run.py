@@ -34,6 +34,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _requests(rec, n: int, k: int, text_share: float, seed: int) -> list[bytes]:
     rng = np.random.default_rng(seed)
     ids = rec.item_ids
@@ -132,7 +140,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
                     "load_avg_1m_at_end": os.getloadavg()[0], "device": args.device,
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "export": {"folder": str(folder), "items": rec.num_candidates, "dim": int(rec.vectors.shape[1]),
