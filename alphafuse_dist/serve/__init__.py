@@ -66,13 +66,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_recommend_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--run DIR (--item ID ... | --history JSON|id1,id2) [--k 10] [--method M] [--seed S]
-    [--exclude-history] [--json]``."""
+    [--exclude-history] [--new-item ID --new-item-text TEXT ...] [--new-items FILE] [--json]``."""
     p.add_argument("--run", required=True, help="a run directory (its export is made if missing), an export "
                                                 "folder, or a retraining registry (its LATEST run)")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--item", action="append", metavar="ID",
-                       help="one source item id of the history, oldest first; repeat it (any characters, "
-                            "commas included)")
+                       help="one source item id (or title) of the history, oldest first; repeat it (any "
+                            "characters, commas included); unknown ones without text are left out with a warning")
     given.add_argument("--history", help='the history as a JSON list (\'["1", "260"]\') or comma-separated ids; '
                                          "oldest first (the last model.max_len are used)")
     p.add_argument("--k", type=int, default=10, help="how many items (default 10)")

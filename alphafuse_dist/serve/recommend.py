@@ -95,7 +95,7 @@ class Query:
 def parse_new_items(value, where: str = "new_items") -> list[dict]:
     """Text-only items as given: a list of ``{"id": str, "text": str}`` with distinct ids; a
     ConfigError naming ``where`` and the entry otherwise."""
-    if not isinstance(value, list):
+    if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where}: expected a list of {{\"id\": ..., \"text\": ...}} objects")
     seen = set()
     for i, item in enumerate(value):
@@ -200,7 +200,7 @@ class Recommender:
             raise ConfigError(f"k={k!r}: must be an integer of at least 1")
         if not len(history):
             raise ConfigError("history: empty; the model needs at least one item the user interacted with")
-        new_items = parse_new_items(list(new_items))
+        new_items = parse_new_items(new_items)
         taken = [n["id"] for n in new_items if n["id"] in self.row_of]
         if taken:
             raise ConfigError(f"new_items: id(s) {', '.join(map(repr, taken[:5]))} are already in the catalogue")
@@ -211,11 +211,13 @@ class Recommender:
         fused = self.text_items.fused_rows([n["text"] for n in new_items]).to(self.device) if new_items else \
             self.vectors.new_zeros(0, self.vectors.shape[1])
         new_vectors, new_inputs = serving_rows(fused, self.cosine, self.raw_inputs)
-        rows, dropped = [], []
+        rows, exclude, dropped = [], set(), []
         for h in map(str, history):
             row = self.row_of.get(h, self.row_of_title.get(h))
             if row is not None:
                 rows.append(self.inputs[row])
+                if exclude_history and row < self.num_candidates:
+                    exclude.add(row)
             elif h in new_col:
                 rows.append(new_inputs[new_col[h]])
             else:
@@ -227,10 +229,8 @@ class Recommender:
                                 "text given for them as new items)", file=self.dir / ITEMS_FILE, column="item_id")
             _log.warning(f"history: left out {len(dropped)} unknown item(s) {shown} (not in this model's "
                          "catalogue; give their text as new items to use them)")
-        known = [self.row_of.get(h, self.row_of_title.get(h)) for h in map(str, history)]
-        exclude = sorted({r for r in known if r is not None and r < self.num_candidates}) if exclude_history else []
         in_history = {str(h) for h in history}
-        return Query(torch.stack(rows[-self.max_len:]), exclude, new_vectors, [n["id"] for n in new_items],
+        return Query(torch.stack(rows[-self.max_len:]), sorted(exclude), new_vectors, [n["id"] for n in new_items],
                      [n["text"] for n in new_items], [exclude_history and n["id"] in in_history for n in new_items],
                      k, dropped)
 
