@@ -6,6 +6,8 @@
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
     alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving (DIR: a run or a registry)
     alphafuse recommend --run DIR --item ID [--item ID ...] [--k 10] [--exclude-history] [--json]
+                        [--new-item ID --new-item-text TEXT ...] [--new-items FILE]   text-only items too
+    alphafuse serve --export DIR [--host 127.0.0.1] [--port 8000] [--device cpu|cuda]   Ray Serve HTTP endpoint
     alphafuse retrain --previous REGISTRY|RUN [--interactions F] [--items F] [--tolerance X] [key=value ...]
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
@@ -113,11 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--list", action="store_true", help="list the named data sets")
     d.add_argument("--max-size", type=_byte_size, default=None, metavar="SIZE",
                    help="refuse a larger download, e.g. 500M or 2G (default 64G)")
-    from .serve import add_export_arguments, add_recommend_arguments
+    from .serve import add_export_arguments, add_recommend_arguments, add_serve_arguments
 
     add_export_arguments(sub.add_parser("export", parents=[verbose],
-                                        help="export a trained model for serving: item vectors, TorchScript user "
-                                             "encoder, model card"))
+                                        help="export a trained model for serving: item vectors, torch.export user "
+                                             "encoder, text-item basis, model card"))
     add_recommend_arguments(sub.add_parser("recommend", parents=[verbose],
                                            help="top-k items with titles for a history of item ids"))
     from .tune import add_tune_arguments
@@ -125,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     add_tune_arguments(sub.add_parser("tune", parents=[verbose],
                                       help="hyper-parameter search with Ray Tune (ASHA on validation NDCG), the "
                                            "same budget per method; the best configuration as a preset file"))
+    add_serve_arguments(sub.add_parser("serve", parents=[verbose],
+                                       help="serve an export over HTTP (Ray Serve, dynamic batching)"))
     from .retrain.job import add_retrain_arguments
 
     add_retrain_arguments(sub.add_parser("retrain", parents=[verbose],
@@ -251,15 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(lambda: _command(args))
 
 
-def _served_run(path: str) -> str:
-    """``--run`` as given, or, for a retraining registry, the run its ``LATEST`` promotes."""
+def _served_run(path: str, flag: str = "--run") -> str:
+    """``--run`` (``flag``) as given, or, for a retraining registry, the run its ``LATEST`` promotes."""
     from .retrain.registry import Registry
 
     if not Registry.is_registry(path):
         return path
     entry = Registry(path).latest()
     if entry is None:
-        raise AlphaFuseError(f"--run {path}: a registry with no promoted run yet (no LATEST); "
+        raise AlphaFuseError(f"{flag} {path}: a registry with no promoted run yet (no LATEST); "
                              "run alphafuse retrain first or pass a run directory")
     return str(entry.run_dir)
 
@@ -304,6 +308,11 @@ def _command(args: argparse.Namespace) -> None:
 
         args.run = _served_run(args.run)
         recommend_command(args)
+    elif args.command == "serve":
+        from .serve import serve_command
+
+        args.export = _served_run(args.export, "--export")
+        serve_command(args)
     elif args.command == "retrain":
         from .pipeline import run_pipeline
         from .retrain.job import retrain_command

@@ -1,4 +1,4 @@
-"""Export and recommend (alphafuse_dist.serve): the TorchScript encoder + exported vectors score as the
+"""Export and recommend (alphafuse_dist.serve): the torch.export encoder + exported vectors score as the
 library does, retired items are never served, recommend's contract and errors, the model card, and
 a failed export leaves the previous one untouched.
 
@@ -151,7 +151,7 @@ def test_exported_encoder_and_vectors_score_like_the_library(run, seed):
     assert schema.field("item_idx").type == pa.int32() and schema.field("item_id").type == pa.string()
     assert schema.field("vector").type == pa.list_(pa.float32(), D)
     lookup, servable_idx, vectors = _exported(folder)
-    encoder = torch.jit.load(str(folder / "user_encoder.pt"))
+    encoder = torch.export.load(str(folder / "user_encoder.pt2")).module()
 
     g = np.random.default_rng(seed)
     N = len(index)
@@ -175,12 +175,16 @@ def test_exported_encoder_and_vectors_score_like_the_library(run, seed):
     if MODELS[seed][1] == "cosine":
         assert torch.allclose(users.norm(dim=1), torch.ones(len(histories)), atol=1e-5)
         assert torch.allclose(vectors.norm(dim=1), torch.ones(len(vectors)), atol=1e-5)
-    # (2) one user at a time with its own length: the module pads / cuts to max_len itself
-    for i, h in enumerate(histories):
-        xi = torch.from_numpy(np.stack([lookup[j] for j in h])).unsqueeze(0)
+    # (2) the batch dimension is dynamic: one user at a time, and a batch of 13 (rows repeated)
+    for i in range(len(histories)):
         with torch.no_grad():
-            ui = encoder(xi, torch.ones(1, len(h), dtype=torch.bool))
+            ui = encoder(x[i:i + 1], valid[i:i + 1])
         assert (ui.double() @ vectors.double().T - library[i]).abs().max() < 1e-5
+    with torch.no_grad():
+        big = encoder(x.repeat(3, 1, 1)[:13], valid.repeat(3, 1)[:13])
+    assert (big.double() @ vectors.double().T - library.repeat(3, 1)[:13]).abs().max() < 1e-5
+    with pytest.raises(Exception):  # the history length is the contract's max_len
+        encoder(x[:, 1:], valid[:, 1:])
 
     card = json.loads((folder / "model_card.json").read_text())
     assert card["serving"]["history_input_column"] == "vector"
@@ -188,21 +192,23 @@ def test_exported_encoder_and_vectors_score_like_the_library(run, seed):
 
 
 def test_encoder_loads_without_the_package(run, tmp_path):
-    """torch.jit.load alone, in a fresh interpreter that never imports alphafuse_dist."""
+    """torch.export.load alone, in a fresh interpreter that never imports alphafuse_dist."""
     run_dir, index, _ = run
     folder = export_run(run_dir, "alphafuse", 3)  # bert4rec: the most involved user_state
     lookup, _, _ = _exported(folder)
-    x = torch.from_numpy(np.stack([lookup[index[i]] for i in H0])).unsqueeze(0).repeat(2, 1, 1)
-    valid = torch.ones(2, len(H0), dtype=torch.bool)
-    valid[1, :2] = False
+    x = torch.zeros(2, L, D)
+    x[:, L - len(H0):] = torch.from_numpy(np.stack([lookup[index[i]] for i in H0]))
+    valid = torch.zeros(2, L, dtype=torch.bool)
+    valid[0, L - len(H0):] = True
+    valid[1, L - len(H0) + 2:] = True
     torch.save({"x": x, "valid": valid}, tmp_path / "inputs.pt")
-    code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); d = torch.load(sys.argv[2]); "
+    code = ("import sys, torch; m = torch.export.load(sys.argv[1]).module(); d = torch.load(sys.argv[2]); "
             "torch.save(m(d['x'], d['valid']), sys.argv[3]); "
             "assert not any(k.startswith('alphafuse_dist') for k in sys.modules), 'imported the package'")
-    subprocess.run([sys.executable, "-c", code, str(folder / "user_encoder.pt"), str(tmp_path / "inputs.pt"),
+    subprocess.run([sys.executable, "-c", code, str(folder / "user_encoder.pt2"), str(tmp_path / "inputs.pt"),
                     str(tmp_path / "out.pt")], check=True, cwd=tmp_path, timeout=120)
     with torch.no_grad():
-        expected = torch.jit.load(str(folder / "user_encoder.pt"))(x, valid)
+        expected = torch.export.load(str(folder / "user_encoder.pt2")).module()(x, valid)
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
 
@@ -232,7 +238,7 @@ def test_retired_items_are_not_exported_nor_recommended(run):
     assert recommend(served, H0, k=1)[0]["item_id"] == ids_by_idx[int(library.argmax())]
 
 
-def test_recommend_top_k_titles_determinism_and_errors(run):
+def test_recommend_top_k_titles_determinism_and_errors(run, caplog):
     run_dir, index, retired = run
     out = recommend(run_dir, H0, k=5, seed=1)
     assert [r["rank"] for r in out] == [1, 2, 3, 4, 5]
@@ -255,9 +261,15 @@ def test_recommend_top_k_titles_determinism_and_errors(run):
     assert len(masked) == 5 and not {r["item_id"] for r in masked} & set(H0)
     assert [r["item_id"] for r in masked] == [i for i in ranked if i not in H0][:5]
 
-    with pytest.raises(DataError, match="'nope'.*'m999'|'m999'.*'nope'") as err:
-        recommend(run_dir, ["m1", "nope", "m999"], k=5, seed=1)
-    assert "'m1'" not in str(err.value)
+    # unknown ids without text are left out with a warning; none known at all is an error
+    with caplog.at_level(logging.WARNING, logger="alphafuse_dist"):
+        kept = recommend(run_dir, ["m1", "nope", "m3", "m999"], k=5, seed=1)
+    assert kept == recommend(run_dir, ["m1", "m3"], k=5, seed=1)
+    assert "left out 2 unknown item(s) 'nope', 'm999'" in caplog.text
+    with pytest.raises(DataError, match="no known item in the history: 'nope', 'm999'"):
+        recommend(run_dir, ["nope", "m999"], k=5, seed=1)
+    # an item's title (the text returned) stands for it in a history
+    assert recommend(run_dir, ["Item 3", "m4"], k=5, seed=1) == recommend(run_dir, ["m3", "m4"], k=5, seed=1)
     with pytest.raises(ConfigError, match="empty"):
         recommend(run_dir, [], k=5, seed=1)
     with pytest.raises(ConfigError, match="k=0"):
@@ -280,8 +292,10 @@ def test_model_card(run):
     assert card["basis"]["explained_variance_kept"] == D / 20
     assert card["basis"]["explained_variance_semantic"] == (D - DN) / 20
     assert card["data_window"]["rows"]["items"] == len(index)
-    assert card["serving"]["onnx"]["status"]  # exported, or why not
-    assert set(card["files"]) >= {"items.parquet", "retired_items.parquet", "user_encoder.pt"}
+    # the fixture's decompose stage holds no basis: no text-only items, and the card says why
+    assert card["text_items"] == {"supported": False, "reason": f"no finished decompose stage with "
+                                  f"basis.safetensors in {run_dir / 'decompose'}"}
+    assert set(card["files"]) >= {"items.parquet", "retired_items.parquet", "user_encoder.pt2"}
     md = (folder / "model_card.md").read_text()
     assert "best epoch 3 of 5" in md and "| overall |" in md and "0.1230" in md
 
@@ -319,8 +333,10 @@ def test_cli_helpers(run, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["rank", "item_id", "score", "title"] and len(lines) == 5
     assert lines[2].split()[0] == "1" and "Item" in lines[2]
-    assert cli.main(["recommend", "--run", str(run_dir), "--seed", "1", "--history", "m3,zz9", "--json"]) == 2
-    assert "'zz9'" in capsys.readouterr().err
+    assert cli.main(["recommend", "--run", str(run_dir), "--seed", "1", "--history", "m3,zz9", "--json"]) == 0
+    assert "left out 1 unknown item(s) 'zz9'" in capsys.readouterr().err
+    assert cli.main(["recommend", "--run", str(run_dir), "--seed", "1", "--history", "zz9"]) == 2
+    assert "no known item in the history: 'zz9'" in capsys.readouterr().err
     assert cli.main(["export", "--run", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
     # the same history as repeated --item flags and as a JSON list
@@ -344,6 +360,11 @@ def test_cli_serves_a_registry_latest_run(run, tmp_path, capsys):
     assert cli.main(["recommend", "--run", str(registry.root), "--seed", "1", "--item", "m3", "--k", "2"]) == 2
     assert capsys.readouterr().err == (f"alphafuse: error: --run {registry.root}: a registry with no promoted run yet "
                                        "(no LATEST); run alphafuse retrain first or pass a run directory\n")
+    assert cli.main(["serve", "--export", str(registry.root)]) == 2  # resolved before any server starts
+    assert capsys.readouterr().err.startswith(f"alphafuse: error: --export {registry.root}: a registry with no "
+                                              "promoted run yet")
+    assert cli.main(["serve", "--export", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
     registry.promote("p1", "test")
     assert cli.main(["recommend", "--run", str(registry.root), "--seed", "1", "--item", "m3", "--k", "2",
                      "--json"]) == 0
@@ -352,7 +373,7 @@ def test_cli_serves_a_registry_latest_run(run, tmp_path, capsys):
 
 
 def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):
-    """The model card's sha256 of each file is checked before reading it (torch.jit.load runs code),
+    """The model card's sha256 of each file is checked before reading it (a loaded program runs code),
     and file names in the card must stay inside the export folder."""
     import shutil
 
@@ -365,7 +386,7 @@ def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):
     card_path = folder / "model_card.json"
     card = json.loads(card_path.read_text())
 
-    encoder = folder / "user_encoder.pt"
+    encoder = folder / "user_encoder.pt2"
     original = encoder.read_bytes()
     encoder.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(DataError) as e:
@@ -383,3 +404,11 @@ def test_recommend_refuses_an_altered_or_escaping_export(run, tmp_path):
             Recommender(folder)
     card_path.write_text(json.dumps(card))
     assert Recommender(folder).num_candidates > 0
+
+
+def test_an_export_that_does_not_score_like_the_library_is_refused(run, monkeypatch, tmp_path):
+    run_dir, _, _ = run
+    monkeypatch.setattr(export_mod, "SELF_CHECK_TOLERANCE", -1.0)  # any error is now too large
+    with pytest.raises(AlphaFuseError, match="exported encoder's scores differ from the library's"):
+        export_run(run_dir, "alphafuse", 2, out_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

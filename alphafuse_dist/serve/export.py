@@ -1,4 +1,4 @@
-"""Export a trained model for serving: item vectors (Parquet), the user encoder (TorchScript), a model card.
+"""Export a trained model for serving: item vectors (Parquet), the user encoder (``torch.export``), a model card.
 
 ``export_run`` reads a train stage ``<run_dir>/train-<method>-s<seed>/`` (``model.safetensors``,
 ``config.json``, ``history.json``) and prepare's ``items.parquet``, and writes an export folder,
@@ -8,21 +8,21 @@ by default ``<run_dir>/export-<method>-s<seed>/``:
   ``item_idx:int32``, ``item_id:string`` (the source's id), ``text:string`` (prepare's rendered
   item text, used as the title), ``vector:fixed_size_list<float32>[d]`` (the fused item table
   row, L2-normalised when ``model.similarity`` is ``cosine``). The serving score of a user and an
-  item is ``dot(user_vector, vector)``, for either similarity.
+  item is ``dot(user_vector, vector)``, for either similarity. For text-only items (alphafuse)
+  also ``semantic``, ``id_part`` and ``train_count`` (see ``text_items.py``).
 - ``retired_items.parquet``: the retired items, same columns. They are never candidates, but a
   user's history may still hold them, so their vectors are kept as encoder inputs.
-- ``user_encoder.pt``: TorchScript (``torch.jit.load`` alone loads it, no alphafuse_dist import).
-  ``forward(history_vectors, valid) -> user_vectors``: ``history_vectors`` float32 [B, L, d] holds
-  the ``vector`` rows (from either Parquet file) of each user's last items in time order,
-  LEFT-padded (the most recent item at position L-1); ``valid`` bool [B, L] is True at real
-  items (the last ``n`` positions of a row with ``n`` items). Padded positions are zeroed inside.
-  Rows shorter than ``model.max_len`` are left-padded to it, longer ones keep their last
-  ``max_len`` positions, exactly as evaluation does. Returns float32 [B, d] user vectors
+- ``user_encoder.pt2``: a ``torch.export`` program (``torch.export.load`` alone loads it, no
+  alphafuse_dist import). ``forward(history_vectors, valid) -> user_vectors``: ``history_vectors``
+  float32 [B, L, d], L = ``model.max_len``, holds the ``vector`` rows (from either Parquet file)
+  of each user's last L items in time order, LEFT-padded (the most recent item at position L-1);
+  ``valid`` bool [B, L] is True at real items (the last ``n`` positions of a row with ``n``
+  items). Padded positions are zeroed inside. B is dynamic. Returns float32 [B, d] user vectors
   (L2-normalised when cosine).
-- ``user_encoder.onnx``: the same module through ``torch.onnx.export``, only when the ``onnx``
-  package is installed (the model card says why it is missing otherwise).
+- ``text_basis.safetensors`` (alphafuse): what places text-only items (``text_items.py``).
 - ``model_card.json`` / ``model_card.md``: method, seed, config, data window, test metrics, basis
-  facts, best epoch, code version, item counts, and the serving contract above.
+  facts, best epoch, code version, item counts, the serving contract above and the sha256 of
+  every file (checked before anything is loaded).
 - ``manifest.json``: as every stage (``alphafuse_dist/runtime/manifest.py``): the folder is written into a
   hidden temporary folder first and renamed into place only when complete, so a failed export
   leaves the previous one untouched; a rerun with the same inputs is skipped.
@@ -38,12 +38,11 @@ the raw rows are exported as an extra ``input_vector`` column and the model card
 Example::
 
     out = export_run("runs/quickstart", method="alphafuse")  # -> runs/quickstart/export-alphafuse-s22
-    encoder = torch.jit.load(str(out / "user_encoder.pt"))
+    encoder = torch.export.load(str(out / "user_encoder.pt2")).module()
     users = encoder(history_vectors, valid)                # [B, d]; scores = users @ vectors.T
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import platform
@@ -56,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import save_file
 from torch import nn
 
 from .. import __version__
@@ -63,12 +63,14 @@ from ..config import RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..model.items import METHOD_INPUTS
 from ..runtime.manifest import file_sha256, read_manifest, require_stage, run_dir_lock, run_stage
+from .text_items import BASIS_FILE, export_text_items, serving_rows
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 ITEMS_FILE = "items.parquet"
 RETIRED_FILE = "retired_items.parquet"
-ENCODER_FILE = "user_encoder.pt"
-ONNX_FILE = "user_encoder.onnx"
+ENCODER_FILE = "user_encoder.pt2"
+# the exported program's batch dimension accepts 1 .. MAX_BATCH users
+MAX_BATCH = 65_536
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
 # the export's own check: largest |score difference| allowed between the exported encoder +
@@ -110,30 +112,29 @@ def find_train_stage(run_dir: str | Path, method: str = "alphafuse", seed: int |
 
 class ServingEncoder(nn.Module):
     """The exported user encoder: a trained sequence encoder's ``user_state`` rule behind a fixed
-    serving contract (see the module docstring), scriptable with ``torch.jit.script``."""
+    serving contract (see the module docstring), exported with ``torch.export``."""
 
-    def __init__(self, encoder: nn.Module, max_len: int, dim: int, normalize_output: bool):
+    def __init__(self, encoder: nn.Module, normalize_output: bool):
         super().__init__()
-        self.encoder, self.max_len, self.dim, self.normalize_output = encoder, max_len, dim, normalize_output
+        self.encoder, self.normalize_output = encoder, normalize_output
 
     def forward(self, history_vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if history_vectors.dim() != 3 or history_vectors.shape[2] != self.dim:
-            raise ValueError("history_vectors: expected float32 [B, L, " + str(self.dim) + "]")
-        if valid.shape[0] != history_vectors.shape[0] or valid.shape[1] != history_vectors.shape[1]:
-            raise ValueError("valid: expected bool [B, L], the shape of history_vectors without the last dim")
-        x = history_vectors.to(torch.float32)
-        valid = valid.to(torch.bool)
-        B, L = x.shape[0], x.shape[1]
-        if L > self.max_len:
-            x, valid = x[:, L - self.max_len:], valid[:, L - self.max_len:]
-        elif L < self.max_len:
-            x = torch.cat([x.new_zeros(B, self.max_len - L, self.dim), x], 1)
-            valid = torch.cat([valid.new_zeros(B, self.max_len - L), valid], 1)
-        x = x * valid.unsqueeze(-1).to(x.dtype)  # pads carry zero vectors, as in training
+        x = history_vectors * valid.unsqueeze(-1).to(history_vectors.dtype)  # pads carry zero vectors
         user = self.encoder.user_state(x, valid)
-        if self.normalize_output:
-            user = F.normalize(user, dim=-1)
-        return user
+        return F.normalize(user, dim=-1) if self.normalize_output else user
+
+
+def export_program(module: nn.Module, max_len: int, dim: int, path: Path) -> None:
+    """``torch.export`` ``module`` (inputs [B, max_len, dim] float32 and [B, max_len] bool, B dynamic)
+    and save it to ``path``."""
+    import warnings
+
+    example = (torch.zeros(2, max_len, dim), torch.ones(2, max_len, dtype=torch.bool))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with warnings.catch_warnings():  # nn.GRU re-assigns its flat weights while traced: harmless
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+        program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, str(path))
 
 
 def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None = None,
@@ -158,7 +159,7 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
     prep = require_stage(run_dir, "prepare")
     out = Path(out_dir) if out_dir is not None else run_dir / export_stage_name(method, seed)
     inputs = {"train": read_manifest(train_dir)["digest"], "prepare": read_manifest(prep)["digest"]}
-    for name in ("decompose", f"evaluate-{method}-s{seed}"):  # read by the model card only
+    for name in ("decompose", f"evaluate-{method}-s{seed}"):  # the model card's and text items' inputs
         manifest = read_manifest(run_dir / name)
         if manifest is not None:
             inputs[name] = manifest.get("digest")
@@ -234,64 +235,47 @@ def _vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def _write_items(path: Path, items: pa.Table, rows: np.ndarray, vectors: np.ndarray,
-                 inputs: np.ndarray | None) -> None:
+                 inputs: np.ndarray | None, text_columns: dict | None) -> None:
     cols = {"item_idx": items.column("item_idx").take(rows).cast(pa.int32()),
             "item_id": items.column("item_id").take(rows).cast(pa.string()),
             "text": items.column("text").take(rows).cast(pa.string()),
             "vector": _vector_column(vectors[rows])}
     if inputs is not None:
         cols["input_vector"] = _vector_column(inputs[rows])
+    if text_columns is not None:
+        cols["semantic"] = _vector_column(text_columns["semantic"][rows])
+        cols["id_part"] = _vector_column(text_columns["id_part"][rows])
+        cols["train_count"] = pa.array(text_columns["train_count"][rows], pa.int64())
     pq.write_table(pa.table(cols), path, compression="zstd")
 
 
-def _self_check(scripted: torch.jit.ScriptModule, encoder: nn.Module, table: torch.Tensor, inputs: torch.Tensor,
+def _self_check(program: nn.Module, encoder: nn.Module, table: torch.Tensor, inputs: torch.Tensor,
                 vectors: torch.Tensor, cfg: RunConfig) -> float:
-    """Largest |score difference| over all items between the exported path (scripted encoder on
+    """Largest |score difference| over all items between the exported path (the loaded program on
     exported input rows, dot with exported vectors) and the library path, on fixed histories of
-    length 1 .. max_len + 2."""
+    length 1 .. max_len + 2 (longer ones cut to their last max_len items, as the contract says)."""
     from ..model.sasrec import user_states_from_table
     from ..runtime.seeding import seeded_generator
 
     N, L = table.shape[0], cfg.model.max_len
     g = seeded_generator(0)
     lengths = sorted({1, 2, max(1, L // 2), L, L + 2})
-    hists = [torch.randint(0, N, (n,), generator=g) for n in lengths]
+    hists = [torch.randint(0, N, (n,), generator=g)[-L:] for n in lengths]
     seqs = torch.full((len(hists), L), N, dtype=torch.long)
-    x = torch.zeros(len(hists), L + 2, table.shape[1])
-    valid = torch.zeros(len(hists), L + 2, dtype=torch.bool)
+    x = torch.zeros(len(hists), L, table.shape[1])
+    valid = torch.zeros(len(hists), L, dtype=torch.bool)
     for i, h in enumerate(hists):
-        last = h[-L:]
-        seqs[i, L - len(last):] = last
-        x[i, L + 2 - len(h):] = inputs[h]
-        valid[i, L + 2 - len(h):] = True
+        seqs[i, L - len(h):] = h
+        x[i, L - len(h):] = inputs[h]
+        valid[i, L - len(h):] = True
     with torch.no_grad():
         states, rows = user_states_from_table(encoder, table, seqs).double(), table.double()
         if cfg.model.similarity == "cosine":
             states, rows = F.normalize(states, dim=1), F.normalize(rows, dim=1)
         library = states @ rows.T
-        exported = scripted(x, valid).double() @ vectors.double().T
-    return float((library - exported).abs().max())
-
-
-def _onnx(module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], path: Path) -> dict:
-    """Try ``torch.onnx.export``; never fails the export (the TorchScript file is the contract)."""
-    if importlib.util.find_spec("onnx") is None:
-        return {"file": None, "status": "skipped: the onnx package is not installed here (torch.onnx.export "
-                                        "needs it); use user_encoder.pt, or export again where onnx is installed"}
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, str(path), dynamo=False, input_names=["history_vectors", "valid"],
-                              output_names=["user_vectors"],
-                              dynamic_axes={"history_vectors": {0: "batch"}, "valid": {0: "batch"},
-                                            "user_vectors": {0: "batch"}})
-    except Exception as e:  # noqa: BLE001 - any exporter failure only means "no ONNX file"
-        path.unlink(missing_ok=True)
-        return {"file": None, "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return {"file": path.name, "status": "exported (legacy TorchScript-based exporter, history length fixed at "
-                                         "model.max_len; not checked against the library: needs onnxruntime)"}
+        batched = program(x, valid).double() @ vectors.double().T
+        single = program(x[:1], valid[:1]).double() @ vectors.double().T  # a batch of one
+    return float(max((library - batched).abs().max(), (library[:1] - single).abs().max()))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -355,30 +339,27 @@ def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, s
     N, d = table.shape
     items = read_items(prep, N)
     cosine = cfg.model.similarity == "cosine"
-    vectors = F.normalize(table.double(), dim=1).float() if cosine else table.clone()
     # the encoder's inputs: the exported vectors, unless the encoder sees cosine rows' norms
     raw_inputs = cosine and not getattr(encoder, "normalize_inputs", True)
-    inputs = table if raw_inputs else vectors
+    vectors, inputs = serving_rows(table, cosine, raw_inputs)
     retired = items.column("retired").to_numpy(zero_copy_only=False).astype(bool)
     if serve_retired:
         retired = np.zeros_like(retired)
     servable_rows, retired_rows = np.flatnonzero(~retired), np.flatnonzero(retired)
     if not len(servable_rows):
         raise DataError("every item is retired: nothing to serve", file=prep / "items.parquet", column="retired")
+    text_items, text_columns, basis_tensors = export_text_items(run_dir, prep, cfg, method, table)
+    if basis_tensors is not None:
+        save_file(basis_tensors, str(tmp / BASIS_FILE))
     np_vectors, np_inputs = vectors.numpy(), (table.numpy() if raw_inputs else None)
-    _write_items(tmp / ITEMS_FILE, items, servable_rows, np_vectors, np_inputs)
-    _write_items(tmp / RETIRED_FILE, items, retired_rows, np_vectors, np_inputs)
+    _write_items(tmp / ITEMS_FILE, items, servable_rows, np_vectors, np_inputs, text_columns)
+    _write_items(tmp / RETIRED_FILE, items, retired_rows, np_vectors, np_inputs, text_columns)
 
-    module = ServingEncoder(encoder, cfg.model.max_len, d, normalize_output=cosine).eval()
-    scripted = torch.jit.script(module)
-    torch.jit.save(scripted, str(tmp / ENCODER_FILE))
-    loaded = torch.jit.load(str(tmp / ENCODER_FILE))
-    error = _self_check(loaded, encoder, table, inputs, vectors, cfg)
+    export_program(ServingEncoder(encoder, normalize_output=cosine).eval(), cfg.model.max_len, d, tmp / ENCODER_FILE)
+    error = _self_check(torch.export.load(str(tmp / ENCODER_FILE)).module(), encoder, table, inputs, vectors, cfg)
     if not error <= SELF_CHECK_TOLERANCE:
         raise AlphaFuseError(f"export of {train_dir.name}: the exported encoder's scores differ from the "
                              f"library's by {error:.2e} (> {SELF_CHECK_TOLERANCE:g}); not exported")
-    example = (torch.zeros(1, cfg.model.max_len, d), torch.ones(1, cfg.model.max_len, dtype=torch.bool))
-    onnx = _onnx(module, example, tmp / ONNX_FILE)
 
     history = _read_json(train_dir / "history.json") or {}
     card = {
@@ -400,25 +381,28 @@ def _build(run_dir: Path, train_dir: Path, prep: Path, tmp: Path, method: str, s
         "serving": {
             "items_file": ITEMS_FILE, "retired_items_file": RETIRED_FILE, "encoder_file": ENCODER_FILE,
             "history_input_column": "input_vector" if raw_inputs else "vector",
-            "encoder_inputs": "history_vectors float32 [B, L, d]: the history_input_column rows (items_file or "
-                              "retired_items_file) of the user's items in time order, left-padded (most recent at "
-                              "L-1); valid bool [B, L]: True at real items. L other than max_len is padded / cut "
-                              "to the last max_len inside.",
+            "encoder_format": "torch.export ExportedProgram (torch.export.load(path).module()), batch "
+                              f"dimension dynamic (1..{MAX_BATCH})",
+            "encoder_inputs": "history_vectors float32 [B, L, d], L = max_len: the history_input_column rows "
+                              "(items_file or retired_items_file) of the user's last L items in time order, "
+                              "left-padded (most recent at L-1); valid bool [B, L]: True at real items.",
             "encoder_output": "user vectors float32 [B, d]" + (" (L2-normalised)" if cosine else ""),
             "score": "dot(user_vector, vector)" + (": cosine similarity, vectors are L2-normalised" if cosine
                                                    else ": dot product of the raw fused rows"),
             "ties": "equal scores: the smaller item_idx first",
             "history_masked": False,
             "self_check_max_abs_score_error": error,
-            "onnx": onnx,
         },
+        "text_items": text_items,
         "config": cfg.to_dict(),
     }
     card["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                      for p in sorted(tmp.iterdir()) if p.is_file()}
     _write_model_card(tmp, card)
     _log.info(f"[export] {method} seed {seed}: {len(servable_rows)} items ({len(retired_rows)} retired left out), "
-        f"encoder self-check {error:.1e}, {time.time() - t0:.1f}s")
+        f"encoder self-check {error:.1e}, text-only items "
+              f"{'supported' if text_items['supported'] else 'not supported: ' + text_items['reason']}, "
+              f"{time.time() - t0:.1f}s")
     return {"rows": {"items": len(servable_rows), "retired": len(retired_rows)},
             "method": method, "seed": seed}
 
@@ -480,9 +464,20 @@ def render_model_card(card: dict) -> str:
     lines += ["", "## Serving", "",
               (f"- `{s['items_file']}`: item_idx, item_id, text, vector (servable items); "
                f"`{s['retired_items_file']}`: the retired items (history inputs only, never recommended)"),
-              (f"- `{s['encoder_file']}` (TorchScript, `torch.jit.load`): {s['encoder_inputs']} "
+              (f"- `{s['encoder_file']}` ({s['encoder_format']}): {s['encoder_inputs']} "
                f"History rows come from the `{s['history_input_column']}` column. Output: {s['encoder_output']}."),
               f"- score = {s['score']}; {s['ties']}",
-              f"- self-check against the library: max |score error| {s['self_check_max_abs_score_error']:.2e}",
-              f"- ONNX: {s['onnx']['status']}", ""]
+              f"- self-check against the library: max |score error| {s['self_check_max_abs_score_error']:.2e}", ""]
+    text = card["text_items"]
+    lines += ["## Text-only items", ""]
+    if text["supported"]:
+        enc = text["encoder"]
+        lines += [(f"- encoder `{enc['model']}` (normalize {enc['normalize']}, max_seq_length "
+                   f"{_fmt(enc['max_seq_length'])}), basis `{text['basis_file']}`, d_semantic "
+                   f"{text['semantic_dims']}, id_dims {text['id_dims']}, {text['neighbours']} neighbours"),
+                  f"- rule: {text['rule']}",
+                  (f"- self-check: catalogue texts re-embedded land within {text['self_check_max_relative_error']:.1e} "
+                   "(relative) of their frozen coordinates"), ""]
+    else:
+        lines += [f"- not supported: {text['reason']}", ""]
     return "\n".join(lines)

@@ -1,21 +1,30 @@
-"""Top-k recommendations from an export (``export.py``): source item ids in, ranked items with titles out.
+"""Top-k recommendations from an export (``export.py``): item ids or titles in, ranked items with titles out.
 
-Serving follows the export's contract only (the Parquet vectors and the TorchScript encoder), so
-what this module returns is what a serving system built on the export would return. The ranking
-is the evaluation's: every servable item is scored, ``dot(user_vector, vector)`` in float64, ties
-by the smaller ``item_idx``; retired items are never candidates; the history is not masked unless
+Serving follows the export's contract only (the Parquet vectors and the ``torch.export`` encoder,
+each checked against the model card's sha256 before it is read), so what this module returns is
+what a serving system built on the export would return. The ranking is the evaluation's: every
+servable item is scored, ``dot(user_vector, vector)`` in float64, ties by the smaller
+``item_idx``; retired items are never candidates; the history is not masked unless
 ``exclude_history`` (as ``eval.exclude_history``, off by default).
+
+Text-only items (alphafuse exports): a request may bring items the model never saw as
+``{"id", "text"}``; they are placed by their text (``text_items.py``), may appear in the history
+and are candidates of that request. History entries that are neither known ids, item titles nor
+such items are left out with a warning; a history with no known entry is an error.
 
 Example::
 
     recommend("runs/quickstart", ["1", "260", "1196"], k=5)
-    # [{"rank": 1, "item_id": "1210", "title": "Star Wars: Episode VI ...", "score": 0.71, "item_idx": 1234}, ...]
+    # [{"rank": 1, "item_id": "1210", "title": "Star Wars: Episode VI ...", "score": 0.71, "item_idx": 1234,
+    #   "new": False}, ...]
     rec = Recommender("runs/quickstart/export-alphafuse-s22")   # load once, serve many
-    rec.recommend(["1", "260"], k=10, exclude_history=True)
+    rec.recommend(["1", "tt01"], k=10, new_items=[{"id": "tt01", "text": "Heat 2 (2026). Genres: Crime"}])
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +34,10 @@ import torch
 
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..runtime.manifest import file_sha256, read_manifest
-from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run
+from .export import CARD_JSON, ENCODER_FILE, EXPORT_FORMAT, ITEMS_FILE, RETIRED_FILE, export_run
+from .text_items import TextItems, serving_rows
+
+_log = logging.getLogger(__name__)
 
 
 def _vectors(table: pa.Table, column: str, path: Path) -> torch.Tensor:
@@ -42,7 +54,7 @@ def _vectors(table: pa.Table, column: str, path: Path) -> torch.Tensor:
 def _verified_file(folder: Path, card: dict, name: str) -> Path:
     """``folder / name`` after checking that ``name`` is a plain file name listed in the model card
     and that the file's sha256 is the card's: nothing outside the export and nothing altered is
-    read (``torch.jit.load`` runs code)."""
+    read (loading a program runs what it holds)."""
     card_path = folder / CARD_JSON
     if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
         raise DataError(f"file name {name!r} is not a plain file name inside the export", file=card_path)
@@ -58,24 +70,69 @@ def _verified_file(folder: Path, card: dict, name: str) -> Path:
     return path
 
 
+@dataclass
+class Query:
+    """One request, resolved against an export (:meth:`Recommender.query`).
+
+    Attributes:
+        inputs: encoder input rows [n, d] of the history (its last ``max_len`` known items, oldest first).
+        exclude: candidate columns never recommended (the history's, with ``exclude_history``).
+        new_vectors: candidate vectors [m, d] of the request's text-only items.
+        new_ids / new_titles: their ids and texts; new_excluded: [m] bool, excluded ones.
+        k: how many items; dropped: history entries left out (unknown, no text given).
+    """
+
+    inputs: torch.Tensor
+    exclude: list[int]
+    new_vectors: torch.Tensor
+    new_ids: list[str]
+    new_titles: list[str]
+    new_excluded: list[bool]
+    k: int
+    dropped: list[str] = field(default_factory=list)
+
+
+def parse_new_items(value, where: str = "new_items") -> list[dict]:
+    """Text-only items as given: a list of ``{"id": str, "text": str}`` with distinct ids; a
+    ConfigError naming ``where`` and the entry otherwise."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of {{\"id\": ..., \"text\": ...}} objects")
+    seen = set()
+    for i, item in enumerate(value):
+        if not (isinstance(item, dict) and isinstance(item.get("id"), (str, int)) and isinstance(item.get("text"), str)
+                and item["text"].strip()):
+            raise ConfigError(f"{where}[{i}]: expected {{\"id\": <item id>, \"text\": <non-empty text>}}")
+        if str(item["id"]) in seen:
+            raise ConfigError(f"{where}[{i}]: item id {str(item['id'])!r} given twice")
+        seen.add(str(item["id"]))
+    return [{"id": str(item["id"]), "text": item["text"]} for item in value]
+
+
 class Recommender:
-    """An export loaded for serving: candidate vectors, history lookup, the TorchScript encoder.
+    """An export loaded for serving: candidate vectors, history lookup, the ``torch.export`` encoder,
+    and (alphafuse) the text-only item rule.
 
     Args:
         export_dir: a finished export folder (``export_run``'s output).
+        device: where the encoder, the scoring and the text encoder run ("cpu", "cuda", "cuda:1").
     """
 
-    def __init__(self, export_dir: str | Path):
+    def __init__(self, export_dir: str | Path, device: str = "cpu"):
         import json
 
-        self.dir = Path(export_dir)
+        self.dir, self.device = Path(export_dir), torch.device(device)
         if read_manifest(self.dir) is None or not (self.dir / CARD_JSON).is_file():
             raise AlphaFuseError(f"export {self.dir}: not a finished export (no manifest.json / {CARD_JSON}); "
                                  "run alphafuse export first")
         self.card = json.loads((self.dir / CARD_JSON).read_text())
+        if self.card.get("format_version") != EXPORT_FORMAT:
+            raise DataError(f"format_version {self.card.get('format_version')!r}, this code serves {EXPORT_FORMAT}; "
+                            "export again", file=self.dir / CARD_JSON)
         serving = self.card["serving"]
         self.max_len = int(self.card["model"]["max_len"])
+        self.cosine = self.card["model"]["similarity"] == "cosine"
         input_column = serving.get("history_input_column", "vector")
+        self.raw_inputs = input_column != "vector"
         parts = []
         for name in (serving.get("items_file", ITEMS_FILE), serving.get("retired_items_file", RETIRED_FILE)):
             path = _verified_file(self.dir, self.card, name)
@@ -92,65 +149,135 @@ class Recommender:
         self.item_idx = idx.astype(np.int64)
         self.item_ids: list[str] = items.column("item_id").to_pylist()
         self.titles: list[str] = items.column("text").to_pylist()
-        self.vectors = _vectors(items, "vector", items_path)  # candidates [M, d], row order = item_idx order
+        # candidates [M, d], row order = item_idx order
+        self.vectors = _vectors(items, "vector", items_path).to(self.device)
         # history lookup: servable rows first (0..M-1), then retired ones
         self.inputs = torch.cat([_vectors(items, input_column, items_path),
-                                 _vectors(retired, input_column, retired_path)])
+                                 _vectors(retired, input_column, retired_path)]).to(self.device)
         lookup_ids = self.item_ids + retired.column("item_id").to_pylist()
         self.row_of = {item_id: row for row, item_id in enumerate(lookup_ids)}
+        by_title: dict[str, list[int]] = {}
+        for row, title in enumerate(self.titles + retired.column("text").to_pylist()):
+            by_title.setdefault(title, []).append(row)
+        self.row_of_title = {title: rows[0] for title, rows in by_title.items() if len(rows) == 1}
         self.num_candidates = len(self.item_ids)
+        self.text_items = self._text_items(parts)
         encoder_path = _verified_file(self.dir, self.card, serving.get("encoder_file", ENCODER_FILE))
-        self.encoder = torch.jit.load(str(encoder_path)).eval()
+        program = torch.export.load(str(encoder_path))
+        if self.device.type != "cpu":
+            from torch.export.passes import move_to_device_pass
 
-    def rows(self, history: Sequence[str]) -> list[int]:
-        """Lookup rows of a history's item ids; an error naming every unknown id."""
-        unknown = [h for h in dict.fromkeys(history) if h not in self.row_of]
-        if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20
-                                                                 else "")
-            raise DataError(f"unknown item id(s) in the history: {shown} (not in this model's catalogue)",
-                            file=self.dir / ITEMS_FILE, column="item_id")
-        return [self.row_of[h] for h in history]
+            program = move_to_device_pass(program, self.device)
+        self.encoder = program.module()
 
-    def user_vectors(self, histories: Sequence[Sequence[str]]) -> torch.Tensor:
-        """User vectors [B, d] of source-id histories (time order, most recent last); each history is
-        cut to its last ``max_len`` items and left-padded, as in evaluation."""
-        if not histories:
-            raise ConfigError("history: no users given")
-        x = torch.zeros(len(histories), self.max_len, self.inputs.shape[1])
-        valid = torch.zeros(len(histories), self.max_len, dtype=torch.bool)
-        for i, history in enumerate(histories):
-            if not len(history):
-                raise ConfigError("history: empty; the model needs at least one item the user interacted with")
-            rows = self.rows(list(history))[-self.max_len:]
-            x[i, self.max_len - len(rows):] = self.inputs[rows]
-            valid[i, self.max_len - len(rows):] = True
+    def _text_items(self, parts: list[tuple[Path, pa.Table]]) -> TextItems | None:
+        section = self.card.get("text_items") or {}
+        if not section.get("supported"):
+            return None
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(_verified_file(self.dir, self.card, section["basis_file"])))
+        cols = {c: torch.cat([_vectors(t, c, p) for p, t in parts]) for c in ("semantic", "id_part")}
+        for path, table in parts:
+            if "train_count" not in table.column_names:
+                raise DataError("missing column", file=path, column="train_count")
+        counts = torch.from_numpy(np.concatenate([t.column("train_count").to_numpy() for _, t in parts]))
+        return TextItems(section, tensors, cols["semantic"], cols["id_part"], counts, device=str(self.device))
+
+    def query(self, history: Sequence[str], k: int = 10, *, new_items: Sequence[dict] = (),
+              exclude_history: bool = False) -> Query:
+        """Resolve one request: ``history`` entries are item ids, else unique item texts (titles),
+        else ids of ``new_items`` (text-only items, also candidates); other entries are dropped
+        with a warning.
+
+        Raises:
+            ConfigError for an empty history, a bad ``k`` or text-only items the export cannot
+            place; DataError when no entry of the history is known.
+        """
+        if isinstance(history, str):
+            raise ConfigError("history: expected a list of item ids, got one string")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k={k!r}: must be an integer of at least 1")
+        if not len(history):
+            raise ConfigError("history: empty; the model needs at least one item the user interacted with")
+        new_items = parse_new_items(new_items)
+        taken = [n["id"] for n in new_items if n["id"] in self.row_of]
+        if taken:
+            raise ConfigError(f"new_items: id(s) {', '.join(map(repr, taken[:5]))} are already in the catalogue")
+        if new_items and self.text_items is None:
+            raise ConfigError(f"new_items: this export cannot place text-only items "
+                              f"({(self.card.get('text_items') or {}).get('reason', 'an older export')})")
+        new_col = {n["id"]: j for j, n in enumerate(new_items)}
+        fused = self.text_items.fused_rows([n["text"] for n in new_items]).to(self.device) if new_items else \
+            self.vectors.new_zeros(0, self.vectors.shape[1])
+        new_vectors, new_inputs = serving_rows(fused, self.cosine, self.raw_inputs)
+        rows, exclude, dropped = [], set(), []
+        for h in map(str, history):
+            row = self.row_of.get(h, self.row_of_title.get(h))
+            if row is not None:
+                rows.append(self.inputs[row])
+                if exclude_history and row < self.num_candidates:
+                    exclude.add(row)
+            elif h in new_col:
+                rows.append(new_inputs[new_col[h]])
+            else:
+                dropped.append(h)
+        if dropped:
+            shown = ", ".join(repr(u) for u in list(dict.fromkeys(dropped))[:20])
+            if not rows:
+                raise DataError(f"no known item in the history: {shown} (not in this model's catalogue, and no "
+                                "text given for them as new items)", file=self.dir / ITEMS_FILE, column="item_id")
+            _log.warning(f"history: left out {len(dropped)} unknown item(s) {shown} (not in this model's "
+                         "catalogue; give their text as new items to use them)")
+        in_history = {str(h) for h in history}
+        return Query(torch.stack(rows[-self.max_len:]), sorted(exclude), new_vectors, [n["id"] for n in new_items],
+                     [n["text"] for n in new_items], [exclude_history and n["id"] in in_history for n in new_items],
+                     k, dropped)
+
+    def user_vectors(self, queries: Sequence[Query]) -> torch.Tensor:
+        """User vectors [B, d]: each history left-padded to ``max_len``, one encoder call."""
+        x = self.inputs.new_zeros(len(queries), self.max_len, self.inputs.shape[1])
+        valid = torch.zeros(len(queries), self.max_len, dtype=torch.bool, device=self.device)
+        for i, q in enumerate(queries):
+            x[i, self.max_len - len(q.inputs):] = q.inputs
+            valid[i, self.max_len - len(q.inputs):] = True
         with torch.no_grad():
             return self.encoder(x, valid)
 
-    def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = False) -> list[dict]:
-        """The top ``k`` servable items for one history: dicts of rank (1-based), item_id, title
-        (prepare's rendered item text), score, item_idx. Fewer than ``k`` only when fewer items are left."""
+    def answer(self, queries: Sequence[Query]) -> list[list[dict]]:
+        """The top items of each query, batched: dicts of rank (1-based), item_id, title (the item
+        text), score, item_idx (None for a text-only item), new (a text-only item). Order: higher
+        score, then catalogue items by item_idx, then text-only items in the order given."""
         from ..evaluate.metrics import full_ranking_topk
 
-        if isinstance(history, str):
-            raise ConfigError("history: expected a list of item ids, got one string")
-        if k < 1:
-            raise ConfigError(f"k={k}: must be at least 1")
-        user = self.user_vectors([history])
-        exclude = None
-        if exclude_history:
-            seen = sorted({r for r in self.rows(list(history)) if r < self.num_candidates})
-            exclude = [torch.tensor(seen, dtype=torch.long)]
-        scores, cols = full_ranking_topk(user, self.vectors, min(k, self.num_candidates), similarity="dot",
-                                         exclude=exclude)
+        if not queries:
+            return []
+        users = self.user_vectors(queries)
+        k = min(max(q.k for q in queries), self.num_candidates)
+        exclude = [torch.tensor(q.exclude, dtype=torch.long) for q in queries]
+        scores, cols = full_ranking_topk(users, self.vectors, k, similarity="dot", exclude=exclude)
         out = []
-        for score, col in zip(scores[0].tolist(), cols[0].tolist()):
-            if score == float("-inf"):  # an excluded history item filling the tail
-                break
-            out.append({"rank": len(out) + 1, "item_id": self.item_ids[col], "title": self.titles[col],
-                        "score": float(score), "item_idx": int(self.item_idx[col])})
+        for i, q in enumerate(queries):
+            ranked = [(s, 0, c) for s, c in zip(scores[i].tolist(), cols[i].tolist()) if s != float("-inf")]
+            if len(q.new_ids):
+                new_scores = (users[i:i + 1].double() @ q.new_vectors.double().T)[0].tolist()
+                ranked += [(s, 1, j) for j, s in enumerate(new_scores) if not q.new_excluded[j]]
+            ranked.sort(key=lambda r: (-r[0], r[1], r[2]))
+            out.append([self._row(rank, s, new, c, q) for rank, (s, new, c) in enumerate(ranked[:q.k], 1)])
         return out
+
+    def _row(self, rank: int, score: float, new: int, col: int, q: Query) -> dict:
+        if new:
+            return {"rank": rank, "item_id": q.new_ids[col], "title": q.new_titles[col], "score": float(score),
+                    "item_idx": None, "new": True}
+        return {"rank": rank, "item_id": self.item_ids[col], "title": self.titles[col], "score": float(score),
+                "item_idx": int(self.item_idx[col]), "new": False}
+
+    def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = False,
+                  new_items: Sequence[dict] = ()) -> list[dict]:
+        """The top ``k`` items for one history (see :meth:`query` and :meth:`answer`). Fewer than
+        ``k`` only when fewer items are left."""
+        return self.answer([self.query(history, k, new_items=new_items, exclude_history=exclude_history)])[0]
 
 
 def resolve_export(path: str | Path, method: str = "alphafuse", seed: int | None = None) -> Path:
@@ -163,25 +290,30 @@ def resolve_export(path: str | Path, method: str = "alphafuse", seed: int | None
 
 
 def recommend(run_dir_or_export_dir: str | Path, history: Sequence[str], k: int = 10, *,
-              method: str = "alphafuse", seed: int | None = None, exclude_history: bool = False) -> list[dict]:
-    """Top-``k`` items for one user's history of source item ids (time order, most recent last).
+              method: str = "alphafuse", seed: int | None = None, exclude_history: bool = False,
+              new_items: Sequence[dict] = ()) -> list[dict]:
+    """Top-``k`` items for one user's history (time order, most recent last).
 
     Args:
         run_dir_or_export_dir: an export folder, or a run directory (its export of ``method`` /
             ``seed`` is created or refreshed first; ``seed=None``: the method's only model).
-        history: source item ids (prepare's ``item_id``); longer than ``model.max_len``: the last
-            ``max_len`` are used. Retired items may appear in it; they are never recommended.
+        history: source item ids (prepare's ``item_id``), item titles (the ``title`` returned) or
+            ids of ``new_items``; longer than ``model.max_len``: the last ``max_len`` are used.
+            Retired items may appear in it; they are never recommended. Unknown entries are left
+            out with a warning.
         k: how many items.
         exclude_history: never recommend an item of the history (default False, as evaluation).
+        new_items: text-only items ``[{"id", "text"}, ...]`` (alphafuse exports), candidates too.
 
     Returns:
-        ``[{"rank", "item_id", "title", "score", "item_idx"}, ...]``, best first.
+        ``[{"rank", "item_id", "title", "score", "item_idx", "new"}, ...]``, best first.
 
     Raises:
-        DataError naming the unknown ids; ConfigError for an empty history or ``k < 1``.
+        DataError when no history entry is known; ConfigError for an empty history, ``k < 1`` or
+        malformed new items.
     """
     return Recommender(resolve_export(run_dir_or_export_dir, method, seed)).recommend(
-        history, k, exclude_history=exclude_history)
+        history, k, exclude_history=exclude_history, new_items=new_items)
 
 
 def format_recommendations(rows: list[dict], title_width: int = 70) -> str:

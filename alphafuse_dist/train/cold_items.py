@@ -55,16 +55,26 @@ def fill_cold_items(table: torch.Tensor, semantic: torch.Tensor, counts: torch.T
     semantic = semantic.to(torch.float32)
     sem_dim = table.shape[1] - id_dim
     ids = table[:, sem_dim:] - (semantic[:, sem_dim:] if injection == "add" else 0.0)
-    keys = torch.nn.functional.normalize(semantic[warm, :sem_dim], dim=1)
-    warm_ids, warm_counts = ids[warm], counts[warm]
-    k = min(k, len(warm))
+    new_ids = neighbour_id_parts(semantic[cold, :sem_dim], semantic[warm, :sem_dim], ids[warm], counts[warm], k)
     out = table.clone()
-    for start in range(0, len(cold), _CHUNK):
-        rows = cold[start:start + _CHUNK]
-        query = torch.nn.functional.normalize(semantic[rows, :sem_dim], dim=1)
-        top = (query @ keys.T).topk(k, dim=1).indices  # [c, k] positions in `warm`
-        weights = warm_counts[top]
-        weights = weights / weights.sum(dim=1, keepdim=True)
-        new_ids = (weights.unsqueeze(-1) * warm_ids[top]).sum(dim=1)
-        out[rows, sem_dim:] = new_ids + (semantic[rows, sem_dim:] if injection == "add" else 0.0)
+    out[cold, sem_dim:] = new_ids + (semantic[cold, sem_dim:] if injection == "add" else 0.0)
     return out, int(len(cold))
+
+
+@torch.no_grad()
+def neighbour_id_parts(query: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                       k: int) -> torch.Tensor:
+    """ID parts [c, d_n] of items with semantic parts ``query`` [c, d_s]: the ``counts``-weighted
+    mean of ``ids`` [W, d_n] over the ``k`` trained items whose semantic parts ``keys`` [W, d_s]
+    are nearest by cosine (``counts`` [W] all positive). Also the rule for text-only items at
+    serving time (``alphafuse_dist.serve``)."""
+    keys = torch.nn.functional.normalize(keys.to(torch.float32), dim=1)
+    counts, ids, k = counts.to(torch.float32), ids.to(torch.float32), min(k, len(keys))
+    parts = []
+    for start in range(0, len(query), _CHUNK):
+        rows = torch.nn.functional.normalize(query[start:start + _CHUNK].to(torch.float32), dim=1)
+        top = (rows @ keys.T).topk(k, dim=1).indices  # [c, k] positions in keys
+        weights = counts[top]
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        parts.append((weights.unsqueeze(-1) * ids[top]).sum(dim=1))
+    return torch.cat(parts) if parts else ids.new_zeros(0, ids.shape[1])
