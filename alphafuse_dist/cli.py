@@ -9,6 +9,7 @@
     alphafuse retrain --previous REGISTRY|RUN [--interactions F] [--items F] [--tolerance X] [key=value ...]
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
+    alphafuse inspect-data PATH [--items PATH]           columns, types and the data.* keys for your own files
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
 
 Progress goes to stderr (``-v`` / ``--verbose``: debug lines too, with the module that wrote
@@ -100,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run even if up to date (the shared ones once, the others per run)")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", parents=[verbose], help="list the shipped presets")
+    i = sub.add_parser("inspect-data", parents=[verbose],
+                       help="a data file's columns and types, and the data.* keys to read it")
+    i.add_argument("path", help="interactions file (CSV, TSV, Parquet, JSON lines; .gz/.zst; a path or URI)")
+    i.add_argument("--items", default=None, metavar="PATH", help="the items file, if there is one")
     d = sub.add_parser("download", parents=[verbose],
                        help="download a data file, resuming a partial one, and verify its sha256")
     d.add_argument("url")
@@ -252,6 +257,10 @@ def _command(args: argparse.Namespace) -> None:
     _set_umask()
     if args.command == "presets":
         print("\n".join(preset_names()))
+    elif args.command == "inspect-data":
+        from .data.inspect import describe
+
+        print(describe(args.path, args.items))
     elif args.command == "download":
         from .data.download import download
 

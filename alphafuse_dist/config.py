@@ -46,9 +46,10 @@ class DataConfig:
     path: str | None = None
     items_path: str | None = None  # source=interactions / amazon: the items (meta) file
     user_col: str = "user_id"  # source=interactions: column names
-    item_col: str = "item_id"  # source=interactions: the item id column
+    item_col: str = "item_id"  # source=interactions: the item id column of the interactions file
+    items_id_col: str | None = None  # source=interactions: the item id column of the items file (None: item_col)
     time_col: str = "timestamp"  # source=interactions: epoch seconds or ISO 8601; orders each history
-    rating_col: str = "rating"  # source=interactions: used when present
+    rating_col: str = "rating"  # source=interactions: the rating column, used when the file has it
     # --- filters (applied in this order: rating, de-duplication, k-core, last L)
     min_rating: float | None = None  # keep interactions with rating >= this (None: keep all)
     dedupe: Literal["exact", "user_item", "none"] = "exact"  # exact rows, or keep a pair's first interaction
@@ -78,8 +79,10 @@ class DataConfig:
     head_rule: Literal["top_items", "top_interactions", "threshold"] = "top_items"
     head_fraction: float = 0.2  # top_items: share of items; top_interactions: share of interactions
     head_threshold: int | None = None  # threshold: items with > this many training interactions
-    # --- item text: str.format template over the item table's text columns
-    text_template: str = "{title}. Genres: {genres}."  # e.g. "{title}" for title-only text
+    # --- item text: str.format template over the item table's text columns, e.g. "{title}" for
+    # title-only text; None: every text column present, "{first}. Second: {second}. ..." (see
+    # `alphafuse inspect-data`), or "item {item_id}" for an item table without text columns
+    text_template: str | None = None
     text_max_tokens: int | None = None  # truncate by tokens of embed.model's tokenizer (None: no cut)
     missing_text: Literal["error", "placeholder"] = "placeholder"  # items whose text is empty
     placeholder_text: str = "item {item_id}"  # missing_text=placeholder: the text, with {item_id} filled in
