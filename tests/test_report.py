@@ -80,3 +80,20 @@ def test_an_empty_group_is_named_not_tabulated(runs, tmp_path):
     assert section.strip() == "No test case falls in this group."
     assert "## tail (20 test cases)" in md and "| alphafuse |" in md.split("## never_seen")[0]
     write_report(build_report(runs), tmp_path / "r")  # the plot leaves the empty group out without error
+
+
+def test_each_method_keeps_one_colour_and_report_md_links_plots_and_defines_groups(runs, tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from alphafuse_dist.config import METHODS
+    from alphafuse_dist.evaluate.report import method_colour
+
+    colours = [to_rgb(method_colour(m)) for m in METHODS]
+    assert len(set(colours)) == len(METHODS)  # 7 methods, 7 distinct colours
+    # a method's colour does not depend on which or how many methods are compared
+    assert method_colour("morec", ["morec", "alphafuse"]) == method_colour("morec", list(METHODS)) == "tab:green"
+    write_report(build_report(runs), tmp_path / "report", title="ML test")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "![metrics_by_group](metrics_by_group.png)" in md and "![training_curves](training_curves.png)" in md
+    assert "- **tail**: test cases whose target is not a head item" in md
+    assert "MRR@k the mean of 1/(r + 1)" in md
