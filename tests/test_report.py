@@ -97,3 +97,17 @@ def test_each_method_keeps_one_colour_and_report_md_links_plots_and_defines_grou
     assert "![metrics_by_group](metrics_by_group.png)" in md and "![training_curves](training_curves.png)" in md
     assert "- **tail**: test cases whose target is not a head item" in md
     assert "MRR@k the mean of 1/(r + 1)" in md
+
+
+def test_terminal_table_fits_100_columns_and_says_what_it_counts():
+    from alphafuse_dist.evaluate.stage import format_table
+
+    groups = {"overall": 671, "tail": 195, "head": 476}
+    metrics = {"metrics": {g: {**{f"{m}@{k}": 0.0123 for m in ("HR", "NDCG", "MRR") for k in (10, 20)}, "users": n}
+                           for g, n in groups.items()}}
+    table = format_table([("whitenrec (seed 22)", metrics), ("alphafuse (seed 22)", metrics)], ks=(10, 20))
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].split() == ["overall", "(671)", "tail", "(195)", "head", "(476)"]
+    assert lines[3].split() == ["whitenrec", "(seed", "22)"] + ["0.0123"] * 10
+    assert "In brackets: test cases (one per evaluated user)" in table

@@ -110,21 +110,26 @@ def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path)
 
 
 def format_table(rows: list[tuple[str, dict]], ks=(10, 20)) -> str:
-    """A plain-text table, one row per (label, metrics.json content): every metric overall, then
-    HR and NDCG at the first k for tail and head target items (with their user counts)."""
-    overall = [(f"{m}@{k}", "overall", f"{m}@{k}") for k in ks for m in ("HR", "NDCG", "MRR")]
+    """A plain-text table under 100 columns for ks=(10, 20), one row per (label, metrics.json
+    content): HR, NDCG and MRR at every k over all test cases, then HR and NDCG at the first k for
+    the test cases whose target is a tail / head item, with the number of test cases of each group."""
     k0 = ks[0]
-    grouped = [(f"{g}:{m}@{k0}", g, f"{m}@{k0}") for g in ("tail", "head") for m in ("HR", "NDCG")]
-    cols = overall + grouped
-    width = max(len(c[0]) for c in cols) + 2
-    head = f"{'run':<22}" + "".join(f"{c[0]:>{width}}" for c in cols) + f"{'users':>8}"
-    lines = [head, "-" * len(head)]
+    blocks = [("overall", [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")])]
+    blocks += [(g, [f"HR@{k0}", f"NDCG@{k0}"]) for g in ("tail", "head")]
+    first = rows[0][1]["metrics"] if rows else {}
+    label_width = max([len(label) for label, _ in rows] + [3]) + 1
+    widths = [[max(len(name), 6) + 1 for name in names] for _, names in blocks]
+    titles, header = " " * label_width, f"{'run':<{label_width}}"
+    for (group, names), w in zip(blocks, widths):
+        title = f"{group} ({first.get(group, {}).get('users', 0)})"
+        titles += "  " + f"{title:<{sum(w)}}"
+        header += "  " + "".join(f"{n:>{c}}" for n, c in zip(names, w))
+    lines = [titles.rstrip(), header, "-" * len(header)]
     for label, res in rows:
         mets = res["metrics"]
-        cells = "".join(f"{mets.get(g, {}).get(key, float('nan')):>{width}.4f}" for _, g, key in cols)
-        lines.append(f"{label:<22}{cells}{mets['overall'].get('users', 0):>8}")
-    groups = rows[0][1]["metrics"] if rows else {}
-    lines.append(f"(tail/head: target items outside/inside the top share of items by training "
-                 f"popularity; users: tail {groups.get('tail', {}).get('users', 0)}, "
-                 f"head {groups.get('head', {}).get('users', 0)})")
+        cells = "".join("  " + "".join(f"{mets.get(g, {}).get(n, float('nan')):>{c}.4f}" for n, c in zip(names, w))
+                        for (g, names), w in zip(blocks, widths))
+        lines.append(f"{label:<{label_width}}{cells}")
+    lines.append("In brackets: test cases (one per evaluated user). tail / head: test cases whose target\n"
+                 "item is outside / among the head items, the most popular in training (data.head_rule).")
     return "\n".join(lines)
