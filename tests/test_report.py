@@ -96,7 +96,7 @@ def test_each_method_keeps_one_colour_and_report_md_links_plots_and_defines_grou
     md = (tmp_path / "report" / "report.md").read_text()
     assert "![metrics_by_group](metrics_by_group.png)" in md and "![training_curves](training_curves.png)" in md
     assert "- **tail**: test cases whose target is not a head item" in md
-    assert "MRR@k the mean of 1/(r + 1)" in md
+    assert "MRR@k the mean of 1/(r + 1), both counting 0 where r >= k" in md
 
 
 def test_terminal_table_fits_100_columns_and_says_what_it_counts():

@@ -123,7 +123,8 @@ def to_markdown(report: dict, title: str = "Comparison", plots: list[str] = ()) 
               "Seeds: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in report["seeds"].items())
               + ". Cells: mean ± sample std over seeds (the mean alone for a single seed).", "",
               "Metrics: each test case's target gets a 0-based rank r among the candidates; HR@k is the "
-              "share with r < k, NDCG@k the mean of 1/log2(r + 2) over those, MRR@k the mean of 1/(r + 1).",
+              "share with r < k, NDCG@k the mean of 1/log2(r + 2) and MRR@k the mean of 1/(r + 1), both counting "
+              "0 where r >= k.",
               "", "Groups:", ""]
     lines += [f"- **{g}**: {GROUP_DEFINITIONS[g]}" for g in report["groups"] if g in GROUP_DEFINITIONS]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
