@@ -93,7 +93,8 @@ def item_text(cfg: DataConfig, src: Source) -> pl.DataFrame:
                               f"e.g. {{title}}; found {{{field}}}")
         if field not in items.columns:
             raise DataError(f"data.text_template names an item column that does not exist; item columns: "
-                            f"{', '.join(items.columns)}", file=src.files.get("items"), column=field)
+                            f"{', '.join(items.columns)} (data.text_template=null builds the template from them)",
+                            file=src.files.get("items"), column=field)
         fields.append(field)
     cleaned = items.lazy().select("item_id", *(clean_text(pl.col(f).cast(pl.String)).fill_null("").alias(f)
                                                for f in dict.fromkeys(fields) if f != "item_id"))

@@ -40,7 +40,7 @@ def ensure_ray(cfg: RunConfig) -> None:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
         raise
-    _log.info(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
+    _log.debug(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
 
 
 def _start_local(num_cpus: int | None) -> None:
