@@ -220,9 +220,12 @@ def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: 
             history = cfg.run_path / train_stage_name(c) / "history.json"
             runs.append((rows[i][1], json.loads(history.read_text()) if history.exists() else None))
             i += 1
+    from .runtime.tracking import track_report
+
     proposed = "alphafuse" if "alphafuse" in methods else methods[0]
     folder = cfg.run_path / "report"
-    write_report(build_report(runs, proposed=proposed), folder, title=title, k=cfg.eval.ks[0])
+    written = write_report(build_report(runs, proposed=proposed), folder, title=title, k=cfg.eval.ks[0])
+    track_report(cfg, [p for p in written if p.suffix == ".png"])
     return folder
 
 

@@ -13,6 +13,7 @@ one line naming the key (``train.lr=-1: must be > 0``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import hashlib
 import json
 import math
@@ -256,6 +257,18 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where each run's training curves, test metrics, config and report plots are also logged."""
+
+    # None (none): no tracking; tensorboard (event files); mlflow (a run per method and seed; needs mlflow)
+    backend: Literal["tensorboard", "mlflow"] | None = None
+    # tensorboard: the event files' folder (None: <run_dir>/tensorboard); mlflow: the tracking URI
+    # (None: a file store in <run_dir>/mlruns)
+    uri: str | None = None
+    experiment: str | None = None  # mlflow: the experiment (None: the run's name)
+
+
+@dataclass
 class RunConfig:
     name: str = "quickstart"  # the run's name, part of run_dir
     run_dir: str = "runs/{name}"  # {name} and {method} are filled in
@@ -269,6 +282,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_path(self) -> Path:
@@ -287,7 +301,7 @@ class RunConfig:
 # defaults, so that stages written before the key existed stay up to date
 _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None, "warm_start_ids": "carry",
                "cold_items": "trained", "cold_neighbours": 10,
-               "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4,
+               "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4, "items_id_col": None,
                # a key whose name another section also uses: "<dataclass>.<key>"
                "EvalConfig.device": "auto"}
 
@@ -516,6 +530,10 @@ def validate(cfg: "RunConfig") -> None:
     _check_ranges(cfg)
     validate_data(cfg.data)
     m, d, t, data = cfg.model, cfg.decompose, cfg.train, cfg.data
+    package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(cfg.tracking.backend)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"tracking.backend={cfg.tracking.backend}: the {package} package is not installed "
+                          f"(pip install 'alphafuse-dist[{package}]')")
     if m.id_dims >= m.dim:
         raise ConfigError(f"model.id_dims={m.id_dims}: must be < model.dim={m.dim}")
     if m.dim % m.num_heads:

@@ -34,12 +34,13 @@ class Terminal:
     log: Path | None = None
 
 
-_terminal = Terminal(sys.stdout, sys.stderr)
+_terminal: Terminal | None = None  # set by redirect_to_log
 
 
 def terminal() -> Terminal:
-    """The terminal's streams: the process's own until :func:`redirect_to_log` moved them."""
-    return _terminal
+    """The terminal's streams: ``sys.stdout`` / ``sys.stderr`` of the moment (a test's capture)
+    until :func:`redirect_to_log` moved them."""
+    return _terminal or Terminal(sys.stdout, sys.stderr)
 
 
 def _keep(stream: TextIO, fd: int) -> TextIO:
@@ -86,7 +87,7 @@ def log_to_file(path: Path) -> None:
 
 def log_tail(lines: int = 40) -> str:
     """The last ``lines`` lines of the log file :func:`redirect_to_log` opened ("" without one)."""
-    if _terminal.log is None or not _terminal.log.exists():
+    if _terminal is None or not _terminal.log.exists():
         return ""
     with open(_terminal.log, "rb") as f:
         f.seek(0, os.SEEK_END)
