@@ -42,10 +42,10 @@ class DataConfig:
                     "amazon2014", "amazon2018", "amazon2023"] = "ml-latest-small"
     # folder (movielens: ratings.csv/movies.csv, ratings.dat/movies.dat or u.data/u.item; recbole:
     # <name>.inter/.item; amazon: the reviews file or a folder holding reviews + meta files) or,
-    # for source=interactions, the interactions file; ignored for the embedded set. .gz/.zst read
-    # transparently.
+    # for source=interactions, the interactions file (a path or a URI such as s3://bucket/key);
+    # ignored for the embedded set. .gz/.zst read transparently.
     path: str | None = None
-    items_path: str | None = None  # source=interactions / amazon: the items (meta) file
+    items_path: str | None = None  # source=interactions / amazon: the items (meta) file (interactions: or a URI)
     user_col: str = "user_id"  # source=interactions: column names
     item_col: str = "item_id"  # source=interactions: the item id column of the interactions file
     items_id_col: str | None = None  # source=interactions: the item id column of the items file (None: item_col)

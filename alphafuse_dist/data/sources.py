@@ -13,6 +13,8 @@
   of items (``data.items_path``), with the column names ``data.user_col``, ``data.item_col``,
   ``data.time_col`` and, when the file has it, ``data.rating_col``; the items file's id column is
   ``data.items_id_col`` (default: ``data.item_col``). ``alphafuse inspect-data`` suggests them.
+  Either path may be a URI (``s3://bucket/key``): read through pyarrow's file systems from a
+  local copy (:mod:`..runtime.uri`).
 - ``amazon2014`` / ``amazon2018`` / ``amazon2023``: the Amazon review releases of McAuley's group
   (JSON lines, one review or one product per line). ``data.path`` is the reviews file, or a folder
   holding one reviews file and at most one ``meta_*`` file; ``data.items_path`` names the meta file
@@ -48,6 +50,7 @@ import pyarrow as pa
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import fingerprint_path
+from ..runtime.uri import is_uri, local_copy
 from .embedded import embedded_path
 
 # MovieLens marks a movie without genres with this placeholder; it is a missing value, not a genre
@@ -159,9 +162,9 @@ def _locate(cfg: DataConfig) -> tuple[str, dict[str, Path]]:
     if cfg.source == "interactions":
         if cfg.path is None:
             raise ConfigError("data.path: required for data.source=interactions (a Parquet or CSV file)")
-        files = {"interactions": _file(Path(cfg.path))}
+        files = {"interactions": _input_file(cfg.path)}
         if cfg.items_path is not None:
-            files["items"] = _file(Path(cfg.items_path))
+            files["items"] = _input_file(cfg.items_path)
         return "interactions", files
     if cfg.source in _AMAZON:
         return cfg.source, _amazon_files(cfg)
@@ -176,6 +179,11 @@ def _folder(cfg: DataConfig, what: str) -> Path:
         raise DataError(f"{'is not a folder' if folder.exists() else 'does not exist'}: expected {what}",
                         file=folder)
     return folder
+
+
+def _input_file(path: str) -> Path:
+    """A local file, or the local copy of a URI's file (``s3://...``, see :mod:`..runtime.uri`)."""
+    return local_copy(path) if is_uri(path) else _file(Path(path))
 
 
 def _file(path: Path) -> Path:
