@@ -260,7 +260,8 @@ def test_text_template(tmp_path):
     with pytest.raises(DataError) as e:
         prepare(DataConfig(source="movielens", path=str(folder), text_template="{title} {plot}"), tmp_path / "o2")
     assert str(e.value) == (f"file {folder / 'movies.csv'}, column 'plot': data.text_template names an item "
-                            "column that does not exist; item columns: item_id, title, genres, tags")
+                            "column that does not exist; item columns: item_id, title, genres, tags "
+                            "(data.text_template=null builds the template from them)")
     with pytest.raises(ConfigError, match="fields must name item columns"):
         prepare(DataConfig(source="movielens", path=str(folder), text_template="{} {0}"), tmp_path / "o3")
 
