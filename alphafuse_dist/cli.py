@@ -11,13 +11,16 @@
     alphafuse retrain --previous REGISTRY|RUN [--interactions F] [--items F] [--tolerance X] [key=value ...]
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
+    alphafuse inspect-data PATH [--items PATH]           columns, types and the data.* keys for your own files
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)
     alphafuse download NAME --to DIR [--from DIR|URL]    fetch a named data set (alphafuse download --list)
     alphafuse tune --config NAME|FILE --space FILE --methods a,b [key=value ...]
                                                          Ray Tune search, ASHA on validation NDCG, best preset
 
-Progress goes to stderr (``-v`` / ``--verbose``: debug lines too, with the module that wrote
-them). Errors caused by input (config, data) print one line and exit with status 2.
+Progress goes to stderr, one line per stage; ``run``, ``compare`` and ``quickstart`` write the full
+log (debug lines, Ray's output) to ``<run_dir>/alphafuse.log`` and show its last lines only when
+something failed (``-v`` / ``--verbose``: everything on the terminal, debug lines with the module
+that wrote them). Errors caused by input (config, data) print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Callable
 
 from .config import METHODS, load_config, preset_names
 from .errors import AlphaFuseError, ConfigError, user_error
+from .runtime.console import LOG_FILE, log_tail, log_to_file, redirect_to_log, terminal
 
 
 def _byte_size(text: str) -> int:
@@ -43,14 +47,15 @@ def _byte_size(text: str) -> int:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to the ``sys.stderr`` of the moment (a test's capture, a redirected stream)."""
+    """Writes to the terminal's stderr of the moment (a test's capture; after
+    :func:`console.redirect_to_log`, the terminal the process started on)."""
 
     def __init__(self):
-        super().__init__(sys.stderr)
+        super().__init__(terminal().err)
 
     @property
     def stream(self):
-        return sys.stderr
+        return terminal().err
 
     @stream.setter
     def stream(self, value) -> None:
@@ -67,8 +72,24 @@ def configure_logging(verbose: bool | int = False, prefix: str = "") -> None:
     handler = _StderrHandler()
     fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
     handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + fmt))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# set by main(): whether this command line sends the process's output to the run's log file
+_quiet = False
+
+
+def _start_log(cfg) -> None:
+    """``<run_dir>/alphafuse.log`` gets every log line; in a quiet command (the default of the
+    ``alphafuse`` executable, not ``-v``) also all other output of this process and of Ray."""
+    path = cfg.run_path / LOG_FILE
+    if _quiet and terminal().log is None:
+        redirect_to_log(path)
+        print(f"log: {path}", file=terminal().err)
+    else:
+        log_to_file(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run even if up to date (the shared ones once, the others per run)")
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", parents=[verbose], help="list the shipped presets")
+    i = sub.add_parser("inspect-data", parents=[verbose],
+                       help="a data file's columns and types, and the data.* keys to read it")
+    i.add_argument("path", help="interactions file (CSV, TSV, Parquet, JSON lines; .gz/.zst; a path or URI)")
+    i.add_argument("--items", default=None, metavar="PATH", help="the items file, if there is one")
     d = sub.add_parser("download", parents=[verbose],
                        help="download a data file or a named data set, resuming a partial one, and verify sha256s")
     d.add_argument("url", nargs="?", help="an https:// address (with --sha256) or a named data set")
@@ -175,10 +200,12 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
     if jobs < 1:
         raise AlphaFuseError(f"--jobs {jobs}: must be >= 1")
+    _start_log(cfg)
     rows = compare(cfg, method_list, seed_list, stages=stage_list, jobs=jobs, child_logging=configure_logging,
                    force=force_list)
+    out = terminal().out
     table = format_table(rows, ks=tuple(cfg.eval.ks))
-    print("\n" + table)
+    print("\n" + table, file=out)
     path = cfg.run_path / "comparison.json"
     body = json.dumps([{"run": label, **res} for label, res in rows], indent=2)
     from .runtime.manifest import atomic_write_bytes
@@ -186,10 +213,11 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     atomic_write_bytes(path, body.encode())
     if output:
         atomic_write_bytes(Path(output), body.encode())
-    print(f"\nresults: {path}")
+    print(f"\nresults: {path}", file=out)
     if "evaluate" in stages:
         report_dir = _write_report(cfg, rows, method_list, seed_list, title)
-        print(f"report: {report_dir / 'report.md'} (+ report.json, metrics_by_group.png, training_curves.png)")
+        print(f"report: {report_dir / 'report.md'} (+ report.json, metrics_by_group.png, training_curves.png)",
+              file=out)
 
 
 def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: list[int], title: str) -> Path:
@@ -207,9 +235,12 @@ def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: 
             history = cfg.run_path / train_stage_name(c) / "history.json"
             runs.append((rows[i][1], json.loads(history.read_text()) if history.exists() else None))
             i += 1
+    from .runtime.tracking import track_report
+
     proposed = "alphafuse" if "alphafuse" in methods else methods[0]
     folder = cfg.run_path / "report"
-    write_report(build_report(runs, proposed=proposed), folder, title=title, k=cfg.eval.ks[0])
+    written = write_report(build_report(runs, proposed=proposed), folder, title=title, k=cfg.eval.ks[0])
+    track_report(cfg, [p for p in written if p.suffix == ".png"])
     return folder
 
 
@@ -242,17 +273,31 @@ def exit_code(run: Callable[[], object], prefix: str = "alphafuse: error: ") -> 
         err = user_error(e)
         if err is None:
             raise
-        print(f"{prefix}{err}", file=sys.stderr)
+        print(f"{prefix}{err}", file=terminal().err)
         return 2
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``alphafuse`` executable (``argv`` None: the command line; output quiet unless ``-v``)
+    or a call with ``argv`` (a test, a notebook: nothing redirected)."""
+    global _quiet
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    _quiet = argv is None and not args.verbose
     configure_logging(args.verbose)
-    return exit_code(lambda: _command(args))
+    try:
+        return exit_code(lambda: _command(args))
+    except Exception:
+        log = terminal().log
+        if log is None:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into the log, after Ray's lines about the failure
+        print(f"alphafuse: failed; the last lines of {log}:\n{log_tail()}", file=terminal().err)
+        return 1
 
 
 def _served_run(path: str, flag: str = "--run") -> str:
@@ -286,6 +331,10 @@ def _command(args: argparse.Namespace) -> None:
     _set_umask()
     if args.command == "presets":
         print("\n".join(preset_names()))
+    elif args.command == "inspect-data":
+        from .data.inspect import describe
+
+        print(describe(args.path, args.items))
     elif args.command == "download":
         _download(args)
     elif args.command == "tune":
@@ -325,10 +374,11 @@ def _command(args: argparse.Namespace) -> None:
         stages = _stages(args.stages)
         force = _forced(args.force, stages)
         cfg = load_config(args.config, args.overrides)
+        _start_log(cfg)
         out = run_pipeline(cfg, stages=stages, force=force)
         if "metrics" in out:
-            print("\n" + format_table([(cfg.method, out["metrics"])], ks=tuple(cfg.eval.ks)))
-            print(f"\nmetrics: {out['metrics_path']}")
+            print("\n" + format_table([(cfg.method, out["metrics"])], ks=tuple(cfg.eval.ks)), file=terminal().out)
+            print(f"\nmetrics: {out['metrics_path']}", file=terminal().out)
 
 
 if __name__ == "__main__":

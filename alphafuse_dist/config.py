@@ -13,6 +13,7 @@ one line naming the key (``train.lr=-1: must be > 0``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import hashlib
 import json
 import math
@@ -40,15 +41,16 @@ class DataConfig:
     source: Literal["ml-latest-small", "movielens", "recbole", "unisrec", "interactions",
                     "amazon2014", "amazon2018", "amazon2023"] = "ml-latest-small"
     # folder (movielens: ratings.csv/movies.csv, ratings.dat/movies.dat or u.data/u.item; recbole:
-    # <name>.inter/.item; unisrec: <name>.test.inter/.item2index/.text; amazon: the reviews file or a folder holding reviews + meta files) or,
-    # for source=interactions, the interactions file; ignored for the embedded set. .gz/.zst read
-    # transparently.
+    # <name>.inter/.item; unisrec: <name>.test.inter/.item2index/.text; amazon: the reviews file or a
+    # folder holding reviews + meta files) or, for source=interactions, the interactions file (a path
+    # or a URI such as s3://bucket/key); ignored for the embedded set. .gz/.zst read transparently.
     path: str | None = None
-    items_path: str | None = None  # source=interactions / amazon: the items (meta) file
+    items_path: str | None = None  # source=interactions / amazon: the items (meta) file (interactions: or a URI)
     user_col: str = "user_id"  # source=interactions: column names
-    item_col: str = "item_id"  # source=interactions: the item id column
+    item_col: str = "item_id"  # source=interactions: the item id column of the interactions file
+    items_id_col: str | None = None  # source=interactions: the item id column of the items file (None: item_col)
     time_col: str = "timestamp"  # source=interactions: epoch seconds or ISO 8601; orders each history
-    rating_col: str = "rating"  # source=interactions: used when present
+    rating_col: str = "rating"  # source=interactions: the rating column, used when the file has it
     # --- filters (applied in this order: rating, de-duplication, k-core, last L)
     min_rating: float | None = None  # keep interactions with rating >= this (None: keep all)
     dedupe: Literal["exact", "user_item", "none"] = "exact"  # exact rows, or keep a pair's first interaction
@@ -78,8 +80,10 @@ class DataConfig:
     head_rule: Literal["top_items", "top_interactions", "threshold"] = "top_items"
     head_fraction: float = 0.2  # top_items: share of items; top_interactions: share of interactions
     head_threshold: int | None = None  # threshold: items with > this many training interactions
-    # --- item text: str.format template over the item table's text columns
-    text_template: str = "{title}. Genres: {genres}."  # e.g. "{title}" for title-only text
+    # --- item text: str.format template over the item table's text columns, e.g. "{title}" for
+    # title-only text; None: every text column present, "{first}. Second: {second}. ..." (see
+    # `alphafuse inspect-data`), or "item {item_id}" for an item table without text columns
+    text_template: str | None = None
     text_max_tokens: int | None = None  # truncate by tokens of embed.model's tokenizer (None: no cut)
     missing_text: Literal["error", "placeholder"] = "placeholder"  # items whose text is empty
     placeholder_text: str = "item {item_id}"  # missing_text=placeholder: the text, with {item_id} filled in
@@ -256,6 +260,18 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where each run's training curves, test metrics, config and report plots are also logged."""
+
+    # None (none): no tracking; tensorboard (event files); mlflow (a run per method and seed; needs mlflow)
+    backend: Literal["tensorboard", "mlflow"] | None = None
+    # tensorboard: the event files' folder (None: <run_dir>/tensorboard); mlflow: the tracking URI
+    # (None: a file store in <run_dir>/mlruns)
+    uri: str | None = None
+    experiment: str | None = None  # mlflow: the experiment (None: the run's name)
+
+
+@dataclass
 class RunConfig:
     name: str = "quickstart"  # the run's name, part of run_dir
     run_dir: str = "runs/{name}"  # {name} and {method} are filled in
@@ -269,6 +285,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_path(self) -> Path:
@@ -287,7 +304,7 @@ class RunConfig:
 # defaults, so that stages written before the key existed stay up to date
 _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None, "warm_start_ids": "carry",
                "cold_items": "trained", "cold_neighbours": 10,
-               "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4,
+               "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4, "items_id_col": None,
                # a key whose name another section also uses: "<dataclass>.<key>"
                "EvalConfig.device": "auto"}
 
@@ -516,6 +533,10 @@ def validate(cfg: "RunConfig") -> None:
     _check_ranges(cfg)
     validate_data(cfg.data)
     m, d, t, data = cfg.model, cfg.decompose, cfg.train, cfg.data
+    package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(cfg.tracking.backend)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"tracking.backend={cfg.tracking.backend}: the {package} package is not installed "
+                          f"(pip install 'alphafuse-dist[{package}]')")
     if m.id_dims >= m.dim:
         raise ConfigError(f"model.id_dims={m.id_dims}: must be < model.dim={m.dim}")
     if m.dim % m.num_heads:

@@ -28,6 +28,7 @@ from .runtime.manifest import (clean_temporaries, read_manifest, require_stage, 
                                stage_identity)
 from .runtime.ray import ensure_ray
 from .runtime.gpu import check_gpus, out_of_memory_hint
+from .runtime.tracking import track_run
 
 _log = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
     if "evaluate" in stages:
         path = run_dir / evaluate_stage_name(cfg) / "metrics.json"
         out |= {"metrics_path": str(path), "metrics": json.loads(path.read_text())}
+        history = run_dir / train_stage_name(cfg) / "history.json"
+        track_run(cfg, json.loads(history.read_text()) if history.exists() else None, out["metrics"])
     return out
 
 
@@ -289,7 +292,10 @@ def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int,
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_child_init, initargs=(threads,)) as pool:
-        verbose = logging.getLogger("alphafuse_dist").getEffectiveLevel() < logging.INFO
+        # the terminal's level (a log file's handler takes debug lines in any case)
+        logger = logging.getLogger("alphafuse_dist")
+        verbose = min((h.level for h in logger.handlers if not isinstance(h, logging.FileHandler)),
+                      default=logger.getEffectiveLevel()) < logging.INFO
         futures = [pool.submit(_child_run, c, stages, child_logging, verbose, force) for c in runs]
         rows = []
         for c, fut in zip(runs, futures):

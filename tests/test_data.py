@@ -195,7 +195,8 @@ def test_generic_without_items_or_ratings_and_iso_dates(tmp_path):
     prepare(cfg, tmp_path / "out")
     assert read(tmp_path / "out", "test").row(0) == (0, [1, 2], 0)  # y, z, then x
     assert read(tmp_path / "out", "items")["text"].to_list() == ["item x", "item y", "item z"]
-    with pytest.raises(DataError, match=r"clicks.csv: data.min_rating=3.0 is set but this source has no ratings"):
+    with pytest.raises(DataError, match=r"clicks.csv: data.min_rating=3.0 is set but the interactions have no "
+                                         r"column 'rating' \(data.rating_col\)"):
         prepare(generic_cfg(path, None, min_rating=3.0, text_template="{item_id}"), tmp_path / "out2")
 
 
@@ -259,7 +260,8 @@ def test_text_template(tmp_path):
     with pytest.raises(DataError) as e:
         prepare(DataConfig(source="movielens", path=str(folder), text_template="{title} {plot}"), tmp_path / "o2")
     assert str(e.value) == (f"file {folder / 'movies.csv'}, column 'plot': data.text_template names an item "
-                            "column that does not exist; item columns: item_id, title, genres, tags")
+                            "column that does not exist; item columns: item_id, title, genres, tags "
+                            "(data.text_template=null builds the template from them)")
     with pytest.raises(ConfigError, match="fields must name item columns"):
         prepare(DataConfig(source="movielens", path=str(folder), text_template="{} {0}"), tmp_path / "o3")
 
@@ -275,7 +277,7 @@ def test_embedded_ml_latest_small(tmp_path):
                             "valid": 671, "test": 671}
     items = read(tmp_path / "out", "items")
     assert items["item_id"][0] == "1" and items["text"][0] == (
-        "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy.")
+        "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: Pixar.")
     assert items["popularity"].sum() == 100_004 - 2 * 671
     head = items.filter("is_head")
     assert head.height == round(0.2 * 9_066) == 1_813
@@ -357,9 +359,12 @@ def test_bad_files_and_folders(tmp_path):
     latin.write_bytes("uid,iid,ts\nJosé,1,5\n".encode("latin-1"))
     with data_error(f"file {latin}: cannot be read as CSV"):
         load_source(generic_cfg(latin, None))
-    (tmp_path / "inter.json").write_text("{}")
-    with data_error(f"file {tmp_path / 'inter.json'}: unknown file type '.json'"):
-        load_source(generic_cfg(tmp_path / "inter.json", None))
+    (tmp_path / "inter.xlsx").write_text("{}")
+    with data_error(f"file {tmp_path / 'inter.xlsx'}: unknown file type '.xlsx'"):
+        load_source(generic_cfg(tmp_path / "inter.xlsx", None))
+    (tmp_path / "inter.jsonl").write_text('{"uid": "a", "iid": 1}\n')
+    with data_error(f"file {tmp_path / 'inter.jsonl'}, column 'ts': missing required column; columns found: uid, iid"):
+        load_source(generic_cfg(tmp_path / "inter.jsonl", None))
     folder = write_movielens_csv(tmp_path / "ml2")
     (folder / "movies.csv").write_text("movieId,name\n10,x\n")
     with data_error(f"file {folder / 'movies.csv'}, column 'title': missing required column; "

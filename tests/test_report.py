@@ -106,3 +106,35 @@ def test_both_protocols_tabulated_lead_first_and_list_metrics_never_improvements
     assert "| alphafuse | **0.2000** | 0.9000 | 0.5000 |" in md  # the larger head share is not bold
     assert "| improv. of alphafuse over the best baseline | +11.1% (vs sasrec_id) |  |  |" in md
     assert "| improv. of alphafuse over the best baseline | -16.7% (vs sasrec_id) |  |  |" in md
+
+
+def test_each_method_keeps_one_colour_and_report_md_links_plots_and_defines_groups(runs, tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from alphafuse_dist.config import METHODS
+    from alphafuse_dist.evaluate.report import method_colour
+
+    colours = [to_rgb(method_colour(m)) for m in METHODS]
+    assert len(set(colours)) == len(METHODS)  # 7 methods, 7 distinct colours
+    # a method's colour does not depend on which or how many methods are compared
+    assert method_colour("morec", ["morec", "alphafuse"]) == method_colour("morec", list(METHODS)) == "tab:green"
+    write_report(build_report(runs), tmp_path / "report", title="ML test")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "![metrics_by_group](metrics_by_group.png)" in md and "![training_curves](training_curves.png)" in md
+    assert "- **tail**: test cases whose target is not a head item" in md
+    assert "MRR@k the mean of 1/(r + 1), both counting 0 where r >= k" in md
+
+
+def test_terminal_table_fits_100_columns_and_says_what_it_counts():
+    from alphafuse_dist.evaluate.stage import format_table
+
+    groups = {"overall": 671, "tail": 195, "head": 476}
+    metrics = {"metrics": {g: {**{f"{m}@{k}": 0.0123 for m in ("HR", "NDCG", "MRR") for k in (10, 20)}, "users": n}
+                           for g, n in groups.items()}}
+    table = format_table([("whitenrec (seed 22)", metrics), ("alphafuse (seed 22)", metrics)], ks=(10, 20))
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].startswith("protocol: full ranking")
+    assert lines[1].split() == ["overall", "(671)", "tail", "(195)", "head", "(476)"]
+    assert lines[4].split() == ["whitenrec", "(seed", "22)"] + ["0.0123"] * 10
+    assert "In brackets: test cases (one per evaluated user)" in table

@@ -39,7 +39,9 @@ def filter_interactions(inter: pl.DataFrame, cfg: DataConfig, src: Source
     kept = inter
     if cfg.min_rating is not None:
         if "rating" not in src.columns:
-            raise DataError(f"data.min_rating={cfg.min_rating} is set but this source has no ratings",
+            has = (f"no column '{cfg.rating_col}' (data.rating_col)" if cfg.source == "interactions"
+                   else "no ratings")
+            raise DataError(f"data.min_rating={cfg.min_rating} is set but the interactions have {has}",
                             file=src.files["interactions"])
         kept = kept.filter(pl.col("rating") >= cfg.min_rating)
         dropped["below_min_rating"] = inter.height - kept.height

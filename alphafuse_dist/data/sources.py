@@ -12,9 +12,12 @@
 - ``unisrec``: UniSRec's downstream layout in a folder: ``<name>.test.inter`` (per user the
   history as item indices and the last item), ``<name>.item2index`` (raw item id, index) and
   ``<name>.text`` (raw item id, item text); see :func:`_unisrec`.
-- ``interactions``: one Parquet / CSV / TSV file of interactions (``data.path``) and optionally one
+- ``interactions``: one Parquet / CSV / TSV / JSON-lines file of interactions (``data.path``) and optionally one
   of items (``data.items_path``), with the column names ``data.user_col``, ``data.item_col``,
-  ``data.time_col``; a column named ``rating``, when present, is the rating.
+  ``data.time_col`` and, when the file has it, ``data.rating_col``; the items file's id column is
+  ``data.items_id_col`` (default: ``data.item_col``). ``alphafuse inspect-data`` suggests them.
+  Either path may be a URI (``s3://bucket/key``): read through pyarrow's file systems from a
+  local copy (:mod:`..runtime.uri`).
 - ``amazon2014`` / ``amazon2018`` / ``amazon2023``: the Amazon review releases of McAuley's group
   (JSON lines, one review or one product per line). ``data.path`` is the reviews file, or a folder
   holding one reviews file and at most one ``meta_*`` file; ``data.items_path`` names the meta file
@@ -50,6 +53,7 @@ import pyarrow as pa
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import fingerprint_path
+from ..runtime.uri import is_uri, local_copy
 from .embedded import embedded_path
 
 # MovieLens marks a movie without genres with this placeholder; it is a missing value, not a genre
@@ -62,7 +66,8 @@ _DAT_COLUMNS = {
     "movies.dat": ["MovieID", "Title", "Genres"],
     "tags.dat": ["UserID", "MovieID", "Tag", "Timestamp"],
 }
-_TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": ",", ".tsv": "\t", ".tab": "\t"}
+_TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": ",", ".tsv": "\t", ".tab": "\t",
+                   ".jsonl": "json", ".ndjson": "json", ".json": "json"}
 # file suffix -> pyarrow codec; the suffix is dropped to find the format of what is inside
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 # ml-100k's 19 genre flag columns, in file order, for a copy without ``u.genre``
@@ -168,9 +173,9 @@ def _locate(cfg: DataConfig) -> tuple[str, dict[str, Path]]:
     if cfg.source == "interactions":
         if cfg.path is None:
             raise ConfigError("data.path: required for data.source=interactions (a Parquet or CSV file)")
-        files = {"interactions": _file(Path(cfg.path))}
+        files = {"interactions": _input_file(cfg.path)}
         if cfg.items_path is not None:
-            files["items"] = _file(Path(cfg.items_path))
+            files["items"] = _input_file(cfg.items_path)
         return "interactions", files
     if cfg.source in _AMAZON:
         return cfg.source, _amazon_files(cfg)
@@ -185,6 +190,11 @@ def _folder(cfg: DataConfig, what: str) -> Path:
         raise DataError(f"{'is not a folder' if folder.exists() else 'does not exist'}: expected {what}",
                         file=folder)
     return folder
+
+
+def _input_file(path: str) -> Path:
+    """A local file, or the local copy of a URI's file (``s3://...``, see :mod:`..runtime.uri`)."""
+    return local_copy(path) if is_uri(path) else _file(Path(path))
 
 
 def _file(path: Path) -> Path:
@@ -273,7 +283,7 @@ def _readable(path: Path) -> Path | io.BytesIO:
 def _read_table(path: Path, required: list[str], optional: list[str] = (), everything: bool = False
                 ) -> pl.DataFrame:
     """The ``required`` and present ``optional`` columns (or, with ``everything``, all columns) of a
-    Parquet / CSV / TSV file, chosen by suffix (after any ``.gz`` / ``.zst``).
+    Parquet / CSV / TSV / JSON-lines file, chosen by suffix (after any ``.gz`` / ``.zst``).
 
     CSV fields are read as strings and typed later, so that ids keep their exact text ("007").
     """
@@ -285,6 +295,8 @@ def _read_table(path: Path, required: list[str], optional: list[str] = (), every
     try:
         if kind == "parquet":
             frame = pl.scan_parquet(source)
+        elif kind == "json":
+            frame = pl.scan_ndjson(source)
         else:
             # empty fields stay "" here: a missing id is reported as such, text renders it as ""
             frame = pl.scan_csv(source, separator=kind, infer_schema=False, empty_string_is_null=False)
@@ -296,8 +308,9 @@ def _read_table(path: Path, required: list[str], optional: list[str] = (), every
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a header and data rows", file=path) from None
     except (pl.exceptions.PolarsError, OSError) as e:
-        if kind == "parquet":
-            raise DataError(f"cannot be read as Parquet: {_first_line(e)}", file=path) from None
+        if kind in ("parquet", "json"):
+            what = "Parquet" if kind == "parquet" else "JSON lines"
+            raise DataError(f"cannot be read as {what}: {_first_line(e)}", file=path) from None
         raise DataError(f"cannot be read as CSV: {_not_utf8(path) or _first_line(e)}", file=path) from None
 
 
@@ -750,13 +763,14 @@ def _generic(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     """An interactions table with configurable column names and an optional item table."""
     path = files["interactions"]
     cols = {"user_id": cfg.user_col, "item_id": cfg.item_col, "timestamp": cfg.time_col}
-    df = _read_table(path, list(cols.values()), optional=["rating"])
-    if "rating" in df.columns and "rating" not in cols.values():
-        cols["rating"] = "rating"
+    df = _read_table(path, list(cols.values()), optional=[cfg.rating_col])
+    if cfg.rating_col in df.columns and cfg.rating_col not in cols.values():
+        cols["rating"] = cfg.rating_col
     interactions = _interactions(df, path, cols)
     if "items" not in files:
         return Source(interactions, _ids_only(interactions), files, cols, f"interactions {path} (no item file)")
-    items = _items(_read_table(files["items"], [cfg.item_col], everything=True), files["items"], cfg.item_col)
+    id_col = cfg.items_id_col or cfg.item_col
+    items = _items(_read_table(files["items"], [id_col], everything=True), files["items"], id_col)
     return Source(interactions, items, files, cols, f"interactions {path}, items {files['items']}")
 
 

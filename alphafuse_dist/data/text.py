@@ -48,10 +48,27 @@ def _unescape(values: pl.Series) -> pl.Series:
     return values.scatter(rows, [html.unescape(v) for v in values.gather(rows).to_list()])
 
 
+def default_template(columns: list[str]) -> str:
+    """The item text template for ``data.text_template=None``, over the item table ``columns``
+    (``item_id`` first): the first text column bare, every other one labelled, e.g.
+    ``["item_id", "title", "genres", "release_year"]`` -> ``"{title}. Genres: {genres}. Release
+    year: {release_year}."``; ``"item {item_id}"`` when there is no text column."""
+    text = [c for c in columns[1:] if c.isidentifier()]  # str.format fields must be identifiers
+    if not text:
+        return "item {item_id}"
+    labelled = (f"{c.replace('_', ' ').capitalize()}: {{{c}}}." for c in text[1:])
+    return " ".join([f"{{{text[0]}}}.", *labelled])
+
+
+def template_for(cfg: DataConfig, src: Source) -> str:
+    """``data.text_template``, or :func:`default_template` of ``src``'s item columns when it is None."""
+    return cfg.text_template if cfg.text_template is not None else default_template(src.items.columns)
+
+
 def item_text(cfg: DataConfig, src: Source) -> pl.DataFrame:
     """The text of every catalogue item: ``item_id:str``, ``text:str``, ``empty:bool``.
 
-    ``text`` is ``data.text_template`` filled in as by ``str.format`` from the item's cleaned
+    ``text`` is the template (:func:`template_for`) filled in as by ``str.format`` from the item's cleaned
     columns (``item_id`` and the text columns; missing values render as ""), then whitespace
     collapsed again. ``empty`` is true where every field the template names is empty after
     cleaning (the literal parts alone say nothing about the item). Conversions and format specs
@@ -61,7 +78,7 @@ def item_text(cfg: DataConfig, src: Source) -> pl.DataFrame:
         ConfigError: the template is not a valid format string or has positional fields.
         DataError: a field names no column of the item table (the columns are listed).
     """
-    template = cfg.text_template
+    template = template_for(cfg, src)
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
@@ -76,7 +93,8 @@ def item_text(cfg: DataConfig, src: Source) -> pl.DataFrame:
                               f"e.g. {{title}}; found {{{field}}}")
         if field not in items.columns:
             raise DataError(f"data.text_template names an item column that does not exist; item columns: "
-                            f"{', '.join(items.columns)}", file=src.files.get("items"), column=field)
+                            f"{', '.join(items.columns)} (data.text_template=null builds the template from them)",
+                            file=src.files.get("items"), column=field)
         fields.append(field)
     cleaned = items.lazy().select("item_id", *(clean_text(pl.col(f).cast(pl.String)).fill_null("").alias(f)
                                                for f in dict.fromkeys(fields) if f != "item_id"))
@@ -110,8 +128,9 @@ def fill_missing(texts: pl.DataFrame, cfg: DataConfig, items_file) -> tuple[pl.D
         return texts, 0
     if cfg.missing_text == "error":
         shown = ", ".join(repr(i) for i in empty.head(5).to_list())
+        template = repr(cfg.text_template) if cfg.text_template is not None else "built from the item columns"
         raise DataError(f"{empty.len()} items have no text after cleaning (template "
-                        f"{cfg.text_template!r}), e.g. item ids {shown}; fill them in or set "
+                        f"{template}), e.g. item ids {shown}; fill them in or set "
                         "data.missing_text=placeholder", file=items_file, column="text")
     placeholder = _placeholder(cfg.placeholder_text)
     return texts.with_columns(pl.when("empty").then(placeholder).otherwise("text").alias("text")), empty.len()

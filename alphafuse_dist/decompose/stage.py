@@ -182,8 +182,12 @@ def plot_spectrum(basis: NullSpaceBasis, path: Path) -> None:
                                  (d_s, d, "tab:orange", "null (ID)"), (d, len(values), "tab:gray", "dropped")]:
         if hi > lo:
             ax.axvspan(lo - 0.5, hi - 0.5, color=color, alpha=0.2, label=f"{label} [{lo}, {hi})")
+    # the y axis shows the kept directions and one decade below: round-off eigenvalues of the dropped
+    # range (down to 1e-19) would squeeze the useful curve into the top of the plot
+    kept = values[:d][values[:d] > 0]
+    bottom = max(kept.min() / 10, values[positive].min()) if kept.size else None
     ax.set(xlabel="direction k (eigenvalues descending)", ylabel="eigenvalue (covariance of scale * E)",
-           xlim=(-0.5, len(values) - 0.5))
+           xlim=(-0.5, len(values) - 0.5), ylim=(bottom, values.max() * 2) if bottom else None)
     right = ax.twinx()
     explained = basis.explained_variance()
     right.plot(k, explained, color="tab:green", lw=1.2, ls="--", label="cumulative explained variance")
@@ -194,6 +198,6 @@ def plot_spectrum(basis: NullSpaceBasis, path: Path) -> None:
                  f"{explained[d - 1]:.1%}", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())

@@ -10,8 +10,9 @@ training curves, the train stage's ``history.json``. Outputs (written atomically
   over seeds, the best baseline and the improvement row (accuracy metrics only; the top-k lists'
   ``PopShare`` and ``Coverage`` stand beside them).
 - ``report.json``: the same numbers for machines, plus every seed's raw metrics.
-- ``metrics_by_group.png``: NDCG@k per group and method, std as error bars.
-- ``training_curves.png``: training loss and validation NDCG@10 per epoch, one line per run.
+- ``metrics_by_group.png``: NDCG@k per group and method, std over seeds as error bars (none for one seed).
+- ``training_curves.png``: training loss and validation NDCG@10 per epoch, one line per run; a
+  method has one colour (:data:`METHOD_COLOURS`) in every plot, its seeds one line style each.
 
 Example::
 
@@ -47,6 +48,18 @@ def protocol_label(metrics: dict, ranking: str | None = None) -> str:
 
 def _is_accuracy(metric: str) -> bool:
     return metric.split("@")[0] in ACCURACY
+
+
+GROUP_DEFINITIONS = {
+    "overall": "every test case (one per evaluated user)",
+    "head": "test cases whose target is a head item: among the most popular items in training "
+            "(data.head_rule, by default the 20% most interacted-with items; eval.tail_item_threshold if set)",
+    "tail": "test cases whose target is not a head item",
+    "head_users": "users with a long history (by default the 20% of users with the longest; "
+                  "eval.tail_user_threshold if set)",
+    "tail_users": "the other users (by default the 80% with the shortest histories)",
+    "never_seen": "test cases whose target has no training interaction",
+}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -130,8 +143,9 @@ def _metric_columns(tables: dict, group: str) -> list[str]:
     return sorted(any_method, key=key)
 
 
-def to_markdown(report: dict, title: str = "Comparison") -> str:
-    """The report as Markdown tables (see the module docstring)."""
+def to_markdown(report: dict, title: str = "Comparison", plots: list[str] = ()) -> str:
+    """The report as Markdown tables (see the module docstring), with its groups defined and the
+    ``plots`` (file names beside report.md) linked."""
     p = report["protocol"]
     lines = [f"# {title}", ""]
     names = report.get("protocol_names", {})
@@ -141,7 +155,14 @@ def to_markdown(report: dict, title: str = "Comparison") -> str:
              f"{p.get('items', '?')} items"]
     lines += ["Protocol: " + ", ".join(facts) + ".",
               "Seeds: " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in report["seeds"].items())
-              + ". Cells: mean ± sample std over seeds (the mean alone for a single seed).", ""]
+              + ". Cells: mean ± sample std over seeds (the mean alone for a single seed).", "",
+              "Metrics: each test case's target gets a 0-based rank r among the candidates; HR@k is the "
+              "share with r < k, NDCG@k the mean of 1/log2(r + 2) and MRR@k the mean of 1/(r + 1), both counting "
+              "0 where r >= k. PopShare@k: the share of top-k slots holding a head item; Coverage@k: distinct "
+              "items in all top-k lists / catalogue items.",
+              "", "Groups:", ""]
+    lines += [f"- **{g}**: {GROUP_DEFINITIONS[g]}" for g in report["groups"] if g in GROUP_DEFINITIONS]
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
     if names:
         lines += ["Rankings reported (the first leads): " + "; ".join(names.values()) + ".", ""]
     for ranking, tables in (report.get("by_protocol") or {None: report}).items():
@@ -181,6 +202,23 @@ def _protocol_markdown(report: dict, tables: dict, name: str) -> list[str]:
     return lines
 
 
+# one colour per method in every plot of every report (tab10): the proposed method red, the ID-only
+# baseline blue; names outside this map (none today) take the remaining tab10 colours in order
+METHOD_COLOURS = {"alphafuse": "tab:red", "sasrec_id": "tab:blue", "llminit": "tab:orange",
+                  "morec": "tab:green", "whitenrec": "tab:purple", "unisrec": "tab:brown", "rlmrec": "tab:pink"}
+_SPARE_COLOURS = ("tab:olive", "tab:cyan", "tab:gray")
+_SEED_STYLES = ("-", "--", ":", "-.")  # a method's seeds: its colour, one line style each
+
+
+def method_colour(method: str, methods: list[str] = ()) -> str:
+    """The fixed colour of ``method`` (:data:`METHOD_COLOURS`); an unlisted one takes a spare
+    colour by its position among the unlisted names of ``methods``."""
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    unlisted = [m for m in methods if m not in METHOD_COLOURS]
+    return _SPARE_COLOURS[unlisted.index(method) % len(_SPARE_COLOURS) if method in unlisted else 0]
+
+
 def _plots(report: dict, folder: Path, k: int) -> list[str]:
     """metrics_by_group.png and training_curves.png; returns the file names written."""
     try:
@@ -190,41 +228,53 @@ def _plots(report: dict, folder: Path, k: int) -> list[str]:
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     written = []
+    methods = report["methods"]
     metric = f"NDCG@{k}"
     groups = [g for g in report["groups"] if report["users"].get(g, 0)
               and all(metric in v for v in report["groups"][g].values())]
     if groups:
-        methods = report["methods"]
-        fig, ax = plt.subplots(figsize=(min(14, max(6, 0.35 * len(groups) * max(1, len(methods)) + 2)), 4.5))
+        fig, ax = plt.subplots(figsize=(min(16, max(7, 0.3 * len(groups) * len(methods) + 3)), 4.5))
         width = 0.8 / max(len(methods), 1)
         for i, method in enumerate(methods):
-            means = [report["groups"][g].get(method, {}).get(metric, [np.nan, 0])[0] for g in groups]
-            stds = [report["groups"][g].get(method, {}).get(metric, [np.nan, 0])[1] for g in groups]
-            ax.bar(np.arange(len(groups)) + i * width, means, width, yerr=stds, capsize=3, label=method)
+            values = [report["groups"][g].get(method, {}).get(metric, [np.nan, 0]) for g in groups]
+            several = len(report["seeds"].get(method, [])) > 1  # one seed: no error bar
+            ax.bar(np.arange(len(groups)) + i * width, [v[0] for v in values], width,
+                   yerr=[v[1] for v in values] if several else None, capsize=3, label=method,
+                   color=method_colour(method, methods))
         ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2)
         ax.set_xticklabels([f"{g}\n({report['users'].get(g, 0)})" for g in groups])
         ax.set_ylabel(metric)
         lead = report.get("protocol_names", {}).get((report.get("protocols") or [None])[0], "")
-        ax.set_title(f"{metric} by group (mean ± std over seeds; test cases in brackets)\n{lead}", fontsize="medium")
+        spread = "; error bars: std over seeds" if any(len(s) > 1 for s in report["seeds"].values()) else ""
+        ax.set_title(f"{metric} by group\n(mean{spread}; test cases in brackets)\n{lead}", fontsize=10)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-        fig.tight_layout()
         written.append(_save(fig, folder / "metrics_by_group.png"))
         plt.close(fig)
     curves = [(r["metrics"]["method"], r["metrics"]["seed"], r["history"]) for r in report["runs"] if r["history"]]
     if curves:
-        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+        seeds = sorted({seed for _, seed, _ in curves})
         for method, seed, hist in curves:
-            epochs = [e["epoch"] for e in hist.get("epochs", [])]
-            ax_loss.plot(epochs, [e["loss"] for e in hist["epochs"]], label=f"{method} s{seed}")
-            val = [(e["epoch"], e["val_NDCG@10"]) for e in hist["epochs"] if "val_NDCG@10" in e]
+            style = dict(color=method_colour(method, methods), ls=_SEED_STYLES[seeds.index(seed) % len(_SEED_STYLES)])
+            epochs = hist.get("epochs", [])
+            ax_loss.plot([e["epoch"] for e in epochs], [e["loss"] for e in epochs], **style)
+            val = [(e["epoch"], e["val_NDCG@10"]) for e in epochs if "val_NDCG@10" in e]
             if val:
-                ax_val.plot(*zip(*val), marker=".", label=f"{method} s{seed}")
-        ax_loss.set_xlabel("epoch"), ax_loss.set_ylabel("training loss"), ax_loss.set_title("training loss")
-        ax_val.set_xlabel("epoch"), ax_val.set_ylabel("validation NDCG@10"), ax_val.set_title("validation NDCG@10")
-        ax_val.legend(fontsize=7)
-        fig.tight_layout()
+                ax_val.plot(*zip(*val), marker=".", **style)
+        shown = [m for m in methods if any(c[0] == m for c in curves)]
+        handles = [Line2D([], [], color=method_colour(m, methods), label=m) for m in shown]
+        if len(seeds) > 1:
+            handles += [Line2D([], [], color="black", ls=_SEED_STYLES[i % len(_SEED_STYLES)], label=f"seed {s}")
+                        for i, s in enumerate(seeds)]
+        for ax, label in ((ax_loss, "training loss"), (ax_val, "validation NDCG@10")):
+            ax.set_xlabel("epoch"), ax.set_ylabel(label), ax.set_title(label, fontsize=10)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+                      ncol=min(len(handles), 4), frameon=False)
         written.append(_save(fig, folder / "training_curves.png"))
         plt.close(fig)
     return written
@@ -234,7 +284,7 @@ def _save(fig, path: Path) -> str:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # nothing clipped: titles, legends
     atomic_write_bytes(path, buf.getvalue())
     return path.name
 
@@ -243,7 +293,8 @@ def write_report(report: dict, folder: Path, title: str = "Comparison", k: int =
     """Write report.md, report.json and the PNG plots into ``folder``; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "report.md", to_markdown(report, title).encode())
+    plots = _plots(report, folder, k)
+    atomic_write_bytes(folder / "report.md", to_markdown(report, title, plots).encode())
     atomic_write_json(folder / "report.json", report)
-    names = ["report.md", "report.json", *_plots(report, folder, k)]
+    names = ["report.md", "report.json", *plots]
     return [folder / n for n in names]

@@ -133,27 +133,36 @@ def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path)
 
 
 def format_table(rows: list[tuple[str, dict]], ks=(10, 20)) -> str:
-    """A plain-text table per protocol (the lead one first), one row per (label, metrics.json
-    content): every metric overall, HR and NDCG at the first k for tail and head target items
-    (with their user counts), and the top-k lists' head share and catalogue coverage."""
-    overall = [(f"{m}@{k}", "overall", f"{m}@{k}") for k in ks for m in ("HR", "NDCG", "MRR")]
+    """Plain-text tables under 100 columns for ks=(10, 20), one block per protocol (the lead one
+    first), one row per (label, metrics.json content): HR, NDCG and MRR at every k over all test
+    cases, HR and NDCG at the first k for the test cases whose target is a tail / head item (with
+    the number of test cases of each group), then the top-k lists' PopShare and Coverage."""
     k0 = ks[0]
-    grouped = [(f"{g}:{m}@{k0}", g, f"{m}@{k0}") for g in ("tail", "head") for m in ("HR", "NDCG")]
-    lists = [(f"{m}@{k0}", "overall", f"{m}@{k0}") for m in ("PopShare", "Coverage")]
-    cols = overall + grouped + lists
-    width = max(len(c[0]) for c in cols) + 2
-    head = f"{'run':<22}" + "".join(f"{c[0]:>{width}}" for c in cols) + f"{'users':>8}"
-    protocols = list(rows[0][1].get("by_protocol", {None: None})) if rows else []
+    blocks = [("overall", [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")])]
+    blocks += [(g, [f"HR@{k0}", f"NDCG@{k0}"]) for g in ("tail", "head")]
+    lists = [f"PopShare@{k0}", f"Coverage@{k0}"]
+    first = rows[0][1]["metrics"] if rows else {}
+    label_width = max([len(label) for label, _ in rows] + [3]) + 1
+    widths = [[max(len(name), 6) + 1 for name in names] for _, names in blocks]
+    titles, header = " " * label_width, f"{'run':<{label_width}}"
+    for (group, names), w in zip(blocks, widths):
+        title = f"{group} ({first.get(group, {}).get('users', 0)})"
+        titles += "  " + f"{title:<{sum(w)}}"
+        header += "  " + "".join(f"{n:>{c}}" for n, c in zip(names, w))
+    list_header = f"{f'top-{k0} lists':<{label_width}}  " + "".join(f"{n:>{len(n) + 2}}" for n in lists)
     lines = []
-    for protocol in protocols:
-        lines += ["", f"protocol: {protocol_label(rows[0][1], protocol)}", head, "-" * len(head)]
-        for label, res in rows:
-            mets = res["by_protocol"][protocol] if protocol else res["metrics"]
-            cells = "".join(f"{mets.get(g, {}).get(key, float('nan')):>{width}.4f}" for _, g, key in cols)
-            lines.append(f"{label:<22}{cells}{mets['overall'].get('users', 0):>8}")
-    groups = rows[0][1]["metrics"] if rows else {}
-    lines.append(f"(tail/head: target items outside/inside the top share of items by training "
-                 f"popularity; users: tail {groups.get('tail', {}).get('users', 0)}, "
-                 f"head {groups.get('head', {}).get('users', 0)}; PopShare: share of top-{k0} slots holding "
-                 f"a head item; Coverage: distinct items in all top-{k0} lists / catalogue)")
+    for protocol in (list(rows[0][1].get("by_protocol", {})) or [None]) if rows else []:
+        lines += ["", f"protocol: {protocol_label(rows[0][1], protocol)}", titles.rstrip(), header, "-" * len(header)]
+        table = [(label, res["by_protocol"][protocol] if protocol else res["metrics"]) for label, res in rows]
+        for label, mets in table:
+            lines.append(f"{label:<{label_width}}" + "".join(
+                "  " + "".join(f"{mets.get(g, {}).get(n, float('nan')):>{c}.4f}" for n, c in zip(names, w))
+                for (g, names), w in zip(blocks, widths)))
+        if any(lists[0] in mets.get("overall", {}) for _, mets in table):
+            lines += [list_header] + [f"{label:<{label_width}}  " + "".join(
+                f"{mets['overall'].get(n, float('nan')):>{len(n) + 2}.4f}" for n in lists) for label, mets in table]
+    lines.append(f"In brackets: test cases (one per evaluated user). tail / head: test cases whose target\n"
+                 f"item is outside / among the head items, the most popular in training (data.head_rule).\n"
+                 f"PopShare@{k0}: share of top-{k0} slots holding a head item; Coverage@{k0}: distinct items in all\n"
+                 f"top-{k0} lists / catalogue.")
     return "\n".join(lines[1:])

@@ -28,8 +28,7 @@ def ensure_ray(cfg: RunConfig) -> None:
         _log.info(f"[ray] connecting to {cfg.ray.address}")
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+        _start_local(cfg.ray.num_cpus)
     # later ray.init() calls in this process tree (library helpers, actors) must find THIS
     # instance even when other Ray instances run on the machine
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -41,7 +40,34 @@ def ensure_ray(cfg: RunConfig) -> None:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
         raise
-    _log.info(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
+    _log.debug(f"[ray] resources: {ray.cluster_resources()}; every node's worker ran a first task within {seconds:.2f}s")
+
+
+def _start_local(num_cpus: int | None) -> None:
+    """Start Ray in this process so that Ray's own helpers find it when other Ray instances run.
+
+    Ray Train's placement-group cleaner actor asks the State API for the controller's state with
+    no address, which resolves ``RAY_ADDRESS`` in the actor's own process and otherwise fails
+    ("Found multiple active Ray instances") as soon as a second Ray instance runs on the machine.
+    So the GCS port is chosen here (``RAY_GCS_SERVER_PORT``, read when Ray starts the GCS) and
+    every worker of the job gets ``RAY_ADDRESS`` through the job's runtime_env. The State API is
+    served by the dashboard process, hence ``include_dashboard=True`` (its HTTP port is picked
+    from 8265 upwards when that one is taken).
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:  # a free port; another process could take it before the GCS does (rare)
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING", runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def _worker_version() -> str:

@@ -65,3 +65,16 @@ def seed_torch(seed: int, *keys: int, rank: int | None = None) -> None:
 
     base = derive_seed(seed, *keys)
     torch.manual_seed(base if rank is None else base * MAX_WORKERS + rank)
+
+
+def deterministic_torch() -> None:
+    """Make torch pick deterministic kernels in this process (training workers): ops with a
+    deterministic variant use it (index_add, scatter_add and embedding backward on CUDA, cuBLAS
+    with a fixed workspace); an op without one warns instead of failing. CPU float sums stay
+    deterministic for a fixed thread count only: they are split by ``torch.get_num_threads()``."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -30,7 +30,7 @@ from ..model.backbones import draw_cloze_mask
 from ..model.losses import expected_count_log_q
 from ..model.recommender import build_model
 from ..runtime.dist import all_reduce_sum, rank_world
-from ..runtime.seeding import epoch_order, seed_torch, seeded_generator
+from ..runtime.seeding import deterministic_torch, epoch_order, seed_torch, seeded_generator
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .inputs import TrainInputs, load_item_inputs
 from .optim import build_optimizer
@@ -289,6 +289,7 @@ def train_model(cfg: RunConfig, inputs: TrainInputs, *, report: Report | None = 
                 log: Callable[[str], None] = print, folder: Path | None = None) -> TrainResult:
     """Set up, train and finalize a :class:`TrainRecipe` (every worker of a run calls this with the
     same arguments; ``folder``: where to write the model, None to only return it)."""
+    deterministic_torch()
     recipe = TrainRecipe(cfg, inputs, report=report, log=log)
     recipe.setup(resume_from)
     recipe.train()
