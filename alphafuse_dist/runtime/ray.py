@@ -64,7 +64,9 @@ def _start_local(num_cpus: int | None) -> None:
     address = f"{ray.util.get_node_ip_address()}:{port}"
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, configure_logging=True,
+        # the dashboard (and its Jobs API, which runs code) listens on loopback only
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 configure_logging=True,
                  logging_level="WARNING", runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
