@@ -101,7 +101,7 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
     def build(tmp: Path) -> dict:
         ensure_ray(cfg)
         weights = None
-        if cfg.decompose.weighted_mean:
+        if cfg.decompose.weighted_mean or cfg.decompose.weighted_covariance:
             import numpy as np
             import pyarrow.parquet as pq
 
@@ -113,7 +113,7 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
     inputs = {"embed": stage_digest(run_dir, "embed")}
     if cfg.decompose.reuse_basis:  # a rebuilt previous basis reruns this stage
         inputs["reuse_basis"] = _previous_digest(cfg.decompose.reuse_basis, "decompose.reuse_basis")
-    if cfg.decompose.weighted_mean:  # the weights are prepare's popularity column
+    if cfg.decompose.weighted_mean or cfg.decompose.weighted_covariance:  # weights: prepare's popularity column
         inputs["prepare"] = stage_digest(run_dir, "prepare")
     return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
                      inputs=inputs, build=build, force=force)

@@ -33,7 +33,7 @@ def _fused(cfg: RunConfig, n: int, given: dict, device, generator):
     m = cfg.model
     return FusedItemTable(n, m.dim, cfg.model.id_dims, method=cfg.method, injection=m.injection,
                           semantic=given["semantic"], id_init=m.id_init, id_init_std=m.id_init_std,
-                          backend=cfg.train.backend, device=device, generator=generator)
+                          id_space=m.id_space, backend=cfg.train.backend, device=device, generator=generator)
 
 
 def _morec(cfg: RunConfig, n: int, given: dict, device, generator):
