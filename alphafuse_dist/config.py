@@ -12,6 +12,7 @@ one line naming the key (``train.lr=-1: must be > 0``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -174,10 +175,10 @@ class ModelConfig:
     dreamrec_guidance: float = 2.0  # w: x0 = (1 + w) f(x, history) - w f(x, none) when generating
     dreamrec_p_uncond: float = 0.1  # share of training positions whose guidance is replaced by "none"
     dreamrec_sample_steps: int = 20  # DDIM steps of the generation (<= dreamrec_timesteps)
-    # ablation: where alphafuse's trainable ID part lives: "null" = the last model.id_dims
-    # coordinates (the paper), "full" = added into all model.dim coordinates (no null-space clip),
-    # "none" = no ID part (the frozen semantic table alone)
-    id_space: Literal["null", "full", "none"] = "null"
+    # ablation: where alphafuse's trainable ID part lives: "null_space" = the last model.id_dims
+    # coordinates (the paper), "full_space" = added into all model.dim coordinates (no null-space
+    # clip), "semantic_only" = no ID part (the frozen semantic table alone)
+    id_space: Literal["null_space", "full_space", "semantic_only"] = "null_space"
     # --- baselines (method=...): see alphafuse_dist.model.methods
     unisrec_experts: int = 8  # unisrec: experts n of the MoE whitening adaptor
     unisrec_with_ids: bool = False  # unisrec: add a trainable ID row (transductive); off = inductive
@@ -304,7 +305,7 @@ _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None,
                "cold_items": "trained", "cold_neighbours": 10,
                "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4,
                # a key whose name another section also uses: "<dataclass>.<key>"
-               "EvalConfig.device": "auto", "weighted_covariance": False, "id_space": "null",
+               "EvalConfig.device": "auto", "weighted_covariance": False, "id_space": "null_space",
                "dreamrec_timesteps": 2000, "dreamrec_schedule": "linear", "dreamrec_beta_start": 1e-4,
                "dreamrec_beta_end": 0.02, "dreamrec_guidance": 2.0, "dreamrec_p_uncond": 0.1,
                "dreamrec_sample_steps": 20, "llmesr_weight": 0.1, "llmesr_neighbours": 10}
@@ -590,14 +591,17 @@ def validate(cfg: "RunConfig") -> None:
         if m.dreamrec_sample_steps > m.dreamrec_timesteps:
             raise ConfigError(f"model.dreamrec_sample_steps={m.dreamrec_sample_steps}: must be <= "
                               f"model.dreamrec_timesteps={m.dreamrec_timesteps}")
-    if m.id_space != "null" and cfg.method != "alphafuse":
+    if cfg.method == "llmesr" and m.dim % 8:
+        raise ConfigError(f"model.dim={m.dim}: method=llmesr splits it into two halves that must be multiples of 4 "
+                          "(TorchRec table widths): use a multiple of 8")
+    if m.id_space != "null_space" and cfg.method != "alphafuse":
         raise ConfigError(f"model.id_space={m.id_space}: an alphafuse ablation, not for method={cfg.method}")
-    if m.id_space == "full" and m.injection == "cover":
-        raise ConfigError("model.id_space=full: the ID part is added into every coordinate; model.injection=cover "
+    if m.id_space == "full_space" and m.injection == "cover":
+        raise ConfigError("model.id_space=full_space: the ID part is added into every coordinate; model.injection=cover "
                           "would replace the whole semantic table (use injection=add)")
-    if m.id_space != "null" and t.cold_items == "neighbours":
+    if m.id_space != "null_space" and t.cold_items == "neighbours":
         raise ConfigError(f"train.cold_items=neighbours: fills the null-space ID part, not model.id_space={m.id_space}")
-    if m.id_space != "null" and t.warm_start:
+    if m.id_space != "null_space" and t.warm_start:
         raise ConfigError(f"train.warm_start={t.warm_start}: carries null-space ID parts, not model.id_space={m.id_space}")
     if t.loss == "full_ce" and t.logq:
         raise ConfigError("train.logq=true: only for the sampled losses (train.loss=infonce or bce), "
@@ -671,14 +675,29 @@ def parse_split_times(values: list) -> tuple[int, int]:
     return times[0], times[1]
 
 
+def _run_key(cfg: RunConfig) -> str:
+    """``<method>-s<seed>``, or ``<method>-<backbone>-s<seed>`` for a backbone other than sasrec."""
+    backbone = "" if cfg.model.backbone == "sasrec" else f"-{cfg.model.backbone}"
+    return f"{cfg.method}{backbone}-s{cfg.seed}"
+
+
 def train_stage_name(cfg: RunConfig) -> str:
-    """``train-<method>-s<seed>``: the run's train stage folder."""
-    return f"train-{cfg.method}-s{cfg.seed}"
+    """``train-<method>[-<backbone>]-s<seed>``: the run's train stage folder (the backbone named
+    unless it is sasrec)."""
+    return f"train-{_run_key(cfg)}"
 
 
 def evaluate_stage_name(cfg: RunConfig) -> str:
-    """``evaluate-<method>-s<seed>``: the run's evaluate stage folder."""
-    return f"evaluate-{cfg.method}-s{cfg.seed}"
+    """``evaluate-<method>[-<backbone>]-s<seed>``: the run's evaluate stage folder."""
+    return f"evaluate-{_run_key(cfg)}"
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    out = copy.deepcopy(cfg)
+    for o in overrides:
+        _apply(out, parse_override(o))
+    return out.validate()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -5,8 +5,9 @@
     E_item = E_id (N x d, all trainable)            (method "sasrec_id", the ID-only baseline)
     E_item = E_id, E_id initialised to E_lang / sqrt(d)   (method "llminit", LLMInit baseline)
 
-Ablations of alphafuse (``model.id_space``): "full" adds a d-wide E_id into every coordinate
-(``E_lang + E_id``, no clip to the null space); "none" has no ID table (``E_item = E_lang``).
+Ablations of alphafuse (``model.id_space``): "full_space" adds a d-wide E_id into every
+coordinate (``E_lang + E_id``, no clip to the null space); "semantic_only" has no ID table
+(``E_item = E_lang``).
 
 Two interchangeable storage back ends with identical numerics:
 
@@ -99,8 +100,8 @@ class FusedItemTable(nn.Module):
             only in the init's direction; with cosine similarity the scale changes no score).
             With the torchrec back end tables are (re)loaded after sharding: see ``torchrec_tables``.
         id_init: "zeros" or "normal" (std ``id_init_std``); alphafuse only.
-        id_space: alphafuse only: "null" (the ID part in the last d_n coordinates), "full" (d wide,
-            added into every coordinate) or "none" (no ID part).
+        id_space: "null_space" (the ID part in the last d_n coordinates); alphafuse only: "full_space"
+            (d wide, added into every coordinate) or "semantic_only" (no ID part).
         backend: "torch" or "torchrec".
 
     Example::
@@ -111,18 +112,20 @@ class FusedItemTable(nn.Module):
 
     def __init__(self, num_items: int, dim: int, null_dims: int, *, method: str = "alphafuse",
                  injection: str = "add", semantic: torch.Tensor | None = None, id_init: str = "zeros",
-                 id_init_std: float = 1.0, id_space: str = "null", backend: str = "torch",
+                 id_init_std: float = 1.0, id_space: str = "null_space", backend: str = "torch",
                  device: torch.device | str = "cpu", generator: torch.Generator | None = None):
         super().__init__()
         if method not in ("alphafuse", "sasrec_id", "llminit"):
             raise ValueError(f"method {method!r}: expected alphafuse, sasrec_id or llminit")
         self.num_items, self.dim, self.method, self.injection, self.backend = num_items, dim, method, injection, backend
-        if id_space not in ("null", "full", "none") or (id_space != "null" and method != "alphafuse"):
-            raise ValueError(f"id_space {id_space!r}: expected null, full or none (none and full: alphafuse only)")
+        if id_space not in ("null_space", "full_space", "semantic_only") or (
+                id_space != "null_space" and method != "alphafuse"):
+            raise ValueError(f"id_space {id_space!r}: expected null_space, full_space or semantic_only (the latter "
+                             "two: alphafuse only)")
         self.has_semantic = method == "alphafuse"
-        self.has_ids = id_space != "none"
+        self.has_ids = id_space != "semantic_only"
         self._device = torch.device(device)
-        self.id_dim = {"null": null_dims, "full": dim, "none": 0}[id_space] if self.has_semantic else dim
+        self.id_dim = {"null_space": null_dims, "full_space": dim, "semantic_only": 0}[id_space] if self.has_semantic else dim
         self.sem_dim = dim - self.id_dim
         if method != "sasrec_id":
             if semantic is None or tuple(semantic.shape) != (num_items, dim):
