@@ -257,9 +257,10 @@ def plan_runs(cfg: RunConfig, methods: list[str], seeds: list[int], *, backbones
                     if row:
                         extra += [f"run_dir={cfg.run_path / 'ablations' / row}",
                                   f"embed.cache_dir={cfg.embed.cache_dir or cfg.run_path / '.embed-cache'}"]
-                    if row == "dn96" and cfg.model.dim <= 96:  # the row needs d > 96: widen the model
-                        extra.append("model.dim=128")
-                    c = with_overrides(cfg, [*extra, *overrides])
+                    try:
+                        c = with_overrides(cfg, [*extra, *overrides])
+                    except ConfigError as e:
+                        raise ConfigError(f"--ablations {row or '(none)'}: {e}") from None
                     label = method + (f"/{backbone}" if backbones else "") + (f" [{row}]" if row else "")
                     runs.append((label, c))
     return runs
