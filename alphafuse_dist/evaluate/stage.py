@@ -117,12 +117,13 @@ def format_table(rows: list[tuple[str, dict]], ks=(10, 20)) -> str:
     grouped = [(f"{g}:{m}@{k0}", g, f"{m}@{k0}") for g in ("tail", "head") for m in ("HR", "NDCG")]
     cols = overall + grouped
     width = max(len(c[0]) for c in cols) + 2
-    head = f"{'run':<22}" + "".join(f"{c[0]:>{width}}" for c in cols) + f"{'users':>8}"
+    first = max([22] + [len(label) + 2 for label, _ in rows])
+    head = f"{'run':<{first}}" + "".join(f"{c[0]:>{width}}" for c in cols) + f"{'users':>8}"
     lines = [head, "-" * len(head)]
     for label, res in rows:
         mets = res["metrics"]
         cells = "".join(f"{mets.get(g, {}).get(key, float('nan')):>{width}.4f}" for _, g, key in cols)
-        lines.append(f"{label:<22}{cells}{mets['overall'].get('users', 0):>8}")
+        lines.append(f"{label:<{first}}{cells}{mets['overall'].get('users', 0):>8}")
     groups = rows[0][1]["metrics"] if rows else {}
     lines.append(f"(tail/head: target items outside/inside the top share of items by training "
                  f"popularity; users: tail {groups.get('tail', {}).get('users', 0)}, "
