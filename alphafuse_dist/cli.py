@@ -4,6 +4,7 @@
     alphafuse run --config NAME|FILE [key=value ...]     the whole pipeline (or --stages a,b) for one method
                                                          (--force a,b: rerun those stages even if up to date)
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
+                      [--backbones sasrec,dreamrec] [--ablations [ROWS]]   rows: method x backbone (+ ablations)
     alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving (DIR: a run or a registry)
     alphafuse recommend --run DIR --item ID [--item ID ...] [--k 10] [--exclude-history] [--json]
                         [--new-item ID --new-item-text TEXT ...] [--new-items FILE]   text-only items too
@@ -114,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default="quickstart")
     c.add_argument("--methods", default="alphafuse,sasrec_id",
                    help=f"comma-separated methods, any of {','.join(METHODS)}")
+    c.add_argument("--backbones", default=None,
+                   help="comma-separated backbones, e.g. sasrec,dreamrec: rows become method x backbone "
+                        "(default: the config's model.backbone)")
+    c.add_argument("--ablations", nargs="?", const="all", default=None, metavar="ROWS",
+                   help="also AlphaFuse's ablation rows (comma-separated, or all: "
+                        "no-clip,no-whiten,semantic-only,dn16,dn32,dn64,dn96,threshold,weighted-cov)")
     c.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     c.add_argument("--output", default=None, help="also write the table as JSON here")
     c.add_argument("--title", default=None, help="title of <run_dir>/report/report.md")
@@ -185,9 +192,9 @@ def _forced(text: str, stages: tuple[str, ...]) -> tuple[str, ...]:
 
 def _compare(config: str, overrides: list[str], methods: str, seeds: str | None, output: str | None,
              stages: str = "prepare,embed,decompose,train,evaluate", title: str | None = None,
-             jobs: int = 1, force: str = "") -> None:
+             jobs: int = 1, force: str = "", backbones: str | None = None, ablations: str | None = None) -> None:
     from .evaluate.stage import format_table
-    from .pipeline import compare
+    from .pipeline import ABLATIONS, compare, plan_runs
 
     stage_list = _stages(stages)
     force_list = _forced(force, stage_list)
@@ -198,11 +205,15 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     for m in method_list:
         load_config(config, overrides + [f"method={m}"])  # validates the method name up front
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    backbone_list = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
+    ablation_list = (list(ABLATIONS) if ablations == "all" else
+                     [a.strip() for a in ablations.split(",") if a.strip()] if ablations else [])
     if jobs < 1:
         raise AlphaFuseError(f"--jobs {jobs}: must be >= 1")
     _start_log(cfg)
+    extra = {"backbones": backbone_list, "ablations": ablation_list} if backbone_list or ablation_list else {}
     rows = compare(cfg, method_list, seed_list, stages=stage_list, jobs=jobs, child_logging=configure_logging,
-                   force=force_list)
+                   force=force_list, **extra)
     out = terminal().out
     table = format_table(rows, ks=tuple(cfg.eval.ks))
     print("\n" + table, file=out)
@@ -215,29 +226,26 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
         atomic_write_bytes(Path(output), body.encode())
     print(f"\nresults: {path}", file=out)
     if "evaluate" in stages:
-        report_dir = _write_report(cfg, rows, method_list, seed_list, title)
+        planned = plan_runs(cfg, method_list, seed_list, backbones=backbone_list, ablations=ablation_list)
+        report_dir = _write_report(cfg, planned, rows, title)
         print(f"report: {report_dir / 'report.md'} (+ report.json, metrics_by_group.png, training_curves.png)",
               file=out)
 
 
-def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: list[int], title: str) -> Path:
-    """The methods x seeds report (mean ± std, improvement row, plots) in <run_dir>/report/."""
-    import copy
-
-    from .evaluate.report import build_report, write_report
+def _write_report(cfg, planned: list, rows: list[tuple[str, dict]], title: str) -> Path:
+    """The report of the runs (one row per label: mean ± std over seeds, improvement row, plots)
+    in <run_dir>/report/, its plots logged to ``tracking.backend``; ``planned``:
+    ``pipeline.plan_runs``'s (label, config) of the runs."""
     from .config import train_stage_name
-
-    runs, i = [], 0
-    for method in methods:
-        for seed in seeds:
-            c = copy.deepcopy(cfg)
-            c.method, c.seed = method, seed
-            history = cfg.run_path / train_stage_name(c) / "history.json"
-            runs.append((rows[i][1], json.loads(history.read_text()) if history.exists() else None))
-            i += 1
+    from .evaluate.report import build_report, write_report
     from .runtime.tracking import track_report
 
-    proposed = "alphafuse" if "alphafuse" in methods else methods[0]
+    runs = []
+    for (label, c), (_, metrics) in zip(planned, rows):
+        history = c.run_path / train_stage_name(c) / "history.json"
+        runs.append(({**metrics, "method": label}, json.loads(history.read_text()) if history.exists() else None))
+    labels = [label for label, _ in planned]
+    proposed = next((label for label in labels if label.split("/")[0] == "alphafuse" and "[" not in label), labels[0])
     folder = cfg.run_path / "report"
     written = write_report(build_report(runs, proposed=proposed), folder, title=title, k=cfg.eval.ks[0])
     track_report(cfg, [p for p in written if p.suffix == ".png"])
@@ -346,7 +354,7 @@ def _command(args: argparse.Namespace) -> None:
                  title="Quickstart: AlphaFuse vs SASRec-ID on MovieLens ml-latest-small")
     elif args.command == "compare":
         _compare(args.config, args.overrides, args.methods, args.seeds, args.output, args.stages, args.title,
-                 args.jobs, args.force)
+                 args.jobs, args.force, args.backbones, args.ablations)
     elif args.command == "export":
         from .serve import export_command
 

@@ -12,6 +12,7 @@ one line naming the key (``train.lr=-1: must be > 0``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import hashlib
@@ -29,7 +30,7 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec")
+METHODS = ("alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr")
 # the item modules' registry is model.items.ITEM_METHODS (same names, same order)
 
 
@@ -137,6 +138,9 @@ class DecomposeConfig:
     null_threshold: float | None = None  # threshold rule: the eigenvalue cut-off
     # centre on the popularity-weighted mean (prepare's popularity); the scatter about it stays unweighted
     weighted_mean: bool = False
+    # popularity-weighted covariance: every item's scatter term weighted by its popularity
+    # (normalised weights; the mean weighted too). Off: the plain covariance
+    weighted_covariance: bool = False
     # periodic retraining: a previous run's decompose folder whose basis is reused (its
     # mean and directions project this run's items, so old semantic coordinates and ID vectors
     # keep their meaning); drift.json reports how well it fits the current items
@@ -163,14 +167,29 @@ class ModelConfig:
     max_len: int = 50  # history length L
     similarity: Literal["cosine", "dot"] = "cosine"  # used in training AND evaluation
     temperature: float = 0.07  # logits = similarity / temperature (training losses)
-    # sequence encoder: causal Transformer, GRU (num_blocks = GRU layers) or bidirectional
-    # Transformer trained by masked item prediction (see alphafuse_dist.model.backbones)
-    backbone: Literal["sasrec", "gru4rec", "bert4rec"] = "sasrec"
+    # sequence encoder: causal Transformer, GRU (num_blocks = GRU layers), bidirectional
+    # Transformer trained by masked item prediction, or DreamRec's diffusion over item vectors
+    # guided by the causal Transformer (see alphafuse_dist.model.backbones)
+    backbone: Literal["sasrec", "gru4rec", "bert4rec", "dreamrec"] = "sasrec"
     mask_prob: float = 0.2  # bert4rec: share of valid positions masked per training window (at least one)
+    # --- dreamrec (alphafuse_dist.model.dreamrec); defaults are DreamRec's
+    dreamrec_timesteps: int = 2000  # T, diffusion steps
+    dreamrec_schedule: Literal["linear", "cosine"] = "linear"  # beta_t schedule
+    dreamrec_beta_start: float = 1e-4  # linear schedule: beta_0
+    dreamrec_beta_end: float = 0.02  # linear schedule: beta_(T-1)
+    dreamrec_guidance: float = 2.0  # w: x0 = (1 + w) f(x, history) - w f(x, none) when generating
+    dreamrec_p_uncond: float = 0.1  # share of training positions whose guidance is replaced by "none"
+    dreamrec_sample_steps: int = 20  # DDIM steps of the generation (<= dreamrec_timesteps)
+    # ablation: where alphafuse's trainable ID part lives: "null_space" = the last model.id_dims
+    # coordinates (the paper), "full_space" = added into all model.dim coordinates (no null-space
+    # clip), "semantic_only" = no ID part (the frozen semantic table alone)
+    id_space: Literal["null_space", "full_space", "semantic_only"] = "null_space"
     # --- baselines (method=...): see alphafuse_dist.model.methods
     unisrec_experts: int = 8  # unisrec: experts n of the MoE whitening adaptor
     unisrec_with_ids: bool = False  # unisrec: add a trainable ID row (transductive); off = inductive
     rlmrec_weight: float = 0.1  # rlmrec: weight of the summed per-item reconstruction loss (1 - cos)
+    llmesr_weight: float = 0.1  # llmesr: weight alpha of the retrieval-augmented self-distillation loss
+    llmesr_neighbours: int = 10  # llmesr: retrieved similar users per user (within the step's batch)
 
 
 @dataclass
@@ -276,7 +295,7 @@ class RunConfig:
     name: str = "quickstart"  # the run's name, part of run_dir
     run_dir: str = "runs/{name}"  # {name} and {method} are filled in
     # the item representation: alphafuse or one of the paper's baselines (docs/method.md section 5)
-    method: Literal["alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec"] = "alphafuse"
+    method: Literal["alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr"] = "alphafuse"
     seed: int = 22  # model initialisation, sampling and dropout
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -306,7 +325,10 @@ _LATER_KEYS = {"reuse_basis": None, "refit_threshold": None, "warm_start": None,
                "cold_items": "trained", "cold_neighbours": 10,
                "train_window_days": None, "gpu_batch_size": 1024, "actors_per_gpu": 4, "items_id_col": None,
                # a key whose name another section also uses: "<dataclass>.<key>"
-               "EvalConfig.device": "auto"}
+               "EvalConfig.device": "auto", "weighted_covariance": False, "id_space": "null_space",
+               "dreamrec_timesteps": 2000, "dreamrec_schedule": "linear", "dreamrec_beta_start": 1e-4,
+               "dreamrec_beta_end": 0.02, "dreamrec_guidance": 2.0, "dreamrec_p_uncond": 0.1,
+               "dreamrec_sample_steps": 20, "llmesr_weight": 0.1, "llmesr_neighbours": 10}
 
 
 # keys that leave a stage's output unchanged (progress lines, how long to wait for a hung worker,
@@ -410,6 +432,14 @@ RANGES: dict[str, Range] = {
     "model.mask_prob": Range(low=0, high=1, low_open=True),
     "model.unisrec_experts": _COUNT,
     "model.rlmrec_weight": _NON_NEGATIVE,
+    "model.llmesr_weight": _NON_NEGATIVE,
+    "model.llmesr_neighbours": _COUNT,
+    "model.dreamrec_timesteps": _COUNT,
+    "model.dreamrec_beta_start": Range(low=0, high=1, low_open=True, high_open=True),
+    "model.dreamrec_beta_end": Range(low=0, high=1, low_open=True, high_open=True),
+    "model.dreamrec_guidance": _NON_NEGATIVE,
+    "model.dreamrec_p_uncond": Range(low=0, high=1, high_open=True),
+    "model.dreamrec_sample_steps": _COUNT,
     "train.num_workers": _COUNT,
     "train.batch_size": _COUNT,
     "train.epochs": Range(low=0, high=MAX_EPOCHS),  # 0 only with train.warm_start (validate)
@@ -547,6 +577,9 @@ def validate(cfg: "RunConfig") -> None:
     if d.null_rule == "threshold" and d.null_threshold is None:
         raise ConfigError("decompose.null_threshold=None: required for decompose.null_rule=threshold "
                           "(DreamRec: 0.25 with decompose.scale=40)")
+    if d.weighted_covariance and d.method != "exact":
+        raise ConfigError(f"decompose.method={d.method}: decompose.weighted_covariance=true is computed by "
+                          "decompose.method=exact only")
     if d.null_rule == "threshold" and d.method != "exact":
         raise ConfigError(f"decompose.method={d.method}: decompose.null_rule=threshold counts small eigenvalues, "
                           "which only decompose.method=exact computes")
@@ -571,6 +604,29 @@ def validate(cfg: "RunConfig") -> None:
     if m.backbone == "bert4rec" and t.loss_positions == "last":
         raise ConfigError("train.loss_positions=last: only for causal backbones (sasrec, gru4rec); "
                           "bert4rec is trained at its masked positions (model.mask_prob)")
+    if m.backbone == "dreamrec":
+        if t.loss != "infonce" or t.logq:
+            key = f"train.loss={t.loss}" if t.loss != "infonce" else "train.logq=true"
+            raise ConfigError(f"{key}: model.backbone=dreamrec is trained by its denoising loss (leave train.loss "
+                              "at infonce and train.logq off)")
+        if m.dreamrec_beta_start > m.dreamrec_beta_end:
+            raise ConfigError(f"model.dreamrec_beta_start={_show(m.dreamrec_beta_start)}: must be <= "
+                              f"model.dreamrec_beta_end={_show(m.dreamrec_beta_end)}")
+        if m.dreamrec_sample_steps > m.dreamrec_timesteps:
+            raise ConfigError(f"model.dreamrec_sample_steps={m.dreamrec_sample_steps}: must be <= "
+                              f"model.dreamrec_timesteps={m.dreamrec_timesteps}")
+    if cfg.method == "llmesr" and m.dim % 8:
+        raise ConfigError(f"model.dim={m.dim}: method=llmesr splits it into two halves that must be multiples of 4 "
+                          "(TorchRec table widths): use a multiple of 8")
+    if m.id_space != "null_space" and cfg.method != "alphafuse":
+        raise ConfigError(f"model.id_space={m.id_space}: an alphafuse ablation, not for method={cfg.method}")
+    if m.id_space == "full_space" and m.injection == "cover":
+        raise ConfigError("model.id_space=full_space: the ID part is added into every coordinate; model.injection=cover "
+                          "would replace the whole semantic table (use injection=add)")
+    if m.id_space != "null_space" and t.cold_items == "neighbours":
+        raise ConfigError(f"train.cold_items=neighbours: fills the null-space ID part, not model.id_space={m.id_space}")
+    if m.id_space != "null_space" and t.warm_start:
+        raise ConfigError(f"train.warm_start={t.warm_start}: carries null-space ID parts, not model.id_space={m.id_space}")
     if t.loss == "full_ce" and t.logq:
         raise ConfigError("train.logq=true: only for the sampled losses (train.loss=infonce or bce), "
                           "full_ce samples no negatives")
@@ -643,14 +699,29 @@ def parse_split_times(values: list) -> tuple[int, int]:
     return times[0], times[1]
 
 
+def _run_key(cfg: RunConfig) -> str:
+    """``<method>-s<seed>``, or ``<method>-<backbone>-s<seed>`` for a backbone other than sasrec."""
+    backbone = "" if cfg.model.backbone == "sasrec" else f"-{cfg.model.backbone}"
+    return f"{cfg.method}{backbone}-s{cfg.seed}"
+
+
 def train_stage_name(cfg: RunConfig) -> str:
-    """``train-<method>-s<seed>``: the run's train stage folder."""
-    return f"train-{cfg.method}-s{cfg.seed}"
+    """``train-<method>[-<backbone>]-s<seed>``: the run's train stage folder (the backbone named
+    unless it is sasrec)."""
+    return f"train-{_run_key(cfg)}"
 
 
 def evaluate_stage_name(cfg: RunConfig) -> str:
-    """``evaluate-<method>-s<seed>``: the run's evaluate stage folder."""
-    return f"evaluate-{cfg.method}-s{cfg.seed}"
+    """``evaluate-<method>[-<backbone>]-s<seed>``: the run's evaluate stage folder."""
+    return f"evaluate-{_run_key(cfg)}"
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    out = copy.deepcopy(cfg)
+    for o in overrides:
+        _apply(out, parse_override(o))
+    return out.validate()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -13,7 +13,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
+from .config import (RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name,
+                     with_overrides)
 from .errors import AlphaFuseError, ConfigError
 from .model.items import METHOD_INPUTS
 from .runtime.manifest import (clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest,
@@ -103,7 +103,7 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
     def build(tmp: Path) -> dict:
         ensure_ray(cfg)
         weights = None
-        if cfg.decompose.weighted_mean:
+        if cfg.decompose.weighted_mean or cfg.decompose.weighted_covariance:
             import numpy as np
             import pyarrow.parquet as pq
 
@@ -115,7 +115,7 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
     inputs = {"embed": stage_digest(run_dir, "embed")}
     if cfg.decompose.reuse_basis:  # a rebuilt previous basis reruns this stage
         inputs["reuse_basis"] = _previous_digest(cfg.decompose.reuse_basis, "decompose.reuse_basis")
-    if cfg.decompose.weighted_mean:  # the weights are prepare's popularity column
+    if cfg.decompose.weighted_mean or cfg.decompose.weighted_covariance:  # weights: prepare's popularity column
         inputs["prepare"] = stage_digest(run_dir, "prepare")
     return run_stage(run_dir, "decompose", config_hash=section_hash(cfg.decompose, cfg.model.dim),
                      inputs=inputs, build=build, force=force)
@@ -234,14 +234,76 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
     return out
 
 
-def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
-            jobs: int = 1, child_logging: Callable[..., None] | None = None,
-            force: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """Run several methods x seeds on the same prepared data and splits; return (label, metrics).
+# AlphaFuse's ablations (``compare --ablations``): row -> overrides of the alphafuse run. Each row
+# runs in its own run directory <run_dir>/ablations/<row> (its own decompose stage), sharing the
+# base run's embedding cache. "threshold" takes model.dim = d_l and model.id_dims = the d_n the rule
+# derives (resolved once the row's decompose stage ran).
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "no-clip": ("model.id_space=full_space",),
+    "no-whiten": ("decompose.whiten=false",),
+    "semantic-only": ("model.id_space=semantic_only",),
+    "dn16": ("model.id_dims=16",), "dn32": ("model.id_dims=32",), "dn64": ("model.id_dims=64",),
+    "dn96": ("model.id_dims=96",),
+    "threshold": ("decompose.null_rule=threshold", "decompose.null_threshold=0.25", "decompose.scale=40"),
+    "weighted-cov": ("decompose.weighted_covariance=true",),
+}
 
-    ``jobs > 1`` runs the per-run stages (train, evaluate) of up to ``jobs`` (method, seed) pairs
-    at once in child processes of this machine, after the shared stages (prepare, embed,
-    decompose) ran once here. It is meant for one-process training (``train.backend=torch``,
+
+def plan_runs(cfg: RunConfig, methods: list[str], seeds: list[int], *, backbones: list[str] | None = None,
+              ablations: list[str] = ()) -> list[tuple[str, RunConfig]]:
+    """The (row label, config) of every run of a comparison: methods x backbones x seeds, then the
+    ``ablations`` rows (``ABLATIONS``) of alphafuse x backbones x seeds. Labels: ``<method>``,
+    ``<method>/<backbone>`` when ``backbones`` is given, `` [<row>]`` for an ablation row.
+
+    Raises:
+        ConfigError: an unknown ablation row, or a run whose config is invalid (naming the key).
+    """
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"--ablations: unknown row(s) {', '.join(unknown)} (rows: {', '.join(ABLATIONS)})")
+    rows: list[tuple[str, tuple[str, ...], list[str]]] = [("", (), methods)]
+    rows += [(a, ABLATIONS[a], ["alphafuse"]) for a in ablations]
+    runs = []
+    for row, overrides, row_methods in rows:
+        for method in row_methods:
+            for backbone in backbones or [cfg.model.backbone]:
+                for seed in seeds:
+                    extra = [f"method={method}", f"model.backbone={backbone}", f"seed={seed}"]
+                    if row:
+                        extra += [f"run_dir={cfg.run_path / 'ablations' / row}",
+                                  f"embed.cache_dir={cfg.embed.cache_dir or cfg.run_path / '.embed-cache'}"]
+                    try:
+                        c = with_overrides(cfg, [*extra, *overrides])
+                    except ConfigError as e:
+                        raise ConfigError(f"--ablations {row or '(none)'}: {e}") from None
+                    label = method + (f"/{backbone}" if backbones else "") + (f" [{row}]" if row else "")
+                    runs.append((label, c))
+    return runs
+
+
+def _resolve_threshold_dims(c: RunConfig) -> None:
+    """The threshold rule keeps all d_l directions: run the row's prepare, embed and decompose
+    stages with model.dim = d_l, then set model.id_dims to the d_n the rule derived."""
+    from .decompose.basis import recorded_id_dims
+
+    c.run_path.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(c.run_path):
+        _run_stages(c, c.run_path, ("prepare", "embed"))
+        c.model.dim = int(read_manifest(c.run_path / "embed")["dim"])
+        decompose_stage(c)
+    c.model.id_dims = int(recorded_id_dims(c.run_path / "decompose"))
+    c.validate()
+
+
+def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tuple[str, ...] = STAGES,
+            jobs: int = 1, child_logging: Callable[..., None] | None = None, force: tuple[str, ...] = (),
+            backbones: list[str] | None = None, ablations: list[str] = ()) -> list[tuple[str, dict]]:
+    """Run methods x backbones x seeds (and AlphaFuse's ``ablations`` rows, see :func:`plan_runs`)
+    on the same prepared data and splits; return (``<label> (seed <s>)``, metrics) per run.
+
+    ``jobs > 1`` runs the per-run stages (train, evaluate) of up to ``jobs`` runs at once in child
+    processes of this machine, after the shared stages (prepare, embed, decompose) ran once per
+    run directory here. It is meant for one-process training (``train.backend=torch``,
     ``train.num_workers=1``): small models leave a GPU mostly idle, and one process per run fills
     it. Ray Train runs schedule their own workers on the cluster, so they are refused. ``force``
     names stages to run even when up to date: the shared ones once, the per-run ones for every run.
@@ -249,43 +311,48 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
     (``cli.configure_logging``: progress on stderr, each line naming its run) before its stages,
     when given.
     """
-    runs = []
-    for method in methods:
-        for seed in seeds:
-            c = copy.deepcopy(cfg)
-            c.method, c.seed = method, seed
-            c.validate()
-            runs.append(c)
-    pending = set(force)  # the shared stages leave it once they ran
-    if jobs <= 1:
-        rows = []
-        for c in runs:
-            c.run_path.mkdir(parents=True, exist_ok=True)
-            with run_dir_lock(c.run_path):
-                pending |= set(force) - set(SHARED_STAGES)
-                out = _run_stages(c, c.run_path, stages, force=pending)
-            rows.append((f"{c.method} (seed {c.seed})", out["metrics"]))
-        return rows
-    if cfg.train.backend != "torch" or cfg.train.num_workers != 1:
+    planned = plan_runs(cfg, methods, seeds, backbones=backbones, ablations=ablations)
+    if jobs > 1 and (cfg.train.backend != "torch" or cfg.train.num_workers != 1):
         raise AlphaFuseError(f"compare --jobs {jobs}: parallel runs are for one-process training "
                              "(train.backend=torch train.num_workers=1); with Ray Train the cluster "
                              "schedules the workers, use --jobs 1")
+    for _, c in planned:
+        if c.decompose.null_rule == "threshold" and c.decompose.null_rule != cfg.decompose.null_rule:
+            _resolve_threshold_dims(c)
+    runs = [c for _, c in planned]
+    labels = [f"{label} (seed {c.seed})" for label, c in planned]
+    if jobs <= 1:
+        # the forced shared stages leave a run directory's set once they ran there
+        rows, forced_dirs = [], {}
+        for label, c in zip(labels, runs):
+            c.run_path.mkdir(parents=True, exist_ok=True)
+            todo = forced_dirs.setdefault(c.run_path, set(force))
+            with run_dir_lock(c.run_path):
+                todo |= set(force) - set(SHARED_STAGES)
+                out = _run_stages(c, c.run_path, stages, force=todo)
+            rows.append((label, out["metrics"]))
+        return rows
     shared = tuple(s for s in stages if s in SHARED_STAGES)
     per_run = tuple(s for s in stages if s not in shared)
-    run_dir = cfg.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_dir_lock(run_dir):
-        clean_temporaries(run_dir)
-        if shared:
-            for c in {c.method: c for c in runs}.values():  # one pass per method: each needs its own inputs
-                _run_stages(c, run_dir, shared, force=pending)
-        return _parallel_runs(runs, per_run, jobs, child_logging, tuple(s for s in force if s in per_run))
+    for run_dir in dict.fromkeys(c.run_path for c in runs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with run_dir_lock(run_dir):
+            clean_temporaries(run_dir)
+            pending = set(force)
+            if shared:  # one pass per method: each needs its own inputs
+                for c in {c.method: c for c in runs if c.run_path == run_dir}.values():
+                    _run_stages(c, run_dir, shared, force=pending)
+    base = cfg.run_path
+    base.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(base):
+        return _parallel_runs(runs, labels, per_run, jobs, child_logging, tuple(s for s in force if s in per_run))
 
 
-def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int,
+def _parallel_runs(runs: list[RunConfig], labels: list[str], stages: tuple[str, ...], jobs: int,
                    child_logging: Callable[..., None] | None, force: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """``stages`` of every run in a pool of ``jobs`` spawned processes (the caller holds the run
-    directory's lock: stage folders are per (method, seed), so the runs never write the same one)."""
+    """``stages`` of every run in a pool of ``jobs`` spawned processes (the caller holds the base
+    run directory's lock: stage folders are per (method, backbone, seed) and run directory, so the
+    runs never write the same one)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -298,10 +365,10 @@ def _parallel_runs(runs: list[RunConfig], stages: tuple[str, ...], jobs: int,
                       default=logger.getEffectiveLevel()) < logging.INFO
         futures = [pool.submit(_child_run, c, stages, child_logging, verbose, force) for c in runs]
         rows = []
-        for c, fut in zip(runs, futures):
+        for label, fut in zip(labels, futures):
             out = fut.result()  # re-raises the child's error (AlphaFuseError included)
-            _log.info(f"[compare] {c.method} (seed {c.seed}) done in {out['seconds']} s")
-            rows.append((f"{c.method} (seed {c.seed})", out["metrics"]))
+            _log.info(f"[compare] {label} done in {out['seconds']} s")
+            rows.append((label, out["metrics"]))
     return rows
 
 

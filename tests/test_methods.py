@@ -26,7 +26,7 @@ from alphafuse_dist.train.optim import build_optimizer, trainable_parameters
 from alphafuse_dist.train.recipe import TrainResult, train_model
 
 N, DL, D, DN, L, B = 48, 20, 16, 8, 6, 8
-BASELINES = ("llminit", "morec", "whitenrec", "unisrec", "rlmrec")
+BASELINES = ("llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr")
 FROZEN = ("alphafuse", "morec", "whitenrec", "unisrec", "rlmrec")  # methods with a frozen table
 
 
@@ -184,7 +184,7 @@ def test_parameter_split_and_checkpoint_state(method):
     assert all(not p.requires_grad for p in frozen)
     adapters = [p for n, p in items.named_parameters() if not n.startswith(items.id_modules + items.frozen_modules)]
     assert {id(p) for p in adapters} | {id(p) for p in net.encoder.parameters()} == {id(p) for p in dense}
-    assert bool(adapters) == (method in ("morec", "whitenrec", "unisrec", "rlmrec"))
+    assert bool(adapters) == (method in ("morec", "whitenrec", "unisrec", "rlmrec", "llmesr"))
     state = model_state(net)
     assert not [k for k in state if k.startswith(tuple(f"items.{m}." for m in items.frozen_modules))]
     assert len(state) == len(net.state_dict()) - len(frozen)
@@ -237,7 +237,7 @@ STAGE_FNS = ("prepare_stage", "embed_stage", "decompose_stage", "train_stage", "
     ("alphafuse", ["prepare", "embed", "decompose", "train"]), ("sasrec_id", ["prepare", "train"]),
     ("llminit", ["prepare", "embed", "decompose", "train"]), ("morec", ["prepare", "embed", "train"]),
     ("whitenrec", ["prepare", "embed", "decompose", "train"]), ("unisrec", ["prepare", "embed", "train"]),
-    ("rlmrec", ["prepare", "embed", "decompose", "train"])])
+    ("rlmrec", ["prepare", "embed", "decompose", "train"]), ("llmesr", ["prepare", "embed", "decompose", "train"])])
 def test_pipeline_runs_the_stages_a_method_needs(method, stages, tmp_path, monkeypatch):
     from alphafuse_dist import pipeline
 
@@ -271,7 +271,7 @@ def test_train_stage_passes_and_fingerprints_each_methods_inputs(tmp_path, monke
     expected = {"alphafuse": (semantic, None, None), "sasrec_id": (None, None, None),
                 "llminit": (semantic, None, None), "morec": (None, embed, None),
                 "whitenrec": (None, embed, str(decomposed)), "unisrec": (None, embed, None),
-                "rlmrec": (semantic, None, None)}
+                "rlmrec": (semantic, None, None), "llmesr": (semantic, embed, None)}
     for method, (sem, lang, basis) in expected.items():
         got = seen[method]
         assert (got.semantic_path, got.language_path, got.basis_path, got.num_items) == (sem, lang, basis, 5), method

@@ -9,6 +9,9 @@ or the popularity-weighted mean), delta = c - s,
 
     (n - 1) C = G - t delta^T - delta t^T + n delta delta^T      (np.cov(E, rowvar=False) for c = mean)
 
+The popularity-weighted covariance (``decompose.weighted_covariance``) takes ``G = sum w (x - s)(x - s)^T``
+instead and ``W C = G - t_w delta^T - delta t_w^T + W delta delta^T`` about the weighted mean.
+
 ``randomized_eigh`` never forms C: Halko, Martinsson & Tropp's range finder, ``Q <- orth(C Q)``
 for ``power_iters`` more passes, then the eigenpairs of ``Q^T C Q``.
 """
@@ -72,8 +75,10 @@ def iter_rows(piece, batch_rows: int):
 
 
 @ray.remote(num_cpus=1)
-def _piece_sums(piece, shift: np.ndarray, weights: np.ndarray | None, Q: np.ndarray | None) -> tuple:
-    """One piece's ``(n, W, t, t_w, sumsq, G or G Q)`` about ``shift``, float64 (module notes)."""
+def _piece_sums(piece, shift: np.ndarray, weights: np.ndarray | None, Q: np.ndarray | None,
+                weigh_scatter: bool = False) -> tuple:
+    """One piece's ``(n, W, t, t_w, sumsq, G or G Q)`` about ``shift``, float64 (module notes);
+    ``weigh_scatter``: G sums ``w (x - s)(x - s)^T``."""
     d = len(shift)
     n, W, t, tw, sq = 0, 0.0, np.zeros(d), np.zeros(d), np.zeros(d)
     G = np.zeros((d, d) if Q is None else (d, Q.shape[1]))
@@ -89,7 +94,8 @@ def _piece_sums(piece, shift: np.ndarray, weights: np.ndarray | None, Q: np.ndar
             w = weights[idx]
             W += float(w.sum())
             tw += w @ Z
-        G += Z.T @ Z if Q is None else Z.T @ (Z @ Q)
+        Zt = (Z * w[:, None]).T if weigh_scatter else Z.T
+        G += Zt @ Z if Q is None else Zt @ (Z @ Q)
     if not (np.isfinite(G).all() and np.isfinite(sq).all()):
         raise DataError("a vector holds NaN or inf", file=piece[0], column=VECTOR_COLUMN)
     return n, W, t, tw, sq, G
@@ -98,18 +104,19 @@ def _piece_sums(piece, shift: np.ndarray, weights: np.ndarray | None, Q: np.ndar
 class _Passes:
     """The pieces, the shift and the weights of one solve; :meth:`run` is one pass over the data."""
 
-    def __init__(self, files: list[str], weights: np.ndarray | None):
+    def __init__(self, files: list[str], weights: np.ndarray | None, weigh_scatter: bool = False):
         self.pieces = pieces(files)
         X = next(iter_rows(self.pieces[0], SHIFT_ROWS))[1]
         self.d_l = X.shape[1]
         self.shift = X.astype(np.float64).mean(0)
         self.weights = None if weights is None else ray.put(np.asarray(weights, np.float64))
         self.weighted = weights is not None
+        self.weigh_scatter = weigh_scatter and self.weighted
 
     def run(self, Q: np.ndarray | None = None) -> tuple:
         """The summed partials, added in piece order."""
         Q_ref = None if Q is None else ray.put(np.ascontiguousarray(Q, np.float64))
-        refs = [_piece_sums.remote(p, self.shift, self.weights, Q_ref) for p in self.pieces]
+        refs = [_piece_sums.remote(p, self.shift, self.weights, Q_ref, self.weigh_scatter) for p in self.pieces]
         total = functools.reduce(lambda a, b: tuple(x + y for x, y in zip(a, b)), map(ray.get, refs))
         if total[0] < 2 or self.weighted and not total[1] > 0:
             raise DataError(f"the embeddings hold {total[0]} rows of popularity {total[1]:g}; a covariance needs at "
@@ -127,14 +134,16 @@ def _about(GQ: np.ndarray, t: np.ndarray, n: int, delta: np.ndarray, Q: np.ndarr
     return (GQ - np.outer(t, dQ) - np.outer(delta, tQ) + n * np.outer(delta, dQ)) / (n - 1)
 
 
-def covariance(files: list[str], scale: float = 1.0,
-               weights: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+def covariance(files: list[str], scale: float = 1.0, weights: np.ndarray | None = None,
+               weigh_scatter: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
     """``(n, mean, C)`` of ``scale * E``: float64 [d_l] and [d_l, d_l], C the unbiased scatter
-    about the mean, or (``weights``: item popularity [N] by item_idx) about the weighted mean."""
-    passes = _Passes(files, weights)
-    n, _, t, _, _, G = total = passes.run()
+    about the mean, or (``weights``: item popularity [N] by item_idx) about the weighted mean;
+    ``weigh_scatter``: C the popularity-weighted covariance ``sum_i w_i (x_i - c)(x_i - c)^T / sum_i w_i``."""
+    passes = _Passes(files, weights, weigh_scatter)
+    n, W, t, tw, _, G = total = passes.run()
     delta = passes.centre(total)
-    C = _about(G, t, n, delta)
+    C = (G - np.outer(tw, delta) - np.outer(delta, tw) + W * np.outer(delta, delta)) / W if passes.weigh_scatter \
+        else _about(G, t, n, delta)
     return n, scale * (passes.shift + delta), (C + C.T) * (scale * scale / 2)
 
 

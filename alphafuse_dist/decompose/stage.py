@@ -84,11 +84,14 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
               weights: np.ndarray | None = None) -> dict:
     """Fit the basis on the embed folder's fragments and write ``basis.*``, ``semantic.safetensors``
     and the spectrum to ``out_dir``; ``dim`` = ``model.dim``, ``num_items`` = N (every item_idx
-    0..N-1 embedded once), ``weights`` = popularity [N] (``decompose.weighted_mean``). Returns the
+    0..N-1 embedded once), ``weights`` = popularity [N] (``decompose.weighted_mean`` /
+    ``weighted_covariance``). Returns the
     manifest facts (``d_null`` is None under the count rule); ConfigErrors name the key to change."""
     embed_dir, out_dir = Path(embed_dir), Path(out_dir)
-    if cfg.weighted_mean and (weights is None or not np.sum(weights) > 0):
-        raise ConfigError("decompose.weighted_mean=true needs item popularities (prepare's items.parquet) with a "
+    weighted = cfg.weighted_mean or cfg.weighted_covariance
+    if weighted and (weights is None or not np.sum(weights) > 0):
+        key = "weighted_mean" if cfg.weighted_mean else "weighted_covariance"
+        raise ConfigError(f"decompose.{key}=true needs item popularities (prepare's items.parquet) with a "
                           "positive sum; every item has popularity 0 here")
     files = sorted(str(p) for p in embed_dir.glob(PART_GLOB))
     if not files:
@@ -98,12 +101,12 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     if reused is not None and not reused["refit"]:
         return {"rows": {"items": num_items}, "reused_basis": reused["previous"], "refit": False,
                 "new_items": reused["new_items"]}
-    w = weights if cfg.weighted_mean else None
+    w = weights if weighted else None
     if cfg.method == "randomized":
         n, mean, values, vectors, total_variance = randomized_eigh(files, dim, cfg.oversample, cfg.power_iters,
                                                                    cfg.scale, w)
     else:
-        n, mean, C = covariance(files, cfg.scale, w)
+        n, mean, C = covariance(files, cfg.scale, w, weigh_scatter=cfg.weighted_covariance)
         (values, vectors), total_variance = eigh(C, check_finite=False), None
     if n != num_items:
         raise DataError(f"the embeddings have {n} rows but prepare has {num_items} items; rerun the embed stage",
@@ -115,7 +118,7 @@ def decompose(embed_dir: Path, cfg: DecomposeConfig, dim: int, num_items: int, o
     basis = NullSpaceBasis.from_spectrum(mean, values, vectors, dim=dim, null_dims=null_dims, whiten=cfg.whiten,
                                          scale=cfg.scale, total_variance=total_variance)
     info = _write(out_dir, basis, files, num_items, {k: getattr(cfg, k) for k in (
-        "method", "null_rule", "null_threshold", "weighted_mean")})
+        "method", "null_rule", "null_threshold", "weighted_mean", "weighted_covariance")})
     _log.info(f"[decompose] {num_items} items x d_l={basis.d_l} from {len(files)} fragments: {cfg.method}, "
               f"{time.time() - t0:.1f}s; the d={dim} kept directions explain "
               f"{info['explained_variance_kept']:.1%} of the variance" + (

@@ -203,10 +203,11 @@ def _protocol_markdown(report: dict, tables: dict, name: str) -> list[str]:
 
 
 # one colour per method in every plot of every report (tab10): the proposed method red, the ID-only
-# baseline blue; names outside this map (none today) take the remaining tab10 colours in order
+# baseline blue; names outside this map (a method added later) take the remaining tab10 colours in order
 METHOD_COLOURS = {"alphafuse": "tab:red", "sasrec_id": "tab:blue", "llminit": "tab:orange",
-                  "morec": "tab:green", "whitenrec": "tab:purple", "unisrec": "tab:brown", "rlmrec": "tab:pink"}
-_SPARE_COLOURS = ("tab:olive", "tab:cyan", "tab:gray")
+                  "morec": "tab:green", "whitenrec": "tab:purple", "unisrec": "tab:brown", "rlmrec": "tab:pink",
+                  "llmesr": "tab:olive"}
+_SPARE_COLOURS = ("tab:cyan", "tab:gray")
 _SEED_STYLES = ("-", "--", ":", "-.")  # a method's seeds: its colour, one line style each
 
 

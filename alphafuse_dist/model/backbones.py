@@ -9,6 +9,9 @@ items) to hidden states [B, L, d], zero at padded positions, and gives the user 
 - ``gru4rec``: a GRU run over the valid items only (:class:`GRU4RecEncoder`).
 - ``bert4rec``: bidirectional Transformer with a learned [MASK] vector, trained by masked item
   prediction (:class:`BERT4RecEncoder`, :func:`draw_cloze_mask`).
+- ``dreamrec``: a diffusion model generating the next item's vector under the guidance of the
+  SASRec encoder's state (:class:`~alphafuse_dist.model.dreamrec.DreamRecEncoder`), trained by its
+  denoising loss (``diffusion_loss``) instead of ``train.loss``.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import choose
+from .dreamrec import DreamRecEncoder
 from .sasrec import SASRecBlock, SASRecEncoder
 
 
@@ -154,6 +158,10 @@ ENCODERS = {
     "gru4rec": lambda m, norm: GRU4RecEncoder(m.dim, m.num_blocks, m.dropout, normalize_inputs=norm),
     "bert4rec": lambda m, norm: BERT4RecEncoder(m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout,
                                                 normalize_inputs=norm),
+    "dreamrec": lambda m, norm: DreamRecEncoder(
+        m.dim, m.max_len, m.num_blocks, m.num_heads, m.dropout, norm, timesteps=m.dreamrec_timesteps,
+        schedule=m.dreamrec_schedule, beta_start=m.dreamrec_beta_start, beta_end=m.dreamrec_beta_end,
+        guidance=m.dreamrec_guidance, p_uncond=m.dreamrec_p_uncond, sample_steps=m.dreamrec_sample_steps),
 }
 
 

@@ -5,6 +5,10 @@
     E_item = E_id (N x d, all trainable)            (method "sasrec_id", the ID-only baseline)
     E_item = E_id, E_id initialised to E_lang / sqrt(d)   (method "llminit", LLMInit baseline)
 
+Ablations of alphafuse (``model.id_space``): "full_space" adds a d-wide E_id into every
+coordinate (``E_lang + E_id``, no clip to the null space); "semantic_only" has no ID table
+(``E_item = E_lang``).
+
 Two interchangeable storage back ends with identical numerics:
 
 - ``torch``: two ``nn.Embedding``; the semantic one is a frozen buffer-like parameter.
@@ -96,6 +100,8 @@ class FusedItemTable(nn.Module):
             only in the init's direction; with cosine similarity the scale changes no score).
             With the torchrec back end tables are (re)loaded after sharding: see ``torchrec_tables``.
         id_init: "zeros" or "normal" (std ``id_init_std``); alphafuse only.
+        id_space: "null_space" (the ID part in the last d_n coordinates); alphafuse only: "full_space"
+            (d wide, added into every coordinate) or "semantic_only" (no ID part).
         backend: "torch" or "torchrec".
 
     Example::
@@ -106,16 +112,21 @@ class FusedItemTable(nn.Module):
 
     def __init__(self, num_items: int, dim: int, null_dims: int, *, method: str = "alphafuse",
                  injection: str = "add", semantic: torch.Tensor | None = None, id_init: str = "zeros",
-                 id_init_std: float = 1.0, backend: str = "torch", device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None):
+                 id_init_std: float = 1.0, id_space: str = "null_space", backend: str = "torch",
+                 device: torch.device | str = "cpu", generator: torch.Generator | None = None):
         super().__init__()
         if method not in ("alphafuse", "sasrec_id", "llminit"):
             raise ValueError(f"method {method!r}: expected alphafuse, sasrec_id or llminit")
         self.num_items, self.dim, self.method, self.injection, self.backend = num_items, dim, method, injection, backend
+        if id_space not in ("null_space", "full_space", "semantic_only") or (
+                id_space != "null_space" and method != "alphafuse"):
+            raise ValueError(f"id_space {id_space!r}: expected null_space, full_space or semantic_only (the latter "
+                             "two: alphafuse only)")
         self.has_semantic = method == "alphafuse"
+        self.has_ids = id_space != "semantic_only"
         self._device = torch.device(device)
-        self.id_dim = null_dims if self.has_semantic else dim
-        self.sem_dim = dim - null_dims
+        self.id_dim = {"null_space": null_dims, "full_space": dim, "semantic_only": 0}[id_space] if self.has_semantic else dim
+        self.sem_dim = dim - self.id_dim
         if method != "sasrec_id":
             if semantic is None or tuple(semantic.shape) != (num_items, dim):
                 raise ValueError(f"{method} needs a semantic table of shape ({num_items}, {dim}), "
@@ -129,24 +140,26 @@ class FusedItemTable(nn.Module):
             init = torch.randn(num_items, self.id_dim, generator=generator) * std
         self.initial_ids = init  # kept to re-load after TorchRec sharding (which re-initialises)
         if backend == "torch":
-            self.ids = nn.Embedding(num_items, self.id_dim, _weight=init.clone().to(device))
+            if self.has_ids:
+                self.ids = nn.Embedding(num_items, self.id_dim, _weight=init.clone().to(device))
             if self.has_semantic:
                 self.semantic = nn.Embedding(num_items, dim, _weight=semantic.to(device, torch.float32).clone())
                 self.semantic.weight.requires_grad_(False)
         elif backend == "torchrec":
-            self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, num_items, self.id_dim)
+            if self.has_ids:
+                self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, num_items, self.id_dim)
             if self.has_semantic:
                 self.semantic_ec = meta_collection(SEMANTIC_TABLE, SEMANTIC_FEATURE, num_items, dim)
                 self.initial_semantic = semantic.to(torch.float32).clone()
         else:
             raise ValueError(f"backend {backend!r}: expected torch or torchrec")
         torchrec = backend == "torchrec"
-        self.id_modules = ("id_ec",) if torchrec else ("ids",)
+        self.id_modules = (("id_ec",) if torchrec else ("ids",)) if self.has_ids else ()
         self.frozen_modules = (("semantic_ec",) if torchrec else ("semantic",)) if self.has_semantic else ()
 
     def torchrec_tables(self) -> list[TableSpec]:
-        """The TorchRec tables to shard: the ID table, then the frozen semantic table (alphafuse)."""
-        specs = [TableSpec("id_ec", ID_TABLE, self.initial_ids, frozen=False)]
+        """The TorchRec tables to shard: the ID table (if any), then the frozen semantic table (alphafuse)."""
+        specs = [TableSpec("id_ec", ID_TABLE, self.initial_ids, frozen=False)] if self.has_ids else []
         if self.has_semantic:
             specs.append(TableSpec("semantic_ec", SEMANTIC_TABLE, self.initial_semantic, frozen=True))
         return specs
@@ -172,10 +185,12 @@ class FusedItemTable(nn.Module):
         of times (with any number of ids, zero included).
         """
         ids = ids.reshape(-1).long()
-        id_part = self.lookup_ids(ids)
         if not self.has_semantic:
-            return id_part
+            return self.lookup_ids(ids)
         sem = self.lookup_semantic(ids)
+        if not self.has_ids:
+            return sem
+        id_part = self.lookup_ids(ids)
         if self.injection == "add":
             return torch.cat([sem[:, : self.sem_dim], sem[:, self.sem_dim:] + id_part], dim=1)
         return torch.cat([sem[:, : self.sem_dim], id_part], dim=1)
@@ -186,4 +201,6 @@ class FusedItemTable(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.ids.weight.device if self.backend == "torch" else self._device
+        if self.backend == "torch":
+            return (self.ids if self.has_ids else self.semantic).weight.device
+        return self._device

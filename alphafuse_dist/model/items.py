@@ -24,6 +24,7 @@ METHOD_INPUTS: dict[str, frozenset[str]] = {
     "alphafuse": frozenset({"semantic"}), "sasrec_id": frozenset(), "llminit": frozenset({"semantic"}),
     "morec": frozenset({"language"}), "whitenrec": frozenset({"language", "basis"}),
     "unisrec": frozenset({"language"}), "rlmrec": frozenset({"semantic"}),
+    "llmesr": frozenset({"language", "semantic"}),
 }
 
 
@@ -33,7 +34,7 @@ def _fused(cfg: RunConfig, n: int, given: dict, device, generator):
     m = cfg.model
     return FusedItemTable(n, m.dim, cfg.model.id_dims, method=cfg.method, injection=m.injection,
                           semantic=given["semantic"], id_init=m.id_init, id_init_std=m.id_init_std,
-                          backend=cfg.train.backend, device=device, generator=generator)
+                          id_space=m.id_space, backend=cfg.train.backend, device=device, generator=generator)
 
 
 def _morec(cfg: RunConfig, n: int, given: dict, device, generator):
@@ -69,9 +70,17 @@ def _rlmrec(cfg: RunConfig, n: int, given: dict, device, generator):
                        generator=generator, backend=cfg.train.backend, device=device)
 
 
+def _llmesr(cfg: RunConfig, n: int, given: dict, device, generator):
+    from .methods import LLMESRItems
+
+    m = cfg.model
+    return LLMESRItems(given["language"], given["semantic"], m.dim, weight=m.llmesr_weight,
+                       neighbours=m.llmesr_neighbours, generator=generator, backend=cfg.train.backend, device=device)
+
+
 ITEM_METHODS: dict[str, Callable] = {
     "alphafuse": _fused, "sasrec_id": _fused, "llminit": _fused, "morec": _morec,
-    "whitenrec": _whitenrec, "unisrec": _unisrec, "rlmrec": _rlmrec,
+    "whitenrec": _whitenrec, "unisrec": _unisrec, "rlmrec": _rlmrec, "llmesr": _llmesr,
 }
 
 
@@ -80,8 +89,9 @@ def build_item_module(cfg: RunConfig, num_items: int, semantic: torch.Tensor | N
     """The item module of ``cfg.method`` (identical on every worker given the same seeded generator).
 
     Args:
-        semantic: float32 [N, d], the decompose stage's whitened PCA table (alphafuse, llminit, rlmrec).
-        language: float32 [N, d_l], the embed stage's vectors in item_idx order (morec, whitenrec, unisrec).
+        semantic: float32 [N, d], the decompose stage's whitened PCA table (alphafuse, llminit, rlmrec, llmesr).
+        language: float32 [N, d_l], the embed stage's vectors in item_idx order (morec, whitenrec, unisrec,
+            llmesr).
         basis: the decompose stage's NullSpaceBasis (whitenrec).
 
     Raises:

@@ -17,6 +17,9 @@ whitenrec             Z_i W + c, Z = whitened E over all non-degenerate principa
 unisrec               sum_k softmax(E_i W_g)_k (E_i - b_k) W_k  (+ ID row with unisrec_with_ids)
 rlmrec                trainable ID row [d]; an MLP maps it to the whitened PCA coordinates and
                       ``rlmrec_weight * (1 - cos)`` is added to the loss (``extra_loss``)
+llmesr                [ID row (d/2, initialised from the whitened PCA coordinates), A(E_i) (d/2)],
+                      A two linear layers (LLM-ESR's dual view); its retrieval-augmented
+                      self-distillation is added to the loss (``user_loss``)
 ====================  =====================================================================
 
 Frozen tables are ``nn.Embedding`` without gradient (torch) or ``EmbeddingCollection``s trained by
@@ -66,7 +69,8 @@ class AdapterItems(nn.Module):
         features: float [N, d_x], frozen (with torchrec stored zero-padded to a width that is a
             multiple of 4; lookups return the first d_x columns).
         dim: d, the width of the item vectors.
-        id_init: float [N, d] initial ID rows, or None for no ID table.
+        id_init: float [N, d_id] initial ID rows (d_id = d unless a subclass says otherwise), or
+            None for no ID table.
         backend: "torch" or "torchrec" (tables loaded after sharding: see ``torchrec_tables``).
     """
 
@@ -77,13 +81,14 @@ class AdapterItems(nn.Module):
         self.num_items, self.feature_dim = features.shape
         self.dim, self.backend, self._device = dim, backend, torch.device(device)
         self.has_ids = id_init is not None
-        if self.has_ids and tuple(id_init.shape) != (self.num_items, dim):
-            raise ValueError(f"id_init: expected ({self.num_items}, {dim}), got {tuple(id_init.shape)}")
+        self.id_dim = id_init.shape[1] if self.has_ids else 0
+        if self.has_ids and id_init.shape[0] != self.num_items:
+            raise ValueError(f"id_init: expected {self.num_items} rows, got {tuple(id_init.shape)}")
         if backend == "torch":
             self.features = nn.Embedding(self.num_items, self.feature_dim, _weight=features.to(device).clone())
             self.features.weight.requires_grad_(False)
             if self.has_ids:
-                self.ids = nn.Embedding(self.num_items, dim, _weight=id_init.to(device, torch.float32).clone())
+                self.ids = nn.Embedding(self.num_items, self.id_dim, _weight=id_init.to(device, torch.float32).clone())
             self.frozen_modules, self.id_modules = ("features",), ("ids",) if self.has_ids else ()
         elif backend == "torchrec":
             pad = -self.feature_dim % TORCHREC_WIDTH_MULTIPLE
@@ -92,7 +97,7 @@ class AdapterItems(nn.Module):
                                                self.feature_dim + pad)
             if self.has_ids:
                 self.initial_ids = id_init.to(torch.float32).clone()
-                self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, self.num_items, dim)
+                self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, self.num_items, self.id_dim)
             self.frozen_modules, self.id_modules = ("features_ec",), ("id_ec",) if self.has_ids else ()
         else:
             raise ValueError(f"backend {backend!r}: expected torch or torchrec")
@@ -110,7 +115,7 @@ class AdapterItems(nn.Module):
             return torchrec_lookup(self.features_ec, FEATURES_FEATURE, ids)[:, :self.feature_dim]
 
     def lookup_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Trainable ID rows [M, d] of ``ids`` [M]."""
+        """Trainable ID rows [M, d_id] of ``ids`` [M]."""
         if self.backend == "torch":
             return self.ids(ids)
         return torchrec_lookup(self.id_ec, ID_FEATURE, ids)
@@ -233,3 +238,75 @@ class RLMRecItems(AdapterItems):
         recon = self.decoder(vecs)
         target = self.lookup_features(ids.reshape(-1).long()).to(recon.dtype)
         return self.weight * (1.0 - F.cosine_similarity(recon, target, dim=-1)).sum()
+
+
+class LLMESRItems(AdapterItems):
+    """LLM-ESR (Liu et al., NeurIPS 2024): a collaborative view and a frozen-language view of each
+    item, fused by concatenation (both d/2 wide; the shared encoder reads the fused vector):
+
+        v_i = [e_i, A(E_i)]        e_i [d/2] trainable ID row, initialised to the first d/2 whitened
+                                   PCA coordinates / sqrt(d/2) (LLM-ESR's dimension-reduced init)
+        A(x) = (x W_1 + b_1) W_2 + b_2,  W_1 [d_l, (d_l + d/2) // 2], W_2 [., d/2]  (its adapter)
+
+    and ``user_loss``, the retrieval-augmented self-distillation (see there). LLM-ESR's
+    cross-attention between the two views' sequences is not used: one encoder over the fused vectors.
+    """
+
+    def __init__(self, language: torch.Tensor, semantic: torch.Tensor, dim: int, *, weight: float, neighbours: int,
+                 generator: torch.Generator, backend: str = "torch", device: torch.device | str = "cpu"):
+        half = dim // 2
+        super().__init__(language, dim, id_init=semantic[:, :half].to(torch.float32) / half ** 0.5, backend=backend,
+                         device=device)
+        self.weight, self.neighbours = weight, neighbours
+        hidden = (self.feature_dim + half) // 2
+        self.adapter = nn.Sequential(_linear(self.feature_dim, hidden, generator),
+                                     _linear(hidden, half, generator)).to(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors [M, d] of ids [M] in 0..N-1 (a collective with torchrec)."""
+        ids = ids.reshape(-1).long()
+        return torch.cat([self.lookup_ids(ids), self.adapter(self.lookup_features(ids))], dim=1)
+
+    def user_loss(self, seqs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Retrieval-augmented self-distillation, summed over the step's sequences: a scalar.
+
+            u_b     = mean of the frozen language vectors E_i of sequence b's items (its language view)
+            R(b)    = the ``neighbours`` other sequences of the step with the highest cos(u_b, u_r)
+            loss    = weight * sum_b mean_d (h_b - mean_{r in R(b)} sg(h_r))^2
+
+        (LLM-ESR's "kd" alignment; sg = no gradient: the retrieved users are teachers). The pool is
+        the GLOBAL step: with several workers (u, sg(h)) are all-gathered in global row order, so
+        each sequence retrieves what it retrieves in one process. LLM-ESR retrieves among all users
+        by LLM user embeddings; here the pool is the step's batch and u_b is built from the items.
+
+        Args:
+            seqs: [B, L] left-padded item ids (pad = N); states: [B, d] each sequence's user state.
+        """
+        pad = self.num_items
+        valid = seqs != pad
+        lang = self.lookup_features(seqs[valid])
+        u = torch.zeros(*seqs.shape, self.feature_dim, dtype=lang.dtype, device=lang.device)
+        u[valid] = lang
+        u = F.normalize(u.sum(1) / valid.sum(1, keepdim=True).clamp(min=1), dim=1)
+        pool_u, pool_h, offset, step = u, states.detach(), 0, 1
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            pool_u, pool_h = (_gather_rows(x, world) for x in (u, states.detach().float()))
+            offset, step = rank, world
+        B = seqs.shape[0]
+        own = torch.arange(B, device=u.device) * step + offset  # global row of each local sequence
+        sim = u @ pool_u.T
+        sim[torch.arange(B, device=u.device), own] = float("-inf")
+        k = min(self.neighbours, pool_u.shape[0] - 1)
+        if k < 1:
+            return states.sum() * 0.0
+        teacher = pool_h[sim.topk(k, dim=1).indices].mean(1).to(states.dtype)
+        return self.weight * ((states - teacher) ** 2).mean(1).sum()
+
+
+def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """[B * world, ...]: every worker's rows of x [B, ...] in global row order (worker w holds rows
+    w, w + world, ...), all-gathered without gradient."""
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])

@@ -27,14 +27,16 @@ class SequentialRecommender(nn.Module):
     temperature; it is used in training AND evaluation, so the ranking optimised is the ranking
     measured (the reference code trains on cosine and evaluates on dot products).
     ``loss``: "infonce" (sampled softmax), "bce" (sampled negatives) or "full_ce" (softmax over
-    all N items, logsumexp over blocks of ``ce_chunk`` items); see ``losses.py``.
+    all N items, logsumexp over blocks of ``ce_chunk`` items); see ``losses.py``. An encoder with a
+    ``diffusion_loss`` (dreamrec) is trained by it instead, and draws no negatives.
     """
 
     def __init__(self, items: nn.Module, encoder: nn.Module, similarity: str = "cosine",
                  temperature: float = 0.07, loss: str = "infonce", ce_chunk: int = 65_536):
         super().__init__()
         self.loss_fn = choose(LOSSES, loss, "train.loss")
-        self.full_catalogue = loss in FULL_CATALOGUE_LOSSES
+        self.diffusion = hasattr(encoder, "diffusion_loss")
+        self.full_catalogue = loss in FULL_CATALOGUE_LOSSES and not self.diffusion
         self.items, self.encoder = items, encoder
         self.similarity, self.temperature = similarity, temperature
         self.loss, self.ce_chunk = loss, ce_chunk
@@ -63,14 +65,14 @@ class SequentialRecommender(nn.Module):
         return F.normalize(x, dim=-1) if self.similarity == "cosine" else x
 
     def forward(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, last_only: bool = False,
-                masked: torch.Tensor | None = None,
-                log_q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                masked: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+                noise: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss terms (see ``loss_terms``); ``forward`` so that DDP/DMP wrappers sync."""
-        return self.loss_terms(seqs, targets, negatives, last_only, masked, log_q)
+        return self.loss_terms(seqs, targets, negatives, last_only, masked, log_q, noise)
 
     def loss_terms(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, last_only: bool = False,
-                   masked: torch.Tensor | None = None,
-                   log_q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   masked: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+                   noise: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the per-position losses of ``self.loss`` and the number of positions.
 
         Args:
@@ -85,14 +87,22 @@ class SequentialRecommender(nn.Module):
                 replaced by [MASK]; the loss is taken there, against the original item.
             log_q: [N] log expected count of each item among a position's negatives: applies the
                 logQ correction (``losses.logq_correct``) to the sampled losses.
+            noise: diffusion encoders (dreamrec): (t [B, L], eps [B, L, d], uncond [B, L]) of
+                ``dreamrec.draw_diffusion_noise``; the loss is the encoder's ``diffusion_loss`` at
+                every trained position and ``negatives`` are not used.
 
         Returns:
             (sum of per-position losses, number of positions) so that callers can normalise by
             the GLOBAL count across workers (exact parity with one process). The sum includes
-            the item module's ``extra_loss(uniq_ids, vecs)`` when it has one (an already scaled sum).
+            the item module's ``extra_loss(uniq_ids, vecs)`` and ``user_loss(inputs, user_states)``
+            (the last position's hidden state [B, d]) when it has them (already scaled sums).
         """
         B, L = seqs.shape
         pad = self.pad_id
+        if self.diffusion:
+            if noise is None:
+                raise ValueError("a diffusion encoder needs the step's noise (dreamrec.draw_diffusion_noise)")
+            negatives = negatives.new_empty(0)
         if masked is not None:
             inputs, targets = targets, torch.where(masked, targets, torch.full_like(targets, pad))
         else:
@@ -121,8 +131,14 @@ class SequentialRecommender(nn.Module):
         valid = inputs != pad
         h = (self.encoder(x.view(B, L, -1), valid) if masked is None
              else self.encoder(x.view(B, L, -1), valid, masked))
-        h = self.normalize(h)
         pos_mask = tgt_slot >= 0
+        if self.diffusion:
+            t, eps, uncond = (part.reshape(B * L, *part.shape[2:])[pos_mask] for part in noise)
+            x0 = self.encoder.target(vecs[tgt_slot[pos_mask]])
+            loss = self.encoder.diffusion_loss(h.reshape(B * L, -1)[pos_mask], x0, t, eps.to(x0.dtype), uncond)
+            return self._with_item_losses(loss, uniq, vecs, inputs, h)
+        raw_h = h
+        h = self.normalize(h)
         hp = h.reshape(B * L, -1)[pos_mask]
         scale = 1.0 / self.temperature if self.similarity == "cosine" else 1.0
         pos_logit = (hp * self.normalize(vecs[tgt_slot[pos_mask]])).sum(-1) * scale
@@ -142,10 +158,18 @@ class SequentialRecommender(nn.Module):
             if log_q is not None:
                 pos_logit, neg_logit = logq_correct(pos_logit, neg_logit, log_q[tgt_ids], log_q[neg_ids])
             loss = self.loss_fn(pos_logit, neg_logit)
+        return self._with_item_losses(loss, uniq, vecs, inputs, raw_h)
+
+    def _with_item_losses(self, loss: torch.Tensor, uniq: torch.Tensor, vecs: torch.Tensor, inputs: torch.Tensor,
+                          h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-position ``loss`` [M] + the item module's extra losses, M)."""
         total = loss.sum()
         extra_loss = getattr(self.items, "extra_loss", None)
         if extra_loss is not None:
             total = total + extra_loss(uniq, vecs)
+        user_loss = getattr(self.items, "user_loss", None)
+        if user_loss is not None:
+            total = total + user_loss(inputs, h[:, -1])
         return total, torch.tensor(float(loss.numel()))
 
 

@@ -27,6 +27,7 @@ from ..data.sequences import eval_inputs, item_counts, training_windows
 from ..errors import ConfigError
 from ..evaluate.sharded import read_histories, sharded_metrics
 from ..model.backbones import draw_cloze_mask
+from ..model.dreamrec import draw_diffusion_noise
 from ..model.losses import expected_count_log_q
 from ..model.recommender import build_model
 from ..runtime.dist import all_reduce_sum, rank_world
@@ -105,6 +106,7 @@ class TrainRecipe:
                                                                      dtype=torch.float64)
             self.log_q = expected_count_log_q(q, t.num_negatives).to(self.device)
         self.cloze = cfg.model.backbone == "bert4rec"
+        self.diffusion = cfg.model.backbone == "dreamrec"
         self.steps = len(self.win_in) // t.batch_size
         if self.steps == 0:
             raise ConfigError(f"train.batch_size={t.batch_size}: larger than the {len(self.win_in)} training windows")
@@ -210,9 +212,14 @@ class TrainRecipe:
         # bert4rec: the masked positions of the window's last L items (tgts), drawn after the negatives
         masked = (draw_cloze_mask(g, tgts != self.pad, t.batch_size, self.rank, self.world, cfg.model.mask_prob)
                   if self.cloze else None)
+        m = cfg.model
+        # dreamrec: each position's timestep, noise and guidance dropout, drawn after the negatives
+        noise = (tuple(x.to(device) for x in draw_diffusion_noise(g, t.batch_size, seqs.shape[1], m.dim, self.rank,
+                                                                  self.world, m.dreamrec_timesteps, m.dreamrec_p_uncond))
+                 if self.diffusion else None)
         with self.autocast:
             # through the DMP/DDP wrapper (its forward is the loss) so dense gradients are synchronised
-            lsum, lcnt = self.model(seqs, tgts, negs, t.loss_positions == "last", masked, self.log_q)
+            lsum, lcnt = self.model(seqs, tgts, negs, t.loss_positions == "last", masked, self.log_q, noise)
         total = max(all_reduce_sum(lcnt.detach().clone().to(torch.float64)).item(), 1.0)
         # normalised by the GLOBAL count; DDP averages gradients over workers, hence * world
         loss = lsum * (self.world / total)
