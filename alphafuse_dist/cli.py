@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import METHODS, load_config, preset_names
-from .errors import AlphaFuseError, ConfigError, user_error
+from .errors import AlphaFuseError, ConfigError, one_line, user_error
 
 
 def _byte_size(text: str) -> int:
@@ -200,15 +200,15 @@ def _write_report(cfg, rows: list[tuple[str, dict]], methods: list[str], seeds: 
 
 def exit_code(run: Callable[[], object], prefix: str = "alphafuse: error: ") -> int:
     """Call ``run``; 0, or 2 with the error in one line on stderr when input (config, data) is at
-    fault, also when a Ray task or Ray Train worker raised it (:func:`errors.user_error`). Other
-    exceptions propagate with their traceback."""
+    fault, also when a Ray task or Ray Train worker raised it, or the file system refused a write
+    (:func:`errors.user_error`). Other exceptions propagate with their traceback."""
     try:
         run()
     except Exception as e:
         err = user_error(e)
         if err is None:
             raise
-        print(f"{prefix}{err}", file=sys.stderr)
+        print(f"{prefix}{one_line(str(err))}", file=sys.stderr)
         return 2
     return 0
 

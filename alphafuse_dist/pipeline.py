@@ -24,8 +24,8 @@ from typing import Callable
 from .config import RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name
 from .errors import AlphaFuseError, ConfigError
 from .model.items import METHOD_INPUTS
-from .runtime.manifest import (clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest,
-                               stage_identity)
+from .runtime.manifest import (clean_temporaries, make_run_dir, read_manifest, require_stage, run_dir_lock, run_stage,
+                               stage_digest, stage_identity, stage_problem)
 from .runtime.ray import ensure_ray
 from .runtime.gpu import check_gpus, out_of_memory_hint
 
@@ -70,10 +70,14 @@ def embed_stage(cfg: RunConfig, force: bool = False) -> Path:
 
 def _previous_digest(folder: str, key: str) -> str:
     """The manifest digest of a previous run's finished stage folder named by config ``key``."""
-    manifest = read_manifest(Path(folder).expanduser())
+    path = Path(folder).expanduser()
+    manifest = read_manifest(path)
     if not manifest or "digest" not in manifest:
         raise ConfigError(f"{key}={folder}: not a finished stage folder (no readable manifest.json); "
                           "the previous run did not complete this stage")
+    problem = stage_problem(path, manifest)
+    if problem is not None:
+        raise ConfigError(f"{key}={folder}: the stage no longer matches its manifest: {problem}")
     return manifest["digest"]
 
 
@@ -104,9 +108,9 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
         weights = None
         if cfg.decompose.weighted_mean:
             import numpy as np
-            import pyarrow.parquet as pq
+            from .runtime.parquet import read_table
 
-            items = pq.read_table(prep / "items.parquet", columns=["item_idx", "popularity"])
+            items = read_table(prep / "items.parquet", columns=["item_idx", "popularity"])
             weights = np.zeros(num_items)
             weights[items.column("item_idx").to_numpy()] = items.column("popularity").to_numpy()
         return decompose(emb, cfg.decompose, cfg.model.dim, num_items, tmp, weights=weights)
@@ -187,7 +191,7 @@ def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, force: tup
     """Run the stages in order (skipping up-to-date ones, except those in ``force``); return the
     metrics and their path."""
     run_dir = cfg.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     with run_dir_lock(run_dir):
         return _run_stages(cfg, run_dir, stages, force=set(force))
 
@@ -247,7 +251,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
     if jobs <= 1:
         rows = []
         for c in runs:
-            c.run_path.mkdir(parents=True, exist_ok=True)
+            make_run_dir(c.run_path)
             with run_dir_lock(c.run_path):
                 pending |= set(force) - set(SHARED_STAGES)
                 out = _run_stages(c, c.run_path, stages, force=pending)
@@ -260,7 +264,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
     shared = tuple(s for s in stages if s in SHARED_STAGES)
     per_run = tuple(s for s in stages if s not in shared)
     run_dir = cfg.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     with run_dir_lock(run_dir):
         clean_temporaries(run_dir)
         if shared:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..runtime.manifest import file_sha256, read_manifest
+from ..runtime.parquet import read_table
 from .export import CARD_JSON, ENCODER_FILE, ITEMS_FILE, RETIRED_FILE, export_run
 
 
@@ -79,7 +79,7 @@ class Recommender:
         parts = []
         for name in (serving.get("items_file", ITEMS_FILE), serving.get("retired_items_file", RETIRED_FILE)):
             path = _verified_file(self.dir, self.card, name)
-            parts.append((path, pq.read_table(path)))
+            parts.append((path, read_table(path)))
         (items_path, items), (retired_path, retired) = parts
         for path, table in parts:
             for col in ("item_idx", "item_id", "text"):
