@@ -41,7 +41,8 @@ _log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old content or the whole new one."""
+    """Write a file so that readers see either the old content or the whole new one; a file-system
+    error (no space, no permission) is a FileSystemError naming it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -51,6 +52,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk names no file: this one is named
+        fs = filesystem_error(e, path)
+        if fs is None:
+            raise
+        raise fs from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -145,8 +151,8 @@ def stage_identity(kind: str, config_hash: str, inputs: dict[str, str]) -> str:
 
 def _visible_files(folder: Path) -> list[str]:
     """The stage's files, relative and sorted: everything but the manifest and hidden names."""
-    return sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*")
-                  if f.is_file() and f.name != MANIFEST and not any(s.startswith(".") for s in f.relative_to(folder).parts))
+    rels = (f.relative_to(folder) for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+    return sorted(r.as_posix() for r in rels if not any(part.startswith(".") for part in r.parts))
 
 
 def _file_records(folder: Path) -> dict[str, dict]:

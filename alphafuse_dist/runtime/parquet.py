@@ -25,7 +25,7 @@ WRITE_OPTIONS = {"write_page_checksum": True}
 
 def write_table(table: pa.Table, path, **options) -> None:
     """``pq.write_table`` with page checksums."""
-    pq.write_table(table, path, **WRITE_OPTIONS, **options)
+    pq.write_table(table, path, **{**WRITE_OPTIONS, **options})
 
 
 def read_table(source, columns: list[str] | None = None, *, name=None) -> pa.Table:
