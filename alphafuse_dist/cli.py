@@ -157,7 +157,12 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         load_config(config, overrides + [f"method={m}"])  # validates the method name up front
-    seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    seed_list = [cfg.seed]
+    if seeds:
+        try:
+            seed_list = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds}: expected comma-separated integers, e.g. 22,23") from None
     if jobs < 1:
         raise AlphaFuseError(f"--jobs {jobs}: must be >= 1")
     rows = compare(cfg, method_list, seed_list, stages=stage_list, jobs=jobs, child_logging=configure_logging,

@@ -147,6 +147,12 @@ def _flipped_user_id_parquet(root: Path) -> Path:
     return path
 
 
+def _movielens_dat(root: Path, ratings: bytes) -> list[str]:
+    _write(root, "ratings.dat", ratings)
+    _write(root, "movies.dat", "1::A::Drama\n")
+    return ["data.source=movielens", f"data.path={root}"]
+
+
 def _truncated_gzip(root: Path) -> Path:
     return _write(root, "inter.csv.gz", gzip.compress(_csv(_interactions()).encode())[:60])
 
@@ -255,8 +261,7 @@ DATA_CASES = {
         "file {root}: no MovieLens ratings: expected ratings.csv + movies.csv (ml-latest, ml-20m), ratings.dat + "
         "movies.dat (ml-1m) or u.data + u.item (ml-100k); found: nothing"),
     "binary MovieLens .dat": (
-        lambda r: ["data.source=movielens", f"data.path={r}", _write(r, "ratings.dat", PNG) and "",
-                   _write(r, "movies.dat", "1::A::Drama\n") and ""],
+        lambda r: _movielens_dat(r, ratings=PNG),
         "file {root}/ratings.dat: not a MovieLens .dat file ('::'-separated records): binary content (a NUL byte "
         "at byte 8)"),
     "RecBole folder without .inter": (
@@ -273,7 +278,7 @@ def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(case, tmp_path,
     make, message = DATA_CASES[case]
     root = tmp_path / "data"
     root.mkdir()
-    overrides = [o for o in make(root) if o]
+    overrides = make(root)
     if isinstance(message, re.Pattern):
         message = re.compile(message.pattern.replace("{root}", re.escape(str(root))))
     else:
@@ -462,11 +467,10 @@ def test_a_tampered_stage_is_named_and_rebuilt(case, run_copy, finished, capsys)
     _no_temporaries(run_dir)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "not JSON"])
-def test_a_stage_without_a_readable_manifest_is_run_again(damage, run_copy, capsys):
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["not JSON", "a list", "not UTF-8"])
+def test_a_stage_with_an_unreadable_manifest_is_run_again(content, run_copy, capsys):
     run_dir, overrides = run_copy
-    manifest = run_dir / "prepare" / "manifest.json"
-    manifest.unlink() if damage == "deleted" else manifest.write_text("{not json")
+    (run_dir / "prepare" / "manifest.json").write_bytes(content)
     code, err, _ = _cli(capsys, ["run", *overrides])
     assert code == 0 and "[prepare] done in" in "\n".join(err)
     assert f"[{TRAIN}] up to date" in "\n".join(err)  # the same data again: the same digest, training reused
@@ -528,6 +532,18 @@ def test_a_tampered_warm_start_model_is_refused(run_copy, tmp_path, capsys):
     _no_temporaries(new_run)
 
 
+def test_a_stage_folder_without_a_manifest_is_not_replaced(run_copy, capsys):
+    """A folder at a stage's path that holds no manifest was not written by a stage: it is refused,
+    never deleted."""
+    run_dir, overrides = run_copy
+    (run_dir / "prepare" / "manifest.json").unlink()
+    before = _snapshot(run_dir)
+    _refused(capsys, ["run", *overrides], f"{run_dir}/prepare: exists and is not a stage folder (no manifest.json); "
+                                          "it is not replaced: move it away or choose another path")
+    assert _snapshot(run_dir) == before
+    _no_temporaries(run_dir)
+
+
 # ----------------------------------------------------------------------------- exports
 def _card(run_dir: Path) -> dict:
     return json.loads((run_dir / EXPORT / "model_card.json").read_text())
@@ -556,9 +572,19 @@ RECOMMEND_CASES = {
         lambda d: _set_card(d, _card(d) | {"serving": _card(d)["serving"] | {"encoder_file": "../../x.pt"}}),
         ["--item", "m1"],
         "file {e}/model_card.json: file name '../../x.pt' is not a plain file name inside the export"),
-    "card without file hashes": (lambda d: _set_card(d, {k: v for k, v in _card(d).items() if k != "files"}),
+    "card without file hashes": (lambda d: _set_card(d, _card(d) | {"files": {}}),
                                  ["--item", "m1"],
                                  "file {e}/model_card.json: items.parquet is not listed under 'files' with its sha256"),
+    "card that is not JSON": (lambda d: _write(d / EXPORT, "model_card.json", "{"), ["--item", "m1"],
+                              "file {e}/model_card.json: not valid JSON (Expecting property name enclosed in double "
+                              "quotes: line 1 column 2 (char 1)): the export was altered or damaged; export again"),
+    "card without its sections": (lambda d: _write(d / EXPORT, "model_card.json", "[1]"), ["--item", "m1"],
+                                  "file {e}/model_card.json: expected a JSON object with the sections model, serving, "
+                                  "files: the export was altered or damaged; export again"),
+    "card with a history length that is not a number": (
+        lambda d: _set_card(d, _card(d) | {"model": _card(d)["model"] | {"max_len": "five"}}), ["--item", "m1"],
+        "file {e}/model_card.json: model.max_len='five': expected an integer >= 1: the export was altered or damaged; "
+        "export again"),
     "export without a manifest": (lambda d: (d / EXPORT / "manifest.json").unlink(), ["--item", "m1"],
                                   "export {e}: not a finished export (no manifest.json / model_card.json); run "
                                   "alphafuse export first"),
@@ -595,6 +621,23 @@ def test_export_of_a_missing_model_is_one_line(case, run_copy, capsys):
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_export_to_a_path_holding_user_files_refuses_and_keeps_them(target, run_copy, tmp_path, capsys):
+    run_dir, _ = run_copy
+    to = tmp_path / "mine"
+    if target == "file":
+        to.write_text("precious")
+    else:
+        to.mkdir()
+        (to / "notes.txt").write_text("precious")
+    before = _snapshot(to) if target == "folder" else to.read_text()
+    _refused(capsys, ["export", "--run", run_dir, "--method", "sasrec_id", "--to", to],
+             f"{to}: exists and is not a stage folder (no manifest.json); it is not replaced: move it away or choose "
+             "another path")
+    assert (_snapshot(to) if target == "folder" else to.read_text()) == before
+    _no_temporaries(tmp_path)
+
+
 def test_export_of_a_missing_run_directory(tmp_path, capsys):
     _refused(capsys, ["export", "--run", tmp_path / "nope"], f"run {tmp_path / 'nope'}: no such directory")
     assert not (tmp_path / "nope").exists()
@@ -609,6 +652,22 @@ def test_an_altered_export_is_named_and_exported_again(run_copy, capsys):
             "blake2b differs from the manifest's); running the stage again") in err
     assert stage_problem(run_dir / EXPORT, read_manifest(run_dir / EXPORT)) is None
     assert _cli(capsys, ["recommend", "--run", run_dir / EXPORT, "--item", "m1"])[0] == 0
+
+
+def test_compare_with_seeds_that_are_not_numbers(tmp_path, capsys):
+    inter, items = _data(tmp_path / "data")
+    _refused(capsys, ["compare", "--seeds", "1,x", *SMALL, *_source(inter, items), f"run_dir={tmp_path / 'run'}"],
+             "--seeds 1,x: expected comma-separated integers, e.g. 22,23")
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_output_that_is_a_folder_is_named_and_kept(run_copy, tmp_path, capsys):
+    run_dir, overrides = run_copy
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(capsys, ["compare", "--methods", "sasrec_id", "--output", out, *overrides], f"{out}: Is a directory")
+    assert list(out.iterdir()) == []
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 # ----------------------------------------------------------------------------- concurrency

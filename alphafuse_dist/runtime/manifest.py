@@ -52,11 +52,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk names no file: this one is named
-        fs = filesystem_error(e, path)
-        if fs is None:
+    except OSError as e:  # named by the file meant, not its temporary (a full disk names no file at all)
+        if filesystem_error(e, path) is None:
             raise
-        raise fs from None
+        raise FileSystemError(f"{path}: {e.strerror}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -202,9 +201,10 @@ def read_manifest(stage_dir: Path) -> dict | None:
     if not m.is_file():
         return None
     try:
-        return json.loads(m.read_text())
-    except (OSError, json.JSONDecodeError):
+        body = json.loads(m.read_bytes())
+    except (OSError, ValueError):  # UnicodeDecodeError included
         return None
+    return body if isinstance(body, dict) else None
 
 
 def require_stage(run_dir: Path, stage: str, verify: bool = True) -> Path:
@@ -268,8 +268,10 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
               build: Callable[[Path], dict], force: bool = False, kind: str | None = None) -> Path:
     """Run ``build(tmp_dir)`` unless the stage is :func:`up_to_date`; return the stage folder.
 
-    ``force`` runs the stage regardless. ``build`` writes its outputs into ``tmp_dir`` and returns
-    a dict for the manifest (put row counts under ``"rows"``). On any exception the temporary
+    ``force`` runs the stage regardless. Only a stage folder (one holding a ``manifest.json``) or an
+    empty folder is replaced; anything else at the stage's path is refused, never deleted.
+    ``build`` writes its outputs into ``tmp_dir`` and returns a dict for the manifest (put row
+    counts under ``"rows"``). On any exception the temporary
     folder is removed and nothing of the stage is left behind (a previous complete output, if any,
     stays untouched); a file-system error (no space, no permission) becomes a FileSystemError
     naming its file, or else the stage's temporary folder.
@@ -279,6 +281,10 @@ def run_stage(run_dir: Path, stage: str, *, config_hash: str, inputs: dict[str, 
     if not force and up_to_date(final, config_hash=config_hash, inputs=inputs, kind=kind or stage_kind(stage)):
         _log.info(f"[{stage}] up to date (manifest {final / MANIFEST}), skipped")
         return final
+    if final.exists() and not (final.is_dir() and ((final / MANIFEST).is_file() or not any(final.iterdir()))):
+        # only a stage folder (or an empty one) is ever replaced: nothing a user put there is lost
+        raise FileSystemError(f"{final}: exists and is not a stage folder (no {MANIFEST}); it is not replaced: move "
+                              "it away or choose another path")
     code_version = code_fingerprint(kind or stage_kind(stage))
     tmp = run_dir / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
     trash = None
