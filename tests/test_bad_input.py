@@ -230,10 +230,13 @@ DATA_CASES = {
         re.compile(r"file {root}/inter\.csv\.gz: cannot be decompressed as gzip \(truncated or corrupt\?\): .+")),
     "random bytes named .parquet": (
         lambda r: _source(_write(r, "inter.parquet", bytes(range(256)) * 4)),
-        re.compile(r"file {root}/inter\.parquet: cannot be read as Parquet: corrupt or not Parquet \(.+\)")),
+        "file {root}/inter.parquet: not a Parquet file: it does not start with PAR1"),
     "CSV named .parquet": (
         lambda r: _source(_write(r, "inter.parquet", _csv(_interactions()))),
-        re.compile(r"file {root}/inter\.parquet: cannot be read as Parquet: corrupt or not Parquet \(.+\)")),
+        "file {root}/inter.parquet: not a Parquet file: it is text (a CSV file? give it a .csv suffix)"),
+    "gzip file named .parquet": (
+        lambda r: _source(_write(r, "inter.parquet", gzip.compress(_parquet_bytes(_table())))),
+        "file {root}/inter.parquet: not a Parquet file: it is gzip-compressed (add .gz to its name)"),
     "truncated Parquet": (
         lambda r: _source(_write(r, "inter.parquet", _parquet_bytes(_table())[:-100])),
         re.compile(r"file {root}/inter\.parquet: cannot be read as Parquet: corrupt or not Parquet \(.+\)")),

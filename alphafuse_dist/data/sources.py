@@ -284,6 +284,7 @@ def _read_table(path: Path, required: list[str], optional: list[str] = (), every
         return names if everything else [*required, *(c for c in optional if c in names and c not in required)]
 
     if kind == "parquet":
+        _require_parquet(path, source)
         # pyarrow rather than polars: it verifies page checksums, and polars panics on some damaged pages
         names = open_file(source, name=path).schema_arrow.names
         return pl.from_arrow(read_table(source, columns=kept(names), name=path))
@@ -299,15 +300,32 @@ def _read_table(path: Path, required: list[str], optional: list[str] = (), every
         raise DataError(f"cannot be read as CSV: {_not_utf8(path) or _first_line(e)}", file=path) from None
 
 
+def _head(source: Path | io.BytesIO | bytes) -> bytes:
+    """The first bytes of a file, of its decompressed bytes or of a buffer of them."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            return f.read(_SNIFF_BYTES)
+    return (source.getvalue() if isinstance(source, io.BytesIO) else source)[:_SNIFF_BYTES]
+
+
+def _require_parquet(path: Path, source: Path | io.BytesIO) -> None:
+    """A DataError when a file named .parquet does not start as Parquet does, saying what it is."""
+    head = _head(source)
+    if head.startswith(b"PAR1"):
+        return
+    for magic, kind, advice in _MAGIC[1:]:
+        if head.startswith(magic):
+            raise DataError(f"not a Parquet file: it is {kind} ({advice})", file=path)
+    if b"\0" not in head:
+        raise DataError("not a Parquet file: it is text (a CSV file? give it a .csv suffix)", file=path)
+    raise DataError("not a Parquet file: it does not start with PAR1", file=path)
+
+
 def _require_text(path: Path, source: Path | io.BytesIO | bytes, what: str) -> None:
     """A DataError when a file read as text is binary: what its first bytes say it is (Parquet,
     gzip, Zstandard), or where its first NUL byte is. ``source``: the file, its decompressed bytes
     or a buffer of them."""
-    if isinstance(source, Path):
-        with open(source, "rb") as f:
-            head = f.read(_SNIFF_BYTES)
-    else:
-        head = (source.getvalue() if isinstance(source, io.BytesIO) else source)[:_SNIFF_BYTES]
+    head = _head(source)
     for magic, kind, advice in _MAGIC:
         if head.startswith(magic):
             raise DataError(f"not {what}: it is {kind} ({advice})", file=path)
