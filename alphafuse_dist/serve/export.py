@@ -61,8 +61,8 @@ from .. import __version__
 from ..config import RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..model.items import METHOD_INPUTS
-from ..runtime.parquet import open_file, read_table, write_table
 from ..runtime.manifest import file_sha256, read_manifest, require_stage, run_dir_lock, run_stage, up_to_date
+from ..runtime.parquet import open_file, read_table, write_table
 
 EXPORT_FORMAT = 1
 ITEMS_FILE = "items.parquet"
