@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import METHODS, load_config, preset_names
-from .errors import AlphaFuseError, ConfigError, user_error
+from .errors import AlphaFuseError, ConfigError, one_line, user_error
 from .runtime.console import LOG_FILE, log_tail, log_to_file, redirect_to_log, terminal
 
 
@@ -204,7 +204,12 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         load_config(config, overrides + [f"method={m}"])  # validates the method name up front
-    seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    seed_list = [cfg.seed]
+    if seeds:
+        try:
+            seed_list = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds}: expected comma-separated integers, e.g. 22,23") from None
     backbone_list = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
     ablation_list = (list(ABLATIONS) if ablations == "all" else
                      [a.strip() for a in ablations.split(",") if a.strip()] if ablations else [])
@@ -273,15 +278,15 @@ def _download(args: argparse.Namespace) -> None:
 
 def exit_code(run: Callable[[], object], prefix: str = "alphafuse: error: ") -> int:
     """Call ``run``; 0, or 2 with the error in one line on stderr when input (config, data) is at
-    fault, also when a Ray task or Ray Train worker raised it (:func:`errors.user_error`). Other
-    exceptions propagate with their traceback."""
+    fault, also when a Ray task or Ray Train worker raised it, or the file system refused a write
+    (:func:`errors.user_error`). Other exceptions propagate with their traceback."""
     try:
         run()
     except Exception as e:
         err = user_error(e)
         if err is None:
             raise
-        print(f"{prefix}{err}", file=terminal().err)
+        print(f"{prefix}{one_line(str(err))}", file=terminal().err)
         return 2
     return 0
 

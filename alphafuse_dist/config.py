@@ -733,10 +733,16 @@ def preset_names() -> list[str]:
 
 def _read_yaml(source: str) -> dict:
     path = Path(source)
+    res = resources.files("alphafuse_dist.presets") / f"{source}.yaml"
+    if path.exists() and not (path.suffix in (".yaml", ".yml") and path.is_file()) and not res.is_file():
+        raise ConfigError(f"config '{source}': not a YAML file (expected a .yaml or .yml file or a preset name)")
     if path.suffix in (".yaml", ".yml") and path.exists():
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_bytes().decode("utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config '{source}': not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"{e.start}): expected a YAML file") from None
     else:
-        res = resources.files("alphafuse_dist.presets") / f"{source}.yaml"
         if not res.is_file():
             raise ConfigError(f"config '{source}': no such file and no such preset "
                               f"(presets: {', '.join(preset_names())})")

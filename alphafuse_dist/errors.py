@@ -5,6 +5,14 @@ Ray task or Ray Train worker raised them (:func:`user_error` finds them inside R
 """
 from __future__ import annotations
 
+import errno
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line and printable: whitespace runs become one space, other control or
+    non-printable characters (bytes of a binary file read as text) are shown escaped (``\\x00``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
+
 
 class AlphaFuseError(Exception):
     """Base class of errors caused by user input (config, data), not by a bug."""
@@ -34,7 +42,27 @@ class DataError(AlphaFuseError):
             where.append(f"row {row}")
         self.file, self.column, self.row = file, column, row
         text = f"{', '.join(where)}: {message}" if where else message
-        super().__init__(" ".join(text.split()))  # always one line
+        super().__init__(one_line(text))
+
+
+class FileSystemError(AlphaFuseError):
+    """A path cannot be created, read or written: no space left, no permission, a read-only file
+    system, a file where a folder is expected."""
+
+
+# the errors of OSError that are the file system's state, not a bug: reported as FileSystemError
+_FILESYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG})
+
+
+def filesystem_error(exc: BaseException, path=None) -> FileSystemError | None:
+    """The :class:`FileSystemError` of an ``OSError`` (also one a Ray task raised) whose errno is
+    the file system's state (no space, no permission, ...), naming its file or else ``path``; None
+    for any other exception, or when neither names a path."""
+    for e in wrapped_errors(exc, through_ray_only=True):
+        if isinstance(e, OSError) and not _is_ray_wrapper(e) and e.errno in _FILESYSTEM_ERRNOS and (e.filename or path):
+            return FileSystemError(one_line(f"{e.filename or path}: {e.strerror or errno.errorcode[e.errno]}"))
+    return None
 
 
 # where Ray keeps the exception a task, an actor or a Train worker raised: RayTaskError.cause,
@@ -66,7 +94,8 @@ def wrapped_errors(exc: BaseException, *, through_ray_only: bool = False):
 def user_error(exc: BaseException) -> AlphaFuseError | None:
     """The :class:`AlphaFuseError` behind ``exc``: ``exc`` itself, or the one a Ray task or Ray
     Train worker raised, unwrapped from Ray's exceptions (which carry the remote traceback in their
-    text); None when ``exc`` is not caused by input.
+    text), or the :func:`filesystem_error` of an ``OSError`` naming its file; None when ``exc`` is
+    not caused by input or the file system.
 
     A Ray task's error re-raised on the driver is an instance of both ``RayTaskError`` and the
     original class, with the remote traceback as its text: the original exception
@@ -74,8 +103,9 @@ def user_error(exc: BaseException) -> AlphaFuseError | None:
     error, even one raised while handling an AlphaFuseError, is a bug: only Ray's wrappers are
     looked into.
     """
-    return next((e for e in wrapped_errors(exc, through_ray_only=True)
-                 if isinstance(e, AlphaFuseError) and not _is_ray_wrapper(e)), None)
+    found = next((e for e in wrapped_errors(exc, through_ray_only=True)
+                  if isinstance(e, AlphaFuseError) and not _is_ray_wrapper(e)), None)
+    return found if found is not None else filesystem_error(exc)
 
 
 def _is_ray_wrapper(exc: BaseException) -> bool:

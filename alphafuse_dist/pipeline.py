@@ -24,8 +24,8 @@ from .config import (RunConfig, check_against_data, evaluate_stage_name, section
                      with_overrides)
 from .errors import AlphaFuseError, ConfigError
 from .model.items import METHOD_INPUTS
-from .runtime.manifest import (clean_temporaries, read_manifest, require_stage, run_dir_lock, run_stage, stage_digest,
-                               stage_identity)
+from .runtime.manifest import (clean_temporaries, make_run_dir, read_manifest, require_stage, run_dir_lock, run_stage,
+                               stage_digest, stage_identity, stage_problem)
 from .runtime.ray import ensure_ray
 from .runtime.gpu import check_gpus, out_of_memory_hint
 from .runtime.tracking import track_run
@@ -71,10 +71,14 @@ def embed_stage(cfg: RunConfig, force: bool = False) -> Path:
 
 def _previous_digest(folder: str, key: str) -> str:
     """The manifest digest of a previous run's finished stage folder named by config ``key``."""
-    manifest = read_manifest(Path(folder).expanduser())
+    path = Path(folder).expanduser()
+    manifest = read_manifest(path)
     if not manifest or "digest" not in manifest:
         raise ConfigError(f"{key}={folder}: not a finished stage folder (no readable manifest.json); "
                           "the previous run did not complete this stage")
+    problem = stage_problem(path, manifest)
+    if problem is not None:
+        raise ConfigError(f"{key}={folder}: the stage no longer matches its manifest: {problem}")
     return manifest["digest"]
 
 
@@ -105,9 +109,9 @@ def decompose_stage(cfg: RunConfig, force: bool = False) -> Path:
         weights = None
         if cfg.decompose.weighted_mean or cfg.decompose.weighted_covariance:
             import numpy as np
-            import pyarrow.parquet as pq
+            from .runtime.parquet import read_table
 
-            items = pq.read_table(prep / "items.parquet", columns=["item_idx", "popularity"])
+            items = read_table(prep / "items.parquet", columns=["item_idx", "popularity"])
             weights = np.zeros(num_items)
             weights[items.column("item_idx").to_numpy()] = items.column("popularity").to_numpy()
         return decompose(emb, cfg.decompose, cfg.model.dim, num_items, tmp, weights=weights)
@@ -198,7 +202,7 @@ def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, force: tup
     """Run the stages in order (skipping up-to-date ones, except those in ``force``); return the
     metrics and their path."""
     run_dir = cfg.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     with run_dir_lock(run_dir):
         return _run_stages(cfg, run_dir, stages, force=set(force))
 
@@ -286,7 +290,7 @@ def _resolve_threshold_dims(c: RunConfig) -> None:
     stages with model.dim = d_l, then set model.id_dims to the d_n the rule derived."""
     from .decompose.basis import recorded_id_dims
 
-    c.run_path.mkdir(parents=True, exist_ok=True)
+    make_run_dir(c.run_path)
     with run_dir_lock(c.run_path):
         _run_stages(c, c.run_path, ("prepare", "embed"))
         c.model.dim = int(read_manifest(c.run_path / "embed")["dim"])
@@ -325,7 +329,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
         # the forced shared stages leave a run directory's set once they ran there
         rows, forced_dirs = [], {}
         for label, c in zip(labels, runs):
-            c.run_path.mkdir(parents=True, exist_ok=True)
+            make_run_dir(c.run_path)
             todo = forced_dirs.setdefault(c.run_path, set(force))
             with run_dir_lock(c.run_path):
                 todo |= set(force) - set(SHARED_STAGES)
@@ -335,15 +339,14 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int], *, stages: tup
     shared = tuple(s for s in stages if s in SHARED_STAGES)
     per_run = tuple(s for s in stages if s not in shared)
     for run_dir in dict.fromkeys(c.run_path for c in runs):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
         with run_dir_lock(run_dir):
             clean_temporaries(run_dir)
             pending = set(force)
             if shared:  # one pass per method: each needs its own inputs
                 for c in {c.method: c for c in runs if c.run_path == run_dir}.values():
                     _run_stages(c, run_dir, shared, force=pending)
-    base = cfg.run_path
-    base.mkdir(parents=True, exist_ok=True)
+    base = make_run_dir(cfg.run_path)
     with run_dir_lock(base):
         return _parallel_runs(runs, labels, per_run, jobs, child_logging, tuple(s for s in force if s in per_run))
 

@@ -353,7 +353,7 @@ def test_bad_files_and_folders(tmp_path):
         load_source(DataConfig(source="recbole"))
     garbage = tmp_path / "inter.parquet"
     garbage.write_bytes(b"user,item\n1,2\n")
-    with data_error(f"file {garbage}: cannot be read as Parquet"):
+    with data_error(f"file {garbage}: not a Parquet file: it is text (a CSV file? give it a .csv suffix)"):
         load_source(generic_cfg(garbage, None))
     latin = tmp_path / "inter.csv"
     latin.write_bytes("uid,iid,ts\nJosé,1,5\n".encode("latin-1"))

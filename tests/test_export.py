@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 
@@ -126,7 +127,15 @@ def run(tmp_path_factory, write_cycle_data):
     retired = {ids_by_idx[best], "m20" if ids_by_idx[best] != "m20" else "m21"}
     flags = pc.is_in(items.column("item_id"), value_set=pa.array(sorted(retired)))
     items = items.set_column(items.column_names.index("retired"), "retired", flags)
-    pq.write_table(items, prep / "items.parquet")
+
+    def retire(tmp):  # prepare again, with those items retired (a stage's files are never edited in place)
+        for f in prep.iterdir():
+            if f.name != "manifest.json":
+                shutil.copy2(f, tmp / f.name)
+        pq.write_table(items, tmp / "items.parquet")
+        return {"rows": read_manifest(prep)["rows"]}
+
+    run_stage(run_dir, "prepare", config_hash="retired", inputs={}, build=retire, force=True)
     return run_dir, index, retired
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from ..errors import DataError
+from ..runtime.parquet import read_table
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ def read_id_map(folder: Path) -> IdMap:
             raise DataError(f"data.id_map: expected a previous run's prepare folder with {name}.parquet",
                             file=path)
         try:
-            frame = pl.read_parquet(path)
-        except (pl.exceptions.PolarsError, OSError) as e:
-            raise DataError(f"data.id_map: cannot be read as Parquet: {str(e).splitlines()[0]}", file=path) from None
+            frame = pl.from_arrow(read_table(path))
+        except DataError as e:
+            raise DataError(f"data.id_map: {e}") from None
         for col in columns:
             if col not in frame.columns:
                 raise DataError(f"data.id_map: missing column; columns found: {', '.join(frame.columns)}",

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import DataConfig, validate_data
 from ..runtime.manifest import atomic_write_json
+from ..runtime.parquet import write_table
 from .filters import filter_interactions
 from .idmap import assign_ids, read_id_map
 from .sources import load_source
@@ -120,7 +120,7 @@ def prepare(cfg: DataConfig, out_dir: Path, *, tokenizer_path: str | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in (("items", items), ("users", users.select("user_idx", "user_id")), ("train", train),
                         ("valid", valid), ("test", test)):
-        pq.write_table(frame.to_arrow().cast(SCHEMAS[name]), out_dir / f"{name}.parquet", compression="zstd")
+        write_table(frame.to_arrow().cast(SCHEMAS[name]), out_dir / f"{name}.parquet", compression="zstd")
 
     lengths = seq.group_by("user_idx").len()["len"]
     n_train = int(train["items"].list.len().sum())

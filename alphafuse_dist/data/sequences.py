@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from ..runtime.parquet import read_table
 
 
 def _lists(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(flat values int64, offsets int64 [rows+1]) of a list<int32> column."""
-    col = pq.read_table(path, columns=[column]).column(column).combine_chunks()
+    col = read_table(path, columns=[column]).column(column).combine_chunks()
     return (np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.int64),
             np.asarray(col.offsets.to_numpy(zero_copy_only=False), dtype=np.int64))
 
@@ -48,7 +49,7 @@ def training_windows(train_parquet: Path, max_len: int, pad_id: int) -> tuple[np
 
 def eval_inputs(split_parquet: Path, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user_idx [U], last ``max_len`` history items left-padded [U, L], target [U]) of a split."""
-    t = pq.read_table(split_parquet, columns=["user_idx", "history", "target"])
+    t = read_table(split_parquet, columns=["user_idx", "history", "target"])
     values, offsets = _lists(split_parquet, "history")
     ends = offsets[1:]
     pos = np.arange(max_len)

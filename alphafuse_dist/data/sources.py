@@ -54,6 +54,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import fingerprint_path
 from ..runtime.uri import is_uri, local_copy
+from ..runtime.parquet import open_file, read_table
 from .embedded import embedded_path
 
 # MovieLens marks a movie without genres with this placeholder; it is a missing value, not a genre
@@ -70,6 +71,12 @@ _TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": ",", ".tsv":
                    ".jsonl": "json", ".ndjson": "json", ".json": "json"}
 # file suffix -> pyarrow codec; the suffix is dropped to find the format of what is inside
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+# how many leading bytes of a text file are checked for binary content, and the magic numbers of the
+# binary formats a data file most often turns out to be: (prefix, what it is, what to do)
+_SNIFF_BYTES = 1 << 16
+_MAGIC = ((b"PAR1", "a Parquet file", "give it a .parquet suffix"),
+          (b"\x1f\x8b", "gzip-compressed", "add .gz to its name"),
+          (b"\x28\xb5\x2f\xfd", "Zstandard-compressed", "add .zst to its name"))
 # ml-100k's 19 genre flag columns, in file order, for a copy without ``u.genre``
 _ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                   "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -292,26 +299,65 @@ def _read_table(path: Path, required: list[str], optional: list[str] = (), every
         raise DataError(f"unknown file type {path.suffix!r}: expected {', '.join(_TABLE_SUFFIXES)}, "
                         f"optionally followed by {' or '.join(_COMPRESSIONS)}", file=path)
     source = _readable(path)
+
+    def kept(names: list[str]) -> list[str]:
+        _require_columns(names, required, path)
+        return names if everything else [*required, *(c for c in optional if c in names and c not in required)]
+
+    if kind == "parquet":
+        _require_parquet(path, source)
+        # pyarrow rather than polars: it verifies page checksums, and polars panics on some damaged pages
+        names = open_file(source, name=path).schema_arrow.names
+        return pl.from_arrow(read_table(source, columns=kept(names), name=path))
+    fmt = {",": "CSV", "\t": "TSV", "json": "JSON lines"}[kind]
+    _require_text(path, source, {"CSV": "a CSV file", "TSV": "a TSV file"}.get(fmt, "a JSON-lines file"))
     try:
-        if kind == "parquet":
-            frame = pl.scan_parquet(source)
-        elif kind == "json":
+        if kind == "json":
             frame = pl.scan_ndjson(source)
         else:
             # empty fields stay "" here: a missing id is reported as such, text renders it as ""
             frame = pl.scan_csv(source, separator=kind, infer_schema=False, empty_string_is_null=False)
-        names = frame.collect_schema().names()
-        _require_columns(names, required, path)
-        keep = names if everything else [*required, *(c for c in optional if c in names and c not in required)]
         # projection pushdown: a wide interactions file costs only the columns used
-        return frame.select(keep).collect()
+        return frame.select(kept(frame.collect_schema().names())).collect()
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a header and data rows", file=path) from None
     except (pl.exceptions.PolarsError, OSError) as e:
-        if kind in ("parquet", "json"):
-            what = "Parquet" if kind == "parquet" else "JSON lines"
-            raise DataError(f"cannot be read as {what}: {_first_line(e)}", file=path) from None
-        raise DataError(f"cannot be read as CSV: {_not_utf8(path) or _first_line(e)}", file=path) from None
+        fmt = "CSV" if fmt == "TSV" else fmt
+        raise DataError(f"cannot be read as {fmt}: {_not_utf8(path) or _first_line(e)}", file=path) from None
+
+
+def _head(source: Path | io.BytesIO | bytes) -> bytes:
+    """The first bytes of a file, of its decompressed bytes or of a buffer of them."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            return f.read(_SNIFF_BYTES)
+    return (source.getvalue() if isinstance(source, io.BytesIO) else source)[:_SNIFF_BYTES]
+
+
+def _require_parquet(path: Path, source: Path | io.BytesIO) -> None:
+    """A DataError when a file named .parquet does not start as Parquet does, saying what it is."""
+    head = _head(source)
+    if head.startswith(b"PAR1"):
+        return
+    for magic, kind, advice in _MAGIC[1:]:
+        if head.startswith(magic):
+            raise DataError(f"not a Parquet file: it is {kind} ({advice})", file=path)
+    if b"\0" not in head:
+        raise DataError("not a Parquet file: it is text (a CSV file? give it a .csv suffix)", file=path)
+    raise DataError("not a Parquet file: it does not start with PAR1", file=path)
+
+
+def _require_text(path: Path, source: Path | io.BytesIO | bytes, what: str) -> None:
+    """A DataError when a file read as text is binary: what its first bytes say it is (Parquet,
+    gzip, Zstandard), or where its first NUL byte is. ``source``: the file, its decompressed bytes
+    or a buffer of them."""
+    head = _head(source)
+    for magic, kind, advice in _MAGIC:
+        if head.startswith(magic):
+            raise DataError(f"not {what}: it is {kind} ({advice})", file=path)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"not {what}: binary content (a NUL byte at byte {nul})", file=path)
 
 
 def _not_utf8(path: Path) -> str | None:
@@ -335,6 +381,7 @@ def _read_headerless(path: Path, separator: str, names: list[str], what: str) ->
     UTF-8 is tried first, then latin-1 (ml-1m and ml-100k titles such as "Misérables, Les").
     """
     raw = _read_bytes(path)
+    _require_text(path, raw, what)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -362,9 +409,11 @@ def _read_dat(path: Path) -> pl.DataFrame:
 
 def _read_recbole(path: Path) -> pl.DataFrame:
     """A RecBole atomic file, all fields as strings, typed headers (``item_id:token``) kept."""
+    source = _readable(path)
+    _require_text(path, source, "a RecBole atomic file")
     try:
         # RecBole files are unquoted TSV: a '"' inside a title is text, not a quote
-        return pl.read_csv(_readable(path), separator="\t", quote_char=None, infer_schema=False,
+        return pl.read_csv(source, separator="\t", quote_char=None, infer_schema=False,
                            empty_string_is_null=False)
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a typed header such as user_id:token", file=path) from None
@@ -382,6 +431,7 @@ def _read_json_lines(path: Path, schema: dict[str, pl.DataType], literal_dicts: 
     :func:`ast.literal_eval` (never ``eval``) and then read as JSON.
     """
     source = _readable(path)
+    _require_text(path, source, "a JSON-lines file")
     try:
         frame = pl.read_ndjson(source, schema=schema)
     except pl.exceptions.PolarsError as e:
@@ -451,7 +501,9 @@ def _first_line(error: Exception) -> str:
 def _require_columns(names: list[str], required: list[str], path: Path) -> None:
     for col in required:
         if col not in names:
-            raise DataError(f"missing required column; columns found: {', '.join(names) or 'none'}",
+            shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in names[:50])
+            shown += " ..." if len(names) > 50 else ""
+            raise DataError(f"missing required column; columns found: {shown or 'none'}",
                             file=path, column=col)
 
 

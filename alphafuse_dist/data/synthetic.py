@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..runtime.seeding import seeded_rng
+from ..runtime.parquet import write_table
 
 _ADJECTIVES = ("Classic", "Deluxe", "Portable", "Wireless", "Organic", "Vintage", "Premium", "Compact",
                "Ultra", "Smart", "Heavy-Duty", "Ergonomic", "Stainless", "Handmade", "Waterproof", "Mini",
@@ -68,8 +68,8 @@ def write_synthetic(out_dir: Path, n_interactions: int, n_items: int, n_users: i
                           mask=rng.random(n_items) < 0.05, type=pa.string()),
     })
     paths = {"interactions": out_dir / "interactions.parquet", "items": out_dir / "items.parquet"}
-    pq.write_table(interactions, paths["interactions"], compression="zstd")
-    pq.write_table(catalogue, paths["items"], compression="zstd")
+    write_table(interactions, paths["interactions"], compression="zstd")
+    write_table(catalogue, paths["items"], compression="zstd")
     return paths
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from ..errors import ConfigError, DataError
+from ..runtime.parquet import iter_batches, open_file
 
 INDEX_COLUMN = "item_idx"
 VECTOR_COLUMN = "vector"
@@ -40,10 +40,7 @@ def pieces(files: list[str], rows: int = PIECE_ROWS) -> list[tuple[str, tuple[in
     ``vector: fixed_size_list<float>[d_l]`` of the other files' d_l."""
     out, dims = [], set()
     for path in map(str, files):
-        try:
-            meta = pq.ParquetFile(path).metadata
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"cannot read it as Parquet ({e})", file=path) from None
+        meta = open_file(path).metadata
         schema = meta.schema.to_arrow_schema()
         vtype = schema.field(VECTOR_COLUMN).type if VECTOR_COLUMN in schema.names else None
         if INDEX_COLUMN not in schema.names or vtype is None or not (pa.types.is_fixed_size_list(vtype) and (
@@ -64,8 +61,8 @@ def pieces(files: list[str], rows: int = PIECE_ROWS) -> list[tuple[str, tuple[in
 def iter_rows(piece, batch_rows: int):
     """``(item_idx int64 [b], X float [b, d_l])`` batches of a piece (a path or ``(path, row_groups)``)."""
     path, groups = (str(piece), None) if isinstance(piece, (str, Path)) else piece
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=groups,
-                                                   columns=[INDEX_COLUMN, VECTOR_COLUMN], use_threads=False):
+    for batch in iter_batches(path, batch_size=batch_rows, row_groups=groups, columns=[INDEX_COLUMN, VECTOR_COLUMN],
+                              use_threads=False):
         idx, vectors = batch.column(INDEX_COLUMN), batch.column(VECTOR_COLUMN)
         values = vectors.flatten()
         if idx.null_count or vectors.null_count or values.null_count:

@@ -36,9 +36,9 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import DataError
+from ..runtime.parquet import iter_batches, write_table
 
 KEY_COLUMN = "key"
 VECTOR_COLUMN = "vector"
@@ -105,12 +105,11 @@ class EmbeddingCache:
     def _iter(self, columns: list[str]) -> Iterator[tuple[Path, pa.RecordBatch]]:
         for path in self.files():
             try:
-                batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
-                for batch in batches:
+                for batch in iter_batches(path, batch_size=BATCH_ROWS, columns=columns):
                     yield path, batch
-            except (OSError, pa.ArrowInvalid) as e:
-                raise DataError(f"unreadable embedding-cache file ({e}); delete it (the cache is rebuilt "
-                                "from the texts)", file=path) from None
+            except DataError as e:
+                raise DataError(f"{e}: an unreadable embedding-cache file; delete it (the cache is rebuilt "
+                                "from the texts)") from None
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Which of ``keys`` (``S32`` [n]) are cached: bool [n]. Reads the key column only."""
@@ -190,7 +189,7 @@ class EmbeddingCache:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
         tmp = self.folder / f".{name}.tmp"
         try:
-            pq.write_table(table, tmp)
+            write_table(table, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             # readers glob part-*.parquet only: the file appears whole or not at all

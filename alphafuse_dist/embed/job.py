@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
 
 from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_json, source_fingerprint
+from ..runtime.parquet import WRITE_OPTIONS, open_file, read_table, write_table
 from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import encode_tokens, load_encoder, resolve_model, tokenize
 
@@ -175,7 +175,7 @@ def _check_items(items_parquet: Path) -> int:
     column): inside an actor they would surface only as a wrapped Ray error.
     """
     try:
-        meta = pq.ParquetFile(items_parquet).metadata
+        meta = open_file(items_parquet).metadata
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"cannot read it as Parquet ({e})", file=items_parquet) from None
     names = meta.schema.to_arrow_schema().names
@@ -187,7 +187,7 @@ def _check_items(items_parquet: Path) -> int:
     if all(s is not None and s.has_null_count for s in stats):
         nulls = sum(s.null_count for s in stats)
     else:
-        nulls = pq.read_table(items_parquet, columns=[TEXT_COLUMN]).column(TEXT_COLUMN).null_count
+        nulls = read_table(items_parquet, columns=[TEXT_COLUMN]).column(TEXT_COLUMN).null_count
     if nulls:
         raise DataError(f"{nulls} items have no text; every item needs one", file=items_parquet, column=TEXT_COLUMN)
     return meta.num_rows
@@ -198,7 +198,7 @@ def _check_items(items_parquet: Path) -> int:
 # (6 MB at d_l=384, 50 MB at 3,072): the decompose stage runs one task per run of whole row groups
 # (decompose.covariance.pieces), so a large file is read by several tasks.
 ROW_GROUP_ROWS = 4096
-PARQUET_OPTIONS = {"compression": "none", "row_group_size": ROW_GROUP_ROWS}
+PARQUET_OPTIONS = {"compression": "none", "row_group_size": ROW_GROUP_ROWS, **WRITE_OPTIONS}
 
 
 def vector_schema(d_l: int) -> pa.Schema:
@@ -230,7 +230,7 @@ def _write_cached_parts(out_dir: Path, cache: EmbeddingCache, keys: np.ndarray, 
         nonlocal pending, held, files
         idx = np.concatenate([p[0] for p in pending])
         X = np.concatenate([p[1] for p in pending])
-        pq.write_table(vector_table(idx[:rows], X[:rows]), out_dir / f"part-cached-{files:06d}.parquet",
+        write_table(vector_table(idx[:rows], X[:rows]), out_dir / f"part-cached-{files:06d}.parquet",
                        **PARQUET_OPTIONS)
         files += 1
         pending, held = ([(idx[rows:], X[rows:])], len(idx) - rows) if rows < len(idx) else ([], 0)
@@ -249,7 +249,7 @@ def _cache_new_vectors(cache: EmbeddingCache, parts: list[Path], keys_by_item: d
     """Add the vectors the encode job wrote (``parts``) to the cache as one new file."""
     keys, vectors = [], []
     for path in parts:
-        table = pq.read_table(path, columns=[INDEX_COLUMN, VECTOR_COLUMN])
+        table = read_table(path, columns=[INDEX_COLUMN, VECTOR_COLUMN])
         keys.append(np.array([keys_by_item[i] for i in table.column(INDEX_COLUMN).to_pylist()], dtype="S32"))
         column = table.column(VECTOR_COLUMN).combine_chunks()
         vectors.append(column.flatten().to_numpy().reshape(len(column), column.type.list_size))
@@ -297,7 +297,7 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     model_path = resolve_model(cfg.model)
 
     t0 = time.time()
-    items = pq.read_table(items_parquet, columns=[INDEX_COLUMN, TEXT_COLUMN])
+    items = read_table(items_parquet, columns=[INDEX_COLUMN, TEXT_COLUMN])
     item_idx = items.column(INDEX_COLUMN).to_numpy().astype(np.int32)
     keys = text_keys(items.column(TEXT_COLUMN).to_pylist())
     cache = None
@@ -345,10 +345,10 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
     seconds = time.time() - t0
 
     parts = sorted(out_dir.glob(PART_GLOB))
-    written = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    written = sum(open_file(p).metadata.num_rows for p in parts)
     if written != num_items:
         raise DataError(f"the embed job wrote {written} rows for {num_items} items", file=out_dir)
-    dims = {pq.read_schema(p).field(VECTOR_COLUMN).type.list_size for p in parts}
+    dims = {open_file(p).schema_arrow.field(VECTOR_COLUMN).type.list_size for p in parts}
     if len(dims) > 1:
         raise DataError(f"cached and new vectors differ in d_l ({sorted(dims)}); delete the cache folder "
                         f"{cache.folder if cache else ''}", file=out_dir)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from ..runtime.dist import rank_world
+from ..runtime.parquet import read_table
 from .metrics import metrics_from_ranks, sharded_target_ranks
 
 
@@ -79,5 +79,5 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
 def read_histories(split_file: Path) -> list[np.ndarray]:
     """Each user's whole history (int64 item ids) from a prepare split file (``valid.parquet``,
     ``test.parquet``), in row order."""
-    return [np.asarray(h, dtype=np.int64) for h in pq.read_table(split_file, columns=["history"]).column("history")
+    return [np.asarray(h, dtype=np.int64) for h in read_table(split_file, columns=["history"]).column("history")
             .to_pylist()]

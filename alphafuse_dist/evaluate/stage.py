@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
@@ -33,6 +32,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..model.backbones import build_encoder
 from ..data.sequences import eval_inputs
+from ..runtime.parquet import read_table
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives
 from .report import protocol_label
@@ -80,8 +80,8 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
     table, encoder = load_model(model_path, cfg)
     N = table.shape[0]
     users, hist, targets = eval_inputs(prepare_dir / f"{split}.parquet", cfg.model.max_len, N)
-    items = pq.read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head"])
-    full_hist = pq.read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
+    items = read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head"])
+    full_hist = read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
     hist_lengths = pc.list_value_length(full_hist).to_numpy(zero_copy_only=False).astype(np.int64)
     histories = [np.asarray(h, dtype=np.int64) for h in full_hist.to_pylist()]
     full = e.protocol == "full"

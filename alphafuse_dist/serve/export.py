@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import save_file
@@ -62,7 +61,8 @@ from .. import __version__
 from ..config import RunConfig, config_from_dict, section_hash
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..model.items import METHOD_INPUTS
-from ..runtime.manifest import file_sha256, read_manifest, require_stage, run_dir_lock, run_stage
+from ..runtime.manifest import file_sha256, read_manifest, require_stage, run_dir_lock, run_stage, up_to_date
+from ..runtime.parquet import open_file, read_table, write_table
 from .text_items import BASIS_FILE, export_text_items, serving_rows
 
 EXPORT_FORMAT = 2
@@ -156,6 +156,7 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
     """
     run_dir = Path(run_dir)
     train_dir, seed = find_train_stage(run_dir, method, seed)
+    require_stage(run_dir, train_dir.name)  # its files as trained
     prep = require_stage(run_dir, "prepare")
     out = Path(out_dir) if out_dir is not None else run_dir / export_stage_name(method, seed)
     inputs = {"train": read_manifest(train_dir)["digest"], "prepare": read_manifest(prep)["digest"]}
@@ -163,10 +164,14 @@ def export_run(run_dir: str | Path, method: str = "alphafuse", seed: int | None 
         manifest = read_manifest(run_dir / name)
         if manifest is not None:
             inputs[name] = manifest.get("digest")
+    config_hash = section_hash("export", EXPORT_FORMAT, method, seed, *(["serve_retired"] if serve_retired else []))
+    if not force and up_to_date(out, config_hash=config_hash, inputs=inputs, kind="export"):
+        # nothing to write: no lock, so a current export is served while a pipeline runs or from a
+        # read-only run directory
+        _log.info(f"[{out.name}] up to date (manifest {out / 'manifest.json'}), skipped")
+        return out
     with run_dir_lock(run_dir):  # no pipeline may rewrite the train stage while it is exported
-        return run_stage(out.parent, out.name, config_hash=section_hash("export", EXPORT_FORMAT, method, seed,
-                                                                      *(["serve_retired"] if serve_retired else [])),
-                         inputs=inputs,
+        return run_stage(out.parent, out.name, config_hash=config_hash, inputs=inputs,
                          build=lambda tmp: _build(run_dir, train_dir, prep, tmp, method, seed, serve_retired),
                          force=force, kind="export")
 
@@ -214,11 +219,11 @@ def read_items(prepare_dir: Path, num_items: int) -> pa.Table:
     """prepare's items (item_idx, item_id, text, retired) checked against a table of ``num_items`` rows.
     Runs prepared before retirement existed have no ``retired`` column: nothing is retired there."""
     path = Path(prepare_dir) / "items.parquet"
-    names = pq.read_schema(path).names
+    names = open_file(path).schema_arrow.names
     for col in ("item_idx", "item_id", "text"):
         if col not in names:
             raise DataError("missing column", file=path, column=col)
-    items = pq.read_table(path, columns=[c for c in ("item_idx", "item_id", "text", "retired") if c in names])
+    items = read_table(path, columns=[c for c in ("item_idx", "item_id", "text", "retired") if c in names])
     if "retired" not in names:
         items = items.append_column("retired", pa.array(np.zeros(items.num_rows, dtype=bool)))
     idx = items.column("item_idx").to_numpy()
@@ -246,7 +251,7 @@ def _write_items(path: Path, items: pa.Table, rows: np.ndarray, vectors: np.ndar
         cols["semantic"] = _vector_column(text_columns["semantic"][rows])
         cols["id_part"] = _vector_column(text_columns["id_part"][rows])
         cols["train_count"] = pa.array(text_columns["train_count"][rows], pa.int64())
-    pq.write_table(pa.table(cols), path, compression="zstd")
+    write_table(pa.table(cols), path, compression="zstd")
 
 
 def _self_check(program: nn.Module, encoder: nn.Module, table: torch.Tensor, inputs: torch.Tensor,

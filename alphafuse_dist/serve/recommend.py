@@ -22,6 +22,7 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ..errors import AlphaFuseError, ConfigError, DataError
 from ..runtime.manifest import file_sha256, read_manifest
+from ..runtime.parquet import read_table
 from .export import CARD_JSON, ENCODER_FILE, EXPORT_FORMAT, ITEMS_FILE, RETIRED_FILE, export_run
 from .text_items import TextItems, serving_rows
 
@@ -49,6 +50,25 @@ def _vectors(table: pa.Table, column: str, path: Path) -> torch.Tensor:
     d = col.type.list_size
     flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return torch.from_numpy(flat.reshape(len(col), d).copy())
+
+
+def _read_card(path: Path) -> dict:
+    """The model card, checked for what serving reads: sections ``model`` (``max_len`` >= 1),
+    ``serving`` and ``files`` (name -> {"sha256", ...}); a DataError naming the card otherwise."""
+    damaged = "the export was altered or damaged; export again"
+    try:
+        card = json.loads(path.read_bytes())
+    except ValueError as e:  # UnicodeDecodeError included
+        raise DataError(f"not valid JSON ({e}): {damaged}", file=path) from None
+    sections = ("model", "serving", "files")
+    if not isinstance(card, dict) or not all(isinstance(card.get(k), dict) for k in sections):
+        raise DataError(f"expected a JSON object with the sections {', '.join(sections)}: {damaged}", file=path)
+    max_len = card["model"].get("max_len")
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise DataError(f"model.max_len={max_len!r}: expected an integer >= 1: {damaged}", file=path)
+    if not all(isinstance(entry, dict) for entry in card["files"].values()):
+        raise DataError(f"files: expected name -> {{\"sha256\": ...}}: {damaged}", file=path)
+    return card
 
 
 def _verified_file(folder: Path, card: dict, name: str) -> Path:
@@ -118,13 +138,11 @@ class Recommender:
     """
 
     def __init__(self, export_dir: str | Path, device: str = "cpu"):
-        import json
-
         self.dir, self.device = Path(export_dir), torch.device(device)
         if read_manifest(self.dir) is None or not (self.dir / CARD_JSON).is_file():
             raise AlphaFuseError(f"export {self.dir}: not a finished export (no manifest.json / {CARD_JSON}); "
                                  "run alphafuse export first")
-        self.card = json.loads((self.dir / CARD_JSON).read_text())
+        self.card = _read_card(self.dir / CARD_JSON)
         if self.card.get("format_version") != EXPORT_FORMAT:
             raise DataError(f"format_version {self.card.get('format_version')!r}, this code serves {EXPORT_FORMAT}; "
                             "export again", file=self.dir / CARD_JSON)
@@ -136,7 +154,7 @@ class Recommender:
         parts = []
         for name in (serving.get("items_file", ITEMS_FILE), serving.get("retired_items_file", RETIRED_FILE)):
             path = _verified_file(self.dir, self.card, name)
-            parts.append((path, pq.read_table(path)))
+            parts.append((path, read_table(path)))
         (items_path, items), (retired_path, retired) = parts
         for path, table in parts:
             for col in ("item_idx", "item_id", "text"):

@@ -106,11 +106,10 @@ def export_text_items(run_dir: Path, prep: Path, cfg: RunConfig, method: str,
 def _check_text_recipe(section: dict, tensors: dict, semantic: np.ndarray, prep: Path) -> float:
     """Largest relative distance between a few catalogue items' coordinates re-derived from their
     text by the shipped recipe and the decompose stage's."""
-    import pyarrow.parquet as pq
-
     from ..embed.encoder import load_encoder
+    from ..runtime.parquet import read_table
 
-    texts = pq.read_table(Path(prep) / "items.parquet", columns=["text"]).column("text").to_pylist()
+    texts = read_table(Path(prep) / "items.parquet", columns=["text"]).column("text").to_pylist()
     rows = np.unique(np.linspace(0, len(texts) - 1, min(TEXT_CHECK_ITEMS, len(texts))).astype(int))
     enc = section["encoder"]
     encoder = load_encoder(enc["model"], "cpu", enc["max_seq_length"])

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from ..model.items import METHOD_INPUTS
+from ..runtime.parquet import read_table
 
 
 @dataclass
@@ -71,7 +71,7 @@ def read_embeddings(embed_dir: Path, num_items: int) -> np.ndarray:
         raise DataError("no part-*.parquet embedding fragments; run the embed stage", file=embed_dir)
     table, seen = None, np.zeros(num_items, dtype=bool)
     for path in files:
-        frag = pq.read_table(path, columns=["item_idx", "vector"])
+        frag = read_table(path, columns=["item_idx", "vector"])
         vectors = frag.column("vector").combine_chunks()
         idx = frag.column("item_idx").to_numpy().astype(np.int64)
         X = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), vectors.type.list_size)
