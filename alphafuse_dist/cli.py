@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _served_run(path: str) -> str:
-    """``--run`` as given, or, for a retraining registry, the run its ``LATEST`` promotes."""
+    """``--run`` as given, or, for a retraining registry, the model its ``LATEST`` run deployed."""
     from .retrain.registry import Registry
 
     if not Registry.is_registry(path):
@@ -231,7 +231,7 @@ def _served_run(path: str) -> str:
     if entry is None:
         raise AlphaFuseError(f"--run {path}: a registry with no promoted run yet (no LATEST); "
                              "run alphafuse retrain first or pass a run directory")
-    return str(entry.run_dir)
+    return str(entry.serving_dir)
 
 
 def _set_umask() -> None:
