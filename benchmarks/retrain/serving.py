@@ -13,8 +13,10 @@ on the FOLLOWING window, which neither trained on:
 - **after**: what ``LATEST`` serves now, the period's deployed model (the candidate refit on all
   the period's data when it won the gate, else the previous model on the new catalogue);
 - **before**: what the registry served without a deployable model: the gated candidate when
-  promoted, else the model served before (its catalogue ends earlier: this period's new items
-  cannot be recommended, and a history drops them). Both lines come from this one chain.
+  promoted (trained on the data before its valid part; this period's new items have only the
+  cold-item rule), else the model served before (its catalogue ends earlier: this period's new
+  items cannot be recommended, and a history drops them). Both lines come from this one chain, so
+  a "before" candidate was warm-started from the previous period's deployed model.
 
 "New items" of period k: items first rated in [end_k-1, end_k) (the newest part of its data,
 which its gated candidate never trained on). Measured per served model, on the next window:
@@ -158,10 +160,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from alphafuse_dist.cli import configure_logging
     from alphafuse_dist.pipeline import run_pipeline
     from alphafuse_dist.retrain import Registry
     from alphafuse_dist.retrain.job import retrain
 
+    configure_logging()  # the stages' progress lines on stderr
     work = Path(args.work).resolve()
     cuts = [float(q) for q in args.cuts.split(",")]
     inter, folders, ends = cut(Path(args.data), work, cuts, args.users, args.seed)
