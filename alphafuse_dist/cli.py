@@ -6,7 +6,7 @@
     alphafuse compare --config NAME|FILE --methods alphafuse,sasrec_id --seeds 22,23 [--jobs N] [key=value ...]
     alphafuse export --run DIR [--method M] [--seed S] [--to DIR] [--force]   export for serving (DIR: a run or a registry)
     alphafuse recommend --run DIR --item ID [--item ID ...] [--k 10] [--exclude-history] [--json]
-    alphafuse retrain --previous REGISTRY|RUN [--interactions F [--new-rows]] [--items F] [--tolerance X] [key=value ...]
+    alphafuse retrain --previous REGISTRY|RUN [--interactions F [--new-rows]] [--items F] [--tolerance X] [k=v ...]
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
     alphafuse download URL --sha256 HEX --to PATH        fetch a data file (resumable, checksum-verified)

@@ -75,11 +75,11 @@ What it does, in order (nothing in the registry changes before step 7):
 
 Every input error is an :class:`~..errors.AlphaFuseError` (one line), raised before the registry
 or ``LATEST`` is written; the previous run is only read. A period whose stages fail on their
-input (e.g. an empty train part) leaves no run folder behind unless it existed before. A period already registered is rerun only
-with the same inputs and settings (a :class:`ConfigError` otherwise, before any stage runs: its
-files may be served); given a registry as ``previous``, such a rerun starts from the previous run
-it recorded, not from ``LATEST`` (which may be the period itself), so rerunning a finished job is a
-no-op.
+input (e.g. an empty train part) leaves no run folder behind unless it existed before. A period
+already registered is rerun only with the same inputs and settings (a :class:`ConfigError`
+otherwise, before any stage runs: its files may be served); given a registry as ``previous``,
+such a rerun starts from the previous run it recorded, not from ``LATEST`` (which may be the
+period itself), so rerunning a finished job is a no-op.
 """
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--data", default="benchmarks/.data/ml-1m", help="RecBole folder with ml-1m.inter / .item")
     ap.add_argument("--work", default="benchmarks/.data/retrain-serving")
     ap.add_argument("--cuts", default="0.6,0.7,0.8,0.9", help="time quantiles of the period ends (one period each)")
-    ap.add_argument("--first-split", default="0.5,0.55", help="time quantiles of the first period's t1, t2")
+    ap.add_argument("--first-split", default="0.4,0.5", help="time quantiles of the first period's t1, t2")
     ap.add_argument("--users", type=int, default=None, help="keep this many users (seeded sample); default all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
