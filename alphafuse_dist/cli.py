@@ -9,7 +9,7 @@
     alphafuse recommend --run DIR --item ID [--item ID ...] [--k 10] [--exclude-history] [--json]
                         [--new-item ID --new-item-text TEXT ...] [--new-items FILE]   text-only items too
     alphafuse serve --export DIR [--host 127.0.0.1] [--port 8000] [--device cpu|cuda]   Ray Serve HTTP endpoint
-    alphafuse retrain --previous REGISTRY|RUN [--interactions F] [--items F] [--tolerance X] [key=value ...]
+    alphafuse retrain --previous REGISTRY|RUN [--interactions F [--new-rows]] [--items F] [--tolerance X] [k=v ...]
                                                          next period, promoted only if not worse
     alphafuse presets                                    list the shipped presets
     alphafuse inspect-data PATH [--items PATH]           columns, types and the data.* keys for your own files
@@ -165,8 +165,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_retrain_arguments(sub.add_parser("retrain", parents=[verbose],
                                          help="the next period's model from the previous run: warm start, compared "
-                                              "with the previous model on the newest period, registered, promoted "
-                                              "only if not worse"))
+                                              "with the previous model on the newest period (bootstrap interval), "
+                                              "the winner refit on all the period's data, registered and served"))
     return p
 
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _served_run(path: str, flag: str = "--run") -> str:
-    """``--run`` (``flag``) as given, or, for a retraining registry, the run its ``LATEST`` promotes."""
+    """``--run`` (``flag``) as given, or, for a retraining registry, the model its ``LATEST`` run deployed."""
     from .retrain.registry import Registry
 
     if not Registry.is_registry(path):
@@ -323,7 +323,7 @@ def _served_run(path: str, flag: str = "--run") -> str:
     if entry is None:
         raise AlphaFuseError(f"{flag} {path}: a registry with no promoted run yet (no LATEST); "
                              "run alphafuse retrain first or pass a run directory")
-    return str(entry.run_dir)
+    return str(entry.serving_dir)
 
 
 def _set_umask() -> None:

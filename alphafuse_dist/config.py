@@ -62,14 +62,16 @@ class DataConfig:
     max_history: int | None = None  # keep each user's last L interactions (None: all)
     # --- splits
     # leave_one_out: each user's last item is test, the one before valid; cold_start_users: users are
-    # split into disjoint train/valid/test parts (the paper's table); time: by the split_times cut-offs
-    split: Literal["leave_one_out", "cold_start_users", "time"] = "leave_one_out"
+    # split into disjoint train/valid/test parts (the paper's table); time: by the split_times cut-offs;
+    # all: every interaction trains, nothing is held out (a deployable refit: train.epochs epochs
+    # with no validation, no evaluate stage)
+    split: Literal["leave_one_out", "cold_start_users", "time", "all"] = "leave_one_out"
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # cold_start_users: train/valid/test users
     split_seed: int = 2025  # cold_start_users: seeded rule assigning users to parts
     split_times: list[str] = field(default_factory=list)  # time: [t1, t2] (epoch seconds or ISO 8601)
     # time: the training part keeps only interactions in [t1 - this many days, t1) (periodic retraining
     # on a recent window); older ones are dropped from training but stay in valid/test histories.
-    # None: every interaction before t1
+    # all: the window ends at the newest interaction. None: every interaction before t1
     train_window_days: float | None = None
     # --- stable ids: a previous run's prepare folder whose id maps are kept and extended
     id_map: str | None = None  # None: fresh ids, 0..n-1 in the sorted order of the raw ids
@@ -291,6 +293,19 @@ class TrackingConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """Promotion evidence of ``alphafuse retrain`` (retrain/decision.py)."""
+
+    # a period whose validation or test part has fewer users is flagged and its candidate is not
+    # promoted (unless promote_few_users): its metrics are too noisy to compare
+    min_eval_users: int = 100
+    promote_few_users: bool = False  # promote a flagged period's candidate anyway, by the metric rule
+    bootstrap_samples: int = 1000  # resamples of the test users for the difference's confidence interval
+    bootstrap_seed: int = 0  # numpy seed of the resamples (the same inputs give the same interval)
+    confidence: float = 0.95  # coverage of the bootstrap interval (0.95: the 2.5% and 97.5% percentiles)
+
+
+@dataclass
 class RunConfig:
     name: str = "quickstart"  # the run's name, part of run_dir
     run_dir: str = "runs/{name}"  # {name} and {method} are filled in
@@ -305,6 +320,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     @property
     def run_path(self) -> Path:
@@ -465,13 +481,17 @@ RANGES: dict[str, Range] = {
     "eval.tail_user_threshold": _COUNT,
     "ray.num_cpus": _COUNT,
     "ray.ready_timeout_s": _POSITIVE,
+    "retrain.min_eval_users": Range(low=0, high=1_000_000),
+    "retrain.bootstrap_samples": Range(low=100, high=100_000),
+    "retrain.bootstrap_seed": _NON_NEGATIVE,
+    "retrain.confidence": Range(low=0.5, high=1, high_open=True),
 }
 UNBOUNDED = frozenset({"data.min_rating"})  # ratings of any scale
 
 # the fewest interactions a user needs for each split: leave_one_out takes the last two as valid
 # and test targets and trains on the rest; cold_start_users holds a user out with its last
 # interaction as the target and the earlier ones as its history; time needs one interaction
-MIN_USER_INTERACTIONS = {"leave_one_out": 3, "cold_start_users": 2, "time": 1}
+MIN_USER_INTERACTIONS = {"leave_one_out": 3, "cold_start_users": 2, "time": 1, "all": 1}
 
 
 def _show(value: Any) -> str:
@@ -516,14 +536,14 @@ def check_split_fractions(fractions: list[float]) -> None:
 
 
 def check_train_window(d: "DataConfig") -> float | None:
-    """``data.train_window_days``, checked: None, or days > 0 with ``data.split=time``."""
+    """``data.train_window_days``, checked: None, or days > 0 with ``data.split=time`` or ``all``."""
     days = d.train_window_days
     if days is None:
         return None
     _check_range("data.train_window_days", days, RANGES["data.train_window_days"])
-    if d.split != "time":
+    if d.split not in ("time", "all"):
         raise ConfigError(f"data.train_window_days={_show(days)}: only for data.split=time (the window is counted "
-                          f"back from t1 of data.split_times), not data.split={d.split}")
+                          f"back from t1 of data.split_times) or all, not data.split={d.split}")
     return float(days)
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from alphafuse_dist.cli import main
 from alphafuse_dist.runtime import parquet
+from alphafuse_dist.runtime.console import LOG_FILE
 from alphafuse_dist.runtime.manifest import read_manifest, stage_problem
 
 N_USERS, N_ITEMS = 30, 15
@@ -86,16 +87,17 @@ def _refused(capsys, argv: list[str], message: str | re.Pattern) -> list[str]:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file below ``folder`` (hidden ones too, except the lock)."""
+    """relative path -> sha256 of every file below ``folder`` (hidden ones too), except the lock and
+    the run's log (which records the failure)."""
     if not folder.exists():
         return {}
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (".lock", LOG_FILE)}
 
 
 def _nothing_written(run_dir: Path) -> None:
-    """No stage folder, no temporary, nothing but the lock file."""
-    assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] in ([], [".lock"])
+    """No stage folder, no temporary, nothing but the lock file and the run's log."""
+    assert not run_dir.exists() or {p.name for p in run_dir.iterdir()} <= {".lock", LOG_FILE}
 
 
 def _no_temporaries(run_dir: Path) -> None:

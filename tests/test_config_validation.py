@@ -86,7 +86,7 @@ CASES = [  # override(s) -> the exact message
     ("data.split_times=[1, 2]", "data.split_times=['1', '2']: only for data.split=time, not "
                                 "data.split=leave_one_out"),
     ("data.train_window_days=7", "data.train_window_days=7: only for data.split=time (the window is counted back "
-                                 "from t1 of data.split_times), not data.split=leave_one_out"),
+                                 "from t1 of data.split_times) or all, not data.split=leave_one_out"),
     ("data.head_rule=threshold", "data.head_threshold=None: required for data.head_rule=threshold (head items have "
                                  "more training interactions than this)"),
     ("train.warm_start=/prev/train", "train.warm_start=/prev/train: needs data.id_map (the previous run's prepare "
@@ -160,7 +160,7 @@ def test_every_numeric_key_has_a_range():
 
 
 def test_min_user_interactions_is_one_rule_per_split():
-    assert config.MIN_USER_INTERACTIONS == {"leave_one_out": 3, "cold_start_users": 2, "time": 1}
+    assert config.MIN_USER_INTERACTIONS == {"leave_one_out": 3, "cold_start_users": 2, "time": 1, "all": 1}
     # the prepare stage checks a DataConfig with the same rule
     from alphafuse_dist.data.prepare import prepare
 

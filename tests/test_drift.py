@@ -175,3 +175,17 @@ def test_id_rules_after_refit(world):
         carry_id_vectors(old, other, ids)
     with pytest.raises(ValueError, match=rf"\[M, {D_N}\]"):
         carry_id_vectors(old, new, ids[:, :3])
+
+
+def test_reliability_threshold_is_two_d_and_matches_the_refit_rule(world):
+    rng, Q, mean, old = world
+    assert drift.reliability(2 * D, D)[0] and not drift.reliability(2 * D - 1, D)[0]
+    reliable, note = drift.reliability(5, D)
+    assert not reliable and f"only 5 new items < {2 * D} (2 d, d={D})" in note
+    # why: a few items of the UNCHANGED distribution already look drifted; many do not
+    few = basis_drift(old, sample(rng, 2 * D - 1, Q, mean)).explained_ratio_old_mean
+    many = basis_drift(old, sample(rng, 4000, Q, mean)).explained_ratio_old_mean
+    assert few < many - 0.03 and many > 0.98
+    # the refit rule never refits on an unreliable count, whatever the ratio
+    report = basis_drift(old, sample(rng, 2 * D - 1, Q @ rotation(rng), mean))
+    assert not should_refit(report, threshold=1.0)[0]

@@ -196,3 +196,62 @@ def test_resolve_previous_accepts_a_run_dir_or_a_registry(tmp_path):
     (run / "train" / "manifest.json").write_text("{}")
     assert resolve_previous(tmp_path / "reg", required_stages=("train",)) == run
 
+
+
+def _ranks(users, ranks, tail=None):
+    import pyarrow as pa
+
+    cols = {"user_idx": pa.array(users, pa.int32()), "rank": pa.array(ranks, pa.int64())}
+    if tail is not None:
+        cols["tail"] = pa.array(tail)
+    return pa.table(cols)
+
+
+def test_bootstrap_difference_is_paired_seeded_and_matches_numpy():
+    from alphafuse_dist.retrain.decision import bootstrap_difference, describe, per_user_values
+
+    rng = np.random.default_rng(3)
+    users = np.arange(400)
+    inc = rng.integers(0, 40, 400)
+    cand = np.maximum(inc - rng.integers(-1, 4, 400), 0)  # mostly better ranks for the same users
+    a, b = _ranks(users, cand, tail=users % 2 == 0), _ranks(users, inc, tail=users % 2 == 0)
+    ndcg = lambda r: np.where(r < 10, 1 / np.log2(r + 2.0), 0.0)  # noqa: E731
+    assert np.allclose(per_user_values(a, "overall/NDCG@10"), ndcg(cand))
+    assert np.allclose(per_user_values(a, "tail/HR@5"), (cand < 5)[users % 2 == 0])
+    assert per_user_values(a, "overall/users") is None and per_user_values(a, "nogroup/NDCG@10") is None
+
+    ci = bootstrap_difference(a, b, "overall/NDCG@10", samples=1000, seed=5)
+    diff = ndcg(cand) - ndcg(inc)
+    assert ci["paired"] and ci["users"] == 400 and ci["samples"] == 1000
+    assert ci["difference"] == pytest.approx(diff.mean())
+    assert ci["low"] < ci["difference"] < ci["high"]
+    # the paired interval is about the normal one of the per-user differences
+    se = diff.std(ddof=1) / np.sqrt(400)
+    assert ci["low"] == pytest.approx(diff.mean() - 1.96 * se, abs=0.6 * se)
+    assert ci["high"] == pytest.approx(diff.mean() + 1.96 * se, abs=0.6 * se)
+    assert bootstrap_difference(a, b, "overall/NDCG@10", samples=1000, seed=5) == ci  # seeded
+    # the same models scored on other users: unpaired, and wider than paired
+    unpaired = bootstrap_difference(a, _ranks(users + 1000, inc), "overall/NDCG@10", samples=1000, seed=5)
+    assert not unpaired["paired"] and unpaired["high"] - unpaired["low"] > ci["high"] - ci["low"]
+    text = describe(ci, "overall/NDCG@10")
+    assert "95% CI" in text and "400 test users" in text and "paired bootstrap, 1000 resamples" in text
+    equal = bootstrap_difference(b, b, "overall/NDCG@10", samples=200, seed=0)
+    assert equal["difference"] == equal["low"] == equal["high"] == 0.0
+    assert "includes 0" in describe(equal, "overall/NDCG@10")
+
+
+def test_few_users_flag_names_the_part_and_the_config_key():
+    from alphafuse_dist.retrain.decision import few_users_flag
+
+    assert few_users_flag({"valid": 120, "test": 100}, 100) is None
+    flag = few_users_flag({"valid": 120, "test": 17}, 100)
+    assert "test 17" in flag and "valid" not in flag and "retrain.min_eval_users=100" in flag
+
+
+def test_serving_dir_is_the_deployed_model_of_the_run(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    run = make_run(tmp_path / "reg", "r1")
+    registry.register("r1", run, extra={"deployed": {"dir": "deploy", "model": "the candidate refit"}})
+    registry.register("r0", make_run(tmp_path / "reg", "r0"))
+    assert registry.get("r1").serving_dir == run / "deploy"
+    assert registry.get("r0").serving_dir == tmp_path / "reg" / "r0"  # no deployment recorded: the run itself

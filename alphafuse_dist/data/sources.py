@@ -360,6 +360,24 @@ def _require_text(path: Path, source: Path | io.BytesIO | bytes, what: str) -> N
         raise DataError(f"not {what}: binary content (a NUL byte at byte {nul})", file=path)
 
 
+def append_interactions(log: Path, new_rows: Path, out: Path) -> int:
+    """Write ``log`` followed by ``new_rows`` (Parquet / CSV / TSV, the log's columns at least;
+    every column as text, typed when read) to ``out`` (Parquet, atomically); returns the row count.
+
+    Raises:
+        DataError: a file unreadable, or ``new_rows`` without one of the log's columns.
+    """
+    from ..runtime.manifest import atomic_write_bytes
+
+    old = _read_table(Path(log), [], everything=True)
+    new = _read_table(Path(new_rows), old.columns, everything=True).select(old.columns)
+    both = pl.concat([frame.cast(pl.String) for frame in (old, new)])
+    buffer = io.BytesIO()
+    both.write_parquet(buffer)
+    atomic_write_bytes(Path(out), buffer.getvalue())
+    return both.height
+
+
 def _not_utf8(path: Path) -> str | None:
     """Where a text file stops being UTF-8 (``line 3 is not UTF-8 ...``), or None if it is UTF-8.
 

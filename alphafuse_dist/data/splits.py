@@ -24,6 +24,9 @@ Kinds:
   sequence model and are left out (counted in the stats). With ``data.train_window_days`` = W the
   train part keeps only the interactions in [t1 - W days, t1) (a recent window, for periodic
   retraining); the older ones are dropped from training but still count as valid / test history.
+- ``all``: every interaction trains (the time split with t1 after the newest interaction, so
+  valid and test are empty); ``data.train_window_days`` counts back from the newest interaction.
+  For a deployable model refit on all the data, once a held-out evaluation chose its settings.
 """
 from __future__ import annotations
 
@@ -61,12 +64,15 @@ def split(seq: pl.DataFrame, users: pl.DataFrame, cfg: DataConfig, interactions_
     elif cfg.split == "time":
         t1, t2 = parse_split_times(cfg.split_times)
         parts, facts = by_time(seq, t1, t2, train_window_days=check_train_window(cfg))
+    elif cfg.split == "all":
+        end = int(seq["timestamp"].max()) + 1 if seq.height else 1
+        parts, facts = by_time(seq, end, end + 1, train_window_days=check_train_window(cfg))
     else:
-        raise ConfigError(f"data.split={cfg.split!r}: expected leave_one_out, cold_start_users or time")
-    if cfg.split != "time":
+        raise ConfigError(f"data.split={cfg.split!r}: expected leave_one_out, cold_start_users, time or all")
+    if cfg.split not in ("time", "all"):
         check_train_window(cfg)
     for name, part in zip(("train", "valid", "test"), parts):
-        if part.height == 0:
+        if part.height == 0 and (name == "train" or cfg.split != "all"):
             raise DataError(f"data.split={cfg.split}: the {name} part is empty ({facts or 'no rows'}); "
                             "change the split settings or use more data", file=interactions_file)
     return parts, {"kind": cfg.split, **facts}

@@ -26,6 +26,7 @@ from ..errors import ConfigError, DataError
 from .basis import NullSpaceBasis
 
 DEFAULT_REFIT_THRESHOLD = 0.9
+RELIABLE_ITEMS_PER_DIM = 2  # fewer than 2 d new items: the figures are mostly sampling noise
 ID_REFIT_RULES = ("carry", "reset")
 _GRAM_BLOCK = 65536  # rows per float64 block of the gram accumulation
 
@@ -130,13 +131,24 @@ def basis_drift(old_basis: NullSpaceBasis, new_embeddings: np.ndarray, *,
     )
 
 
+def reliability(num_items: int, dim: int) -> tuple[bool, str]:
+    """``(reliable, note)``: drift figures of ``num_items`` new items mean little below
+    ``RELIABLE_ITEMS_PER_DIM * dim`` of them (module docstring); the note states the threshold."""
+    least = RELIABLE_ITEMS_PER_DIM * dim
+    if num_items >= least:
+        return True, f"{num_items} new items >= {least} (2 d): the figures are meaningful"
+    return False, (f"only {num_items} new items < {least} (2 d, d={dim}): too few for reliable figures; with so "
+                   "few, even an unchanged distribution shows a lower explained share (sampling), so read them "
+                   "as noise and never refit on them")
+
+
 def should_refit(report: DriftReport, threshold: float = DEFAULT_REFIT_THRESHOLD, *,
                  min_items: int | None = None) -> tuple[bool, str]:
     """``(refit, reason)``: refit iff ``report.explained_ratio_old_mean < threshold`` (in (0, 1])
     with at least ``min_items`` new items (default 2 d; module docstring); the reason gives the numbers."""
     if not 0 < threshold <= 1:
         raise ConfigError(f"refit threshold {threshold!r}: must be in (0, 1] (share of the best explained variance)")
-    min_items = 2 * report.dim if min_items is None else min_items
+    min_items = RELIABLE_ITEMS_PER_DIM * report.dim if min_items is None else min_items
     if min_items < 0:
         raise ConfigError(f"min_items={min_items}: must be >= 0")
     ratio = report.explained_ratio_old_mean

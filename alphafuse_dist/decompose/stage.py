@@ -21,7 +21,7 @@ from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_bytes, atomic_write_json, read_manifest
 from .basis import NullSpaceBasis
 from .covariance import INDEX_COLUMN, covariance, iter_rows, pieces, randomized_eigh
-from .drift import basis_drift, should_refit
+from .drift import basis_drift, reliability, should_refit
 
 _log = logging.getLogger(__name__)
 
@@ -149,8 +149,10 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
     # the items added since the previous run (stable ids append them after the old ones)
     new_rows = [X[idx >= old_items] for f in files for idx, X in iter_rows(f, 16_384)]
     added = np.concatenate(new_rows) if new_rows else np.zeros((0, old.d_l), np.float32)
+    reliable, note = reliability(len(added), dim)
     facts: dict = {"previous": str(prev), "previous_items": old_items, "items": num_items,
-                   "new_items": int(len(added)), "refit_threshold": cfg.refit_threshold}
+                   "new_items": int(len(added)), "reliable": reliable, "reliability": note,
+                   "refit_threshold": cfg.refit_threshold}
     refit, reason = False, f"{len(added)} new items: too few to measure drift"
     if len(added) >= 2:
         report = basis_drift(old, added)
@@ -159,6 +161,8 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
                          (False, "decompose.refit_threshold is not set: the basis is always reused"))
     facts |= {"refit": bool(refit), "reason": reason}
     atomic_write_json(out_dir / DRIFT_FILE, facts)
+    if not reliable:
+        _log.warning(f"[decompose] warning: drift.json: {note}")
     _log.info(f"[decompose] reuse basis of {prev}: {facts['new_items']} new items, "
               + (f"old basis explains {facts['drift']['explained_ratio_old_mean']:.1%} of their best d-dim share; "
                  if "drift" in facts else "") + ("REFIT: " if refit else "kept: ") + reason)

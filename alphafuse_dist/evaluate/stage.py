@@ -4,7 +4,10 @@ Reads a trained model (``model.safetensors``: the fused item table and the encod
 ``test.parquet``; writes ``metrics.json`` with HR / NDCG / MRR at each k, overall and per group:
 head / tail target items, head / tail users (history length), never-seen target items; beside
 them, what the top-k lists hold (k = the first of ``eval.ks``): the share of slots going to head
-items (``PopShare@k``) and the share of the catalogue the lists cover (``Coverage@k``).
+items (``PopShare@k``) and the share of the catalogue the lists cover (``Coverage@k``). And
+``ranks.parquet``: per test user ``user_idx:int32``, ``target:int32``, ``rank:int64`` (0-based,
+the lead protocol's) and one bool column per group, so that two models scored on the same users
+can be compared user by user (the retraining decision's bootstrap).
 
 Protocols (docs/method.md section 4): ``full`` ranks the target among all N items (chunked, exact,
 deterministic ties; the paper's cold-start-user table and the public baselines' leave-one-out);
@@ -32,7 +35,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..model.backbones import build_encoder
 from ..data.sequences import eval_inputs
-from ..runtime.parquet import read_table
+from ..runtime.parquet import read_table, write_table
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives
 from .report import protocol_label
@@ -75,6 +78,11 @@ def _groups(cfg: RunConfig, items: "pa.Table", hist_lengths: np.ndarray, targets
 
 def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: str = "test") -> dict:
     """Metrics of one split (``valid`` or ``test``) under ``eval.protocol``, overall and by group."""
+    return _evaluate_split(cfg, model_path, prepare_dir, split)[0]
+
+
+def _evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: str) -> tuple[dict, pa.Table]:
+    """(:func:`evaluate_split`'s result, the per-user ranks table of ``ranks.parquet``)."""
     t0 = time.time()
     e = cfg.eval
     table, encoder = load_model(model_path, cfg)
@@ -122,13 +130,21 @@ def evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: s
               "device": placement["device"], "gpus": placement["gpus"],
               "seconds": round(time.time() - t0, 2), "metrics": by_protocol[ranking], "by_protocol": by_protocol}
     result["protocol_name"] = protocol_label(result, ranking)
-    return result
+    lead = out["ranks_unfiltered" if ranking == "unfiltered" else "ranks"]
+    per_user = pa.table({"user_idx": pa.array(users, pa.int32()), "target": pa.array(targets, pa.int32()),
+                         "rank": pa.array(np.asarray(lead).astype(np.int64)),
+                         **{name: pa.array(mask.numpy()) for name, mask in groups.items()}})
+    return result, per_user
 
 
 def evaluate(cfg: RunConfig, model_path: Path, prepare_dir: Path, out_dir: Path) -> dict:
-    """Write ``metrics.json`` (test split) into out_dir; returns the manifest info."""
-    result = evaluate_split(cfg, model_path, prepare_dir, "test")
+    """Write ``metrics.json`` and ``ranks.parquet`` (test split) into out_dir; returns the manifest info."""
+    if cfg.data.split == "all":
+        raise ConfigError("data.split=all holds nothing out: there is no test part to evaluate (run the stages "
+                          "up to train)")
+    result, per_user = _evaluate_split(cfg, model_path, prepare_dir, "test")
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_table(per_user, out_dir / "ranks.parquet")
     return {"rows": {"users": result["metrics"]["overall"]["users"]}}
 
 

@@ -6,14 +6,23 @@ Rule: promote iff the candidate's metric is not worse than the incumbent's by mo
 for a higher-is-better metric such as NDCG@10). With no incumbent (a first period) the candidate is
 promoted.
 
+Evidence beside the rule (:func:`evidence`): the difference candidate - incumbent of the metric's
+per-user values with a bootstrap confidence interval over the test users (paired: both models are
+scored on the same users, so each resample draws users and takes both models' values for them;
+seeded numpy), and a flag when the validation or test part has fewer users than
+``retrain.min_eval_users``: such a candidate is not promoted unless ``retrain.promote_few_users``.
+
 Example::
 
     promote, reason = decide_promotion({"overall": {"NDCG@10": 0.101}}, {"overall": {"NDCG@10": 0.100}},
                                        metric="overall/NDCG@10", tolerance=0.002)
+    facts = evidence(candidate_ranks, incumbent_ranks, "overall/NDCG@10", users={"valid": 80, "test": 75},
+                     settings=cfg.retrain)   # {"difference", "low", "high", ..., "flag"}
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 from ..errors import ConfigError
@@ -73,3 +82,72 @@ def decide_promotion(candidate_metrics: Mapping, incumbent_metrics: Mapping | No
     if drop <= tolerance:
         return True, f"promote: {facts} (worse by {max(drop, 0.0):.6g} <= tolerance {tolerance:g})"
     return False, f"keep the incumbent: {facts} (worse by {drop:.6g} > tolerance {tolerance:g})"
+
+
+def per_user_values(ranks, metric: str):
+    """Each user's value of ``metric`` (``<group>/<HR|NDCG|MRR>@<k>``) from an evaluate stage's
+    ``ranks.parquet`` table (pyarrow), numpy float64 [users in the group]; None for another metric."""
+    import numpy as np  # here: planning a period imports no numpy
+
+    group, _, name = metric.rpartition("/")
+    found = re.fullmatch(r"(HR|NDCG|MRR)@(\d+)", name)
+    if found is None or (group != "overall" and group not in ranks.column_names):
+        return None
+    r = ranks.column("rank").to_numpy().astype(np.float64)
+    if group != "overall":
+        r = r[ranks.column(group).to_numpy(zero_copy_only=False)]
+    hit = r < int(found.group(2))
+    value = {"HR": np.ones_like(r), "NDCG": 1.0 / np.log2(r + 2.0), "MRR": 1.0 / (r + 1.0)}[found.group(1)]
+    return np.where(hit, value, 0.0)
+
+
+def bootstrap_difference(candidate, incumbent, metric: str, *, samples: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> dict | None:
+    """Mean difference candidate - incumbent of ``metric`` over the test users with a percentile
+    bootstrap interval (``samples`` resamples of the users, ``numpy.random.default_rng(seed)``).
+
+    Args:
+        candidate, incumbent: the two models' ``ranks.parquet`` tables. Paired when they hold the
+            same users in the same order (each resample takes both models' values of the drawn
+            users), else each side is resampled on its own.
+
+    Returns:
+        ``{"difference", "low", "high", "confidence", "samples", "seed", "users", "paired"}``, or
+        None when ``metric`` is not a per-user metric (e.g. ``overall/users``) or a side has no users.
+    """
+    import numpy as np
+
+    a, b = per_user_values(candidate, metric), per_user_values(incumbent, metric)
+    if a is None or b is None or not len(a) or not len(b):
+        return None
+    rng = np.random.default_rng(seed)
+    paired = len(a) == len(b) and candidate.column("user_idx").equals(incumbent.column("user_idx"))
+    if paired:
+        diff = a - b
+        draws = np.stack([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(samples)])
+    else:
+        draws = np.stack([a[rng.integers(0, len(a), len(a))].mean() - b[rng.integers(0, len(b), len(b))].mean()
+                          for _ in range(samples)])
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1.0 - tail])
+    return {"difference": float(a.mean() - b.mean()), "low": float(low), "high": float(high),
+            "confidence": confidence, "samples": samples, "seed": seed, "users": int(len(a)), "paired": bool(paired)}
+
+
+def few_users_flag(users: Mapping[str, int], min_users: int) -> str | None:
+    """One line when a part (``{"valid": n, "test": m}``) has fewer than ``min_users`` users, else None."""
+    few = [f"{part} {n}" for part, n in users.items() if n < min_users]
+    if not few:
+        return None
+    return (f"too few users to compare on ({', '.join(few)} < retrain.min_eval_users={min_users}): the metrics "
+            "are mostly noise")
+
+
+def describe(ci: dict | None, metric: str) -> str:
+    """``candidate - incumbent = d [95% CI lo, hi] over U test users (paired bootstrap, n resamples)``."""
+    if ci is None:
+        return f"no per-user values of {metric} to bootstrap"
+    inside = "includes 0: no clear difference" if ci["low"] <= 0 <= ci["high"] else "excludes 0"
+    return (f"candidate - incumbent {metric} = {ci['difference']:+.4g} [{ci['confidence']:.0%} CI "
+            f"{ci['low']:+.4g}, {ci['high']:+.4g}; {inside}] over {ci['users']} test users "
+            f"({'paired' if ci['paired'] else 'unpaired'} bootstrap, {ci['samples']} resamples)")

@@ -34,8 +34,9 @@ from ..runtime.manifest import read_manifest, require_stage
 from .registry import LATEST_FILE, Registry
 
 RETRAIN_FILE = "retrain.json"  # <run>/retrain.json: the period's record (run id, window, previous run)
-PROMOTION_FILE = "promotion.json"  # <run>/promotion.json: the decision and its reason
+PROMOTION_FILE = "promotion.json"  # <run>/promotion.json: the decision, its evidence, the deployed model
 INCUMBENT_DIR = "incumbent"
+DEPLOY_DIR = "deploy"  # <run>/deploy: the promoted configuration refit on all the period's data
 RUNS_DIR = "runs"
 CACHE_DIR = "embed-cache"
 
@@ -73,15 +74,19 @@ class Previous:
 
     Attributes:
         run_dir: its run directory.
-        train_dir: its finished train stage folder (``model.safetensors``, ``config.json``).
-        config: its ``config.json`` body.
+        train_dir: the train stage folder (``model.safetensors``, ``config.json``) of the model it
+            deployed (``serving_dir``): the next period's warm start and incumbent.
+        config: the ``config.json`` body of its gated candidate (the next period's base config).
         end: the exclusive end of its data in epoch seconds, None when it records none.
+        serving_dir: the folder of the model it deployed (``<run>/deploy``, ``<run>/incumbent``,
+            or ``run_dir`` for a run without a deployment record); its ``prepare`` is the id map.
     """
 
     run_dir: Path
     train_dir: Path
     config: dict
     end: int | None
+    serving_dir: Path | None = None
 
 
 def _train_folder(run_dir: Path, method: str | None, seed: int | None) -> Path:
@@ -155,7 +160,20 @@ def load_previous(run_dir: Path, registry: Registry, overrides: Sequence[str] = 
             raise AlphaFuseError(f"previous run {run_dir}: stage '{stage}' was written by alphafuse_dist "
                                  f"{version}, this is {__version__} (another major version): its files may not "
                                  "be readable; retrain from scratch (no previous run) or with that version")
-    return Previous(run_dir, train, config, _previous_end(run_dir, config, registry))
+    serving = deployed_dir(run_dir)
+    served_train = serving / train.name
+    if read_manifest(served_train) is None or read_manifest(serving / "prepare") is None:
+        raise AlphaFuseError(f"previous run {run_dir} is incomplete: its deployed model {served_train} (or its "
+                             "prepare) did not finish; rerun that period to finish it")
+    return Previous(run_dir, served_train, config, _previous_end(run_dir, config, registry), serving)
+
+
+def deployed_dir(run_dir: Path) -> Path:
+    """The folder of the model a period deployed (``deployed`` of its ``promotion.json``), or
+    ``run_dir`` itself for a run without one."""
+    name = (read_json(Path(run_dir) / PROMOTION_FILE) or {}).get("deployed", {})
+    name = name.get("dir") if isinstance(name, dict) else None
+    return Path(run_dir) / name if name in (DEPLOY_DIR, INCUMBENT_DIR) else Path(run_dir)
 
 
 def registry_root(previous: str | Path | None, run_root: str | Path | None) -> Path:
@@ -163,8 +181,7 @@ def registry_root(previous: str | Path | None, run_root: str | Path | None) -> P
     if run_root is not None:
         return Path(run_root).absolute()
     if previous is None:
-        raise ConfigError("retrain: a first period (no previous run) needs the registry folder: --registry DIR "
-                          "(run_root= in Python)")
+        raise ConfigError("retrain: a first period (no --previous) needs the registry folder: --registry DIR")
     path = Path(previous).absolute()
     if path.is_file() and path.name == LATEST_FILE:
         return path.parent
@@ -173,7 +190,7 @@ def registry_root(previous: str | Path | None, run_root: str | Path | None) -> P
     if path.parent.name == RUNS_DIR and Registry.is_registry(path.parent.parent):
         return path.parent.parent  # <root>/runs/<id>
     raise ConfigError(f"retrain: --previous {previous} is a run directory outside a registry; pass the registry "
-                      "folder for the new run: --registry DIR (run_root= in Python)")
+                      "folder for the new run: --registry DIR")
 
 
 # ----------------------------------------------------------------------------- the period's config
@@ -251,6 +268,17 @@ class RetrainPlan:
     record: dict
     registered: bool
 
+    def deploy_cfg(self, epochs: int) -> RunConfig:
+        """The candidate's configuration refit on all the period's data (``data.split=all``, no
+        validation: ``epochs`` epochs, the candidate's best), in ``<run_dir>/deploy``, with the
+        candidate's prepare as the id map (the same item ids)."""
+        dep = copy.deepcopy(self.cfg)
+        dep.run_dir = str(self.run_dir / DEPLOY_DIR)
+        dep.data.split, dep.data.split_times = "all", []
+        dep.data.id_map = str(self.run_dir / "prepare")
+        dep.train.epochs = epochs
+        return dep.validate()
+
     def incumbent_cfg(self) -> RunConfig | None:
         """The incumbent, "no retrain": the previous model applied to this period's catalogue
         (the candidate's config with ``train.epochs=0``, in ``<run_dir>/incumbent``); None for a
@@ -279,7 +307,7 @@ def _split_times(split_times: Sequence | None, previous: Previous | None, end: i
     elif data_cfg.data.split == "time" and len(data_cfg.data.split_times) == 2:
         times = list(data_cfg.data.split_times)
     else:
-        raise ConfigError("retrain: the first period needs split_times [t1, t2] (valid = [t1, t2), test = the "
+        raise ConfigError("retrain: the first period needs --split-times T1,T2 (valid = [t1, t2), test = the "
                           "newest period [t2, period end)), or data.split=time with data.split_times in its config")
     t1, t2 = parse_split_times([str(t) for t in times])
     if t2 >= end:
@@ -311,8 +339,8 @@ def plan_period(registry: Registry, previous: Previous | None, first_ts: int, la
     data_cfg = period_config(previous and previous.config, config, interactions, items, overrides)
     end = parse_time(period_end, "period_end") if period_end is not None else last_ts + 1
     if end <= last_ts:
-        raise DataError(f"period_end={period_end!r} ({iso(end)}) is not after the newest interaction "
-                        f"({iso(last_ts)}): pass a later period_end or leave it out", file=data_cfg.data.path)
+        raise DataError(f"--period-end {period_end} ({iso(end)}) is not after the newest interaction "
+                        f"({iso(last_ts)}): pass a later --period-end or leave it out", file=data_cfg.data.path)
     rid = run_id or period_run_id(end)
 
     # a rerun of a period already registered (e.g. promoted, then the job was run again): its
@@ -334,7 +362,7 @@ def plan_period(registry: Registry, previous: Previous | None, first_ts: int, la
 
     # the time window must move forward
     if previous is not None and previous.end is not None and end <= previous.end:
-        raise DataError(f"the time window goes backwards: the new data ends at {iso(end)} (period_end {end}), "
+        raise DataError(f"the time window goes backwards: the new data ends at {iso(end)} (--period-end {end}), "
                         f"the previous run {previous.run_dir} at {iso(previous.end)} ({previous.end}); pass newer "
                         "interactions", file=data_cfg.data.path)
     if previous is not None and previous.end is None:
@@ -369,7 +397,7 @@ def plan_period(registry: Registry, previous: Previous | None, first_ts: int, la
         strip = lambda d: {k: v for k, v in (d or {}).items() if k != "ray"}  # noqa: E731
         if read_json(run_dir / RETRAIN_FILE) != record or strip(trained) != strip(cfg.to_dict()):
             raise ConfigError(f"retrain: period {rid} is already registered ({run_dir}) with other inputs or "
-                              "settings; rerun it with the same ones, or pass another run_id for a new run")
+                              "settings; rerun it with the same ones, or pass another --run-id for a new run")
     return RetrainPlan(rid, root, run_dir, cfg, previous, parent, window, record, registered)
 
 
@@ -379,7 +407,7 @@ def _candidate_config(previous: Previous | None, config: str | None, overrides: 
     settings: dict = {
         "name": rid, "run_dir": str(run_dir),
         "data": {"split": "time", "split_times": [str(t1), str(t2)],
-                 "id_map": str(previous.run_dir / "prepare") if previous else None},
+                 "id_map": str((previous.serving_dir or previous.run_dir) / "prepare") if previous else None},
         "embed": {"cache_dir": str(run_dir.parent.parent / CACHE_DIR)},
         "train": {"warm_start": str(previous.train_dir) if previous else None},
         "decompose": {"reuse_basis": None},

@@ -6,7 +6,8 @@ A registry is a folder (the root) holding
   entry is ``{"run_id", "run_dir", "data_window", "metrics", "parent", "extra", "registered_at",
   "promotions": [{"promoted_at", "reason", "previous"}, ...]}``. ``run_dir`` is stored relative to
   the root when it lies inside it (the registry can be moved with its runs), else absolute.
-- ``LATEST``: ``{"run_id", "run_dir", "promoted_at", "reason"}``, the run serving should use.
+- ``LATEST``: ``{"run_id", "run_dir", "promoted_at", "reason"}``, the run serving should use
+  (its :attr:`RunEntry.serving_dir`: the model it deployed).
 - ``.registry.lock``: taken with ``fcntl.flock`` by every writer.
 
 Both files are only ever replaced whole (``os.replace`` of a fully written, fsynced temporary), so a
@@ -75,6 +76,15 @@ class RunEntry:
     extra: dict = field(default_factory=dict)
     registered_at: str = ""
     promotions: list = field(default_factory=list)
+
+    @property
+    def serving_dir(self) -> Path:
+        """The folder of the model the run deployed (``extra["deployed"]["dir"]`` under
+        ``run_dir``: what ``export`` and ``recommend`` of the registry read), else ``run_dir``."""
+        deployed = self.extra.get("deployed") if isinstance(self.extra, dict) else None
+        name = deployed.get("dir") if isinstance(deployed, dict) else None
+        return self.run_dir / name if isinstance(name, str) and name and "/" not in name and name != ".." \
+            else self.run_dir
 
 
 def _now() -> str:

@@ -164,7 +164,8 @@ class TrainRecipe:
                 break  # resumed after the early stop had already been decided
             row = self.train_epoch(epoch)
             improved = False
-            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            # no validation part (data.split=all): train.epochs epochs, the last model is kept
+            if len(self.val_tgt) and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
                 val = self.validate()
                 row |= {f"val_{k}": v for k, v in val.items() if k != "users"}
                 improved = self._track_best(epoch, val)
@@ -269,13 +270,14 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------ the result
     def finalize(self, folder: Path | None = None) -> TrainResult:
-        """The best model (the current one if no epoch ran, e.g. a warm start applied as is), cold
+        """The best model (the current one if no epoch was validated: a warm start applied as is, or
+        a run without a validation part), cold
         items filled (``train.cold_items=neighbours``), written to ``folder`` when given (call it on
         every worker: with torchrec, reading the live table is a collective)."""
         cfg, t = self.cfg, self.cfg.train
         best = self.best
         if best.item_table is None:
-            best.best_epoch = 0
+            best.best_epoch = len(self.history)
             self._keep_current_model()
         if t.cold_items == "neighbours":
             from .cold_items import fill_cold_items
