@@ -36,6 +36,7 @@ from typing import Callable
 from .config import METHODS, load_config, preset_names
 from .errors import AlphaFuseError, ConfigError, one_line, user_error
 from .runtime.console import LOG_FILE, log_tail, log_to_file, redirect_to_log, terminal
+from .runtime.manifest import make_run_dir
 
 
 def _byte_size(text: str) -> int:
@@ -85,12 +86,16 @@ _quiet = False
 def _start_log(cfg) -> None:
     """``<run_dir>/alphafuse.log`` gets every log line; in a quiet command (the default of the
     ``alphafuse`` executable, not ``-v``) also all other output of this process and of Ray."""
-    path = cfg.run_path / LOG_FILE
-    if _quiet and terminal().log is None:
-        redirect_to_log(path)
-        print(f"log: {path}", file=terminal().err)
-    else:
-        log_to_file(path)
+    path = make_run_dir(cfg.run_path) / LOG_FILE  # a run_dir that is a file: one line naming it
+    try:
+        if _quiet and terminal().log is None:
+            redirect_to_log(path)
+            print(f"log: {path}", file=terminal().err)
+        else:
+            log_to_file(path)
+    except OSError:
+        return  # a run_dir that cannot be written: the run's lock reports it, naming the file
+
 
 
 def _parser() -> argparse.ArgumentParser:
