@@ -10,6 +10,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling" / "capacity.py"
 spec = importlib.util.spec_from_file_location("capacity", SCRIPT)
 cap = importlib.util.module_from_spec(spec)
+sys.modules["capacity"] = cap  # dataclasses look their module up there
 spec.loader.exec_module(cap)
 
 
