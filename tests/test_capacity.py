@@ -51,3 +51,10 @@ def test_script_prints_every_scenario():
     out = subprocess.run([sys.executable, str(SCRIPT), "--gpus", "8", "64"], capture_output=True, text=True, check=True).stdout
     assert "### 10M items, 1B interactions" in out and "### 100M items, 1B interactions" in out
     assert out.count("\n| 8 |") == 2 and out.count("\n| 64 |") == 2
+
+
+def test_docs_show_the_scripts_current_output():
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, check=True).stdout
+    doc = (SCRIPT.parents[2] / "docs" / "scaling.md").read_text()
+    stale = [line for line in out.splitlines() if line and line not in doc]
+    assert not stale, f"docs/scaling.md is stale (python benchmarks/scaling/capacity.py): {stale[:2]}"
