@@ -170,7 +170,7 @@ def main() -> None:
           f"{bytes_per_row('rowwise_adagrad')} (rowwise_adagrad); evaluation {MODEL['dim'] * F32} per row.\n")
     for w in args.gpus:
         train_max, eval_max = max_items(w)
-        print(f"{w} GPUs: training tables fit up to {train_max / 1e6:,.0f}M items, the evaluation table up to "
+        print(f"- {w} GPUs: training tables fit up to {train_max / 1e6:,.0f}M items, the evaluation table up to "
               f"{eval_max / 1e6:,.0f}M ({ASSUMED['usable_gb_per_gpu']:.0f} GB usable per GPU).")
     print()
     for name, items, interactions in SCENARIOS:
