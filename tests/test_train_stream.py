@@ -1,7 +1,7 @@
 """Streamed training windows (train.batches.EpochBatches) against the load-all reference
-(data.sequences.training_windows + runtime.seeding.epoch_order): the same windows each epoch, the
-same number of steps, the same order when the epoch is one shuffle chunk, and the same global
-batches for 1 and 2 workers."""
+(data.sequences.training_windows, all windows shuffled at once by seeded_rng(seed, epoch)): the
+same windows each epoch, the same number of steps, the same order when the epoch is one shuffle
+chunk, and the same global batches for 1 and 2 workers."""
 from __future__ import annotations
 
 from collections import Counter
@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alphafuse_dist.data.sequences import count_windows, item_counts, stream_windows, training_windows
-from alphafuse_dist.runtime.seeding import epoch_order
+from alphafuse_dist.runtime.seeding import seeded_rng
 from alphafuse_dist.train.batches import EpochBatches
 
 N, L = 500, 6
@@ -58,7 +58,7 @@ def test_one_chunk_epoch_matches_the_load_all_loader(train_parquet, world):
     for epoch in (0, 3):
         steps, first = _epoch(train_parquet, epoch, batch=batch, chunk=10_000, world=world)
         assert first.steps == len(steps) == len(ref_in) // batch
-        order = epoch_order(5, epoch, len(ref_in))
+        order = seeded_rng(5, epoch).permutation(len(ref_in))
         for step, per_rank in enumerate(steps):
             for rank, (inputs, targets) in enumerate(per_rank):
                 rows = order[step * batch + rank:(step + 1) * batch:world]

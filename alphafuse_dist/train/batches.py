@@ -8,7 +8,7 @@ windows. The epoch's order is the same on every worker and for any number of wor
   chunk's length is drawn per epoch (``seeded_rng(seed, epoch, 0)``) so that chunk boundaries move
   from epoch to epoch; when every window fits one chunk, the chunk is the whole epoch;
 - each chunk is permuted by the epoch's generator ``seeded_rng(seed, epoch)``, chunk after chunk
-  (one chunk: ``runtime.seeding.epoch_order``, a full shuffle);
+  (one chunk: a full shuffle of the epoch, ``seeded_rng(seed, epoch).permutation(W)``);
 - step ``s`` takes the windows at positions ``[s B, (s+1) B)`` of the shuffled stream, and this
   worker keeps those at positions ``s B + rank + j world``; the ``W mod B`` last windows are left
   out (``W // B`` steps per epoch).
