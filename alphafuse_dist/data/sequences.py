@@ -60,6 +60,10 @@ def training_windows(train_parquet: Path, max_len: int, pad_id: int) -> tuple[np
     return windows_of(values, offsets, max_len, pad_id)
 
 
+# sequences per read of the streamed functions: a read's memory (its lists and windows) stays a few MB
+READ_ROWS = 8_192
+
+
 def _list_batches(train_parquet: Path, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(flat values int64, offsets int64 from 0) of the ``items`` lists, ``rows`` sequences at a time."""
     for batch in pq.ParquetFile(train_parquet).iter_batches(batch_size=rows, columns=["items"]):
@@ -70,13 +74,13 @@ def _list_batches(train_parquet: Path, rows: int) -> Iterator[tuple[np.ndarray, 
         yield values, offsets
 
 
-def count_windows(train_parquet: Path, max_len: int, rows: int = 65_536) -> int:
+def count_windows(train_parquet: Path, max_len: int, rows: int = READ_ROWS) -> int:
     """The number of training windows of train.parquet, read ``rows`` sequences at a time."""
     return int(sum(window_counts(np.diff(offsets), max_len).sum()
                    for _, offsets in _list_batches(train_parquet, rows)))
 
 
-def stream_windows(train_parquet: Path, max_len: int, pad_id: int, rows: int = 8_192
+def stream_windows(train_parquet: Path, max_len: int, pad_id: int, rows: int = READ_ROWS
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The windows of :func:`training_windows`, in the same order, built ``rows`` sequences at a
     time (memory bounded by one read, whatever the file's size): (inputs [w, L], targets [w, L])."""
@@ -99,7 +103,7 @@ def eval_inputs(split_parquet: Path, max_len: int, pad_id: int) -> tuple[np.ndar
             t.column("target").to_numpy().astype(np.int64))
 
 
-def item_counts(train_parquet: Path, num_items: int, rows: int = 65_536) -> np.ndarray:
+def item_counts(train_parquet: Path, num_items: int, rows: int = READ_ROWS) -> np.ndarray:
     """Training interactions per item [N] (int64): occurrences in train.parquet's ``items`` lists,
     counted ``rows`` sequences at a time."""
     counts = np.zeros(num_items, dtype=np.int64)

@@ -11,7 +11,8 @@ in a Ray Train ``TorchTrainer`` of 2 CPU workers (gloo) for one whole epoch: eve
 of this worker become torch tensors, as in ``TrainRecipe.train_step``; no model, so that the
 numbers are the data's. Each worker reports its peak RSS (``getrusage`` ru_maxrss, the whole
 process: Ray worker, torch, the data) and its RSS before the loader started; rank 0 gathers them
-and reports them through ``ray.train.report``. One JSON line per (size, loader) is printed and
+and reports them through ``ray.train.report`` (with an empty checkpoint, so that the run's result
+keeps them). One JSON line per (size, loader) is printed and
 appended to ``results.jsonl``.
 """
 from __future__ import annotations
@@ -90,7 +91,11 @@ def worker_loop(config: dict) -> None:
     metrics = {"steps": steps, "windows_total": windows_total}
     for r in rows:
         metrics |= {f"{k}_w{r['rank']}": v for k, v in r.items() if k != "rank"}
-    ray.train.report(metrics)
+    if rank:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:  # the run's result keeps the metrics of its checkpoint
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def run_loader(loader: str, prep: Path, items: int, args) -> dict:
