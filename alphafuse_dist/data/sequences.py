@@ -61,7 +61,7 @@ def training_windows(train_parquet: Path, max_len: int, pad_id: int) -> tuple[np
 
 
 # sequences per read of the streamed functions: a read's memory (its lists and windows) stays a few MB
-READ_ROWS = 8_192
+READ_ROWS = 4_096
 
 
 def _list_batches(train_parquet: Path, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -73,7 +73,7 @@ class EpochBatches:
                 start += len(inputs)
             inputs, targets = np.concatenate(mine_in), np.concatenate(mine_tgt)
             yield inputs[:local], targets[:local]
-            mine_in, mine_tgt = [inputs[local:]], [targets[local:]]
+            mine_in, mine_tgt = [inputs[local:].copy()], [targets[local:].copy()]  # copies: the rest is freed
 
     def _chunks(self, sizes: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The window stream regrouped into chunks of ``sizes`` windows (inputs, targets)."""
@@ -87,4 +87,4 @@ class EpochBatches:
                 have += len(inputs)
             inputs, targets = np.concatenate(parts_in), np.concatenate(parts_tgt)
             yield inputs[:size], targets[:size]
-            parts_in, parts_tgt, have = [inputs[size:]], [targets[size:]], have - size
+            parts_in, parts_tgt, have = [inputs[size:].copy()], [targets[size:].copy()], have - size

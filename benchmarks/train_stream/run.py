@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--interactions", type=int, nargs="+", default=[200_000, 2_000_000])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--shuffle-windows", type=int, default=8_192, help="train.shuffle_windows of the streamed loader")
+    p.add_argument("--shuffle-windows", type=int, default=4_096, help="train.shuffle_windows of the streamed loader")
     p.add_argument("--out", type=Path, default=HERE / "results.jsonl")
     args = p.parse_args()
 
