@@ -1,8 +1,9 @@
 """This worker's training batches of an epoch, streamed from train.parquet.
 
 Every worker reads train.parquet a few thousand sequences at a time (``data.sequences.stream_windows``)
-and builds the windows in the stream; no worker holds more than about ``train.shuffle_windows``
-windows. The epoch's order is the same on every worker and for any number of workers:
+and builds the windows in the stream; a worker holds one read and about one chunk of
+``train.shuffle_windows`` windows, whatever the file's size. The epoch's order is a function of
+(file, seed, epoch, batch size, chunk) only, the same for any number of workers:
 
 - the window stream (file order) is cut into chunks of ``train.shuffle_windows`` windows; the first
   chunk's length is drawn per epoch (``seeded_rng(seed, epoch, 0)``) so that chunk boundaries move
@@ -14,9 +15,10 @@ windows. The epoch's order is the same on every worker and for any number of wor
   out (``W // B`` steps per epoch).
 
 Each worker therefore reads the whole file but keeps only its rows: memory stays flat as the data
-grows, and a run resumed on another number of workers trains on the same batches. Hand-written
-over pyarrow rather than Ray Data's ``streaming_split``, whose shares depend on the number of
-workers and on timing.
+grows, and a run resumed (at an epoch boundary, where checkpoints are written) on another number
+of workers trains on the same batches. Hand-written over pyarrow rather than Ray Data
+(``TorchTrainer(datasets=...)`` + ``get_dataset_shard``), whose ``streaming_split`` hands blocks
+to workers in shares that depend on the number of workers and on timing.
 """
 from __future__ import annotations
 
