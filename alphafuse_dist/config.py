@@ -206,6 +206,9 @@ class TrainConfig:
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when available
     batch_size: int = 128  # sequences per step, summed over workers
+    # training windows shuffled together: the epoch's windows are shuffled within chunks of this
+    # many (boundaries move each epoch); the memory a worker holds for its data follows it
+    shuffle_windows: int = 65_536
     epochs: int = 30  # at most; early stopping (patience) may end sooner
     lr: float = 1e-3  # dense (encoder) Adam learning rate
     weight_decay: float = 1e-6  # dense parameters' weight decay
@@ -458,6 +461,7 @@ RANGES: dict[str, Range] = {
     "model.dreamrec_sample_steps": _COUNT,
     "train.num_workers": _COUNT,
     "train.batch_size": _COUNT,
+    "train.shuffle_windows": _COUNT,
     "train.epochs": Range(low=0, high=MAX_EPOCHS),  # 0 only with train.warm_start (validate)
     "train.lr": _POSITIVE,
     "train.weight_decay": _NON_NEGATIVE,

@@ -102,7 +102,8 @@ def straight_and_killed_runs(tmp_path: Path, extra: tuple[str, ...] = ()) -> tup
             proc.wait(timeout=600)
         finally:
             proc.kill()
-    text = log_path.read_text()
+    # the terminal shows stage lines; the workers' lines (the resume among them) are in the run's log
+    text = log_path.read_text() + (run_dir / "alphafuse.log").read_text()
     assert killed is not None, text[-3000:]
     assert proc.returncode == 0, text[-3000:]
     resumed = re.findall(r"resumed from checkpoint .* after epoch (\d+)", text)

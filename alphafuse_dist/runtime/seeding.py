@@ -12,7 +12,7 @@ Example::
 
     g = seeded_generator(7, epoch, step)       # negatives and masks of one training step (torch)
     rng = seeded_rng(7, user)                  # numpy draws keyed the same way
-    order = epoch_order(7, epoch, num_windows)  # the epoch's shuffled window order
+    rng = seeded_rng(7, epoch)                 # the epoch's shuffle of training windows
 
 Torch is imported only by the functions that return or seed a torch generator.
 """
@@ -48,11 +48,6 @@ def seeded_generator(seed: int, *keys: int) -> torch.Generator:
 def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
     """A numpy generator seeded with the sequence ``[seed, *keys]`` (numpy mixes it itself)."""
     return np.random.default_rng([seed, *keys])
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The shuffled order int64 [n] of ``n`` training windows in ``epoch`` (the same on every worker)."""
-    return seeded_rng(seed, epoch).permutation(n)
 
 
 def seed_torch(seed: int, *keys: int, rank: int | None = None) -> None:

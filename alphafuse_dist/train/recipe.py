@@ -7,7 +7,8 @@
 
 :func:`train_model` runs the three. It runs the same way under Ray Train (``TorchTrainer``
 workers), torchrun, or a single process without any process group (plain torch). Each worker
-takes every ``world``-th window of the epoch's shuffled order; negatives (and bert4rec's masks)
+streams train.parquet and keeps every ``world``-th window of each step of the epoch's shuffled
+order (:class:`alphafuse_dist.train.batches.EpochBatches`); negatives (and bert4rec's masks)
 are drawn from a generator seeded by (seed, epoch, step) for the whole batch, so every sequence
 gets the same draws whatever the number of workers; the loss is normalised by the global number
 of positions, so the gradients equal those of one process on the whole batch.
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..config import RunConfig
-from ..data.sequences import eval_inputs, item_counts, training_windows
+from ..data.sequences import eval_inputs, item_counts
 from ..errors import ConfigError
 from ..evaluate.sharded import read_histories, sharded_metrics
 from ..model.backbones import draw_cloze_mask
@@ -31,7 +32,8 @@ from ..model.dreamrec import draw_diffusion_noise
 from ..model.losses import expected_count_log_q
 from ..model.recommender import build_model
 from ..runtime.dist import all_reduce_sum, rank_world
-from ..runtime.seeding import deterministic_torch, epoch_order, seed_torch, seeded_generator
+from ..runtime.seeding import deterministic_torch, seed_torch, seeded_generator
+from .batches import EpochBatches
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .inputs import TrainInputs, load_item_inputs
 from .optim import build_optimizer
@@ -95,7 +97,9 @@ class TrainRecipe:
         self.optimizer = build_optimizer(cfg, self.model, self.net)
 
         prep = Path(self.inputs.prepare_dir)
-        self.win_in, self.win_tgt = training_windows(prep / "train.parquet", cfg.model.max_len, self.pad)
+        self.batches = EpochBatches(prep / "train.parquet", max_len=cfg.model.max_len, pad_id=self.pad,
+                                    batch_size=t.batch_size, chunk=t.shuffle_windows, seed=cfg.seed,
+                                    rank=self.rank, world=self.world)
         _, self.val_hist, self.val_tgt = eval_inputs(prep / "valid.parquet", cfg.model.max_len, self.pad)
         # model selection ranks as the evaluation's lead protocol does: filtered with eval.exclude_history
         self.val_exclude = read_histories(prep / "valid.parquet") if cfg.eval.exclude_history else None
@@ -107,12 +111,12 @@ class TrainRecipe:
             self.log_q = expected_count_log_q(q, t.num_negatives).to(self.device)
         self.cloze = cfg.model.backbone == "bert4rec"
         self.diffusion = cfg.model.backbone == "dreamrec"
-        self.steps = len(self.win_in) // t.batch_size
+        self.steps, windows = self.batches.steps, self.batches.num_windows
         if self.steps == 0:
-            raise ConfigError(f"train.batch_size={t.batch_size}: larger than the {len(self.win_in)} training windows")
+            raise ConfigError(f"train.batch_size={t.batch_size}: larger than the {windows} training windows")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
-        self.log(f"[train] {cfg.method}: {self.num_items} items, {len(self.win_in)} windows of {cfg.model.max_len}, "
+        self.log(f"[train] {cfg.method}: {self.num_items} items, {windows} windows of {cfg.model.max_len}, "
                  f"{self.world} workers x {t.batch_size // self.world} sequences, {self.steps} steps/epoch, "
                  f"backend {t.backend}, device {self.device}")
 
@@ -186,13 +190,11 @@ class TrainRecipe:
         cfg, t = self.cfg, self.cfg.train
         # dropout's generator reseeded per (seed, epoch, rank): a resumed epoch draws what it drew before
         seed_torch(cfg.seed, epoch, rank=self.rank)
-        order = epoch_order(cfg.seed, epoch, len(self.win_in))
         t0 = time.time()
         loss_sum = 0.0
         self.net.train()
-        for step in range(self.steps):
-            rows = order[step * t.batch_size + self.rank: (step + 1) * t.batch_size: self.world]
-            loss_sum += self.train_step(epoch, step, rows)
+        for step, (inputs, targets) in enumerate(self.batches.epoch(epoch)):
+            loss_sum += self.train_step(epoch, step, inputs, targets)
             if t.log_every and (step + 1) % t.log_every == 0:
                 rate = (step + 1) * t.batch_size / (time.time() - t0)
                 eta = (self.steps - step - 1) * t.batch_size / rate
@@ -202,12 +204,12 @@ class TrainRecipe:
         return {"epoch": epoch + 1, "loss": loss_sum / self.steps, "seconds": round(seconds, 2),
                 "seq_per_s": round(self.steps * t.batch_size / seconds, 1)}
 
-    def train_step(self, epoch: int, step: int, rows) -> float:
-        """One optimiser step on this worker's training windows ``rows``; returns the step's loss
-        (mean over the positions of all workers)."""
+    def train_step(self, epoch: int, step: int, inputs, targets) -> float:
+        """One optimiser step on this worker's training windows (``inputs``, ``targets`` [B_local, L]);
+        returns the step's loss (mean over the positions of all workers)."""
         cfg, t, device = self.cfg, self.cfg.train, self.device
-        seqs = torch.as_tensor(self.win_in[rows], device=device)
-        tgts = torch.as_tensor(self.win_tgt[rows], device=device)
+        seqs = torch.as_tensor(inputs, device=device)
+        tgts = torch.as_tensor(targets, device=device)
         g = seeded_generator(cfg.seed, epoch, step)
         negs = draw_negatives(cfg, g, self.num_items, self.probs, self.rank, self.world).to(device)
         # bert4rec: the masked positions of the window's last L items (tgts), drawn after the negatives

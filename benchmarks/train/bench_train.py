@@ -108,10 +108,10 @@ def step_flops(cfg, inputs) -> float:
 
     recipe = TrainRecipe(cfg, inputs, log=lambda s: None)
     recipe.setup()
-    rows = list(range(cfg.train.batch_size))
-    recipe.train_step(0, 0, rows)  # warm-up: lazy initialisation outside the count
+    inputs, targets = next(iter(recipe.batches.epoch(0)))
+    recipe.train_step(0, 0, inputs, targets)  # warm-up: lazy initialisation outside the count
     with FlopCounterMode(display=False) as counter:
-        recipe.train_step(0, 1, rows)
+        recipe.train_step(0, 1, inputs, targets)
     return float(counter.get_total_flops())
 
 
