@@ -65,10 +65,18 @@ class Handler(BaseHTTPRequestHandler):
         pass  # keep the test output clean
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A test server that does not print a traceback when a client hangs up mid-answer (a refused
+    download closes the connection early; the printout would land in the test's captured stderr)."""
+
+    def handle_error(self, request, client_address):
+        pass
+
+
 @pytest.fixture
 def server():
     """``(url, state)`` of a fresh threaded HTTP server on 127.0.0.1, shut down after the test."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
     httpd.state = ServerState()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -184,7 +192,7 @@ def test_only_https_or_loopback_http_is_fetched(url, tmp_path):
 
 
 def test_redirect_away_from_https_is_refused(tmp_path):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    httpd = QuietServer(("127.0.0.1", 0), Redirect)
     httpd.target = "file:///etc/passwd"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
