@@ -140,7 +140,10 @@ def encode_tokens(encoder, features: dict[str, pa.Array], static: dict, normaliz
         mask = mask[:, ::-1]
     batch = dict(static)
     for name, column in features.items():
-        padded = np.zeros(mask.shape, dtype=np.int64)
+        # input ids padded with the tokenizer's pad id (models that derive positions from it, such
+        # as RoBERTa's, need it); the masks and type ids with 0
+        fill = (encoder.tokenizer.pad_token_id or 0) if name == "input_ids" else 0
+        padded = np.full(mask.shape, fill, dtype=np.int64)
         padded[mask] = column.flatten().to_numpy()
         batch[name] = torch.from_numpy(padded).to(encoder.device, non_blocking=True)
     with torch.inference_mode():

@@ -84,7 +84,7 @@ class _EncodeBatches:
     """Ray Data callable class (the actor pool): a tokenized batch -> its embeddings.
 
     Input: a pyarrow batch with ``item_idx`` [B], ``text`` [B] and the ``tokens.*`` columns of
-    :class:`_Tokenize`. Output: a pyarrow table with ``item_idx: int32 [B]`` and
+    :func:`_tokenize_batch`. Output: a pyarrow table with ``item_idx: int32 [B]`` and
     ``vector: fixed_size_list<float32>[d_l]`` [B] (a plain Arrow type, not Ray's tensor extension,
     so any Parquet reader understands the files).
     """
@@ -174,10 +174,7 @@ def _check_items(items_parquet: Path) -> int:
     Null texts are caught here from the row-group statistics (falling back to reading the text
     column): inside an actor they would surface only as a wrapped Ray error.
     """
-    try:
-        meta = open_file(items_parquet).metadata
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"cannot read it as Parquet ({e})", file=items_parquet) from None
+    meta = open_file(items_parquet).metadata  # a damaged file: a DataError naming it
     names = meta.schema.to_arrow_schema().names
     for col in (INDEX_COLUMN, TEXT_COLUMN):
         if col not in names:
@@ -270,7 +267,8 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
             Cached items go to ``part-cached-*.parquet``, newly encoded ones to the job's files.
         cache_dir: the embedding cache (see ``cache.py``); None encodes everything and caches nothing.
         batch_encoder: the Ray Data callable class that encodes a batch (a pyarrow batch of
-            ``item_idx``, ``text`` -> ``item_idx``, ``vector``), constructed with the keyword
+            ``item_idx``, ``text`` and the ``tokens.*`` columns of ``tokenizer`` -> ``item_idx``,
+            ``vector``), constructed with the keyword
             arguments of :class:`_EncodeBatches`; tests pass a stand-in that counts its texts.
         tokenizer: the Ray Data task that adds the token columns ``batch_encoder`` reads
             (:func:`_tokenize_batch`); None for a ``batch_encoder`` that reads the texts.
@@ -325,7 +323,9 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
         blocks = [todo.slice(s, batch_size) for s in range(0, len(todo), batch_size)]
         ds = ray.data.from_arrow(blocks)
         if tokenizer is not None:
-            # On CUDA not fused with the actors (other resources), so it runs on the other CPUs
+            # On CUDA not fused with the actors (other resources), so it runs on the other CPUs;
+            # on CPU Ray fuses it into the actors (same resources): each then tokenizes its own
+            # batches, on one thread, with a second (CPU) copy of the encoder for its preprocessing
             ds = ds.map_batches(tokenizer, batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
                                 fn_kwargs={"model": cfg.model, "max_seq_length": cfg.max_seq_length})
         ds = (ds.map_batches(batch_encoder, batch_format="pyarrow", batch_size=batch_size,

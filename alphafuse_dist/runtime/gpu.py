@@ -63,6 +63,5 @@ def out_of_memory_hint(stage: str, cfg: RunConfig) -> Iterator[None]:
             raise
         first = str(oom).strip().splitlines()[0] if str(oom).strip() else "CUDA out of memory"
         keys = MEMORY_KEYS.get(stage.split("-")[0], ())
-        settings = ", ".join(f"{k}={_get(cfg, k)}" for k in keys)
-        lower = f"; lower {' or '.join(keys)}" if keys else ""
-        raise ResourceError(f"{stage}: {' '.join(first.split())[:200]} (with {settings}){lower}") from None
+        settings = f" (with {', '.join(f'{k}={_get(cfg, k)}' for k in keys)}); lower {' or '.join(keys)}" if keys else ""
+        raise ResourceError(f"{stage}: {' '.join(first.split())[:200]}{settings}") from None
