@@ -139,3 +139,21 @@ def test_shipped_dashboards_are_loopback_or_token_protected():
     for script in [*root.glob("cluster/*.sh"), *root.glob("cluster/*.py"), *root.glob("jobs/*"), root / "cluster" / "README.md"]:
         for value in re.findall(r"dashboard[-_]host[=\s\"']+([\w.:]+)", script.read_text()):
             assert value == "127.0.0.1", f"{script.name}: dashboard host {value}"
+
+
+def test_shipped_network_policy_keeps_the_job_pods_private():
+    """torch's rendezvous store listens on every interface of a pod (torch has no bind address):
+    the shipped NetworkPolicy selects the RayJob's head and worker pods by their label and admits
+    traffic from those pods only."""
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    policy = yaml.safe_load((root / "cluster" / "network-policy.yaml").read_text())
+    spec = yaml.safe_load((root / "cluster" / "retrain-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert all(pod["metadata"]["labels"].items() >= selector.items() for pod in pods)
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
