@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# before any test module imports ray (Ray reads it at import): keeps in-process Ray on loopback
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -14,7 +17,6 @@ def ray_session():
     """
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

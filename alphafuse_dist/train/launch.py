@@ -1,6 +1,7 @@
 """Launch training: Ray Train ``TorchTrainer`` workers (the product path) or one local process.
 
-Ray Train starts ``train.num_workers`` workers with a gloo (CPU) or NCCL (GPU) process group; each
+Ray Train starts ``train.num_workers`` workers with a gloo (CPU) or NCCL (GPU) process group (whose
+rendezvous store listens on rank 0's node address: :mod:`.rendezvous`); each
 runs :func:`alphafuse_dist.train.recipe.train_model`. The best model travels back to the driver as
 a Ray Train checkpoint (so it works on multi-node clusters whose storage path is shared), and is
 written into the stage folder.
@@ -92,9 +93,11 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
     resumes from its last checkpoint, and the runs of this method and seed under any other identity
     (another config, other input data, other code) are removed before training, never resumed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     import ray
+
+    from .rendezvous import BoundTorchConfig
 
     t = cfg.train
     # auto: GPUs when the cluster has one for every worker
@@ -113,7 +116,8 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
         train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker} if not use_gpu else None),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
+        # the rendezvous store listens on rank 0's node address only, not on every interface
+        torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
         run_config=RayRunConfig(name=run_name, storage_path=str(storage),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=t.max_failures)),

@@ -84,6 +84,7 @@ class _BoundTorchBackend(_TorchBackend):
         world_size = len(worker_group)
         host = listen_address(worker_group.execute(ray.util.get_node_ip_address))
         port = worker_group.execute_single(0, start_store, host, world_size, backend_config.timeout_s)
+        # as Ray Train does; running a function of this module also registers afbound:// in each worker
         worker_group.execute(_set_master_env, host, port)
         if not isinstance(worker_group, V1WorkerGroup):
             worker_group.execute(_set_torch_distributed_env_vars)
