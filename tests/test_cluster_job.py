@@ -142,7 +142,7 @@ def test_shipped_dashboards_are_loopback_or_token_protected():
 
 
 def test_shipped_network_policy_keeps_the_job_pods_private():
-    """torch's rendezvous store listens on every interface of a pod (torch has no bind address):
+    """The training rendezvous store, the collectives and Ray's ports listen on the pods' addresses:
     the shipped NetworkPolicy selects the RayJob's head and worker pods by their label and admits
     traffic from those pods only."""
     import pathlib

@@ -70,7 +70,7 @@ def _report_store(cfg: dict) -> None:
     ray.train.report({"done": 1})
 
 
-def test_ray_train_store_listens_on_the_node_address_only(ray_session, tmp_path):
+def test_ray_train_store_listens_on_loopback_only_when_workers_share_a_node(ray_session, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
