@@ -6,7 +6,8 @@ keeps everything else Ray Train does (its process-group setup function, backend,
 torch environment variables) and changes only where the store listens: rank 0 binds a socket to
 its node's address (``ray.util.get_node_ip_address()``), or to 127.0.0.1 when every worker has
 the same node address, and hands it to ``TCPStore`` (``master_listen_fd``); the workers reach it
-through the ``afbound://`` rendezvous scheme registered here with torch.
+through the ``afbound://`` rendezvous scheme registered here with torch. The backend reuses Ray
+Train's private ``_TorchBackend`` pieces, as Ray's own ``TorchftConfig`` does (Ray pinned at 2.60).
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def start_store(host: str, world_size: int, timeout_s: float) -> int:
         sock.bind((host, 0))
         sock.listen()
         port = sock.getsockname()[1]
-        # the same store torch's env:// rendezvous builds (libuv unless USE_LIBUV=0), on this socket
+        # torch's server (libuv unless USE_LIBUV=0, as env:// picks) on this socket; it does not wait
+        # for the workers to connect: the process group's first reads of the store do
         store = dist.TCPStore(host, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False,
                               master_listen_fd=sock.fileno(), use_libuv=os.environ.get("USE_LIBUV", "1") == "1")
         sock.detach()  # the store owns the socket now and closes it
