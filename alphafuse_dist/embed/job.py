@@ -10,6 +10,7 @@ Data flow::
       -> map_batches(_tokenize_batch): CPU tasks, the encoder's own preprocessing, unpadded tokens
       -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node, or
          embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA)
+      -> map_batches(_count_batch): the encoded rows counted on the terminal's bar (runtime.progress)
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file (at least that many, but the last) in row groups of
          ROW_GROUP_ROWS, rows in any order; both columns and the list's elements are required
@@ -45,6 +46,7 @@ from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_json, source_fingerprint
 from ..runtime.parquet import WRITE_OPTIONS, open_file, read_table, write_table
+from ..runtime.progress import Progress, Reporter
 from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import encode_tokens, load_encoder, resolve_model, tokenize
 
@@ -110,6 +112,13 @@ class _EncodeBatches:
                     for name in batch.column_names if name.startswith(TOKENS_PREFIX)}
         vectors = encode_tokens(self.encoder, features, self.static, self.normalize)
         return vector_table(batch.column(INDEX_COLUMN).to_numpy(), vectors)
+
+
+def _count_batch(batch: pa.Table, progress: Reporter) -> pa.Table:
+    """Ray Data task before the write: the batch unchanged, its rows counted on the driver's bar."""
+    progress.update(batch.num_rows)
+    progress.flush(wait=True)  # a task may be the process's last: the count arrives before it ends
+    return batch
 
 
 class _PartFilenames(FilenameProvider):
@@ -336,9 +345,13 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
                            compute=ray.data.ActorPoolStrategy(size=num_actors),
                            # several actors share a GPU (embed.actors_per_gpu); see actor_pool
                            num_cpus=1, num_gpus=1 / cfg.actors_per_gpu if device == "cuda" else 0))
-        ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
-                         # no max_rows_per_file: with min == max Ray Data makes each file one row group
-                         min_rows_per_file=cfg.rows_per_file, **PARQUET_OPTIONS)
+        with Progress("[embed] encoding", total=len(todo), unit="item") as bar:
+            # fused by Ray Data into the write tasks (both plain tasks on one CPU)
+            ds = ds.map_batches(_count_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
+                                fn_kwargs={"progress": bar.remote()})
+            ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
+                             # no max_rows_per_file: with min == max Ray Data makes each file one row group
+                             min_rows_per_file=cfg.rows_per_file, **PARQUET_OPTIONS)
         if cache:
             new_parts = sorted(p for p in out_dir.glob(PART_GLOB) if not p.name.startswith("part-cached-"))
             _cache_new_vectors(cache, new_parts, dict(zip(item_idx[~hit].tolist(), keys[~hit])))
