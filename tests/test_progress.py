@@ -35,6 +35,21 @@ def test_a_terminal_bar_shows_count_rate_eta_and_postfix(monkeypatch):
     assert "<00:06" in text  # the ETA: 60 users left at 10 a second
 
 
+def test_a_log_line_is_written_above_a_terminal_bar(monkeypatch):
+    from alphafuse_dist.cli import configure_logging
+
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)  # the terminal's stderr of the moment (runtime.console.terminal)
+    configure_logging()
+    with Progress("[train]", total=10, unit="step") as bar:
+        bar.update(5)
+        logging.getLogger("alphafuse_dist.pipeline").info("[train] a line")
+        bar.update(1)
+    text = tty.getvalue()
+    assert "\r[train] a line\n" in text  # the bar cleared first: the line starts at the margin
+    assert "6/10" in text.split("[train] a line")[1]  # and drawn again below it
+
+
 def test_without_a_terminal_the_bar_prints_a_bounded_number_of_plain_lines(caplog):
     stream = io.StringIO()
     caplog.set_level(logging.DEBUG, logger="alphafuse_dist.runtime.progress")
@@ -104,7 +119,6 @@ def test_the_quiet_command_shows_the_training_bar_and_logs_the_detail(tmp_path):
     log = (run / "alphafuse.log").read_text()
     assert "[train] epoch 1/2 step 5/" in log and "seq/s" in log and "[train] epoch 2: loss" in log
     assert len(err.splitlines()) <= 20, err
-    print(err)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,11 @@ class Progress:
                 self._postfix.update(postfix)
                 self.bar.set_postfix(self._postfix, refresh=False)
             self.bar.update(n)
-            if time.monotonic() - self._logged >= LINE_EVERY_S:
+            line = str(self.bar) if self.bar.n and time.monotonic() - self._logged >= LINE_EVERY_S else None
+            if line:
                 self._logged = time.monotonic()
-                _log.debug(str(self.bar))
+        if line:
+            _log.debug(line)
 
     def remote(self) -> "Reporter":
         """A picklable :class:`Reporter` for Ray workers (Ray must be initialised); a thread of
@@ -140,6 +142,12 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def clear_bars(stream: TextIO):
+    """A context in which the bars drawn on ``stream`` are cleared, drawn again after it: a line
+    written within it does not run into a bar."""
+    return tqdm.external_write_mode(file=stream)
 
 
 class _Inbox:
