@@ -9,8 +9,8 @@ Data flow::
          embed.gpu_batch_size), one encode call each
       -> map_batches(_tokenize_batch): CPU tasks, the encoder's own preprocessing, unpadded tokens
       -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node, or
-         embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA)
-      -> map_batches(_count_batch): the encoded rows counted on the terminal's bar (runtime.progress)
+         embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA), counting the
+         encoded rows on the terminal's bar (_Counted, runtime.progress)
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file (at least that many, but the last) in row groups of
          ROW_GROUP_ROWS, rows in any order; both columns and the list's elements are required
@@ -114,11 +114,19 @@ class _EncodeBatches:
         return vector_table(batch.column(INDEX_COLUMN).to_numpy(), vectors)
 
 
-def _count_batch(batch: pa.Table, progress: Reporter) -> pa.Table:
-    """Ray Data task before the write: the batch unchanged, its rows counted on the driver's bar."""
-    progress.update(batch.num_rows)
-    progress.flush(wait=True)  # a task may be the process's last: the count arrives before it ends
-    return batch
+class _Counted:
+    """The actor pool's callable class: ``encoder(**kwargs)``'s batches, their rows counted on the
+    driver's bar. In the actors, not in a step of its own: the write step gathers
+    ``embed.rows_per_file`` rows before it runs, so a count there would come all at the end."""
+
+    def __init__(self, encoder: type, progress: Reporter, **kwargs):
+        self.encoder, self.progress = encoder(**kwargs), progress
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self.encoder(batch)
+        self.progress.update(out.num_rows)
+        self.progress.flush(wait=True)  # the count arrives before the job ends (a millisecond per batch)
+        return out
 
 
 class _PartFilenames(FilenameProvider):
@@ -337,18 +345,16 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
             # batches, on one thread, with a second (CPU) copy of the encoder for its preprocessing
             ds = ds.map_batches(tokenizer, batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
                                 fn_kwargs={"model": cfg.model, "max_seq_length": cfg.max_seq_length})
-        ds = (ds.map_batches(batch_encoder, batch_format="pyarrow", batch_size=batch_size,
-                           fn_constructor_kwargs={"model": cfg.model, "device": device,
-                                                  "max_seq_length": cfg.max_seq_length,
-                                                  "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
-                                                  "actors_per_node": -(-num_actors // max(nodes, 1))},
-                           compute=ray.data.ActorPoolStrategy(size=num_actors),
-                           # several actors share a GPU (embed.actors_per_gpu); see actor_pool
-                           num_cpus=1, num_gpus=1 / cfg.actors_per_gpu if device == "cuda" else 0))
         with Progress("[embed] encoding", total=len(todo), unit="item") as bar:
-            # fused by Ray Data into the write tasks (both plain tasks on one CPU)
-            ds = ds.map_batches(_count_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
-                                fn_kwargs={"progress": bar.remote()})
+            ds = (ds.map_batches(_Counted, batch_format="pyarrow", batch_size=batch_size,
+                                 fn_constructor_kwargs={"encoder": batch_encoder, "progress": bar.remote(),
+                                                        "model": cfg.model, "device": device,
+                                                        "max_seq_length": cfg.max_seq_length,
+                                                        "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
+                                                        "actors_per_node": -(-num_actors // max(nodes, 1))},
+                                 compute=ray.data.ActorPoolStrategy(size=num_actors),
+                                 # several actors share a GPU (embed.actors_per_gpu); see actor_pool
+                                 num_cpus=1, num_gpus=1 / cfg.actors_per_gpu if device == "cuda" else 0))
             ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
                              # no max_rows_per_file: with min == max Ray Data makes each file one row group
                              min_rows_per_file=cfg.rows_per_file, **PARQUET_OPTIONS)
