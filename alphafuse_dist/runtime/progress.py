@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable, TextIO
@@ -49,11 +50,17 @@ class _Lines:
         self.stream.flush()
 
 
-def _is_tty(stream: TextIO) -> bool:
+def _tty_width(stream: TextIO) -> int | None:
+    """None where ``stream`` is no terminal, else its width (0 where it reports none)."""
     try:
-        return stream.isatty()
+        if not stream.isatty():
+            return None
     except (AttributeError, ValueError):
-        return False
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 class Progress:
@@ -62,11 +69,13 @@ class Progress:
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it", stream: TextIO | None = None):
         stream = terminal().err if stream is None else stream
-        tty = _is_tty(stream)
+        width = _tty_width(stream)
+        tty = width is not None
         every = REDRAW_S if tty else LINE_EVERY_S
+        # a terminal that reports no width (a pty without a size) gets 100 columns
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=stream if tty else _Lines(stream, self._started),
-                        mininterval=every, maxinterval=max(every, 10.0), dynamic_ncols=tty, ascii=not tty,
-                        smoothing=0.1)
+                        mininterval=every, maxinterval=max(every, 10.0), dynamic_ncols=bool(width),
+                        ncols=None if width or not tty else 100, ascii=not tty, smoothing=0.1)
         self._lock = threading.Lock()
         self._postfix: dict = {}
         self._logged = time.monotonic()
