@@ -22,7 +22,8 @@ Progress goes to stderr: one line per stage and a bar with count, rate and ETA f
 and evaluate (plain lines every 30 s where stderr is no terminal); ``run``, ``compare`` and
 ``quickstart`` write the full log (debug lines, Ray's output) to ``<run_dir>/alphafuse.log`` and
 show its last lines only when something failed (``-v`` / ``--verbose``: everything on the
-terminal, debug lines with the module that wrote them). Errors caused by input (config, data) print one line and exit with status 2.
+terminal, debug lines with the module that wrote them). Errors caused by input (config, data)
+print one line and exit with status 2.
 """
 from __future__ import annotations
 
