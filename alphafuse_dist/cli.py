@@ -18,10 +18,12 @@
     alphafuse tune --config NAME|FILE --space FILE --methods a,b [key=value ...]
                                                          Ray Tune search, ASHA on validation NDCG, best preset
 
-Progress goes to stderr, one line per stage; ``run``, ``compare`` and ``quickstart`` write the full
-log (debug lines, Ray's output) to ``<run_dir>/alphafuse.log`` and show its last lines only when
-something failed (``-v`` / ``--verbose``: everything on the terminal, debug lines with the module
-that wrote them). Errors caused by input (config, data) print one line and exit with status 2.
+Progress goes to stderr: one line per stage and a bar with count, rate and ETA for embed, train
+and evaluate (plain lines every 30 s where stderr is no terminal); ``run``, ``compare`` and
+``quickstart`` write the full log (debug lines, Ray's output) to ``<run_dir>/alphafuse.log`` and
+show its last lines only when something failed (``-v`` / ``--verbose``: everything on the
+terminal, debug lines with the module that wrote them). Errors caused by input (config, data)
+print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from .config import METHODS, load_config, preset_names
 from .errors import AlphaFuseError, ConfigError, one_line, user_error
 from .runtime.console import LOG_FILE, log_tail, log_to_file, redirect_to_log, terminal
 from .runtime.manifest import make_run_dir
+from .runtime.progress import clear_bars
 
 
 def _byte_size(text: str) -> int:
@@ -62,6 +65,10 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with clear_bars(self.stream):  # a progress bar on the terminal is drawn again below the line
+            super().emit(record)
 
 
 def configure_logging(verbose: bool | int = False, prefix: str = "") -> None:

@@ -227,7 +227,7 @@ class TrainConfig:
     ce_chunk: int = 65_536  # full_ce: items per logsumexp block
     patience: int = 5  # validations without NDCG@10 gain before stopping
     eval_every: int = 1  # epochs between validations
-    log_every: int = 50  # steps between progress lines
+    log_every: int = 50  # steps between progress lines (in the log file; the terminal shows a bar)
     checkpoint_every: int = 1  # epochs between sharded checkpoints (Ray Train runs)
     max_failures: int = 1  # worker failures a run survives by restarting from its last checkpoint
     timeout_s: int = 600  # process-group timeout (a hung worker fails the run after this)

@@ -173,7 +173,8 @@ def train_stage(cfg: RunConfig, force: bool = False) -> Path:
     def build(tmp: Path) -> dict:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         if cfg.train.backend == "torch" and cfg.train.num_workers == 1:
-            return train_local(cfg, train_in, tmp, _log.info)
+            # its lines go to the log file (the terminal with --verbose), as Ray Train workers' do; a bar shows progress
+            return train_local(cfg, train_in, tmp, _log.debug)
         ensure_ray(cfg)
         return train_with_ray(cfg, train_in, tmp, identity=train_identity(cfg, inputs))
 

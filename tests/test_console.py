@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,15 @@ def test_terminal_shows_stage_lines_and_the_log_file_gets_the_rest(tmp_path):
 
 @pytest.mark.slow
 def test_a_quickstart_size_run_prints_a_bounded_number_of_lines(tmp_path):
+    from alphafuse_dist.runtime.progress import LINE_EVERY_S
+
+    t0 = time.monotonic()
     done = alphafuse("quickstart", "train.epochs=1", f"run_dir={tmp_path / 'q'}", cwd=tmp_path, timeout=3600)
+    seconds = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-3000:]
     terminal = done.stdout.splitlines() + done.stderr.splitlines()
-    assert len(terminal) <= 45 and "Traceback" not in done.stdout + done.stderr
+    # progress bars off a terminal: a line per bar (embed, train and evaluate per method) and one per LINE_EVERY_S
+    bars = [line for line in terminal if "%|" in line]
+    assert 5 <= len(bars) <= 5 + seconds / LINE_EVERY_S, bars
+    assert len(terminal) - len(bars) <= 50 and "Traceback" not in done.stdout + done.stderr
     assert "(RayTrainWorker" in (tmp_path / "q" / "alphafuse.log").read_text()  # Ray's output went there

@@ -9,7 +9,8 @@ Data flow::
          embed.gpu_batch_size), one encode call each
       -> map_batches(_tokenize_batch): CPU tasks, the encoder's own preprocessing, unpadded tokens
       -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node, or
-         embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA)
+         embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA), counting the
+         encoded rows on the terminal's bar (_Counted, runtime.progress)
       -> write_parquet: embed/part-*.parquet (item_idx:int32, vector:fixed_size_list<float32>[d_l]),
          ~embed.rows_per_file rows per file (at least that many, but the last) in row groups of
          ROW_GROUP_ROWS, rows in any order; both columns and the list's elements are required
@@ -45,6 +46,7 @@ from ..config import EmbedConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_json, source_fingerprint
 from ..runtime.parquet import WRITE_OPTIONS, open_file, read_table, write_table
+from ..runtime.progress import Progress, Reporter
 from .cache import EmbeddingCache, cache_namespace, text_keys
 from .encoder import encode_tokens, load_encoder, resolve_model, tokenize
 
@@ -110,6 +112,21 @@ class _EncodeBatches:
                     for name in batch.column_names if name.startswith(TOKENS_PREFIX)}
         vectors = encode_tokens(self.encoder, features, self.static, self.normalize)
         return vector_table(batch.column(INDEX_COLUMN).to_numpy(), vectors)
+
+
+class _Counted:
+    """The actor pool's callable class: ``encoder(**kwargs)``'s batches, their rows counted on the
+    driver's bar. In the actors, not in a step of its own: the write step gathers
+    ``embed.rows_per_file`` rows before it runs, so a count there would come all at the end."""
+
+    def __init__(self, encoder: type, progress: Reporter, **kwargs):
+        self.encoder, self.progress = encoder(**kwargs), progress
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self.encoder(batch)
+        self.progress.update(out.num_rows)
+        self.progress.flush(wait=True)  # the count arrives before the job ends (a millisecond per batch)
+        return out
 
 
 class _PartFilenames(FilenameProvider):
@@ -328,17 +345,19 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
             # batches, on one thread, with a second (CPU) copy of the encoder for its preprocessing
             ds = ds.map_batches(tokenizer, batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
                                 fn_kwargs={"model": cfg.model, "max_seq_length": cfg.max_seq_length})
-        ds = (ds.map_batches(batch_encoder, batch_format="pyarrow", batch_size=batch_size,
-                           fn_constructor_kwargs={"model": cfg.model, "device": device,
-                                                  "max_seq_length": cfg.max_seq_length,
-                                                  "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
-                                                  "actors_per_node": -(-num_actors // max(nodes, 1))},
-                           compute=ray.data.ActorPoolStrategy(size=num_actors),
-                           # several actors share a GPU (embed.actors_per_gpu); see actor_pool
-                           num_cpus=1, num_gpus=1 / cfg.actors_per_gpu if device == "cuda" else 0))
-        ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
-                         # no max_rows_per_file: with min == max Ray Data makes each file one row group
-                         min_rows_per_file=cfg.rows_per_file, **PARQUET_OPTIONS)
+        with Progress("[embed] encoding", total=len(todo), unit="item") as bar:
+            ds = (ds.map_batches(_Counted, batch_format="pyarrow", batch_size=batch_size,
+                                 fn_constructor_kwargs={"encoder": batch_encoder, "progress": bar.remote(),
+                                                        "model": cfg.model, "device": device,
+                                                        "max_seq_length": cfg.max_seq_length,
+                                                        "normalize": cfg.normalize, "threads": cfg.threads_per_actor,
+                                                        "actors_per_node": -(-num_actors // max(nodes, 1))},
+                                 compute=ray.data.ActorPoolStrategy(size=num_actors),
+                                 # several actors share a GPU (embed.actors_per_gpu); see actor_pool
+                                 num_cpus=1, num_gpus=1 / cfg.actors_per_gpu if device == "cuda" else 0))
+            ds.write_parquet(str(out_dir), filename_provider=_PartFilenames(),
+                             # no max_rows_per_file: with min == max Ray Data makes each file one row group
+                             min_rows_per_file=cfg.rows_per_file, **PARQUET_OPTIONS)
         if cache:
             new_parts = sorted(p for p in out_dir.glob(PART_GLOB) if not p.name.startswith("part-cached-"))
             _cache_new_vectors(cache, new_parts, dict(zip(item_idx[~hit].tolist(), keys[~hit])))

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..runtime.progress import Progress
 from .metrics import (Similarity, _pairs_by_item, _pairs_in, _row_scores, _topk_in_id_order, exact_rows, exact_scores,
                       sampled_ranks)
 
@@ -249,8 +250,10 @@ class RankJob:
 
 
 def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: str = "",
-             log: Callable[[str], None] = _log.info) -> tuple[dict[str, np.ndarray], dict]:
-    """Ranks of ``job``'s users on one device, ``job.user_batch`` users at a time.
+             log: Callable[[str], None] = _log.info, progress: Callable[[int], None] | None = None
+             ) -> tuple[dict[str, np.ndarray], dict]:
+    """Ranks of ``job``'s users on one device, ``job.user_batch`` users at a time; ``progress(n)``
+    after each batch of ``n`` users (a bar, ``runtime.progress``), else a line every ``PROGRESS_S``.
 
     Returns:
         ``(out, info)``: ``out["ranks"]`` int64 ``[U]`` (with ``job.unfiltered`` also
@@ -291,7 +294,9 @@ def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: 
                 exclude = [torch.as_tensor(x) for x in job.exclude[s:e]] if job.exclude is not None else None
                 batch = scan_items(states, items, targets, exclude, unfiltered=job.unfiltered, top_k=job.top_k)
         out.append(batch)
-        if time.time() - last > PROGRESS_S:
+        if progress is not None:
+            progress(e - s)
+        elif time.time() - last > PROGRESS_S:
             last = time.time()
             log(f"[eval]{label} {device}: {e:,} / {len(job):,} users, {e / (last - t0):,.0f} users/s")
     if not out:  # no users: the arrays of an empty batch
@@ -328,17 +333,25 @@ def eval_device(setting: str) -> tuple[str, int, bool]:
     return "cpu", 0, False
 
 
-def _shard_task(job: RankJob, item_table: np.ndarray, device: str, label: str) -> tuple[dict[str, np.ndarray], dict]:
-    """One Ray task's shard (Ray makes its GPU ``cuda:0``); its progress is printed: a Ray
-    worker's output reaches the driver's terminal, its loggers are not configured."""
-    return rank_job(job, item_table, device, label, print)
+def _shard_task(job: RankJob, item_table: np.ndarray, device: str, label: str,
+                progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """One Ray task's shard (Ray makes its GPU ``cuda:0``); its progress goes to ``progress`` (a
+    ``runtime.progress.Reporter``), else it is printed: a Ray worker's output reaches the driver
+    (its log file in a quiet command), its loggers are not configured."""
+    out = rank_job(job, item_table, device, label, print, progress)
+    if progress is not None:
+        progress.flush(wait=True)
+    return out
 
 
 def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bool,
-               log: Callable[[str], None] = _log.info) -> tuple[dict[str, np.ndarray], list[dict]]:
+               log: Callable[[str], None] = _log.info, progress: Progress | None = None
+               ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Users split into ``len(devices)`` contiguous shards, shard ``i`` ranked on ``devices[i]``
     (a Ray task holding one GPU per ``cuda`` entry when ``via_ray``, else a thread of this
-    process); every array of :func:`rank_job` concatenated in user order."""
+    process); every array of :func:`rank_job` concatenated in user order. ``progress``: a bar
+    that counts the users ranked."""
+    update = progress.update if progress is not None else None
     bounds = np.linspace(0, len(job), len(devices) + 1).round().astype(int)
     shards = [(job.shard(lo, hi), dev, f" shard {i + 1}/{len(devices)}")
               for i, (lo, hi, dev) in enumerate(zip(bounds[:-1], bounds[1:], devices))]
@@ -346,23 +359,27 @@ def run_shards(job: RankJob, item_table: Tensor, devices: list[str], via_ray: bo
         import ray
 
         table_ref = ray.put(item_table.cpu().numpy())
+        reporter = progress.remote() if progress is not None else None
         refs = [ray.remote(num_cpus=1, num_gpus=1 if dev.startswith("cuda") else 0)(_shard_task)
-                .remote(shard, table_ref, "cuda" if dev.startswith("cuda") else dev, label)
+                .remote(shard, table_ref, "cuda" if dev.startswith("cuda") else dev, label, reporter)
                 for shard, dev, label in shards]
         results = ray.get(refs)
     elif len(shards) == 1:
-        results = [rank_job(shards[0][0], item_table, shards[0][1], log=log)]
+        results = [rank_job(shards[0][0], item_table, shards[0][1], log=log, progress=update)]
     else:
         with ThreadPoolExecutor(len(shards)) as pool:
-            futures = [pool.submit(rank_job, shard, item_table, dev, label, log) for shard, dev, label in shards]
+            futures = [pool.submit(rank_job, shard, item_table, dev, label, log, update)
+                       for shard, dev, label in shards]
             results = [f.result() for f in futures]
     arrays = {k: np.concatenate([r[k] for r, _ in results]) for k in results[0][0]}
     return arrays, [info for _, info in results]
 
 
 def rank_users(job: RankJob, item_table: Tensor, setting: str = "auto",
-               log: Callable[[str], None] = _log.info) -> tuple[dict[str, np.ndarray], dict]:
-    """Ranks of every user of ``job`` under ``eval.device`` = ``setting`` (see the module notes).
+               log: Callable[[str], None] = _log.info, progress: Progress | None = None
+               ) -> tuple[dict[str, np.ndarray], dict]:
+    """Ranks of every user of ``job`` under ``eval.device`` = ``setting`` (see the module notes);
+    ``progress``: a bar (``runtime.progress``) that counts the users ranked.
 
     Returns:
         ``(out, info)``: the arrays of :func:`rank_job` in user order (``out["ranks"]``: int64
@@ -372,13 +389,14 @@ def rank_users(job: RankJob, item_table: Tensor, setting: str = "auto",
     t0 = time.time()
     device, gpus, via_ray = eval_device(setting)
     if device == "cpu":
-        arrays, info = rank_job(job, item_table, "cpu", log=log)
+        arrays, info = rank_job(job, item_table, "cpu", log=log,
+                                progress=progress.update if progress is not None else None)
         shards = [info]
     else:
         # at most one shard per user batch: a GPU without users would only load the table
         used = max(1, min(gpus, -(-len(job) // job.user_batch)))
         devices = ["cuda"] * used if via_ray else [f"cuda:{i}" for i in range(used)]
         log(f"[eval] {len(job):,} users on {used} GPU(s){' (Ray tasks)' if via_ray else ''}")
-        arrays, shards = run_shards(job, item_table, devices, via_ray, log)
+        arrays, shards = run_shards(job, item_table, devices, via_ray, log, progress)
     return arrays, {"device": device, "gpus": gpus if device == "cuda" else 0, "shards": shards,
                    "seconds": round(time.time() - t0, 3)}

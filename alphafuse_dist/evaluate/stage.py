@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..model.backbones import build_encoder
 from ..data.sequences import eval_inputs
 from ..runtime.parquet import read_table, write_table
+from ..runtime.progress import Progress
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives
 from .report import protocol_label
@@ -109,7 +110,8 @@ def _evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: 
                   item_chunk=e.item_chunk, hist=hist, encoder=encoder, exclude=histories if full else None,
                   negatives=negatives.numpy() if negatives is not None else None, unfiltered=full,
                   top_k=k if full else 0)
-    out, placement = rank_users(job, table, e.device)
+    with Progress(f"[evaluate] {split} users", total=len(targets), unit="user") as bar:
+        out, placement = rank_users(job, table, e.device, progress=bar)
     groups, rules, head_items = _groups(cfg, items, hist_lengths, targets)
     if full:
         by_protocol = {name: metrics_by_group(torch.as_tensor(out[f"ranks{suffix}"]), groups, e.ks,

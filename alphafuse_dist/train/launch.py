@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig, config_from_dict
+from ..runtime.progress import Progress
 from .inputs import TrainInputs
 from .recipe import train_model
 
@@ -40,6 +41,7 @@ def _ray_worker_loop(payload: dict) -> None:
     inputs = TrainInputs(**payload["inputs"])
     torch.set_num_threads(max(1, payload["threads"]))
     rank = ray.train.get_context().get_world_rank()
+    progress = payload.get("progress")  # runtime.progress.Reporter: the driver's bar
 
     def report(row: dict, write_checkpoint) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -53,7 +55,10 @@ def _ray_worker_loop(payload: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def train(resume_from: str | None, folder: str | None):
-        return train_model(cfg, inputs, report=report, resume_from=resume_from, folder=folder)
+        result = train_model(cfg, inputs, report=report, resume_from=resume_from, folder=folder, progress=progress)
+        if progress is not None and rank == 0:
+            progress.flush(wait=True)  # the bar's last steps reach the driver before the run ends
+        return result
 
     # rank 0 writes the best model (early stopping may end any epoch) and reports it with the
     # whole history as the run's final checkpoint
@@ -111,18 +116,20 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
     storage = (out_dir.parent / ".ray-train").resolve()
     run_name = ray_run_name(cfg, identity)
     remove_stale_runs(storage, cfg, run_name)
-    trainer = TorchTrainer(
-        _ray_worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpu_per_worker} if not use_gpu else None),
-        # the rendezvous store listens on rank 0's node address only, not on every interface
-        torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
-        run_config=RayRunConfig(name=run_name, storage_path=str(storage),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                failure_config=FailureConfig(max_failures=t.max_failures)),
-    )
-    result = trainer.fit()
+    with Progress("[train]", unit="step") as bar:
+        trainer = TorchTrainer(
+            _ray_worker_loop,
+            train_loop_config={"config": cfg.to_dict(), "inputs": vars(inputs), "threads": threads,
+                               "progress": bar.remote()},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpu_per_worker} if not use_gpu else None),
+            # the rendezvous store listens on rank 0's node address only, not on every interface
+            torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
+            run_config=RayRunConfig(name=run_name, storage_path=str(storage),
+                                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                    failure_config=FailureConfig(max_failures=t.max_failures)),
+        )
+        result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
@@ -136,5 +143,6 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
 def train_local(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """One process, no Ray (plain-torch backend): debugging, and GPU machines without Ray/fbgemm."""
     quiet_libraries()
-    train_model(cfg, inputs, log=log, folder=out_dir)
+    with Progress("[train]", unit="step") as bar:
+        train_model(cfg, inputs, log=log, folder=out_dir, progress=bar.update)
     return {"workers": 1}

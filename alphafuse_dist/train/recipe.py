@@ -73,13 +73,16 @@ class TrainRecipe:
     Args:
         report: see ``Report``; checkpoints are offered every ``train.checkpoint_every`` epochs.
         log: progress lines (printed by rank 0 only).
+        progress: a bar's ``update(n, desc=, total=, **postfix)`` (``runtime.progress``), moved
+            by rank 0 one step at a time.
     """
 
     def __init__(self, cfg: RunConfig, inputs: TrainInputs, *, report: Report | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, progress: Callable[..., None] | None = None):
         self.cfg, self.inputs, self.report = cfg, inputs, report
         self.rank, self.world = rank_world()
         self.log = log if self.rank == 0 else (lambda line: None)
+        self.progress = progress if progress is not None and self.rank == 0 else (lambda n=0, **fields: None)
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: str | None = None) -> None:
@@ -163,10 +166,14 @@ class TrainRecipe:
         """Epochs from the first not yet done: train, validate every ``train.eval_every`` epochs and
         at the last, stop early, offer a checkpoint every ``train.checkpoint_every`` epochs."""
         t = self.cfg.train
+        self.progress(0, total=(t.epochs - self.first_epoch) * self.steps)
+        trained = 0
         for epoch in range(self.first_epoch, t.epochs):
             if self.stopped:
                 break  # resumed after the early stop had already been decided
+            self.progress(0, desc=f"[train] epoch {epoch + 1}/{t.epochs}")
             row = self.train_epoch(epoch)
+            trained += 1
             improved = False
             # no validation part (data.split=all): train.epochs epochs, the last model is kept
             if len(self.val_tgt) and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
@@ -178,12 +185,15 @@ class TrainRecipe:
                      + (f", val NDCG@10 {row.get('val_NDCG@10', float('nan')):.4f} "
                         f"HR@10 {row.get('val_HR@10', float('nan')):.4f}" if "val_NDCG@10" in row else "")
                      + (" (best)" if improved else ""))
+            if "val_NDCG@10" in row:
+                self.progress(0, **{"val NDCG@10": row["val_NDCG@10"]})
             if self.report is not None:
                 self.report(row, self.checkpoint(epoch))
             if self.stopped:
                 self.log(f"[train] early stop: no validation gain for {t.patience} evaluations "
                          f"(best epoch {self.best.best_epoch})")
                 break
+        self.progress(0, total=trained * self.steps)  # early stopping: the steps that ran are all
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training windows; returns the epoch's row (mean loss, time, speed)."""
@@ -195,6 +205,7 @@ class TrainRecipe:
         self.net.train()
         for step, (inputs, targets) in enumerate(self.batches.epoch(epoch)):
             loss_sum += self.train_step(epoch, step, inputs, targets)
+            self.progress(1, loss=loss_sum / (step + 1))
             if t.log_every and (step + 1) % t.log_every == 0:
                 rate = (step + 1) * t.batch_size / (time.time() - t0)
                 eta = (self.steps - step - 1) * t.batch_size / rate
@@ -297,11 +308,12 @@ class TrainRecipe:
 
 
 def train_model(cfg: RunConfig, inputs: TrainInputs, *, report: Report | None = None, resume_from: str | None = None,
-                log: Callable[[str], None] = print, folder: Path | None = None) -> TrainResult:
+                log: Callable[[str], None] = print, folder: Path | None = None,
+                progress: Callable[..., None] | None = None) -> TrainResult:
     """Set up, train and finalize a :class:`TrainRecipe` (every worker of a run calls this with the
     same arguments; ``folder``: where to write the model, None to only return it)."""
     deterministic_torch()
-    recipe = TrainRecipe(cfg, inputs, report=report, log=log)
+    recipe = TrainRecipe(cfg, inputs, report=report, log=log, progress=progress)
     recipe.setup(resume_from)
     recipe.train()
     return recipe.finalize(folder)
