@@ -13,7 +13,7 @@ import pytest
 
 from alphafuse_dist.data.sequences import count_windows, item_counts, stream_windows, training_windows
 from alphafuse_dist.runtime.seeding import seeded_rng
-from alphafuse_dist.train.batches import EpochBatches
+from alphafuse_dist.train.batches import EpochBatches, prefetch
 
 N, L = 500, 6
 
@@ -116,3 +116,20 @@ def test_chunks_bound_what_a_worker_shuffles_and_move_each_epoch(train_parquet):
         rows = np.concatenate([inputs, targets], axis=1)
         chunks = {int(np.searchsorted(bounds, index[bytes(row)], side="right")) for row in rows}
         assert len(chunks) <= 2 and max(chunks) - min(chunks) <= 1
+
+
+def test_prefetch_yields_the_same_batches_and_passes_errors(train_parquet):
+    batches = EpochBatches(train_parquet, max_len=5, pad_id=10_000, batch_size=8, chunk=16, seed=3)
+    direct = [(a.copy(), b.copy()) for a, b in batches.epoch(1)]
+    ahead = list(prefetch(batches.epoch(1), depth=2))
+    assert len(ahead) == len(direct) == batches.steps
+    assert all((a == c).all() and (b == d).all() for (a, b), (c, d) in zip(direct, ahead))
+
+    def failing():
+        yield 1
+        raise ValueError("bad row")
+    with pytest.raises(ValueError, match="bad row"):
+        list(prefetch(failing()))
+    early = prefetch(iter(range(1000)), depth=1)
+    assert next(early) == 0
+    early.close()  # the producer thread stops and is joined

@@ -320,14 +320,15 @@ def eval_device(setting: str) -> tuple[str, int, bool]:
         return "cpu", 0, False
     if setting not in ("auto", "cuda"):
         raise ConfigError(f"eval.device={setting!r}: expected auto, cpu or cuda")
-    import ray
+    import sys
 
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # not imported: no Ray instance, this process's GPUs
+    if ray is not None and ray.is_initialized():
         gpus, where = int(ray.cluster_resources().get("GPU", 0)), "the Ray cluster has"
     else:
         gpus, where = (torch.cuda.device_count() if torch.cuda.is_available() else 0), "torch sees"
     if gpus:
-        return "cuda", gpus, ray.is_initialized()
+        return "cuda", gpus, ray is not None and ray.is_initialized()
     if setting == "cuda":
         raise ConfigError(f"eval.device=cuda: {where} no GPU (set eval.device=auto or cpu)")
     return "cpu", 0, False

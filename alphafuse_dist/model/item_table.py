@@ -56,13 +56,22 @@ class TableSpec:
     frozen: bool
 
 
+# samples the ids of one lookup are cut into: FBGEMM's bucketize and lookup kernels parallelise
+# over samples, so one sample of every id ran serially on the GPU (65 vs 21 ms per training step
+# on an H100 at 1M items, benchmarks/train); a fixed count keeps the batch size equal on every rank
+LOOKUP_SAMPLES = 1024
+
+
 def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Tensor:
     """Rows [M, D] of ``ids`` [M] in an ``EmbeddingCollection`` (a collective once sharded)."""
     from torchrec import KeyedJaggedTensor
 
-    # one "sample" holding all ids: EmbeddingCollection returns one row per id, in order
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=[feature], values=ids, lengths=torch.tensor([ids.numel()], dtype=torch.int32, device=ids.device))
+    # ids in order, cut into LOOKUP_SAMPLES consecutive samples: EmbeddingCollection returns one
+    # row per id, sample after sample, so the rows come back in the order of ids
+    m = ids.numel()
+    lengths = torch.full((LOOKUP_SAMPLES,), m // LOOKUP_SAMPLES, dtype=torch.int32, device=ids.device)
+    lengths[: m % LOOKUP_SAMPLES] += 1
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[feature], values=ids, lengths=lengths)
     return ec(kjt)[feature].values()
 
 

@@ -170,7 +170,7 @@ class SequentialRecommender(nn.Module):
         user_loss = getattr(self.items, "user_loss", None)
         if user_loss is not None:
             total = total + user_loss(inputs, h[:, -1])
-        return total, torch.tensor(float(loss.numel()))
+        return total, torch.full((), float(loss.numel()), device=total.device)  # a fill: no host-to-device copy
 
 
 def build_model(cfg: RunConfig, num_items: int, semantic: torch.Tensor | None, device: torch.device,

@@ -30,9 +30,12 @@ class ResourceError(AlphaFuseError):
 def _gpus_visible(cfg: RunConfig) -> int:
     """GPUs of the configured Ray cluster (the workers' view; the driver may have none), else of
     this machine (the in-process Ray instance gets the same)."""
-    import ray
+    import sys
 
-    if cfg.ray.address or ray.is_initialized():
+    # a process that has not imported Ray has no Ray instance: plain-torch runs need no Ray at all
+    if cfg.ray.address or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
+        import ray
+
         from .ray import ensure_ray
 
         ensure_ray(cfg)

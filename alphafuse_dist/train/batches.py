@@ -22,6 +22,8 @@ to workers in shares that depend on the number of workers and on timing.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -63,19 +65,24 @@ class EpochBatches:
         rng = seeded_rng(self.seed, epoch)
         local = self.batch_size // self.world
         used = self.steps * self.batch_size  # stream positions that make whole steps
-        mine_in, mine_tgt, start = [], [], 0  # this worker's shuffled windows not yet yielded
+        # this worker's shuffled windows not yet yielded: buf[cursor:]; steps are views into it, a
+        # chunk's windows are appended once per chunk (copying the rest at every step was quadratic)
+        buf_in = buf_tgt = None
+        cursor, start = 0, 0
         chunks = self._chunks(self.chunk_sizes(epoch))
         for step in range(self.steps):
-            while sum(len(a) for a in mine_in) < local:
+            while buf_in is None or len(buf_in) - cursor < local:
                 inputs, targets = next(chunks)
                 pos = start + np.arange(len(inputs))  # positions in the epoch's shuffled stream
                 keep = rng.permutation(len(inputs))[(pos < used) & ((pos % self.batch_size) % self.world == self.rank)]
-                mine_in.append(inputs[keep])
-                mine_tgt.append(targets[keep])
-                start += len(inputs)
-            inputs, targets = np.concatenate(mine_in), np.concatenate(mine_tgt)
-            yield inputs[:local], targets[:local]
-            mine_in, mine_tgt = [inputs[local:].copy()], [targets[local:].copy()]  # copies: the rest is freed
+                if buf_in is None:
+                    buf_in, buf_tgt = inputs[keep], targets[keep]
+                else:
+                    buf_in = np.concatenate([buf_in[cursor:], inputs[keep]])
+                    buf_tgt = np.concatenate([buf_tgt[cursor:], targets[keep]])
+                cursor, start = 0, start + len(inputs)
+            yield buf_in[cursor:cursor + local], buf_tgt[cursor:cursor + local]
+            cursor += local
 
     def _chunks(self, sizes: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The window stream regrouped into chunks of ``sizes`` windows (inputs, targets)."""
@@ -90,3 +97,41 @@ class EpochBatches:
             inputs, targets = np.concatenate(parts_in), np.concatenate(parts_tgt)
             yield inputs[:size], targets[:size]
             parts_in, parts_tgt, have = [inputs[size:].copy()], [targets[size:].copy()], have - size
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer, so the
+    next batches are read and built while the device trains on this one. A thread rather than
+    ``torch.utils.data.DataLoader`` workers: a worker process per epoch pays its start-up every
+    epoch, and the reading (pyarrow) and copying (numpy) release the GIL."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # raised in the consumer
+            put(error)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

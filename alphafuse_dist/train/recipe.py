@@ -33,7 +33,7 @@ from ..model.losses import expected_count_log_q
 from ..model.recommender import build_model
 from ..runtime.dist import all_reduce_sum, rank_world
 from ..runtime.seeding import deterministic_torch, seed_torch, seeded_generator
-from .batches import EpochBatches
+from .batches import EpochBatches, prefetch
 from .checkpoint import load_checkpoint, save_checkpoint, save_model
 from .inputs import TrainInputs, load_item_inputs
 from .optim import build_optimizer
@@ -201,28 +201,40 @@ class TrainRecipe:
         # dropout's generator reseeded per (seed, epoch, rank): a resumed epoch draws what it drew before
         seed_torch(cfg.seed, epoch, rank=self.rank)
         t0 = time.time()
-        loss_sum = 0.0
+        # the losses stay on the device; reading them (log lines, the epoch's end) waits for the GPU
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.net.train()
-        for step, (inputs, targets) in enumerate(self.batches.epoch(epoch)):
+        for step, (inputs, targets) in enumerate(prefetch(self.batches.epoch(epoch))):
             loss_sum += self.train_step(epoch, step, inputs, targets)
-            self.progress(1, loss=loss_sum / (step + 1))
+            self.progress(1)
             if t.log_every and (step + 1) % t.log_every == 0:
+                mean = loss_sum.item() / (step + 1)
                 rate = (step + 1) * t.batch_size / (time.time() - t0)
                 eta = (self.steps - step - 1) * t.batch_size / rate
+                self.progress(0, loss=mean)
                 self.log(f"[train] epoch {epoch + 1}/{t.epochs} step {step + 1}/{self.steps} "
-                         f"loss {loss_sum / (step + 1):.4f} {rate:,.0f} seq/s ETA {eta:.0f}s")
+                         f"loss {mean:.4f} {rate:,.0f} seq/s ETA {eta:.0f}s")
+        loss = loss_sum.item() / self.steps
         seconds = time.time() - t0
-        return {"epoch": epoch + 1, "loss": loss_sum / self.steps, "seconds": round(seconds, 2),
+        return {"epoch": epoch + 1, "loss": loss, "seconds": round(seconds, 2),
                 "seq_per_s": round(self.steps * t.batch_size / seconds, 1)}
 
-    def train_step(self, epoch: int, step: int, inputs, targets) -> float:
+    def _to_device(self, x) -> torch.Tensor:
+        """A host array on the device; on CUDA through pinned memory, so the copy does not wait
+        for the kernels already queued."""
+        x = torch.as_tensor(x)
+        if self.device.type != "cuda":
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def train_step(self, epoch: int, step: int, inputs, targets) -> torch.Tensor:
         """One optimiser step on this worker's training windows (``inputs``, ``targets`` [B_local, L]);
-        returns the step's loss (mean over the positions of all workers)."""
+        returns the step's loss (mean over the positions of all workers) as a float64 scalar tensor
+        on the device (``float()`` reads it, which waits for the step to finish)."""
         cfg, t, device = self.cfg, self.cfg.train, self.device
-        seqs = torch.as_tensor(inputs, device=device)
-        tgts = torch.as_tensor(targets, device=device)
+        seqs, tgts = self._to_device(inputs), self._to_device(targets)
         g = seeded_generator(cfg.seed, epoch, step)
-        negs = draw_negatives(cfg, g, self.num_items, self.probs, self.rank, self.world).to(device)
+        negs = self._to_device(draw_negatives(cfg, g, self.num_items, self.probs, self.rank, self.world))
         # bert4rec: the masked positions of the window's last L items (tgts), drawn after the negatives
         masked = (draw_cloze_mask(g, tgts != self.pad, t.batch_size, self.rank, self.world, cfg.model.mask_prob)
                   if self.cloze else None)
@@ -234,13 +246,14 @@ class TrainRecipe:
         with self.autocast:
             # through the DMP/DDP wrapper (its forward is the loss) so dense gradients are synchronised
             lsum, lcnt = self.model(seqs, tgts, negs, t.loss_positions == "last", masked, self.log_q, noise)
-        total = max(all_reduce_sum(lcnt.detach().clone().to(torch.float64)).item(), 1.0)
+        # collectives on the device (NCCL has no CPU tensors), nothing read back by the host
+        total = all_reduce_sum(lcnt.detach().to(torch.float64)).clamp_min(1.0)
         # normalised by the GLOBAL count; DDP averages gradients over workers, hence * world
-        loss = lsum * (self.world / total)
+        loss = lsum * (self.world / total).to(lsum.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return all_reduce_sum(lsum.detach().to(torch.float64)).item() / total  # on the device: NCCL has no CPU tensors
+        return all_reduce_sum(lsum.detach().to(torch.float64)) / total
 
     # ------------------------------------------------------------------ validation, checkpoints
     def validate(self) -> dict:
