@@ -27,7 +27,7 @@ from .config import (RunConfig, check_against_data, evaluate_stage_name, is_uri,
 from .errors import AlphaFuseError, ConfigError
 from .model.items import METHOD_INPUTS
 from .runtime.manifest import (clean_temporaries, make_run_dir, read_manifest, require_stage, run_dir_lock, run_stage,
-                               stage_digest, stage_identity, stage_problem)
+                               stage_digest, stage_kind, stage_identity, stage_problem)
 from .runtime.ray import ensure_ray
 from .runtime.store import RunStore
 from .runtime.gpu import check_gpus, out_of_memory_hint
@@ -226,10 +226,6 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
     force = set() if force is None else force
     if clean:
         clean_temporaries(run_dir)
-    if store is None and cfg.run_uri:
-        store = RunStore(cfg.run_uri)
-    if store is not None:
-        store.pull(stage_folders(cfg))
     t0 = time.time()
     fns = {"prepare": prepare_stage, "embed": embed_stage, "decompose": decompose_stage,
            "train": train_stage, "evaluate": evaluate_stage}
@@ -237,6 +233,10 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
     skipped = {"embed"} if not needs else set()
     if not needs & {"semantic", "basis"}:
         skipped.add("decompose")
+    if store is None and cfg.run_uri:
+        store = RunStore(cfg.run_uri)
+    if store is not None:
+        store.pull([folder for folder in stage_folders(cfg) if stage_kind(folder) not in skipped])
     todo = [name for name in stages if name not in skipped]
     check_gpus(cfg, todo)
     for name in todo:
