@@ -31,6 +31,7 @@ import yaml
 
 from .errors import ConfigError
 
+
 def is_uri(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` names a remote file or folder (``scheme://...`` other than ``file://``)."""
     return isinstance(path, str) and "://" in path and not path.startswith("file://")

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..config import run_mirror
+from ..config import is_uri, run_mirror
 from ..errors import ConfigError, FileSystemError, one_line
 from .manifest import MANIFEST, make_run_dir, stage_problem
 
@@ -178,8 +178,6 @@ class RunStore:
 
 def local_run(path: str, key: str = "--run") -> str:
     """``path`` itself, or for an object-store URI its mirror with every finished stage fetched."""
-    from ..config import is_uri
-
     return str(RunStore(path, key).pull()) if is_uri(path) else path
 
 

@@ -168,10 +168,9 @@ def serve_command(args: argparse.Namespace) -> None:
 
     from ray import serve
 
+    from ..runtime.store import local_run
     from .app import run_server
     from .recommend import resolve_export
-
-    from ..runtime.store import local_run
 
     folder = resolve_export(local_run(args.export, "--export"), args.method, args.seed)
     run_server(folder, args.host, args.port, device=args.device, replicas=args.replicas,
