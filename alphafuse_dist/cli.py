@@ -247,6 +247,12 @@ def _compare(config: str, overrides: list[str], methods: str, seeds: str | None,
         report_dir = _write_report(cfg, planned, rows, title)
         print(f"report: {report_dir / 'report.md'} (+ report.json, metrics_by_group.png, training_curves.png)",
               file=out)
+    if cfg.run_uri:  # the stages are on the store already; the results and report join them
+        from .runtime.store import RunStore
+
+        store = RunStore(cfg.run_uri)
+        places = [store.put(rel) for rel in ("comparison.json", "report") if (cfg.run_path / rel).exists()]
+        print(f"uploaded: {', '.join(places)}", file=out)
 
 
 def _write_report(cfg, planned: list, rows: list[tuple[str, dict]], title: str) -> Path:

@@ -18,6 +18,7 @@ import importlib.util
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,22 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+
+def is_uri(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` names a remote file or folder (``scheme://...`` other than ``file://``)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def cache_folder() -> Path:
+    """``$ALPHAFUSE_CACHE`` or ``~/.cache/alphafuse``: local copies of remote inputs and run directories."""
+    return Path(os.environ.get("ALPHAFUSE_CACHE") or Path.home() / ".cache" / "alphafuse")
+
+
+def run_mirror(uri: str) -> Path:
+    """The local folder where the stages of ``run_dir=<uri>`` run (``runtime/store.py``)."""
+    return cache_folder() / "runs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
 
 METHODS = ("alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr")
 # the item modules' registry is model.items.ITEM_METHODS (same names, same order)
@@ -311,7 +328,9 @@ class RetrainConfig:
 @dataclass
 class RunConfig:
     name: str = "quickstart"  # the run's name, part of run_dir
-    run_dir: str = "runs/{name}"  # {name} and {method} are filled in
+    # {name} and {method} are filled in; an object-store URI (s3://bucket/prefix, query options as in
+    # data.path) keeps the stage folders and Ray Train's checkpoints there, the stages running in a local mirror
+    run_dir: str = "runs/{name}"
     # the item representation: alphafuse or one of the paper's baselines (docs/method.md section 5)
     method: Literal["alphafuse", "sasrec_id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr"] = "alphafuse"
     seed: int = 22  # model initialisation, sampling and dropout
@@ -326,8 +345,20 @@ class RunConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     @property
+    def run_location(self) -> str:
+        """``run_dir`` with ``{name}`` and ``{method}`` filled in: a folder or an object-store URI."""
+        return self.run_dir.format(name=self.name, method=self.method)
+
+    @property
+    def run_uri(self) -> str | None:
+        """The run directory's object-store URI, None for a local run directory."""
+        return self.run_location if is_uri(self.run_location) else None
+
+    @property
     def run_path(self) -> Path:
-        return Path(self.run_dir.format(name=self.name, method=self.method))
+        """The folder the stages write: the run directory, or the local mirror of a URI's."""
+        uri = self.run_uri
+        return run_mirror(uri) if uri else Path(self.run_location)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

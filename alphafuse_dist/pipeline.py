@@ -4,7 +4,9 @@ manifest matches (see ``runtime/manifest.py``).
 Stage folders in the run directory: ``prepare``, ``embed``, ``decompose`` (shared by every method
 and seed run on the same data), then ``train-<method>-s<seed>`` and ``evaluate-<method>-s<seed>``.
 A method runs only the stages its item module reads (``model.items.METHOD_INPUTS``): the ID-only
-baseline (``method=sasrec_id``) needs no embed/decompose, morec/unisrec only embed.
+baseline (``method=sasrec_id``) needs no embed/decompose, morec/unisrec only embed. A run_dir on an
+object store (``s3://...``) runs the stages in a local mirror, fetching its stage folders from the
+store first and uploading each stage as it finishes (``runtime/store.py``).
 
 Example::
 
@@ -20,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import (RunConfig, check_against_data, evaluate_stage_name, section_hash, train_stage_name,
-                     with_overrides)
+from .config import (RunConfig, check_against_data, evaluate_stage_name, is_uri, section_hash,
+                     train_stage_name, with_overrides)
 from .errors import AlphaFuseError, ConfigError
 from .model.items import METHOD_INPUTS
 from .runtime.manifest import (clean_temporaries, make_run_dir, read_manifest, require_stage, run_dir_lock, run_stage,
-                               stage_digest, stage_identity, stage_problem)
+                               stage_digest, stage_kind, stage_identity, stage_problem)
 from .runtime.ray import ensure_ray
+from .runtime.store import RunStore
 from .runtime.gpu import check_gpus, out_of_memory_hint
 from .runtime.tracking import track_run
 
@@ -176,7 +179,8 @@ def train_stage(cfg: RunConfig, force: bool = False) -> Path:
             # its lines go to the log file (the terminal with --verbose), as Ray Train workers' do; a bar shows progress
             return train_local(cfg, train_in, tmp, _log.debug)
         ensure_ray(cfg)
-        return train_with_ray(cfg, train_in, tmp, identity=train_identity(cfg, inputs))
+        storage = RunStore(cfg.run_uri).ray_storage() if cfg.run_uri else None  # checkpoints on the store
+        return train_with_ray(cfg, train_in, tmp, identity=train_identity(cfg, inputs), storage=storage)
 
     return run_stage(run_dir, train_stage_name(cfg), config_hash=train_config_hash(cfg), inputs=inputs, build=build,
                      force=force)
@@ -202,16 +206,23 @@ SHARED_STAGES = ("prepare", "embed", "decompose")  # one folder for every method
 def run_pipeline(cfg: RunConfig, *, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> dict:
     """Run the stages in order (skipping up-to-date ones, except those in ``force``); return the
     metrics and their path."""
+    store = RunStore(cfg.run_uri) if cfg.run_uri else None  # a bad URI or bucket: one line, before any work
     run_dir = cfg.run_path
     make_run_dir(run_dir)
     with run_dir_lock(run_dir):
-        return _run_stages(cfg, run_dir, stages, force=set(force))
+        return _run_stages(cfg, run_dir, stages, force=set(force), store=store)
+
+
+def stage_folders(cfg: RunConfig) -> tuple[str, ...]:
+    """The stage folders a run of ``cfg`` writes or reads."""
+    return (*SHARED_STAGES, train_stage_name(cfg), evaluate_stage_name(cfg))
 
 
 def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: bool = True,
-                force: set[str] | None = None) -> dict:
+                force: set[str] | None = None, store: RunStore | None = None) -> dict:
     """``force``: stages to run even when up to date; a shared stage leaves the set once it ran, so
-    that the runs of ``compare`` after the first reuse it."""
+    that the runs of ``compare`` after the first reuse it. With a run_dir on an object store, the
+    store's stage folders of the run are fetched first and each stage is uploaded once it ran."""
     force = set() if force is None else force
     if clean:
         clean_temporaries(run_dir)
@@ -222,12 +233,18 @@ def _run_stages(cfg: RunConfig, run_dir: Path, stages: tuple[str, ...], clean: b
     skipped = {"embed"} if not needs else set()
     if not needs & {"semantic", "basis"}:
         skipped.add("decompose")
+    if store is None and cfg.run_uri:
+        store = RunStore(cfg.run_uri)
+    if store is not None:
+        store.pull([folder for folder in stage_folders(cfg) if stage_kind(folder) not in skipped])
     todo = [name for name in stages if name not in skipped]
     check_gpus(cfg, todo)
     for name in todo:
         _log.info(f"[{name}] ...")
         with out_of_memory_hint(name, cfg):
-            fns[name](cfg, force=name in force)
+            folder = fns[name](cfg, force=name in force)
+        if store is not None:
+            store.push(folder.name)
         if name in SHARED_STAGES:
             force.discard(name)
     out: dict = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
@@ -275,7 +292,7 @@ def plan_runs(cfg: RunConfig, methods: list[str], seeds: list[int], *, backbones
                 for seed in seeds:
                     extra = [f"method={method}", f"model.backbone={backbone}", f"seed={seed}"]
                     if row:
-                        extra += [f"run_dir={cfg.run_path / 'ablations' / row}",
+                        extra += [f"run_dir={_sub_location(cfg.run_location, 'ablations', row)}",
                                   f"embed.cache_dir={cfg.embed.cache_dir or cfg.run_path / '.embed-cache'}"]
                     try:
                         c = with_overrides(cfg, [*extra, *overrides])
@@ -284,6 +301,14 @@ def plan_runs(cfg: RunConfig, methods: list[str], seeds: list[int], *, backbones
                     label = method + (f"/{backbone}" if backbones else "") + (f" [{row}]" if row else "")
                     runs.append((label, c))
     return runs
+
+
+def _sub_location(location: str, *parts: str) -> str:
+    """The folder ``parts`` inside a run directory or inside an object-store URI (its query kept)."""
+    if not is_uri(location):
+        return str(Path(location, *parts))
+    base, _, query = location.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
 
 
 def _resolve_threshold_dims(c: RunConfig) -> None:
@@ -296,6 +321,8 @@ def _resolve_threshold_dims(c: RunConfig) -> None:
         _run_stages(c, c.run_path, ("prepare", "embed"))
         c.model.dim = int(read_manifest(c.run_path / "embed")["dim"])
         decompose_stage(c)
+        if c.run_uri:
+            RunStore(c.run_uri).push("decompose")
     c.model.id_dims = int(recorded_id_dims(c.run_path / "decompose"))
     c.validate()
 

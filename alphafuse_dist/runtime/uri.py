@@ -14,19 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from ..config import cache_folder, is_uri  # noqa: F401 (is_uri: the callers' test)
 from ..errors import DataError
-
-
-def is_uri(path: str | os.PathLike | None) -> bool:
-    """Whether ``path`` names a remote file (``scheme://...`` other than ``file://``)."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
-
-
-def cache_folder() -> Path:
-    return Path(os.environ.get("ALPHAFUSE_CACHE") or Path.home() / ".cache" / "alphafuse")
 
 
 def local_copy(uri: str) -> Path:

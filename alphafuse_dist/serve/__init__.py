@@ -106,10 +106,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def export_command(args: argparse.Namespace) -> None:
     """Run ``alphafuse export`` (input errors raise AlphaFuseError for the caller to print)."""
+    from ..config import is_uri
+    from ..runtime.store import RunStore
     from .export import export_run
 
-    out = export_run(args.run, args.method, args.seed, args.to, force=args.force,
+    store = RunStore(args.run, "--run") if is_uri(args.run) else None  # a run on an object store: its mirror
+    out = export_run(store.pull() if store else args.run, args.method, args.seed, args.to, force=args.force,
                      serve_retired=args.serve_retired)
+    if store is not None and args.to is None:
+        store.push(out.name)  # the export is a stage folder of the run
     print(out)
 
 
@@ -147,11 +152,12 @@ def new_items_argument(ids: list[str], texts: list[str], path: str | None) -> li
 
 def recommend_command(args: argparse.Namespace) -> None:
     """Run ``alphafuse recommend``: the table (or JSON) on stdout, export progress and warnings on stderr."""
+    from ..runtime.store import local_run
     from .recommend import format_recommendations, recommend
 
     history = args.item if args.item is not None else parse_history(args.history)
     new_items = new_items_argument(args.new_item, args.new_item_text, args.new_items)
-    rows = recommend(args.run, history, args.k, method=args.method, seed=args.seed,
+    rows = recommend(local_run(args.run), history, args.k, method=args.method, seed=args.seed,
                      exclude_history=args.exclude_history, new_items=new_items)
     print(json.dumps(rows, indent=2) if args.json else format_recommendations(rows))
 
@@ -162,10 +168,11 @@ def serve_command(args: argparse.Namespace) -> None:
 
     from ray import serve
 
+    from ..runtime.store import local_run
     from .app import run_server
     from .recommend import resolve_export
 
-    folder = resolve_export(args.export, args.method, args.seed)
+    folder = resolve_export(local_run(args.export, "--export"), args.method, args.seed)
     run_server(folder, args.host, args.port, device=args.device, replicas=args.replicas,
                max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
     print(f"serving {folder} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

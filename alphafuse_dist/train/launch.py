@@ -83,23 +83,33 @@ def ray_run_name(cfg: RunConfig, identity: str) -> str:
     return f"train-{cfg.method}-s{cfg.seed}-{identity}"
 
 
-def remove_stale_runs(storage: Path, cfg: RunConfig, run_name: str) -> None:
-    """Remove the Ray Train runs of this method and seed under ``storage`` other than ``run_name``:
-    checkpoints of another identity are never resumed."""
-    for stale in Path(storage).glob(ray_run_name(cfg, "*")):
-        if stale.name != run_name:
-            shutil.rmtree(stale, ignore_errors=True)
+def remove_stale_runs(storage: str | Path, cfg: RunConfig, run_name: str, filesystem=None) -> None:
+    """Remove the Ray Train runs of this method and seed under ``storage`` (a folder of the pyarrow
+    ``filesystem``, default the local one) other than ``run_name``: checkpoints of another identity
+    are never resumed."""
+    import fnmatch
+
+    import pyarrow.fs as pa_fs
+
+    fs = filesystem or pa_fs.LocalFileSystem()
+    for info in fs.get_file_info(pa_fs.FileSelector(str(storage), allow_not_found=True)):
+        if fnmatch.fnmatchcase(info.base_name, ray_run_name(cfg, "*")) and info.base_name != run_name:
+            fs.delete_dir(info.path)
 
 
-def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identity: str) -> dict:
+def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identity: str,
+                   storage: tuple[str, object] | None = None) -> dict:
     """Run distributed training under Ray Train; write model.safetensors + history.json to out_dir.
 
     The Ray Train run is named by ``identity`` (:func:`ray_run_name`): a rerun of the same stage
     resumes from its last checkpoint, and the runs of this method and seed under any other identity
-    (another config, other input data, other code) are removed before training, never resumed."""
+    (another config, other input data, other code) are removed before training, never resumed.
+    ``storage``: (path, pyarrow file system) of the runs (a run_dir on an object store), default
+    ``<run directory>/.ray-train``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import pyarrow.fs as pa_fs
     import ray
 
     from .rendezvous import BoundTorchConfig
@@ -113,9 +123,9 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
     threads = max(1, int(cpus) // t.num_workers)
     # Outside the stage's temporary folder, keyed by the stage's identity: a rerun after a crash of
     # the whole job finds the same Ray Train run and resumes from its last checkpoint.
-    storage = (out_dir.parent / ".ray-train").resolve()
+    path, fs = storage or (str((out_dir.parent / ".ray-train").resolve()), pa_fs.LocalFileSystem())
     run_name = ray_run_name(cfg, identity)
-    remove_stale_runs(storage, cfg, run_name)
+    remove_stale_runs(path, cfg, run_name, fs)
     with Progress("[train]", unit="step") as bar:
         trainer = TorchTrainer(
             _ray_worker_loop,
@@ -125,7 +135,8 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
                                          resources_per_worker={"CPU": cpu_per_worker} if not use_gpu else None),
             # the rendezvous store listens on rank 0's node address only, not on every interface
             torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=t.timeout_s),
-            run_config=RayRunConfig(name=run_name, storage_path=str(storage),
+            run_config=RayRunConfig(name=run_name, storage_path=path,
+                                    storage_filesystem=fs if storage else None,
                                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                                     failure_config=FailureConfig(max_failures=t.max_failures)),
         )
@@ -136,7 +147,10 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
         for name in ("model.safetensors", "history.json"):
             shutil.copy2(os.path.join(d, name), out_dir / name)
     # the stage output is the model; the run's checkpoints are removed once it is written
-    shutil.rmtree(storage / run_name, ignore_errors=True)
+    try:
+        fs.delete_dir(f"{path}/{run_name}")
+    except OSError:
+        pass
     return {"workers": t.num_workers}
 
 
