@@ -7,6 +7,7 @@ steps, in a process group or in one process without one.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 
@@ -40,12 +41,14 @@ def on_workers(fn, world: int, *args):
         return torch.load(out, weights_only=False)
 
 
-def recipe_steps(cfg, inputs: TrainInputs, epoch: int = 0) -> tuple[TrainRecipe, list[float], list[str]]:
+def recipe_steps(cfg, inputs: TrainInputs, epoch: int = 0, steps: int | None = None
+                 ) -> tuple[TrainRecipe, list[float], list[str]]:
     """``TrainRecipe(cfg, inputs)`` set up, then one ``train_step`` per batch of ``epoch`` on this
-    worker's windows. Returns the recipe, the steps' losses (global means) and the lines it logged."""
+    worker's windows (the first ``steps`` batches only, when given). Returns the recipe, the steps'
+    losses (global means) and the lines it logged."""
     logged: list[str] = []
     recipe = TrainRecipe(cfg, inputs, log=logged.append)
     recipe.setup()
-    losses = [recipe.train_step(epoch, step, inputs_, targets)
-              for step, (inputs_, targets) in enumerate(recipe.batches.epoch(epoch))]
+    batches = itertools.islice(recipe.batches.epoch(epoch), steps)
+    losses = [recipe.train_step(epoch, step, inputs_, targets) for step, (inputs_, targets) in enumerate(batches)]
     return recipe, losses, logged
