@@ -112,7 +112,8 @@ class TextTokenizer:
     from the module's ``max_seq_length`` (else capped at the model's ``max_position_embeddings``),
     its ``processing_kwargs``, and the call ``tokenizer(texts, padding=True,
     truncation="longest_first", return_tensors="pt")``. :func:`load_tokenizer` builds it only for
-    models it covers.
+    models it covers. Written here because sentence-transformers builds that module's tokenizer
+    only together with its model weights.
     """
 
     def __init__(self, tokenizer, text_kwargs: dict):
