@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from alphafuse_dist.runtime.seeding import seed_torch
 from alphafuse_dist.train.inputs import TrainInputs
 from alphafuse_dist.train.recipe import TrainRecipe
 
@@ -49,6 +50,8 @@ def recipe_steps(cfg, inputs: TrainInputs, epoch: int = 0, steps: int | None = N
     logged: list[str] = []
     recipe = TrainRecipe(cfg, inputs, log=logged.append)
     recipe.setup()
+    seed_torch(cfg.seed, epoch, rank=recipe.rank)  # dropout's generator and train mode, as train_epoch sets them
+    recipe.net.train()
     batches = itertools.islice(recipe.batches.epoch(epoch), steps)
     losses = [recipe.train_step(epoch, step, inputs_, targets) for step, (inputs_, targets) in enumerate(batches)]
     return recipe, losses, logged
