@@ -4,17 +4,14 @@ padding and masking rules, and that every backbone x loss learns a sequential pa
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _workers import on_workers, recipe_steps
 
 from alphafuse_dist.config import load_config
 from alphafuse_dist.errors import ConfigError
@@ -28,7 +25,6 @@ from alphafuse_dist.data.sequences import eval_inputs
 from alphafuse_dist.model.recommender import build_model
 from alphafuse_dist.train.checkpoint import save_model
 from alphafuse_dist.train.inputs import TrainInputs
-from alphafuse_dist.train.optim import build_optimizer
 from alphafuse_dist.train.recipe import train_model
 from alphafuse_dist.train.sampling import draw_negatives
 
@@ -373,27 +369,16 @@ def _parity_cfg(backbone, loss, negatives, workers):
     return _train_cfg(backbone, loss, negatives, "train.epochs=2", f"train.num_workers={workers}")
 
 
-def _parity_worker(rank, world, store_path, prepare, out_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
-        results = [train_model(_parity_cfg(*case, world), TrainInputs(prepare, None, N_ITEMS), log=lambda s: None)
-                   for case in PARITY_CASES]
-        if rank == 0:
-            torch.save([(r.history, r.item_table) for r in results], out_path)
-    finally:
-        dist.destroy_process_group()
+def _parity_train(prepare, workers):
+    results = [train_model(_parity_cfg(*case, workers), TrainInputs(prepare, None, N_ITEMS), log=lambda s: None)
+               for case in PARITY_CASES]
+    return [(r.history, r.item_table) for r in results]
 
 
 def test_two_torch_workers_equal_one_process(prepare_dir, one_thread):
     """Per-sequence negatives and bert4rec's masks are drawn for the whole batch, and the loss is
     normalised by the global count: 2 DDP workers train exactly what 1 process trains."""
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.pt")
-        mp.start_processes(_parity_worker, args=(2, os.path.join(d, "store"), str(prepare_dir), out), nprocs=2,
-                           join=True, start_method="spawn")
-        got = torch.load(out)
+    got = on_workers(_parity_train, 2, str(prepare_dir), 2)
     for case, (history, table) in zip(PARITY_CASES, got):
         ref = train_model(_parity_cfg(*case, 1), TrainInputs(str(prepare_dir), None, N_ITEMS), log=lambda s: None)
         assert len(history) == 2
@@ -415,75 +400,43 @@ def _tr_cfg(backend, backbone, loss, negatives):
                               f"train.loss={loss}", f"train.negatives={negatives}", f"model.dim={D}",
                               "model.id_dims=8", "model.dropout=0.0", f"model.max_len={L}", "train.ce_chunk=7",
                               "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={TR_B}",
-                              "train.lr=0.01", "train.weight_decay=0", "train.id_optimizer=adagrad", "train.id_lr=0.1"])
-
-
-def _tr_steps(model, net, cfg, optimizer, rank, world):
-    """A few steps on fixed global batches; this worker takes rows rank::world (as the recipe does)."""
-    losses = []
-    g = torch.Generator().manual_seed(11)
-    for _ in range(TR_STEPS):
-        seqs, tgts = _batch(TR_B, seed=int(torch.randint(0, 1000, (1,), generator=g)))
-        shape = (TR_K,) if cfg.train.negatives == "shared" else (TR_B, TR_K)
-        negs = torch.randint(0, N, shape, generator=g)
-        if cfg.train.loss == "full_ce":
-            negs = torch.empty(0, dtype=torch.long)
-        elif negs.dim() == 2:
-            negs = negs[rank::world]
-        masked = None
-        if cfg.model.backbone == "bert4rec":
-            masked = draw_cloze_mask(g, tgts[rank::world] != N, TR_B, rank, world, cfg.model.mask_prob)
-        lsum, lcnt = model(seqs[rank::world], tgts[rank::world], negs, False, masked)
-        total, lsum_all = lcnt.clone(), lsum.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(lsum_all)
-        optimizer.zero_grad()
-        (lsum * (world / total)).backward()
-        optimizer.step()
-        losses.append((lsum_all / total).item())
-    return losses
+                              f"train.num_negatives={TR_K}", "train.lr=0.01", "train.weight_decay=0",
+                              "train.id_optimizer=adagrad", "train.id_lr=0.1", "train.log_every=0"])
 
 
 def _tr_semantic():
-    return torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    return torch.randn(N_ITEMS, D, generator=torch.Generator().manual_seed(1))
 
 
-def _tr_worker(rank, world, store_path, out_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
-        from alphafuse_dist.train.sharding import shard_model
+@pytest.fixture(scope="module")
+def tr_inputs(prepare_dir, tmp_path_factory):
+    """The cycle's prepared folder and a random semantic table [N_ITEMS, D] for alphafuse."""
+    from safetensors.torch import save_file
 
-        out = []
-        for case in TR_CASES:
-            cfg = _tr_cfg("torchrec", *case)
-            net = build_model(cfg, N, _tr_semantic(), torch.device("cpu"))
-            model = shard_model(net, sharding="row_wise", id_optimizer_name="adagrad", id_lr=0.1,
-                                device=torch.device("cpu"), log=lambda s: None)
-            losses = _tr_steps(model, net, cfg, build_optimizer(cfg, model, net), rank, world)
-            out.append((losses, net.items.full_table()))
-        if rank == 0:
-            torch.save(out, out_path)
-    finally:
-        dist.destroy_process_group()
+    path = tmp_path_factory.mktemp("semantic") / "semantic.safetensors"
+    save_file({"semantic": _tr_semantic()}, str(path))
+    return TrainInputs(str(prepare_dir), str(path), N_ITEMS)
 
 
-def test_torchrec_two_workers_equal_one_process_for_new_backbones_and_losses(one_thread):
+def _tr_train(backend, inputs):
+    """Each case's first TR_STEPS recipe steps on this worker (per-sequence negatives and
+    bert4rec's masks drawn by the recipe for the whole batch); the losses and the trained table."""
+    out = []
+    for case in TR_CASES:
+        recipe, losses, _ = recipe_steps(_tr_cfg(backend, *case), inputs, steps=TR_STEPS)
+        out.append((losses, recipe.net.items.full_table()))
+    return out
+
+
+def test_torchrec_two_workers_equal_one_process_for_new_backbones_and_losses(tr_inputs, one_thread):
     """full_ce's whole-catalogue lookup, per-sequence negatives and bert4rec's masks under
     TorchRec row-wise sharding (fused Adagrad) equal plain torch in one process."""
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.pt")
-        mp.start_processes(_tr_worker, args=(2, os.path.join(d, "store"), out), nprocs=2, join=True,
-                           start_method="spawn")
-        got = torch.load(out)
-    for case, (losses, table) in zip(TR_CASES, got):
-        cfg = _tr_cfg("torch", *case)
-        net = build_model(cfg, N, _tr_semantic(), torch.device("cpu"))
-        ref = _tr_steps(net, net, cfg, build_optimizer(cfg, net, net), 0, 1)
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-5, msg=str(case))
-        torch.testing.assert_close(table, net.items.full_table(), rtol=1e-5, atol=1e-5, msg=str(case))
+    got = on_workers(_tr_train, 2, "torchrec", tr_inputs)
+    ref = _tr_train("torch", tr_inputs)
+    for case, (losses, table), (ref_losses, ref_table) in zip(TR_CASES, got, ref, strict=True):
+        assert len(losses) == TR_STEPS, case
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5, msg=str(case))
+        torch.testing.assert_close(table, ref_table, rtol=1e-5, atol=1e-5, msg=str(case))
         # training moved the ID rows: the test does not compare two untouched tables
-        untouched = build_model(cfg, N, _tr_semantic(), torch.device("cpu")).items.full_table()
+        untouched = build_model(_tr_cfg("torch", *case), N_ITEMS, _tr_semantic(), torch.device("cpu")).items.full_table()
         assert (table - untouched).abs().max() > 1e-3, case

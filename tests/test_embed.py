@@ -149,11 +149,11 @@ def test_actor_pool_is_sized_to_the_cluster():
 def test_tokenize_then_encode_tokens_equals_encode():
     """The stage's split of encoding (tokens from CPU tasks, the model in the actors) computes what
     ``SentenceTransformer.encode`` computes, with truncation at the model's limit."""
-    from alphafuse_dist.embed.encoder import encode_tokens, tokenize
+    from alphafuse_dist.embed.encoder import encode_tokens, load_tokenizer, tokenize
 
     model = load_encoder("all-MiniLM-L6-v2", max_seq_length=8)
     texts = ["a", "Toy Story (1995)", "supercalifragilisticexpialidocious " * 5, "I I I I I I"]
-    features = tokenize(model, texts)
+    features = tokenize(load_tokenizer("all-MiniLM-L6-v2", max_seq_length=8), texts)  # as the CPU tasks do
     assert features["input_ids"].type == pa.list_(pa.int32())
     assert pc.list_value_length(features["input_ids"]).to_pylist()[2] == 8  # cut at max_seq_length
     static = {k: v for k, v in model.preprocess([""]).items() if not hasattr(v, "shape")}
@@ -161,3 +161,26 @@ def test_tokenize_then_encode_tokens_equals_encode():
         got = encode_tokens(model, features, static, normalize)
         expected = model.encode(texts, batch_size=2, normalize_embeddings=normalize)  # other batches and padding
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_seq_length", [None, 8])
+def test_light_tokenizer_equals_the_models_own_tokenize(max_seq_length):
+    """The CPU tasks tokenize from the tokenizer files alone (no weights) and get the token ids,
+    masks and type ids of ``SentenceTransformer.tokenize`` (its ``preprocess``), truncation at the
+    model's own limit (256) or at ``embed.max_seq_length`` included."""
+    import torch
+
+    from alphafuse_dist.embed.encoder import TextTokenizer, load_tokenizer, tokenize
+
+    light = load_tokenizer("all-MiniLM-L6-v2", max_seq_length)
+    assert isinstance(light, TextTokenizer)  # the light path, not the whole model
+    model = load_encoder("all-MiniLM-L6-v2", max_seq_length=max_seq_length)
+    texts = ["a", "Toy Story (1995)", "  Crème Brûlée, naïve café  ", "", "supercalifragilisticexpialidocious " * 60]
+    got, expected = light.preprocess(texts), model.tokenize(texts)
+    assert set(got) == set(expected) >= {"input_ids", "attention_mask", "token_type_ids"}
+    for name, value in expected.items():
+        assert torch.equal(got[name], value) if isinstance(value, torch.Tensor) else got[name] == value, name
+    limit = max_seq_length or 256
+    assert pc.list_value_length(tokenize(light, texts)["input_ids"]).to_pylist()[-1] == limit  # the over-long one, cut
+    with pytest.raises(ConfigError, match=r"embed\.max_seq_length=0: must be >= 1"):
+        load_tokenizer("all-MiniLM-L6-v2", 0)

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _workers import on_workers, recipe_steps
 from safetensors.numpy import load_file
 
 from alphafuse_dist.config import DecomposeConfig, load_config, with_overrides
@@ -181,29 +178,16 @@ def test_dreamrec_learns_the_cycle_on_id_only_and_fused_tables(method, cycle, on
     assert result.best_metric > 4 * RANDOM_NDCG10, (result.best_metric, RANDOM_NDCG10)
 
 
-def _parity_worker(rank, world, store_path, prepare, out_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
-        from pathlib import Path
-
-        r = train_model(_dream_cfg("alphafuse", "train.epochs=2", "train.num_workers=2"),
-                        _inputs(Path(prepare), "alphafuse"), log=lambda s: None)
-        if rank == 0:
-            torch.save((r.history, r.item_table), out_path)
-    finally:
-        dist.destroy_process_group()
+def _parity_train(prepare):
+    r = train_model(_dream_cfg("alphafuse", "train.epochs=2", "train.num_workers=2"),
+                    _inputs(prepare, "alphafuse"), log=lambda s: None)
+    return r.history, r.item_table
 
 
 def test_dreamrec_two_workers_equal_one_process(cycle, one_thread):
     """Timesteps, noise and guidance dropout are drawn for the whole batch, the generated user
     vectors do not depend on the batch: 2 DDP workers train and validate what 1 process does."""
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.pt")
-        mp.start_processes(_parity_worker, args=(2, os.path.join(d, "store"), str(cycle), out), nprocs=2, join=True,
-                           start_method="spawn")
-        history, table = torch.load(out)
+    history, table = on_workers(_parity_train, 2, cycle)
     ref = train_model(_dream_cfg("alphafuse", "train.epochs=2"), _inputs(cycle, "alphafuse"), log=lambda s: None)
     for a, b in zip(history, ref.history, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["val_NDCG@10"] - b["val_NDCG@10"]) < 1e-5, (a, b)
@@ -222,80 +206,68 @@ def _tr_cfg(backend, method, backbone):
         f"train.backend={backend}", f"method={method}", f"model.backbone={backbone}", f"model.dim={TR_D}",
         "model.id_dims=8", "model.dropout=0.0", f"model.max_len={TR_L}", "model.id_init=normal",
         "model.id_init_std=0.1", f"train.batch_size={TR_B}", "train.lr=0.01", "train.weight_decay=0",
-        "train.id_optimizer=adagrad", "train.id_lr=0.1", "model.dreamrec_timesteps=50",
-        "model.dreamrec_sample_steps=5", "model.llmesr_neighbours=3"])
+        "train.id_optimizer=adagrad", "train.id_lr=0.1", "model.dreamrec_timesteps=50", "train.num_negatives=6",
+        "model.dreamrec_sample_steps=5", "model.llmesr_neighbours=3", "train.log_every=0"])
 
 
-def _tr_inputs():
+def _tr_tables():
     g = torch.Generator().manual_seed(1)
     return torch.randn(TR_N, TR_D, generator=g), torch.randn(TR_N, 12, generator=g)
 
 
-def _tr_steps(model, net, cfg, optimizer, rank, world):
-    losses, g = [], torch.Generator().manual_seed(11)
-    for _ in range(TR_STEPS):
-        seqs = torch.randint(0, TR_N, (TR_B, TR_L), generator=g)
-        seqs[:3, :2] = TR_N
-        tgts = torch.randint(0, TR_N, (TR_B, TR_L), generator=g)
-        tgts[:3, :2] = TR_N
-        negs = torch.randint(0, TR_N, (6,), generator=g)
-        noise = None
-        if cfg.model.backbone == "dreamrec":
-            noise = draw_diffusion_noise(g, TR_B, TR_L, TR_D, rank, world, cfg.model.dreamrec_timesteps,
-                                         cfg.model.dreamrec_p_uncond)
-        lsum, lcnt = model(seqs[rank::world], tgts[rank::world], negs, False, None, None, noise)
-        total, lsum_all = lcnt.clone(), lsum.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(lsum_all)
-        optimizer.zero_grad()
-        (lsum * (world / total)).backward()
-        optimizer.step()
-        losses.append((lsum_all / total).item())
-    with torch.no_grad():
-        net.eval()
-        states = net.user_states(seqs[rank::world])
-        net.train()
-    return losses, states
+@pytest.fixture(scope="module")
+def tr_inputs(tmp_path_factory):
+    """TR_STEPS * TR_B users of one training window each (some left-padded), random walks over
+    TR_N items; a semantic table [TR_N, TR_D] and language vectors [TR_N, 12] (the embed stage's
+    part-*.parquet)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("torchrec")
+    rng = np.random.default_rng(2)
+    users = TR_STEPS * TR_B
+    walks = [rng.integers(0, TR_N, n).tolist() for n in rng.integers(TR_L - 1, TR_L + 2, users)]
+    ids = pa.array(range(users), pa.int32())
+    pq.write_table(pa.table({"user_idx": ids, "items": pa.array(walks, pa.list_(pa.int32()))}), folder / "train.parquet")
+    pq.write_table(pa.table({"user_idx": ids, "history": pa.array([w[:-1] for w in walks], pa.list_(pa.int32())),
+                             "target": pa.array([w[-1] for w in walks], pa.int32())}), folder / "valid.parquet")
+    sem, lang = _tr_tables()
+    save_file({"semantic": sem}, str(folder / "semantic.safetensors"))
+    (folder / "embed").mkdir()
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(lang.flatten().numpy()), 12)
+    pq.write_table(pa.table({"item_idx": pa.array(range(TR_N), pa.int32()), "vector": vectors}),
+                   folder / "embed" / "part-0.parquet")
+    return TrainInputs(str(folder), str(folder / "semantic.safetensors"), TR_N, language_path=str(folder / "embed"))
 
 
-def _tr_worker(rank, world, store_path, out_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
-        from alphafuse_dist.train.sharding import shard_model
+def _tr_train(backend, inputs):
+    """Each case's recipe steps on this worker (dreamrec's timesteps, noise and guidance dropout
+    drawn by the recipe for the whole batch); the losses, the trained table and the user vectors of
+    the first TR_B validation histories."""
+    from pathlib import Path
 
-        out = []
-        for case in TR_CASES:
-            cfg = _tr_cfg("torchrec", *case)
-            sem, lang = _tr_inputs()
-            net = build_model(cfg, TR_N, sem, CPU, language=lang)
-            model = shard_model(net, sharding="row_wise", id_optimizer_name="adagrad", id_lr=0.1, device=CPU,
-                                log=lambda s: None)
-            losses, states = _tr_steps(model, net, cfg, build_optimizer(cfg, model, net), rank, world)
-            out.append((losses, net.items.full_table(), states))
-        if rank == 0:
-            torch.save(out, out_path)
-    finally:
-        dist.destroy_process_group()
+    from alphafuse_dist.data.sequences import eval_inputs
+
+    _, hist, _ = eval_inputs(Path(inputs.prepare_dir) / "valid.parquet", TR_L, TR_N)
+    out = []
+    for case in TR_CASES:
+        recipe, losses, _ = recipe_steps(_tr_cfg(backend, *case), inputs)
+        recipe.net.eval()
+        with torch.no_grad():
+            states = recipe.net.user_states(torch.as_tensor(hist[:TR_B]))
+        out.append((losses, recipe.net.items.full_table(), states))
+    return out
 
 
-def test_torchrec_row_wise_equals_plain_torch_for_dreamrec_and_llmesr(one_thread):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.pt")
-        mp.start_processes(_tr_worker, args=(2, os.path.join(d, "store"), out), nprocs=2, join=True,
-                           start_method="spawn")
-        got = torch.load(out)
-    for case, (losses, table, states) in zip(TR_CASES, got):
-        cfg = _tr_cfg("torch", *case)
-        sem, lang = _tr_inputs()
-        net = build_model(cfg, TR_N, sem, CPU, language=lang)
-        ref, ref_states = _tr_steps(net, net, cfg, build_optimizer(cfg, net, net), 0, 1)
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-5, msg=str(case))
-        torch.testing.assert_close(table, net.items.full_table(), rtol=1e-5, atol=1e-5, msg=str(case))
-        torch.testing.assert_close(states, ref_states[0::2], rtol=1e-4, atol=1e-5, msg=str(case))
-        untouched = build_model(cfg, TR_N, sem, CPU, language=lang).items.full_table()
+def test_torchrec_row_wise_equals_plain_torch_for_dreamrec_and_llmesr(tr_inputs, one_thread):
+    got = on_workers(_tr_train, 2, "torchrec", tr_inputs)
+    ref = _tr_train("torch", tr_inputs)
+    sem, lang = _tr_tables()
+    for case, (losses, table, states), (ref_losses, ref_table, ref_states) in zip(TR_CASES, got, ref, strict=True):
+        assert len(losses) == TR_STEPS, case
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5, msg=str(case))
+        torch.testing.assert_close(table, ref_table, rtol=1e-5, atol=1e-5, msg=str(case))
+        torch.testing.assert_close(states, ref_states, rtol=1e-4, atol=1e-5, msg=str(case))
+        untouched = build_model(_tr_cfg("torch", *case), TR_N, sem, CPU, language=lang).items.full_table()
         assert (table - untouched).abs().max() > 1e-3, case
 
 

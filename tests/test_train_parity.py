@@ -1,139 +1,117 @@
-"""TorchRec-sharded training on 2 gloo workers vs one plain-torch process: same losses, same rows.
+"""TorchRec-sharded training on 2 (or 4) gloo workers vs one plain-torch process: same losses, same rows.
 
-Each worker builds the same seeded model, shards it with DistributedModelParallel and runs a few
-steps on its half of fixed batches with shared negatives; the single process runs the whole
+Both drive the product's :class:`TrainRecipe` (``setup``, then ``train_step`` on each batch of
+``batches.epoch(0)``) on the same prepared folder: each worker builds the same seeded model,
+shards it with DistributedModelParallel (the plan of ``train.sharding``) and trains on its rows of
+each step's batch with the step's shared negatives; the single process trains on the whole
 batches. Dropout is off so the two are the same function.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _workers import on_workers, recipe_steps
+from safetensors.torch import save_file
 
 from alphafuse_dist.config import load_config
 from alphafuse_dist.model.recommender import build_model
-from alphafuse_dist.train.optim import build_optimizer
+from alphafuse_dist.train.inputs import TrainInputs
 
-N, STEPS, B, L = 200, 4, 8, 6
+N, STEPS, B, L, D_S = 200, 4, 8, 6, 8
+CPU = torch.device("cpu")
 
 
-def _cfg(backend: str, sharding: str = "row_wise", method: str = "alphafuse"):
-    return load_config(None, [f"train.backend={backend}", f"train.sharding={sharding}", f"method={method}",
-                              "model.dim=16", "model.id_dims=8", "model.dropout=0.0", f"model.max_len={L}",
+def _cfg(backend: str, sharding: str = "row_wise"):
+    return load_config(None, [f"train.backend={backend}", f"train.sharding={sharding}", "method=alphafuse",
+                              "model.dim=16", f"model.id_dims={16 - D_S}", "model.dropout=0.0", f"model.max_len={L}",
                               "train.id_optimizer=adagrad", "train.id_lr=0.1", "train.lr=0.01",
-                              "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={B}"])
-
-
-def _batches():
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(STEPS):
-        seqs = torch.randint(0, N, (B, L), generator=g)
-        seqs[:, :2] = N  # some left padding
-        tgts = torch.randint(0, N, (B, L), generator=g)
-        tgts[:, :2] = N
-        negs = torch.randint(0, N, (16,), generator=g)
-        out.append((seqs, tgts, negs))
-    return out
+                              "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={B}",
+                              "train.num_negatives=16", "train.log_every=0"])
 
 
 def _semantic():
     return torch.randn(N, 16, generator=torch.Generator().manual_seed(1))
 
 
-def _run_steps(model, net, optimizer, rank, world):
-    losses = []
-    for seqs, tgts, negs in _batches():
-        mine = slice(rank * B // world, (rank + 1) * B // world)
-        lsum, lcnt = model(seqs[mine], tgts[mine], negs)
-        total = lcnt.clone()
-        lsum_all = lsum.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(lsum_all)
-        loss = lsum * (world / total)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append((lsum_all / total).item())
-    return losses
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> TrainInputs:
+    """A prepared folder of STEPS * B users, one training window each (L + 1 items, some shorter:
+    left padding), walking i -> i+1 from a random start; and the semantic table."""
+    folder = tmp_path_factory.mktemp("parity")
+    rng = np.random.default_rng(0)
+    users = STEPS * B
+    seqs = [[(s + t) % N for t in range(n)] for s, n in zip(rng.integers(0, N, users), rng.integers(L - 1, L + 2, users))]
+    pq.write_table(pa.table({"user_idx": pa.array(np.arange(users), pa.int32()),
+                             "items": pa.array(seqs, pa.list_(pa.int32()))}), folder / "train.parquet")
+    pq.write_table(pa.table({"user_idx": pa.array(np.arange(users), pa.int32()),
+                             "history": pa.array([s[:-1] for s in seqs], pa.list_(pa.int32())),
+                             "target": pa.array([s[-1] for s in seqs], pa.int32())}), folder / "valid.parquet")
+    save_file({"semantic": _semantic()}, str(folder / "semantic.safetensors"))
+    return TrainInputs(prepare_dir=str(folder), semantic_path=str(folder / "semantic.safetensors"), num_items=N)
 
 
-def _single(method):
-    cfg = _cfg("torch", method=method)
-    net = build_model(cfg, N, _semantic() if method == "alphafuse" else None, torch.device("cpu"))
-    losses = _run_steps(net, net, build_optimizer(cfg, net, net), 0, 1)
-    return losses, net.items.full_table(), net.items.ids.weight.detach().clone()
+def _train(cfg, inputs: TrainInputs) -> dict:
+    """The recipe's first-epoch steps on this worker; the trained tables (collectives with torchrec)."""
+    recipe, losses, logged = recipe_steps(cfg, inputs)
+    return {"losses": losses, "table": recipe.net.items.full_table(),
+            "semantic": recipe.net.items.lookup_semantic(torch.arange(N)), "plan": "\n".join(logged),
+            "ids": recipe.net.items.ids.weight.detach().clone() if cfg.train.backend == "torch" else None}
 
 
-def _worker(rank, world, store_path, sharding, method, out_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
-        from alphafuse_dist.train.sharding import shard_model
-
-        cfg = _cfg("torchrec", sharding, method)
-        net = build_model(cfg, N, _semantic() if method == "alphafuse" else None, torch.device("cpu"))
-        logged = []
-        model = shard_model(net, sharding=sharding, id_optimizer_name="adagrad", id_lr=0.1,
-                            device=torch.device("cpu"), log=logged.append)
-        losses = _run_steps(model, net, build_optimizer(cfg, model, net), rank, world)
-        table = net.items.full_table()
-        sem = net.items.lookup_semantic(torch.arange(N)) if method == "alphafuse" else None
-        if rank == 0:
-            torch.save({"losses": losses, "table": table, "semantic": sem, "plan": "\n".join(logged)}, out_path)
-    finally:
-        dist.destroy_process_group()
+@pytest.fixture(scope="module")
+def single(inputs) -> dict:
+    return _train(_cfg("torch"), inputs)
 
 
-def _sharded(sharding, method, world=2):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.pt")
-        mp.start_processes(_worker, args=(world, os.path.join(d, "store"), sharding, method, out), nprocs=world,
-                           join=True, start_method="spawn")
-        return torch.load(out)
+def _sharded(inputs: TrainInputs, sharding: str, world: int = 2) -> dict:
+    return on_workers(_train, world, _cfg("torchrec", sharding), inputs)
+
+
+def _untouched() -> torch.nn.Module:
+    """The model as built before any step (the same seeded initialisation as the recipe's)."""
+    return build_model(_cfg("torch"), N, _semantic(), CPU).items
 
 
 @pytest.mark.parametrize("sharding, world", [("row_wise", 2), ("table_wise", 2), ("column_wise", 2), ("row_wise", 4),
                                              ("planner", 2)])
-def test_sharded_workers_match_one_process(sharding, world):
-    ref_losses, ref_table, _ = _single("alphafuse")
-    got = _sharded(sharding, "alphafuse", world)
-    assert len(got["losses"]) == STEPS
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+def test_sharded_workers_match_one_process(inputs, single, sharding, world):
+    got = _sharded(inputs, sharding, world)
+    assert len(got["losses"]) == len(single["losses"]) == STEPS
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
     # the updated fused rows (hence the ID rows) agree after several steps
-    torch.testing.assert_close(got["table"], ref_table, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["table"], single["table"], rtol=1e-5, atol=1e-5)
     # the plan is logged; the planner was held to the fused kernel and the CPU sharding types
     assert f"TorchRec plan ({sharding}, {world} workers)" in got["plan"]
     if sharding == "planner":
         assert "fused" in got["plan"] and "data_parallel" not in got["plan"]
     # and training moved them: the test is not comparing two untouched tables
-    assert (ref_table - build_model(_cfg("torch"), N, _semantic(), torch.device("cpu")).items.full_table()).abs().max() > 1e-3
+    assert (single["table"] - _untouched().full_table()).abs().max() > 1e-3
 
 
-def test_semantic_part_frozen_only_null_space_moves():
+def test_semantic_part_frozen_only_null_space_moves(inputs):
     sem = _semantic()
-    got = _sharded("row_wise", "alphafuse")
-    d_s = 8
+    got = _sharded(inputs, "row_wise")
     # the frozen table is bit-identical after training, and so are the fused semantic coordinates
     assert torch.equal(got["semantic"], sem)
-    assert torch.equal(got["table"][:, :d_s], sem[:, :d_s])
+    assert torch.equal(got["table"][:, :D_S], sem[:, :D_S])
     # the null-space coordinates moved for the items that were trained
-    moved = (got["table"][:, d_s:] - (sem[:, d_s:] + build_model(_cfg("torch"), N, sem, torch.device("cpu")).items.ids.weight)).abs().amax(1)
+    moved = (got["table"][:, D_S:] - (sem[:, D_S:] + _untouched().ids.weight)).abs().amax(1)
     assert (moved > 1e-4).sum() > N // 4
 
 
-def test_plain_torch_semantic_frozen():
-    losses, table, ids = _single("alphafuse")
+def test_plain_torch_semantic_frozen(single):
     sem = _semantic()
-    assert losses[-1] < losses[0]
-    assert torch.equal(table[:, :8], sem[:, :8])
-    torch.testing.assert_close(table[:, 8:], sem[:, 8:] + ids, rtol=0, atol=1e-6)
+    assert single["losses"][-1] < single["losses"][0]
+    assert torch.equal(single["semantic"], sem)
+    assert torch.equal(single["table"][:, :D_S], sem[:, :D_S])
+    torch.testing.assert_close(single["table"][:, D_S:], sem[:, D_S:] + single["ids"], rtol=0, atol=1e-6)
+    # the ID rows moved away from their initialisation
+    assert (single["ids"] - _untouched().ids.weight).abs().max() > 1e-3
 
 
 def test_data_parallel_is_refused_with_the_reason():

@@ -102,10 +102,107 @@ def load_encoder(name: str, device: str = "cpu", max_seq_length: int | None = No
     return model.eval()
 
 
+class TextTokenizer:
+    """The text preprocessing of a sentence-transformers model whose first module is a text-only
+    ``Transformer``, from its tokenizer files alone (no weights): ``preprocess(texts)`` returns
+    what ``SentenceTransformer.preprocess(texts)`` returns for such a model (the same token ids,
+    masks and ``modality``).
+
+    It repeats what that module does with texts: the tokenizer loaded with ``model_max_length``
+    from the module's ``max_seq_length`` (else capped at the model's ``max_position_embeddings``),
+    its ``processing_kwargs``, and the call ``tokenizer(texts, padding=True,
+    truncation="longest_first", return_tensors="pt")``. :func:`load_tokenizer` builds it only for
+    models it covers. Written here because sentence-transformers builds that module's tokenizer
+    only together with its model weights.
+    """
+
+    def __init__(self, tokenizer, text_kwargs: dict):
+        self.tokenizer, self.text_kwargs = tokenizer, text_kwargs
+
+    def preprocess(self, texts: list[str]) -> dict:
+        if not texts:
+            return {}
+        return dict(self.tokenizer(texts, **self.text_kwargs)) | {"modality": "text"}
+
+
+def _text_tokenizer(folder: Path) -> TextTokenizer | None:
+    """A :class:`TextTokenizer` for the model in ``folder``, or None when its first module is not a
+    plain text ``Transformer`` (another module type, a processor for other modalities, chat
+    templates, lower-casing, a task other than feature extraction, unpadded batches...)."""
+    import json
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        first = modules[0]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+    if not (first.get("type", "").startswith("sentence_transformers.") and first["type"].endswith(".Transformer")):
+        return None
+    from sentence_transformers.base.modules.transformer import Transformer
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+    module = folder / first.get("path", "")
+    config = Transformer.load_config(str(module))
+    processor_kwargs = dict(config.get("processor_kwargs") or config.get("tokenizer_args") or {})
+    processing = config.get("processing_kwargs") or {}
+    if (config.get("transformer_task", "feature-extraction") != "feature-extraction"
+            or set(config.get("modality_config", {"text": None})) != {"text"} or config.get("do_lower_case")
+            or config.get("tokenizer_name_or_path") or config.get("query_expansion")
+            or set(processing) - {"common", "text"} or "logits_to_keep" in processing.get("text", {})
+            or config.get("unpad_inputs")):  # flattened (unpadded) batches under FlashAttention
+        return None
+    if "flash" in str((config.get("model_kwargs") or config.get("model_args") or {}).get("attn_implementation")):
+        return None
+    max_seq_length = config.get("max_seq_length")
+    if max_seq_length is not None and "model_max_length" not in processor_kwargs:
+        processor_kwargs["model_max_length"] = max_seq_length
+    tokenizer = AutoTokenizer.from_pretrained(str(module), local_files_only=True, **processor_kwargs)
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        return None
+    if "model_max_length" not in processor_kwargs:
+        positions = getattr(AutoConfig.from_pretrained(str(module), local_files_only=True),
+                            "max_position_embeddings", -1)
+        if positions is not None and positions != -1:
+            tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
+    text_kwargs = {"padding": True, "truncation": "longest_first", **processing.get("text", {}),
+                   "return_tensors": "pt", **processing.get("common", {})}
+    return TextTokenizer(tokenizer, text_kwargs)
+
+
+def load_tokenizer(name: str, max_seq_length: int | None = None):
+    """What tokenizes texts for ``embed.model`` on a CPU worker: a :class:`TextTokenizer` (the
+    tokenizer files only) for models whose first module is a plain text ``Transformer``, else the
+    whole model on CPU (:func:`load_encoder`), whose ``preprocess`` is the reference.
+
+    Args:
+        name: as for :func:`resolve_model`.
+        max_seq_length: truncate inputs to this many tokens (None: the model's own limit), as
+            :func:`load_encoder` sets it.
+
+    Raises:
+        ConfigError: naming ``embed.model`` (see :func:`load_encoder`) or ``embed.max_seq_length``.
+    """
+    source = resolve_model(name)
+    try:
+        light = _text_tokenizer(Path(source))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"embed.model={name!r}: cannot load its tokenizer offline from {source!r} "
+                          f"({' '.join(str(e).split())[:300]})") from None
+    if light is None:
+        return load_encoder(name, device="cpu", max_seq_length=max_seq_length)
+    if max_seq_length is not None:
+        if max_seq_length < 1:
+            raise ConfigError(f"embed.max_seq_length={max_seq_length}: must be >= 1 (or null)")
+        light.tokenizer.model_max_length = max_seq_length  # what SentenceTransformer.max_seq_length = n sets
+    return light
+
+
 def tokenize(encoder, texts: list[str]) -> dict[str, pa.ListArray]:
-    """The encoder's own preprocessing of ``texts`` (``SentenceTransformer.preprocess``: its
-    tokenizer, truncation at its ``max_seq_length``), unpadded: each 2-D token feature
-    (``input_ids``, ``attention_mask``, ...) as an Arrow ``list<int32>`` of one row per text.
+    """The encoder's own preprocessing of ``texts`` (``preprocess`` of a ``SentenceTransformer`` or
+    of a :class:`TextTokenizer`: its tokenizer, truncation at its ``max_seq_length``), unpadded:
+    each 2-D token feature (``input_ids``, ``attention_mask``, ...) as an Arrow ``list<int32>`` of
+    one row per text.
 
     Unpadded lists have one schema whatever a batch's longest text, so Ray Data can move them
     between the CPU tasks that tokenize and the GPU actors that run the model (see :func:`encode_tokens`).

@@ -7,7 +7,8 @@ Data flow::
          embed/part-cached-*.parquet, only the other texts go on
       -> sorted by length (characters), cut into blocks of embed.batch_size rows (CUDA:
          embed.gpu_batch_size), one encode call each
-      -> map_batches(_tokenize_batch): CPU tasks, the encoder's own preprocessing, unpadded tokens
+      -> map_batches(_tokenize_batch): CPU tasks, the encoder's preprocessing from its tokenizer
+         files (no weights), unpadded tokens
       -> map_batches(_EncodeBatches): an actor pool (embed.num_actors, default: one per node, or
          embed.actors_per_gpu per GPU) that only runs the model (fp16 on CUDA), counting the
          encoded rows on the terminal's bar (_Counted, runtime.progress)
@@ -48,7 +49,7 @@ from ..runtime.manifest import atomic_write_json, source_fingerprint
 from ..runtime.parquet import WRITE_OPTIONS, open_file, read_table, write_table
 from ..runtime.progress import Progress, Reporter
 from .cache import EmbeddingCache, cache_namespace, text_keys
-from .encoder import encode_tokens, load_encoder, resolve_model, tokenize
+from .encoder import encode_tokens, load_encoder, load_tokenizer, resolve_model, tokenize
 
 _log = logging.getLogger(__name__)
 
@@ -60,9 +61,10 @@ TOKENS_PREFIX = "tokens."
 
 
 @functools.lru_cache(maxsize=2)
-def _cpu_encoder(model: str, max_seq_length: int | None):
-    """The encoder on CPU, loaded once per Ray worker process (workers are reused across tasks)."""
-    return load_encoder(model, device="cpu", max_seq_length=max_seq_length)
+def _cpu_tokenizer(model: str, max_seq_length: int | None):
+    """The encoder's tokenizing (:func:`encoder.load_tokenizer`: its tokenizer files, no weights, for
+    text Transformer models), loaded once per Ray worker process (workers are reused across tasks)."""
+    return load_tokenizer(model, max_seq_length=max_seq_length)
 
 
 def _tokenize_batch(batch: pa.Table, model: str, max_seq_length: int | None) -> pa.Table:
@@ -76,8 +78,8 @@ def _tokenize_batch(batch: pa.Table, model: str, max_seq_length: int | None) -> 
     # one tokenizer thread per task: Ray runs as many tasks as there are free CPUs
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    encoder = _cpu_encoder(model, max_seq_length)
-    for name, column in tokenize(encoder, batch.column(TEXT_COLUMN).to_pylist()).items():
+    tokenizer = _cpu_tokenizer(model, max_seq_length)
+    for name, column in tokenize(tokenizer, batch.column(TEXT_COLUMN).to_pylist()).items():
         batch = batch.append_column(TOKENS_PREFIX + name, column)
     return batch
 
@@ -342,7 +344,7 @@ def embed_items(items_parquet: Path, cfg: EmbedConfig, out_dir: Path, cache_dir:
         if tokenizer is not None:
             # On CUDA not fused with the actors (other resources), so it runs on the other CPUs;
             # on CPU Ray fuses it into the actors (same resources): each then tokenizes its own
-            # batches, on one thread, with a second (CPU) copy of the encoder for its preprocessing
+            # batches, on one thread, with its own copy of the tokenizer
             ds = ds.map_batches(tokenizer, batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
                                 fn_kwargs={"model": cfg.model, "max_seq_length": cfg.max_seq_length})
         with Progress("[embed] encoding", total=len(todo), unit="item") as bar:
