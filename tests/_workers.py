@@ -53,5 +53,5 @@ def recipe_steps(cfg, inputs: TrainInputs, epoch: int = 0, steps: int | None = N
     seed_torch(cfg.seed, epoch, rank=recipe.rank)  # dropout's generator and train mode, as train_epoch sets them
     recipe.net.train()
     batches = itertools.islice(recipe.batches.epoch(epoch), steps)
-    losses = [recipe.train_step(epoch, step, inputs_, targets) for step, (inputs_, targets) in enumerate(batches)]
+    losses = [float(recipe.train_step(epoch, step, inputs_, targets)) for step, (inputs_, targets) in enumerate(batches)]
     return recipe, losses, logged
