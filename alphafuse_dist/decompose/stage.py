@@ -6,7 +6,6 @@ basis.json, semantic.safetensors (float32 [N, d], one Ray task per piece), spect
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from scipy.linalg import eigh
 from ..config import DecomposeConfig
 from ..errors import ConfigError, DataError
 from ..runtime.manifest import atomic_write_bytes, atomic_write_json, read_manifest
+from ..runtime.plots import spectrum_png
 from .basis import NullSpaceBasis
 from .covariance import INDEX_COLUMN, covariance, iter_rows, pieces, randomized_eigh
 from .drift import basis_drift, reliability, should_refit
@@ -76,7 +76,10 @@ def _write(out_dir: Path, basis: NullSpaceBasis, files: list[str], num_items: in
         **extra, "whiten": basis.whiten, "scale": basis.scale, "items": num_items,
         "total_variance": basis.total_variance, "eigenvalues": basis.eigenvalues.tolist(),
         "cumulative_explained_variance": explained.tolist(), **info})
-    plot_spectrum(basis, out_dir / SPECTRUM_PLOT)
+    atomic_write_bytes(out_dir / SPECTRUM_PLOT, spectrum_png(
+        basis.eigenvalues, basis.explained_variance(), semantic_dims=basis.semantic_dims, dim=basis.dim,
+        null_dims=basis.null_dims, title=f"d_l={basis.d_l}, d={basis.dim}, d_n={basis.null_dims or 'model.id_dims'} "
+                                         f"({'whitened' if basis.whiten else 'not whitened'})"))
     return info
 
 
@@ -171,40 +174,3 @@ def _reuse_basis(files: list[str], cfg: DecomposeConfig, dim: int, num_items: in
     else:
         _write(out_dir, old, files, num_items, {"reused_from": str(prev)})
     return facts
-
-
-def plot_spectrum(basis: NullSpaceBasis, path: Path) -> None:
-    """Eigenvalues (log axis) with the semantic, null (where d_n is recorded) and dropped ranges
-    shaded, and the cumulative explained variance, as a PNG (matplotlib's Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values, d_s, d = basis.eigenvalues, basis.semantic_dims, basis.dim
-    k, positive = np.arange(len(values)), values > 0  # a log axis cannot show round-off zeros
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.semilogy(k[positive], values[positive], color="black", lw=1.2, label="eigenvalue $S_k$")
-    for lo, hi, color, label in [(0, d_s, "tab:blue", "semantic" if basis.null_dims else "kept"),
-                                 (d_s, d, "tab:orange", "null (ID)"), (d, len(values), "tab:gray", "dropped")]:
-        if hi > lo:
-            ax.axvspan(lo - 0.5, hi - 0.5, color=color, alpha=0.2, label=f"{label} [{lo}, {hi})")
-    # the y axis shows the kept directions and one decade below: round-off eigenvalues of the dropped
-    # range (down to 1e-19) would squeeze the useful curve into the top of the plot
-    kept = values[:d][values[:d] > 0]
-    bottom = max(kept.min() / 10, values[positive].min()) if kept.size else None
-    ax.set(xlabel="direction k (eigenvalues descending)", ylabel="eigenvalue (covariance of scale * E)",
-           xlim=(-0.5, len(values) - 0.5), ylim=(bottom, values.max() * 2) if bottom else None)
-    right = ax.twinx()
-    explained = basis.explained_variance()
-    right.plot(k, explained, color="tab:green", lw=1.2, ls="--", label="cumulative explained variance")
-    right.set(ylim=(0, 1.02), ylabel="cumulative explained variance")
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0], fontsize=8)
-    ax.set_title(f"d_l={basis.d_l}, d={d}, d_n={basis.null_dims or 'model.id_dims'} "
-                 f"({'whitened' if basis.whiten else 'not whitened'}); the d kept directions explain "
-                 f"{explained[d - 1]:.1%}", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
