@@ -231,7 +231,7 @@ class TrainRecipe:
         """One optimiser step on this worker's training windows (``inputs``, ``targets`` [B_local, L]);
         returns the step's loss (mean over the positions of all workers) as a float64 scalar tensor
         on the device (``float()`` reads it, which waits for the step to finish)."""
-        cfg, t, device = self.cfg, self.cfg.train, self.device
+        cfg, t = self.cfg, self.cfg.train
         seqs, tgts = self._to_device(inputs), self._to_device(targets)
         g = seeded_generator(cfg.seed, epoch, step)
         negs = self._to_device(draw_negatives(cfg, g, self.num_items, self.probs, self.rank, self.world))
@@ -240,9 +240,9 @@ class TrainRecipe:
                   if self.cloze else None)
         m = cfg.model
         # dreamrec: each position's timestep, noise and guidance dropout, drawn after the negatives
-        noise = (tuple(x.to(device) for x in draw_diffusion_noise(g, t.batch_size, seqs.shape[1], m.dim, self.rank,
-                                                                  self.world, m.dreamrec_timesteps, m.dreamrec_p_uncond))
-                 if self.diffusion else None)
+        noise = (tuple(self._to_device(x) for x in draw_diffusion_noise(
+            g, t.batch_size, seqs.shape[1], m.dim, self.rank, self.world, m.dreamrec_timesteps, m.dreamrec_p_uncond))
+            if self.diffusion else None)
         with self.autocast:
             # through the DMP/DDP wrapper (its forward is the loss) so dense gradients are synchronised
             lsum, lcnt = self.model(seqs, tgts, negs, t.loss_positions == "last", masked, self.log_q, noise)
