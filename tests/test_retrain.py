@@ -75,10 +75,11 @@ def retrain(*args, **kw) -> dict:
 
 
 class Log(logging.Handler):
-    """The progress lines of alphafuse_dist (its loggers, at INFO) while inside ``with``."""
+    """The lines of alphafuse_dist's loggers while inside ``with``, the log file's DEBUG ones included
+    (training in one process logs its lines at DEBUG: the terminal shows its progress bar)."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -87,7 +88,7 @@ class Log(logging.Handler):
     def __enter__(self) -> "Log":
         logger = logging.getLogger("alphafuse_dist")
         self._level = logger.level
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG)
         logger.addHandler(self)
         return self
 
