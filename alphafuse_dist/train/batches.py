@@ -100,7 +100,7 @@ class EpochBatches:
 
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer, so the
+    """``items`` produced by a background thread, at most ``depth`` + 1 ahead of the consumer, so the
     next batches are read and built while the device trains on this one. A thread rather than
     ``torch.utils.data.DataLoader`` workers: a worker process per epoch pays its start-up every
     epoch, and the reading (pyarrow) and copying (numpy) release the GIL."""

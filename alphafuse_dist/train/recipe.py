@@ -15,6 +15,7 @@ of positions, so the gradients equal those of one process on the whole batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -204,17 +205,19 @@ class TrainRecipe:
         # the losses stay on the device; reading them (log lines, the epoch's end) waits for the GPU
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.net.train()
-        for step, (inputs, targets) in enumerate(prefetch(self.batches.epoch(epoch))):
-            loss_sum += self.train_step(epoch, step, inputs, targets)
-            self.progress(1)
-            if t.log_every and (step + 1) % t.log_every == 0:
-                mean = loss_sum.item() / (step + 1)
-                rate = (step + 1) * t.batch_size / (time.time() - t0)
-                eta = (self.steps - step - 1) * t.batch_size / rate
-                self.progress(0, loss=mean)
-                self.log(f"[train] epoch {epoch + 1}/{t.epochs} step {step + 1}/{self.steps} "
-                         f"loss {mean:.4f} {rate:,.0f} seq/s ETA {eta:.0f}s")
+        with contextlib.closing(prefetch(self.batches.epoch(epoch))) as batches:  # its thread ends with the epoch
+            for step, (inputs, targets) in enumerate(batches):
+                loss_sum += self.train_step(epoch, step, inputs, targets)
+                self.progress(1)
+                if t.log_every and (step + 1) % t.log_every == 0:
+                    mean = loss_sum.item() / (step + 1)
+                    rate = (step + 1) * t.batch_size / (time.time() - t0)
+                    eta = (self.steps - step - 1) * t.batch_size / rate
+                    self.progress(0, loss=mean)
+                    self.log(f"[train] epoch {epoch + 1}/{t.epochs} step {step + 1}/{self.steps} "
+                             f"loss {mean:.4f} {rate:,.0f} seq/s ETA {eta:.0f}s")
         loss = loss_sum.item() / self.steps
+        self.progress(0, loss=loss)
         seconds = time.time() - t0
         return {"epoch": epoch + 1, "loss": loss, "seconds": round(seconds, 2),
                 "seq_per_s": round(self.steps * t.batch_size / seconds, 1)}
@@ -225,7 +228,8 @@ class TrainRecipe:
         x = torch.as_tensor(x)
         if self.device.type != "cuda":
             return x
-        return x.pin_memory().to(self.device, non_blocking=True)
+        # contiguous first: a strided pinned tensor would be copied again, unpinned, by .to()
+        return x.contiguous().pin_memory().to(self.device, non_blocking=True)
 
     def train_step(self, epoch: int, step: int, inputs, targets) -> torch.Tensor:
         """One optimiser step on this worker's training windows (``inputs``, ``targets`` [B_local, L]);
@@ -246,14 +250,14 @@ class TrainRecipe:
         with self.autocast:
             # through the DMP/DDP wrapper (its forward is the loss) so dense gradients are synchronised
             lsum, lcnt = self.model(seqs, tgts, negs, t.loss_positions == "last", masked, self.log_q, noise)
-        # collectives on the device (NCCL has no CPU tensors), nothing read back by the host
-        total = all_reduce_sum(lcnt.detach().to(torch.float64)).clamp_min(1.0)
+        # collectives on the device (NCCL has no CPU tensors); the recipe reads nothing back here
+        total = all_reduce_sum(lcnt.detach().to(torch.float64, copy=True)).clamp_min(1.0)
         # normalised by the GLOBAL count; DDP averages gradients over workers, hence * world
         loss = lsum * (self.world / total).to(lsum.dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return all_reduce_sum(lsum.detach().to(torch.float64)) / total
+        return all_reduce_sum(lsum.detach().to(torch.float64, copy=True)) / total
 
     # ------------------------------------------------------------------ validation, checkpoints
     def validate(self) -> dict:
