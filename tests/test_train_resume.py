@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_pipeline_e2e import _write_dataset
 
 EPOCHS = 25
@@ -113,6 +115,7 @@ def straight_and_killed_runs(tmp_path: Path, extra: tuple[str, ...] = ()) -> tup
     return _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
 
 
+@pytest.mark.slow  # ~4 min on 2 cores; resume semantics are also covered by test_train_reshard in the default run
 def test_killed_worker_resumes_from_checkpoint(tmp_path):
     a, b = straight_and_killed_runs(tmp_path)
     for k in ("HR@10", "NDCG@10", "MRR@10"):
