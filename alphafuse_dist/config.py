@@ -221,6 +221,10 @@ class TrainConfig:
     # TorchRec plan of every table: fixed types, or "planner" (TorchRec's EmbeddingShardingPlanner
     # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel is refused (on CUDA its ID rows are not trained as the other plans train them)
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
+    # torchrec: where the frozen tables (alphafuse's semantic table, the baselines' language
+    # features) live: "replicated" = a full copy per worker, looked up locally (no collective);
+    # "sharded" = TorchRec tables planned like the ID table; "auto": replicated up to 2 GiB (fp32)
+    frozen_tables: Literal["auto", "replicated", "sharded"] = "auto"
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when available
     batch_size: int = 128  # sequences per step, summed over workers
     # training windows shuffled together: the epoch's windows are shuffled within chunks of this

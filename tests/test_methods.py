@@ -192,14 +192,41 @@ def test_parameter_split_and_checkpoint_state(method):
 
 def test_torchrec_modules_list_their_tables():
     for method in BASELINES:
-        items = _build(method, "torchrec", ("model.unisrec_with_ids=true",)).items
+        items = _build(method, "torchrec", ("model.unisrec_with_ids=true", "train.frozen_tables=sharded")).items
         specs = items.torchrec_tables()
         expected = {"llminit": [False], "morec": [True], "whitenrec": [True]}.get(method, [False, True])
         assert [s.frozen for s in specs] == expected
         assert all(s.initial.shape[1] % 4 == 0 and s.initial.shape[0] == N for s in specs)
         assert tuple(s.module for s in specs if s.frozen) == items.frozen_modules
-        state = model_state(_build(method, "torchrec"))
-        assert not [k for k in state if "features" in k or "semantic" in k]
+        for placement in ("sharded", "replicated"):
+            state = model_state(_build(method, "torchrec", (f"train.frozen_tables={placement}",)))
+            assert not [k for k in state if "features" in k or "semantic" in k]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("sasrec_id", "llminit")])
+def test_replicated_frozen_table_is_local_and_equal(method):
+    """train.frozen_tables=replicated: the frozen table is a local frozen nn.Embedding, not a TorchRec
+    table; the torchrec module's lookups of it equal the plain torch module's."""
+    items = _build(method, "torchrec", ("train.frozen_tables=replicated",)).items
+    plain = _build(method).items
+    assert not [s for s in items.torchrec_tables() if s.frozen]
+    (name,) = items.frozen_modules
+    assert isinstance(getattr(items, name), torch.nn.Embedding) and name == plain.frozen_modules[0]
+    assert not getattr(items, name).weight.requires_grad
+    lookup = "lookup_semantic" if method == "alphafuse" else "lookup_features"
+    assert torch.equal(getattr(items, lookup)(IDS), getattr(plain, lookup)(IDS))
+
+
+def test_frozen_tables_auto_replicates_up_to_its_size_limit():
+    from alphafuse_dist.model.items import REPLICATE_FROZEN_BYTES, frozen_placement
+
+    auto, sharded = load_config(None, []), load_config(None, ["train.frozen_tables=sharded"])
+    rows = REPLICATE_FROZEN_BYTES // (4 * 128)
+    assert frozen_placement(auto, torch.empty(rows, 128, device="meta")) == "replicated"
+    assert frozen_placement(auto, torch.empty(rows + 1, 128, device="meta")) == "sharded"
+    assert frozen_placement(sharded, torch.empty(10, 128, device="meta")) == "sharded"
+    with pytest.raises(ConfigError, match="train.frozen_tables"):
+        load_config(None, ["train.frozen_tables=everywhere"])
 
 
 def test_config_keys_checked():

@@ -26,8 +26,9 @@ N, STEPS, B, L, D_S = 200, 4, 8, 6, 8
 CPU = torch.device("cpu")
 
 
-def _cfg(backend: str, sharding: str = "row_wise"):
+def _cfg(backend: str, sharding: str = "row_wise", frozen: str = "sharded"):
     return load_config(None, [f"train.backend={backend}", f"train.sharding={sharding}", "method=alphafuse",
+                              f"train.frozen_tables={frozen}",
                               "model.dim=16", f"model.id_dims={16 - D_S}", "model.dropout=0.0", f"model.max_len={L}",
                               "train.id_optimizer=adagrad", "train.id_lr=0.1", "train.lr=0.01",
                               "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={B}",
@@ -68,8 +69,8 @@ def single(inputs) -> dict:
     return _train(_cfg("torch"), inputs)
 
 
-def _sharded(inputs: TrainInputs, sharding: str, world: int = 2) -> dict:
-    return on_workers(_train, world, _cfg("torchrec", sharding), inputs)
+def _sharded(inputs: TrainInputs, sharding: str, world: int = 2, frozen: str = "sharded") -> dict:
+    return on_workers(_train, world, _cfg("torchrec", sharding, frozen), inputs)
 
 
 def _untouched() -> torch.nn.Module:
@@ -77,10 +78,11 @@ def _untouched() -> torch.nn.Module:
     return build_model(_cfg("torch"), N, _semantic(), CPU).items
 
 
-@pytest.mark.parametrize("sharding, world", [("row_wise", 2), ("table_wise", 2), ("column_wise", 2), ("row_wise", 4),
-                                             ("planner", 2)])
-def test_sharded_workers_match_one_process(inputs, single, sharding, world):
-    got = _sharded(inputs, sharding, world)
+@pytest.mark.parametrize("sharding, world, frozen", [
+    ("row_wise", 2, "sharded"), ("table_wise", 2, "sharded"), ("column_wise", 2, "sharded"), ("row_wise", 4, "sharded"),
+    ("planner", 2, "sharded"), ("row_wise", 2, "replicated")])
+def test_sharded_workers_match_one_process(inputs, single, sharding, world, frozen):
+    got = _sharded(inputs, sharding, world, frozen)
     assert len(got["losses"]) == len(single["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
     # the updated fused rows (hence the ID rows) agree after several steps
@@ -93,9 +95,10 @@ def test_sharded_workers_match_one_process(inputs, single, sharding, world):
     assert (single["table"] - _untouched().full_table()).abs().max() > 1e-3
 
 
-def test_semantic_part_frozen_only_null_space_moves(inputs):
+@pytest.mark.parametrize("frozen", ["sharded", "replicated"])
+def test_semantic_part_frozen_only_null_space_moves(inputs, frozen):
     sem = _semantic()
-    got = _sharded(inputs, "row_wise")
+    got = _sharded(inputs, "row_wise", frozen=frozen)
     # the frozen table is bit-identical after training, and so are the fused semantic coordinates
     assert torch.equal(got["semantic"], sem)
     assert torch.equal(got["table"][:, :D_S], sem[:, :D_S])

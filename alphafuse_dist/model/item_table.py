@@ -12,9 +12,11 @@ coordinate (``E_lang + E_id``, no clip to the null space); "semantic_only" has n
 Two interchangeable storage back ends with identical numerics:
 
 - ``torch``: two ``nn.Embedding``; the semantic one is a frozen buffer-like parameter.
-- ``torchrec``: two ``EmbeddingCollection``s, one per table, so that the sharder never merges the
-  frozen table (zero-lr fused SGD, looked up under ``no_grad``) with the trainable ID table (fused
-  optimiser). Sharded by ``DistributedModelParallel`` (see ``alphafuse_dist.train.sharding``).
+- ``torchrec``: the trainable ID table is an ``EmbeddingCollection`` sharded by
+  ``DistributedModelParallel`` (see ``alphafuse_dist.train.sharding``). The frozen semantic table
+  is either replicated (``frozen="replicated"``: a frozen ``nn.Embedding`` on every worker, looked
+  up locally, as with ``torch``) or a second ``EmbeddingCollection`` (``frozen="sharded"``: its own
+  collection, so that the sharder never merges it, zero-lr fused SGD, looked up under ``no_grad``).
 
 Shapes: ``N`` items, ``d`` model width, ``d_n`` null-space (ID) width, ``d_s = d - d_n``.
 
@@ -112,6 +114,8 @@ class FusedItemTable(nn.Module):
         id_space: "null_space" (the ID part in the last d_n coordinates); alphafuse only: "full_space"
             (d wide, added into every coordinate) or "semantic_only" (no ID part).
         backend: "torch" or "torchrec".
+        frozen: torchrec only: "sharded" (the semantic table is a TorchRec table) or "replicated"
+            (a frozen ``nn.Embedding`` on every worker).
 
     Example::
 
@@ -122,11 +126,16 @@ class FusedItemTable(nn.Module):
     def __init__(self, num_items: int, dim: int, null_dims: int, *, method: str = "alphafuse",
                  injection: str = "add", semantic: torch.Tensor | None = None, id_init: str = "zeros",
                  id_init_std: float = 1.0, id_space: str = "null_space", backend: str = "torch",
-                 device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+                 frozen: str = "sharded", device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None):
         super().__init__()
         if method not in ("alphafuse", "sasrec_id", "llminit"):
             raise ValueError(f"method {method!r}: expected alphafuse, sasrec_id or llminit")
         self.num_items, self.dim, self.method, self.injection, self.backend = num_items, dim, method, injection, backend
+        if frozen not in ("sharded", "replicated"):
+            raise ValueError(f"frozen {frozen!r}: expected sharded or replicated")
+        # where the frozen semantic table is looked up: a local nn.Embedding, or a TorchRec table
+        self.frozen_backend = "torchrec" if backend == "torchrec" and frozen == "sharded" else "torch"
         if id_space not in ("null_space", "full_space", "semantic_only") or (
                 id_space != "null_space" and method != "alphafuse"):
             raise ValueError(f"id_space {id_space!r}: expected null_space, full_space or semantic_only (the latter "
@@ -148,28 +157,27 @@ class FusedItemTable(nn.Module):
             std = id_init_std if self.has_semantic else 1.0 / self.id_dim ** 0.5
             init = torch.randn(num_items, self.id_dim, generator=generator) * std
         self.initial_ids = init  # kept to re-load after TorchRec sharding (which re-initialises)
-        if backend == "torch":
-            if self.has_ids:
-                self.ids = nn.Embedding(num_items, self.id_dim, _weight=init.clone().to(device))
-            if self.has_semantic:
-                self.semantic = nn.Embedding(num_items, dim, _weight=semantic.to(device, torch.float32).clone())
-                self.semantic.weight.requires_grad_(False)
-        elif backend == "torchrec":
-            if self.has_ids:
-                self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, num_items, self.id_dim)
-            if self.has_semantic:
-                self.semantic_ec = meta_collection(SEMANTIC_TABLE, SEMANTIC_FEATURE, num_items, dim)
-                self.initial_semantic = semantic.to(torch.float32).clone()
-        else:
+        if backend not in ("torch", "torchrec"):
             raise ValueError(f"backend {backend!r}: expected torch or torchrec")
-        torchrec = backend == "torchrec"
-        self.id_modules = (("id_ec",) if torchrec else ("ids",)) if self.has_ids else ()
-        self.frozen_modules = (("semantic_ec",) if torchrec else ("semantic",)) if self.has_semantic else ()
+        if self.has_ids and backend == "torch":
+            self.ids = nn.Embedding(num_items, self.id_dim, _weight=init.clone().to(device))
+        elif self.has_ids:
+            self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, num_items, self.id_dim)
+        if self.has_semantic and self.frozen_backend == "torch":
+            self.semantic = nn.Embedding(num_items, dim, _weight=semantic.to(device, torch.float32).clone())
+            self.semantic.weight.requires_grad_(False)
+        elif self.has_semantic:
+            self.semantic_ec = meta_collection(SEMANTIC_TABLE, SEMANTIC_FEATURE, num_items, dim)
+            self.initial_semantic = semantic.to(torch.float32).clone()
+        self.id_modules = (("id_ec",) if backend == "torchrec" else ("ids",)) if self.has_ids else ()
+        self.frozen_modules = ((("semantic_ec",) if self.frozen_backend == "torchrec" else ("semantic",))
+                               if self.has_semantic else ())
 
     def torchrec_tables(self) -> list[TableSpec]:
-        """The TorchRec tables to shard: the ID table (if any), then the frozen semantic table (alphafuse)."""
+        """The TorchRec tables to shard: the ID table (if any), then the frozen semantic table
+        (alphafuse, when sharded)."""
         specs = [TableSpec("id_ec", ID_TABLE, self.initial_ids, frozen=False)] if self.has_ids else []
-        if self.has_semantic:
+        if self.has_semantic and self.frozen_backend == "torchrec":
             specs.append(TableSpec("semantic_ec", SEMANTIC_TABLE, self.initial_semantic, frozen=True))
         return specs
 
@@ -183,7 +191,7 @@ class FusedItemTable(nn.Module):
     def lookup_semantic(self, ids: torch.Tensor) -> torch.Tensor:
         """Frozen semantic rows [M, d] of ``ids`` [M] (no gradient ever flows into them)."""
         with torch.no_grad():
-            if self.backend == "torch":
+            if self.frozen_backend == "torch":
                 return self.semantic(ids)
             return torchrec_lookup(self.semantic_ec, SEMANTIC_FEATURE, ids)
 

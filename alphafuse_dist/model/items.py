@@ -28,19 +28,36 @@ METHOD_INPUTS: dict[str, frozenset[str]] = {
 }
 
 
+# train.frozen_tables=auto: a frozen table of at most this many float32 bytes is replicated on every
+# worker (1M items x 128 dims is 512 MiB); a larger one is sharded by TorchRec like the ID table
+REPLICATE_FROZEN_BYTES = 2 * 2**30
+
+
+def frozen_placement(cfg: RunConfig, table) -> str:
+    """Where the torchrec back end keeps the frozen ``table`` [N, width]: "replicated" or "sharded"
+    (``train.frozen_tables``; with the torch back end every table is local anyway)."""
+    choice = cfg.train.frozen_tables
+    if choice != "auto":
+        return choice
+    rows, width = table.shape
+    return "replicated" if rows * width * 4 <= REPLICATE_FROZEN_BYTES else "sharded"
+
+
 def _fused(cfg: RunConfig, n: int, given: dict, device, generator):
     from .item_table import FusedItemTable
 
     m = cfg.model
     return FusedItemTable(n, m.dim, cfg.model.id_dims, method=cfg.method, injection=m.injection,
                           semantic=given["semantic"], id_init=m.id_init, id_init_std=m.id_init_std,
-                          id_space=m.id_space, backend=cfg.train.backend, device=device, generator=generator)
+                          id_space=m.id_space, backend=cfg.train.backend, device=device, generator=generator,
+                          frozen="sharded" if given["semantic"] is None else frozen_placement(cfg, given["semantic"]))
 
 
 def _morec(cfg: RunConfig, n: int, given: dict, device, generator):
     from .methods import MoRecItems
 
-    return MoRecItems(given["language"], cfg.model.dim, generator=generator, backend=cfg.train.backend, device=device)
+    return MoRecItems(given["language"], cfg.model.dim, generator=generator, backend=cfg.train.backend,
+                      frozen=frozen_placement(cfg, given["language"]), device=device)
 
 
 def _whitenrec(cfg: RunConfig, n: int, given: dict, device, generator):
@@ -50,7 +67,8 @@ def _whitenrec(cfg: RunConfig, n: int, given: dict, device, generator):
     from .methods import WhitenRecItems
 
     whitened = torch.from_numpy(whitened_features(given["language"].numpy(), given["basis"]))
-    return WhitenRecItems(whitened, cfg.model.dim, generator=generator, backend=cfg.train.backend, device=device)
+    return WhitenRecItems(whitened, cfg.model.dim, generator=generator, backend=cfg.train.backend,
+                          frozen=frozen_placement(cfg, whitened), device=device)
 
 
 def _unisrec(cfg: RunConfig, n: int, given: dict, device, generator):
@@ -59,7 +77,7 @@ def _unisrec(cfg: RunConfig, n: int, given: dict, device, generator):
     m = cfg.model
     ids = id_rows(n, m.dim, generator) if m.unisrec_with_ids else None
     return UniSRecItems(given["language"], m.dim, experts=m.unisrec_experts, generator=generator, id_init=ids,
-                        backend=cfg.train.backend, device=device)
+                        backend=cfg.train.backend, frozen=frozen_placement(cfg, given["language"]), device=device)
 
 
 def _rlmrec(cfg: RunConfig, n: int, given: dict, device, generator):
@@ -67,7 +85,8 @@ def _rlmrec(cfg: RunConfig, n: int, given: dict, device, generator):
 
     m = cfg.model
     return RLMRecItems(given["semantic"], m.dim, weight=m.rlmrec_weight, id_init=id_rows(n, m.dim, generator),
-                       generator=generator, backend=cfg.train.backend, device=device)
+                       generator=generator, backend=cfg.train.backend, frozen=frozen_placement(cfg, given["semantic"]),
+                       device=device)
 
 
 def _llmesr(cfg: RunConfig, n: int, given: dict, device, generator):
@@ -75,7 +94,8 @@ def _llmesr(cfg: RunConfig, n: int, given: dict, device, generator):
 
     m = cfg.model
     return LLMESRItems(given["language"], given["semantic"], m.dim, weight=m.llmesr_weight,
-                       neighbours=m.llmesr_neighbours, generator=generator, backend=cfg.train.backend, device=device)
+                       neighbours=m.llmesr_neighbours, generator=generator, backend=cfg.train.backend,
+                       frozen=frozen_placement(cfg, given["language"]), device=device)
 
 
 ITEM_METHODS: dict[str, Callable] = {

@@ -72,10 +72,12 @@ class AdapterItems(nn.Module):
         id_init: float [N, d_id] initial ID rows (d_id = d unless a subclass says otherwise), or
             None for no ID table.
         backend: "torch" or "torchrec" (tables loaded after sharding: see ``torchrec_tables``).
+        frozen: torchrec only: "sharded" (the feature table is a TorchRec table) or "replicated"
+            (a frozen ``nn.Embedding`` on every worker, looked up locally).
     """
 
     def __init__(self, features: torch.Tensor, dim: int, *, id_init: torch.Tensor | None, backend: str,
-                 device: torch.device | str):
+                 frozen: str = "sharded", device: torch.device | str = "cpu"):
         super().__init__()
         features = features.to(torch.float32)
         self.num_items, self.feature_dim = features.shape
@@ -84,33 +86,39 @@ class AdapterItems(nn.Module):
         self.id_dim = id_init.shape[1] if self.has_ids else 0
         if self.has_ids and id_init.shape[0] != self.num_items:
             raise ValueError(f"id_init: expected {self.num_items} rows, got {tuple(id_init.shape)}")
-        if backend == "torch":
+        if backend not in ("torch", "torchrec"):
+            raise ValueError(f"backend {backend!r}: expected torch or torchrec")
+        if frozen not in ("sharded", "replicated"):
+            raise ValueError(f"frozen {frozen!r}: expected sharded or replicated")
+        # where the frozen feature table is looked up: a local nn.Embedding, or a TorchRec table
+        self.frozen_backend = "torchrec" if backend == "torchrec" and frozen == "sharded" else "torch"
+        if self.frozen_backend == "torch":
             self.features = nn.Embedding(self.num_items, self.feature_dim, _weight=features.to(device).clone())
             self.features.weight.requires_grad_(False)
-            if self.has_ids:
-                self.ids = nn.Embedding(self.num_items, self.id_dim, _weight=id_init.to(device, torch.float32).clone())
-            self.frozen_modules, self.id_modules = ("features",), ("ids",) if self.has_ids else ()
-        elif backend == "torchrec":
+        else:
             pad = -self.feature_dim % TORCHREC_WIDTH_MULTIPLE
             self.initial_features = F.pad(features, (0, pad)).clone()
             self.features_ec = meta_collection(FEATURES_TABLE, FEATURES_FEATURE, self.num_items,
                                                self.feature_dim + pad)
-            if self.has_ids:
-                self.initial_ids = id_init.to(torch.float32).clone()
-                self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, self.num_items, self.id_dim)
-            self.frozen_modules, self.id_modules = ("features_ec",), ("id_ec",) if self.has_ids else ()
-        else:
-            raise ValueError(f"backend {backend!r}: expected torch or torchrec")
+        if self.has_ids and backend == "torch":
+            self.ids = nn.Embedding(self.num_items, self.id_dim, _weight=id_init.to(device, torch.float32).clone())
+        elif self.has_ids:
+            self.initial_ids = id_init.to(torch.float32).clone()
+            self.id_ec = meta_collection(ID_TABLE, ID_FEATURE, self.num_items, self.id_dim)
+        self.frozen_modules = ("features",) if self.frozen_backend == "torch" else ("features_ec",)
+        self.id_modules = (("ids",) if backend == "torch" else ("id_ec",)) if self.has_ids else ()
 
     def torchrec_tables(self) -> list[TableSpec]:
-        """The TorchRec tables to shard: the ID table (if any), then the frozen feature table."""
+        """The TorchRec tables to shard: the ID table (if any), then the frozen feature table (when sharded)."""
         specs = [TableSpec("id_ec", ID_TABLE, self.initial_ids, frozen=False)] if self.has_ids else []
-        return specs + [TableSpec("features_ec", FEATURES_TABLE, self.initial_features, frozen=True)]
+        if self.frozen_backend == "torchrec":
+            specs.append(TableSpec("features_ec", FEATURES_TABLE, self.initial_features, frozen=True))
+        return specs
 
     def lookup_features(self, ids: torch.Tensor) -> torch.Tensor:
         """Frozen feature rows [M, d_x] of ``ids`` [M] (no gradient ever flows into them)."""
         with torch.no_grad():
-            if self.backend == "torch":
+            if self.frozen_backend == "torch":
                 return self.features(ids)
             return torchrec_lookup(self.features_ec, FEATURES_FEATURE, ids)[:, :self.feature_dim]
 
@@ -126,7 +134,7 @@ class AdapterItems(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.features.weight.device if self.backend == "torch" else self._device
+        return self.features.weight.device if self.frozen_backend == "torch" else self._device
 
 
 class MoRecItems(AdapterItems):
@@ -139,8 +147,8 @@ class MoRecItems(AdapterItems):
     """
 
     def __init__(self, language: torch.Tensor, dim: int, *, generator: torch.Generator, backend: str = "torch",
-                 device: torch.device | str = "cpu"):
-        super().__init__(language, dim, id_init=None, backend=backend, device=device)
+                 frozen: str = "sharded", device: torch.device | str = "cpu"):
+        super().__init__(language, dim, id_init=None, backend=backend, frozen=frozen, device=device)
         self.adapter = _linear(self.feature_dim, dim, generator).to(device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -153,8 +161,8 @@ class WhitenRecItems(AdapterItems):
     then a trainable linear projection ``Z_i W + c``, W [k, d]. No ID table."""
 
     def __init__(self, whitened: torch.Tensor, dim: int, *, generator: torch.Generator, backend: str = "torch",
-                 device: torch.device | str = "cpu"):
-        super().__init__(whitened, dim, id_init=None, backend=backend, device=device)
+                 frozen: str = "sharded", device: torch.device | str = "cpu"):
+        super().__init__(whitened, dim, id_init=None, backend=backend, frozen=frozen, device=device)
         self.adapter = _linear(self.feature_dim, dim, generator).to(device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -174,8 +182,9 @@ class UniSRecItems(AdapterItems):
     """
 
     def __init__(self, language: torch.Tensor, dim: int, *, experts: int, generator: torch.Generator,
-                 id_init: torch.Tensor | None = None, backend: str = "torch", device: torch.device | str = "cpu"):
-        super().__init__(language, dim, id_init=id_init, backend=backend, device=device)
+                 id_init: torch.Tensor | None = None, backend: str = "torch", frozen: str = "sharded",
+                 device: torch.device | str = "cpu"):
+        super().__init__(language, dim, id_init=id_init, backend=backend, frozen=frozen, device=device)
         if experts < 1:
             raise ValueError(f"experts={experts}: must be >= 1")
         d_l = self.feature_dim
@@ -217,8 +226,9 @@ class RLMRecItems(AdapterItems):
     """
 
     def __init__(self, targets: torch.Tensor, dim: int, *, weight: float, id_init: torch.Tensor,
-                 generator: torch.Generator, backend: str = "torch", device: torch.device | str = "cpu"):
-        super().__init__(targets, dim, id_init=id_init, backend=backend, device=device)
+                 generator: torch.Generator, backend: str = "torch", frozen: str = "sharded",
+                 device: torch.device | str = "cpu"):
+        super().__init__(targets, dim, id_init=id_init, backend=backend, frozen=frozen, device=device)
         hidden = (dim + self.feature_dim) // 2
         self.weight = weight
         self.decoder = nn.Sequential(_linear(dim, hidden, generator), nn.LeakyReLU(),
@@ -253,10 +263,11 @@ class LLMESRItems(AdapterItems):
     """
 
     def __init__(self, language: torch.Tensor, semantic: torch.Tensor, dim: int, *, weight: float, neighbours: int,
-                 generator: torch.Generator, backend: str = "torch", device: torch.device | str = "cpu"):
+                 generator: torch.Generator, backend: str = "torch", frozen: str = "sharded",
+                 device: torch.device | str = "cpu"):
         half = dim // 2
         super().__init__(language, dim, id_init=semantic[:, :half].to(torch.float32) / half ** 0.5, backend=backend,
-                         device=device)
+                         frozen=frozen, device=device)
         self.weight, self.neighbours = weight, neighbours
         hidden = (self.feature_dim + half) // 2
         self.adapter = nn.Sequential(_linear(self.feature_dim, hidden, generator),

@@ -118,7 +118,9 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
         from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-        dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())), adam)
+        # frozen parameters (a replicated frozen table) take no Adam state
+        dense = KeyedOptimizerWrapper({n: p for n, p in in_backward_optimizer_filter(model.named_parameters())
+                                       if p.requires_grad}, adam)
         return CombinedOptimizer([("tables", model.fused_optimizer), ("dense", dense)])
     dense, ids = trainable_parameters(net)
     parts = {"dense": (adam(list(dense.values())), list(dense))}

@@ -3,13 +3,14 @@
 Every table lives in its own ``EmbeddingCollection``, so the sharder never merges them; the item
 module lists them (``torchrec_tables()``, see ``alphafuse_dist.model.item_table.TableSpec``):
 
-- frozen tables (alphafuse's ``items.semantic_ec``, the baselines' ``items.features_ec``): fused
-  SGD with lr 0, and every lookup runs under ``no_grad``, so their rows stay bit-identical
-  (checked by tests).
 - trainable ID tables (``items.id_ec``): the fused ID optimiser, applied in backward.
+- frozen tables when sharded (``train.frozen_tables``; alphafuse's ``items.semantic_ec``, the
+  baselines' ``items.features_ec``): fused SGD with lr 0, and every lookup runs under ``no_grad``,
+  so their rows stay bit-identical (checked by tests). A replicated frozen table is a plain frozen
+  ``nn.Embedding`` on every worker and is not TorchRec's.
 
 Dense parameters inside the item module (the baselines' adapters) are not sharded: DMP wraps them
-with the encoder in DDP, so their gradients are synchronised like the encoder's.
+with the encoder in DDP (with several workers), so their gradients are synchronised like the encoder's.
 
 Only the FUSED compute kernel works for EmbeddingCollection on CPU with fbgemm-gpu-cpu 1.8 (the
 dense kernel and data-parallel corrupt the heap there), so every plan asks for it explicitly.
@@ -124,7 +125,9 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
     table goes to rank k mod world; with ``planner``, TorchRec's planner chooses under explicit
     constraints) and its optimiser: the fused ID optimiser, or zero-lr SGD. The plan is logged.
 
-    Returns the DMP module; call it like the model (the dense part is wrapped in DDP).
+    Returns the DMP module; call it like the model (the dense part is wrapped in DDP when there
+    are several workers: one worker has no gradients to synchronise, and DDP's per-step hooks and
+    bucket all-reduce would only cost host time).
     """
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -150,7 +153,7 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
     if dist.get_rank() == 0:
         log(f"[train] TorchRec plan ({sharding}, {world} workers):\n{plan}")
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   plan=plan, sharders=[sharder], device=device)
+                                   plan=plan, sharders=[sharder], device=device, init_data_parallel=world > 1)
     # sharding re-initialises (EBC) or may copy (EC) table weights: always load them afterwards
     for spec in specs:
         load_table(dmp, f"items.{spec.module}.embeddings.{spec.table}.weight", spec.initial)
