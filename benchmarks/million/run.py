@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="training workers (default: GPUs, or 2 on CPU)")
     p.add_argument("--work", type=Path, default=Path("runs/million"), help="data and run folder (rebuilt)")
     p.add_argument("--out", type=Path, default=HERE / "results.jsonl")
+    p.add_argument("--log", type=Path, default=None, help="the stages' output (default: WORK/run.log)")
     p.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = p.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
     workers = args.workers or (torch.cuda.device_count() if cuda else 2)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    log = args.work / "run.log"
+    log = args.log or args.work / "run.log"
     stop, gpu_peak = threading.Event(), [0.0]
     sampler = threading.Thread(target=_gpu_sampler, args=(stop, gpu_peak), daemon=True)
     if cuda:

@@ -6,8 +6,9 @@
 The synthetic data and model of ``bench_train.py``; batches are built before timing (the loader
 is not measured). Each side: 5 warm-up steps, ``--steps`` timed steps (device synchronised), then
 ``torch.profiler`` over 6 steps. Sides: plain torch; plain torch inside a one-rank process group;
-TorchRec row-wise and table-wise; TorchRec row-wise with each lookup's ids as ONE KJT sample and
-as one sample per id (``--layouts``: the product cuts them into ``LOOKUP_SAMPLES`` samples).
+TorchRec row-wise and table-wise, with the frozen semantic table replicated and sharded
+(``--frozen``, ``train.frozen_tables``); TorchRec row-wise with each lookup's ids as ONE KJT sample
+and as one sample per id (``--layouts``: the product cuts them into ``LOOKUP_SAMPLES`` samples).
 Prints one JSON line per side; ``$OUT`` (default /tmp/step_profile) gets each side's operator
 table (``prof-SIDE.txt``) and Chrome trace.
 """
@@ -91,6 +92,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--users", type=int, default=32_768)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--shardings", default="row_wise,table_wise", help="TorchRec plans (train.sharding)")
+    p.add_argument("--frozen", default="replicated,sharded", help="train.frozen_tables of the TorchRec sides")
     p.add_argument("--layouts", default="one,ones", help="extra TorchRec row-wise sides: one, ones")
     a = p.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/step_profile"))
@@ -103,9 +106,10 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo", rank=0, world_size=1)
     rows.append(profile_side("plain-in-process-group", ["train.backend=torch"], a, inputs, out))
-    for sharding in ("row_wise", "table_wise"):
-        rows.append(profile_side(f"torchrec-{sharding}", ["train.backend=torchrec", f"train.sharding={sharding}"],
-                                 a, inputs, out))
+    for sharding in filter(None, a.shardings.split(",")):
+        for frozen in filter(None, a.frozen.split(",")):
+            rows.append(profile_side(f"torchrec-{sharding}-frozen-{frozen}", [
+                "train.backend=torchrec", f"train.sharding={sharding}", f"train.frozen_tables={frozen}"], a, inputs, out))
     for kind in filter(None, a.layouts.split(",")):
         use_layout(kind)
         rows.append(profile_side(f"torchrec-row_wise-{kind}", ["train.backend=torchrec", "train.sharding=row_wise"],
