@@ -394,8 +394,10 @@ def test_checkpoint_round_trip_without_frozen_tables(tmp_path):
     assert _run_steps(net, optimizer, 0, 1) == _run_steps(fresh, f_optimizer, 0, 1)
 
 
-TORCHREC_CASES = (("llminit", ()), ("morec", ()), ("whitenrec", ()),
-                  ("unisrec", ("model.unisrec_with_ids=true",)), ("rlmrec", ()))
+# frozen feature tables: sharded TorchRec tables for morec and unisrec, replicated (the default at
+# this size) for whitenrec and rlmrec
+TORCHREC_CASES = (("llminit", ()), ("morec", ("train.frozen_tables=sharded",)), ("whitenrec", ()),
+                  ("unisrec", ("model.unisrec_with_ids=true", "train.frozen_tables=sharded")), ("rlmrec", ()))
 
 
 def _torchrec_worker(rank: int, world: int, store_path: str, out_path: str) -> None:

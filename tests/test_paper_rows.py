@@ -333,10 +333,10 @@ def test_llmesr_is_a_registered_method_with_its_inputs():
 
 # ----------------------------------------------------------------------------- ablation switches
 
-def _fused(space, id_dims=8, backend="torch"):
+def _fused(space, id_dims=8, backend="torch", frozen="auto"):
     cfg = load_config(None, [f"train.backend={backend}", "method=alphafuse", "model.dim=16", f"model.id_dims={id_dims}",
                              f"model.id_space={space}", "model.id_init=normal", "model.id_init_std=0.5",
-                             "train.id_lr=0.5"])
+                             "train.id_lr=0.5", f"train.frozen_tables={frozen}"])
     sem = torch.randn(30, 16, generator=torch.Generator().manual_seed(2))
     return cfg, sem, build_model(cfg, 30, sem, CPU)
 
@@ -373,13 +373,16 @@ def test_no_clip_id_part_is_added_into_every_coordinate():
         load_config(None, ["method=sasrec_id", "model.id_space=full_space"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "torchrec"])
-def test_semantic_only_has_no_id_part(backend):
-    cfg, sem, net = _fused("semantic_only", backend=backend)
+@pytest.mark.parametrize("backend, frozen", [("torch", "auto"), ("torchrec", "sharded"), ("torchrec", "replicated")])
+def test_semantic_only_has_no_id_part(backend, frozen):
+    cfg, sem, net = _fused("semantic_only", backend=backend, frozen=frozen)
     items = net.items
     assert items.id_modules == ()
     if backend == "torchrec":
-        assert [s.table for s in items.torchrec_tables()] == ["semantic"]
+        # sharded: the semantic table is the module's one TorchRec table; replicated: it has none
+        assert [s.table for s in items.torchrec_tables()] == (["semantic"] if frozen == "sharded" else [])
+        if frozen == "replicated":
+            assert torch.equal(items.full_table(), sem)  # looked up locally, no process group needed
         return
     assert torch.equal(items.full_table(), sem)
     _one_step(cfg, net)

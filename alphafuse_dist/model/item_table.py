@@ -198,8 +198,9 @@ class FusedItemTable(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Fused vectors [M, d] of item ids [M] (all in 0..N-1; the caller handles padding).
 
-        With the torchrec back end this is a collective: every rank must call it the same number
-        of times (with any number of ids, zero included).
+        With the torchrec back end and an ID table (or a sharded semantic table) this is a
+        collective: every rank must call it the same number of times (with any number of ids,
+        zero included).
         """
         ids = ids.reshape(-1).long()
         if not self.has_semantic:

@@ -22,9 +22,11 @@ llmesr                [ID row (d/2, initialised from the whitened PCA coordinate
                       self-distillation is added to the loss (``user_loss``)
 ====================  =====================================================================
 
-Frozen tables are ``nn.Embedding`` without gradient (torch) or ``EmbeddingCollection``s trained by
-a zero-lr fused SGD and looked up under ``no_grad`` (torchrec), never saved in checkpoints (they
-are rebuilt from the embed / decompose stage outputs). Adapters are dense parameters (the dense
+Frozen tables are ``nn.Embedding`` without gradient (torch, and torchrec with
+``train.frozen_tables`` replicated) or ``EmbeddingCollection``s trained by a zero-lr fused SGD and
+looked up under ``no_grad`` (torchrec, sharded), never saved in checkpoints (they are rebuilt from
+the embed / decompose stage outputs). A method whose only table is frozen (morec, whitenrec) has no
+TorchRec table when it is replicated: DMP then wraps a dense model. Adapters are dense parameters (the dense
 Adam of ``train.optim``; DDP / DMP synchronise their gradients); ID tables get the ID optimiser.
 
 Shapes: ``N`` items, ``d`` model width, ``d_l`` language-model width, ``M`` looked-up ids.

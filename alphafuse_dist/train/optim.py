@@ -3,8 +3,8 @@ the dense parameters (encoder, adapters).
 
 - ``torchrec`` backend: TorchRec's fused optimiser of the sharded tables (``model.fused_optimizer``,
   applied in backward; the ID table's optimiser is chosen by ``train.id_optimizer``) and Adam over
-  the parameters without an in-backward optimiser (``in_backward_optimizer_filter``), combined by
-  TorchRec's ``CombinedOptimizer``.
+  the trainable parameters without an in-backward optimiser (``in_backward_optimizer_filter``; a
+  replicated frozen table is not trained), combined by TorchRec's ``CombinedOptimizer``.
 - ``torch`` backend: Adam over the dense parameters and the ID optimiser over the item module's ID
   tables (its ``id_modules``), combined by :class:`OptimizerGroup`.
 

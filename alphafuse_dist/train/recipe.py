@@ -142,8 +142,8 @@ class TrainRecipe:
                  f"keep their ID rows ({facts['ids']}), the rest start fresh; encoder weights loaded")
 
     def _distribute(self, net: torch.nn.Module) -> torch.nn.Module:
-        """The module that is trained: DMP (torchrec: tables sharded, dense part in DDP), DDP (torch
-        with several workers) or ``net`` itself."""
+        """The module that is trained: DMP (torchrec: tables sharded, dense part in DDP with several
+        workers), DDP (torch with several workers) or ``net`` itself."""
         t = self.cfg.train
         if t.backend == "torchrec":
             if self.world == 1 and not torch.distributed.is_initialized():

@@ -131,7 +131,7 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
     """
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
 
     world = dist.get_world_size()
@@ -152,8 +152,12 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
     plan = SHARDING_PLANS[sharding](PlanInputs(model, specs, sharder, world, device, batch_size))
     if dist.get_rank() == 0:
         log(f"[train] TorchRec plan ({sharding}, {world} workers):\n{plan}")
+    # replicated frozen tables are built identically on every worker: DDP neither broadcasts them at
+    # start-up (up to 2 GiB each) nor tracks them
+    local_frozen = [f"items.{m}.weight" for m in items.frozen_modules if isinstance(getattr(items, m), nn.Embedding)]
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   plan=plan, sharders=[sharder], device=device, init_data_parallel=world > 1)
+                                   plan=plan, sharders=[sharder], device=device, init_data_parallel=world > 1,
+                                   data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=local_frozen))
     # sharding re-initialises (EBC) or may copy (EC) table weights: always load them afterwards
     for spec in specs:
         load_table(dmp, f"items.{spec.module}.embeddings.{spec.table}.weight", spec.initial)
