@@ -1,4 +1,4 @@
-"""Reading the files of a data source into polars frames, every field as text or as the file types it.
+"""Reading the files of a data source into polars frames (text fields as strings, typed later by :mod:`.columns`).
 
 Tables are chosen by suffix (Parquet / CSV / TSV / JSON lines) after any ``.gz`` / ``.zst``, which is
 decompressed on the fly; the GroupLens formats (``::``- and ``|``-separated, no header, UTF-8 or
