@@ -94,7 +94,11 @@ def remove_stale_runs(storage: str | Path, cfg: RunConfig, run_name: str, filesy
     fs = filesystem or pa_fs.LocalFileSystem()
     for info in fs.get_file_info(pa_fs.FileSelector(str(storage), allow_not_found=True)):
         if fnmatch.fnmatchcase(info.base_name, ray_run_name(cfg, "*")) and info.base_name != run_name:
-            fs.delete_dir(info.path)
+            fs.delete_dir_contents(info.path, missing_dir_ok=True)
+            try:
+                fs.delete_dir(info.path)
+            except FileNotFoundError:  # S3: the folder's marker may be gone with its contents
+                pass
 
 
 def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identity: str,
