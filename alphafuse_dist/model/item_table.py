@@ -77,6 +77,14 @@ def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Ten
     return ec(kjt)[feature].values()
 
 
+def frozen_storage(backend: str, frozen: str) -> str:
+    """Where an item module looks up its frozen table: "torchrec" (a sharded TorchRec table: the
+    torchrec back end with ``frozen="sharded"``) or "torch" (a local frozen ``nn.Embedding``)."""
+    if frozen not in ("sharded", "replicated"):
+        raise ValueError(f"frozen {frozen!r}: expected sharded or replicated")
+    return "torchrec" if backend == "torchrec" and frozen == "sharded" else "torch"
+
+
 def meta_collection(table: str, feature: str, num_items: int, width: int) -> nn.Module:
     """An unmaterialised one-table ``EmbeddingCollection`` [num_items, width] (weights loaded after sharding)."""
     from torchrec import EmbeddingCollection, EmbeddingConfig
@@ -132,10 +140,7 @@ class FusedItemTable(nn.Module):
         if method not in ("alphafuse", "sasrec_id", "llminit"):
             raise ValueError(f"method {method!r}: expected alphafuse, sasrec_id or llminit")
         self.num_items, self.dim, self.method, self.injection, self.backend = num_items, dim, method, injection, backend
-        if frozen not in ("sharded", "replicated"):
-            raise ValueError(f"frozen {frozen!r}: expected sharded or replicated")
-        # where the frozen semantic table is looked up: a local nn.Embedding, or a TorchRec table
-        self.frozen_backend = "torchrec" if backend == "torchrec" and frozen == "sharded" else "torch"
+        self.frozen_backend = frozen_storage(backend, frozen)
         if id_space not in ("null_space", "full_space", "semantic_only") or (
                 id_space != "null_space" and method != "alphafuse"):
             raise ValueError(f"id_space {id_space!r}: expected null_space, full_space or semantic_only (the latter "

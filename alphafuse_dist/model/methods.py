@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .item_table import (ID_FEATURE, ID_TABLE, FusedItemTable, TableSpec, chunked_table, meta_collection,
-                         torchrec_lookup)
+from .item_table import (ID_FEATURE, ID_TABLE, FusedItemTable, TableSpec, chunked_table, frozen_storage,
+                         meta_collection, torchrec_lookup)
 
 FEATURES_TABLE = "features"
 FEATURES_FEATURE = "item_features"
@@ -90,10 +90,7 @@ class AdapterItems(nn.Module):
             raise ValueError(f"id_init: expected {self.num_items} rows, got {tuple(id_init.shape)}")
         if backend not in ("torch", "torchrec"):
             raise ValueError(f"backend {backend!r}: expected torch or torchrec")
-        if frozen not in ("sharded", "replicated"):
-            raise ValueError(f"frozen {frozen!r}: expected sharded or replicated")
-        # where the frozen feature table is looked up: a local nn.Embedding, or a TorchRec table
-        self.frozen_backend = "torchrec" if backend == "torchrec" and frozen == "sharded" else "torch"
+        self.frozen_backend = frozen_storage(backend, frozen)
         if self.frozen_backend == "torch":
             self.features = nn.Embedding(self.num_items, self.feature_dim, _weight=features.to(device).clone())
             self.features.weight.requires_grad_(False)

@@ -94,11 +94,16 @@ def remove_stale_runs(storage: str | Path, cfg: RunConfig, run_name: str, filesy
     fs = filesystem or pa_fs.LocalFileSystem()
     for info in fs.get_file_info(pa_fs.FileSelector(str(storage), allow_not_found=True)):
         if fnmatch.fnmatchcase(info.base_name, ray_run_name(cfg, "*")) and info.base_name != run_name:
-            fs.delete_dir_contents(info.path, missing_dir_ok=True)
-            try:
-                fs.delete_dir(info.path)
-            except FileNotFoundError:  # S3: the folder's marker may be gone with its contents
-                pass
+            _delete_run(fs, info.path)
+
+
+def _delete_run(fs, folder: str) -> None:
+    """Delete a Ray Train run's ``folder`` of the pyarrow file system ``fs``, absent or not."""
+    fs.delete_dir_contents(folder, missing_dir_ok=True)
+    try:
+        fs.delete_dir(folder)
+    except FileNotFoundError:  # S3: the folder's marker may be gone with its contents
+        pass
 
 
 def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identity: str,
@@ -152,8 +157,8 @@ def train_with_ray(cfg: RunConfig, inputs: TrainInputs, out_dir: Path, *, identi
             shutil.copy2(os.path.join(d, name), out_dir / name)
     # the stage output is the model; the run's checkpoints are removed once it is written
     try:
-        fs.delete_dir(f"{path}/{run_name}")
-    except OSError:
+        _delete_run(fs, f"{path}/{run_name}")
+    except OSError:  # best effort: the model is written
         pass
     return {"workers": t.num_workers}
 
