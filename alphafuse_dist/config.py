@@ -219,7 +219,8 @@ class TrainConfig:
     backend: Literal["torchrec", "torch"] = "torchrec"
     num_workers: int = 2  # Ray Train workers (one process, and one GPU on CUDA, each)
     # TorchRec plan of every table: fixed types, or "planner" (TorchRec's EmbeddingShardingPlanner
-    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel is refused (on CUDA its ID rows are not trained as the other plans train them)
+    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel (a full copy per
+    # worker, gradients all-reduced) runs on CUDA only
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
     # torchrec: where the frozen tables (alphafuse's semantic table, the baselines' language
     # features) live: "replicated" = a full copy per worker, looked up locally (no collective);
@@ -449,6 +450,9 @@ _COUNT = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
 _SHARE = Range(low=0, high=1)
 MAX_EPOCHS = 10_000
+DATA_PARALLEL_ON_CPU = ("train.sharding=data_parallel: on CPU TorchRec's data-parallel (dense) kernel corrupts "
+                        "the heap with fbgemm-gpu-cpu 1.8; use row_wise, table_wise, column_wise or planner "
+                        "(data_parallel runs with train.device=cuda)")
 
 # the allowed values of every numeric key (an unset optional key is not checked); the few numeric
 # keys without a range are listed in UNBOUNDED
@@ -646,10 +650,8 @@ def validate(cfg: "RunConfig") -> None:
         if value and not data.id_map:
             raise ConfigError(f"{key}={value}: needs data.id_map (the previous run's prepare folder): without "
                               "stable ids, item i of this run is not item i of the previous one")
-    if t.backend == "torchrec" and t.sharding == "data_parallel":
-        raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel plan does not train the ID rows "
-                          "with train.id_optimizer (on CUDA it trained a different function; on CPU its dense kernel "
-                          "corrupts the heap with fbgemm-gpu-cpu 1.8); use row_wise, table_wise, column_wise or planner")
+    if t.backend == "torchrec" and t.sharding == "data_parallel" and t.device == "cpu":
+        raise ConfigError(DATA_PARALLEL_ON_CPU)
     if t.backend == "torchrec" and t.id_optimizer == "adam" and t.device == "cpu":
         raise ConfigError("train.id_optimizer=adam: TorchRec has no fused Adam on CPU; use adagrad, rowwise_adagrad "
                           "or sgd (or train.backend=torch)")

@@ -289,7 +289,7 @@ def test_compare_children_log_their_progress_with_the_run_they_belong_to(write_c
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.sharding=data_parallel"], "train.sharding=data_parallel: TorchRec's data-parallel plan does not train"),
+    (["train.sharding=data_parallel", "train.device=cpu"], "train.sharding=data_parallel: on CPU TorchRec's data-parallel"),
     (["train.id_optimizer=adam", "train.device=cpu"], "train.id_optimizer=adam: TorchRec has no fused Adam on CPU"),
 ])
 def test_torchrec_choices_that_cannot_train_are_refused_at_load(overrides, message):

@@ -4,7 +4,9 @@ the dense parameters (encoder, adapters).
 - ``torchrec`` backend: TorchRec's fused optimiser of the sharded tables (``model.fused_optimizer``,
   applied in backward; the ID table's optimiser is chosen by ``train.id_optimizer``) and Adam over
   the trainable parameters without an in-backward optimiser (``in_backward_optimizer_filter``; a
-  replicated frozen table is not trained), combined by TorchRec's ``CombinedOptimizer``.
+  replicated frozen table is not trained), combined by TorchRec's ``CombinedOptimizer``; with the
+  data-parallel plan the ID table has no fused optimiser and gets the ID optimiser here
+  (:func:`data_parallel_tables`).
 - ``torch`` backend: Adam over the dense parameters and the ID optimiser over the item module's ID
   tables (its ``id_modules``), combined by :class:`OptimizerGroup`.
 
@@ -102,6 +104,32 @@ def trainable_parameters(net: nn.Module) -> tuple[dict[str, nn.Parameter], dict[
     return dense, id_params
 
 
+def _storage(p: torch.Tensor) -> int:
+    return p.untyped_storage().data_ptr()
+
+
+def data_parallel_tables(model: nn.Module, specs: list) -> tuple[dict[str, nn.Parameter], set[int]]:
+    """The tables of a DMP ``model`` that TorchRec's data-parallel plan holds (each rank a full copy,
+    gradients all-reduced by DDP, no in-backward optimiser): ({name: weight} of the trainable ones,
+    the storages of all of them).
+
+    TorchRec exposes such a table twice among the parameters: as the table's weight (a view) and as
+    its kernel's buffer. The ID table's view gets the ID optimiser, as with ``train.backend=torch``;
+    nothing else may update either (a frozen table's lookups run under ``no_grad``).
+    """
+    named = dict(model.named_parameters())
+    ids, storages = {}, set()
+    for spec in specs:
+        suffix = f"items.{spec.module}.embeddings.{spec.table}.weight"
+        name, weight = next(((n, p) for n, p in named.items() if n.endswith(suffix)), (None, None))
+        if weight is None or hasattr(weight, "_in_backward_optimizers"):
+            continue  # sharded: the fused optimiser trains it
+        storages.add(_storage(weight))
+        if not spec.frozen:
+            ids[name] = weight
+    return ids, storages
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
     """The run's optimiser (see the module docstring).
 
@@ -118,10 +146,15 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
         from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+        ids, skip = data_parallel_tables(model, net.items.torchrec_tables())
         # frozen parameters (a replicated frozen table) take no Adam state
         dense = KeyedOptimizerWrapper({n: p for n, p in in_backward_optimizer_filter(model.named_parameters())
-                                       if p.requires_grad}, adam)
-        return CombinedOptimizer([("tables", model.fused_optimizer), ("dense", dense)])
+                                       if p.requires_grad and not (skip and _storage(p) in skip)}, adam)
+        parts = [("tables", model.fused_optimizer), ("dense", dense)]
+        if ids:
+            cls, kwargs = id_optimizer(t.id_optimizer, t.id_lr)
+            parts.append(("ids", KeyedOptimizerWrapper(ids, lambda params: with_adam_state(cls(params, **kwargs)))))
+        return CombinedOptimizer(parts)
     dense, ids = trainable_parameters(net)
     parts = {"dense": (adam(list(dense.values())), list(dense))}
     if ids:

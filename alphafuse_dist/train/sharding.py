@@ -13,7 +13,9 @@ Dense parameters inside the item module (the baselines' adapters) are not sharde
 with the encoder in DDP (with several workers), so their gradients are synchronised like the encoder's.
 
 Only the FUSED compute kernel works for EmbeddingCollection on CPU with fbgemm-gpu-cpu 1.8 (the
-dense kernel and data-parallel corrupt the heap there), so every plan asks for it explicitly.
+dense kernel and data-parallel corrupt the heap there), so every sharded plan asks for it explicitly.
+The data-parallel plan (CUDA only) keeps a full copy of each table per worker with TorchRec's dense
+kernel and no in-backward optimiser: its ID table gets the ID optimiser in ``optim.build_optimizer``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import DATA_PARALLEL_ON_CPU
 from ..errors import ConfigError, choose
 from .optim import id_optimizer
 
@@ -80,13 +83,7 @@ def check_sharding(kind: str, device: torch.device) -> None:
     """Refuse sharding choices this stack cannot run, before any process group work."""
     choose(SHARDING_PLANS, kind, "train.sharding")
     if kind == "data_parallel" and device.type == "cpu":
-        raise ConfigError("train.sharding=data_parallel: TorchRec's data-parallel (dense) kernel corrupts the heap "
-                          "with fbgemm-gpu-cpu 1.8; on CPU use row_wise, table_wise, column_wise "
-                          "or planner (which is limited to those)")
-    if kind == "data_parallel":
-        raise ConfigError("train.sharding=data_parallel: on CUDA it trains a different function from the other plans "
-                          "and from train.backend=torch (its ID rows do not get train.id_optimizer's updates); use "
-                          "row_wise, table_wise, column_wise or planner")
+        raise ConfigError(DATA_PARALLEL_ON_CPU)
 
 
 def _planner_plan(p: PlanInputs):
