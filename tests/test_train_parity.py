@@ -60,6 +60,7 @@ def _train(cfg, inputs: TrainInputs) -> dict:
     """The recipe's first-epoch steps on this worker; the trained tables (collectives with torchrec)."""
     recipe, losses, logged = recipe_steps(cfg, inputs)
     return {"losses": losses, "table": recipe.net.items.full_table(),
+            "encoder": {k: v.detach().clone() for k, v in recipe.net.encoder.state_dict().items()},
             "semantic": recipe.net.items.lookup_semantic(torch.arange(N)), "plan": "\n".join(logged),
             "ids": recipe.net.items.ids.weight.detach().clone() if cfg.train.backend == "torch" else None}
 
@@ -87,6 +88,10 @@ def test_sharded_workers_match_one_process(inputs, single, sharding, world, froz
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
     # the updated fused rows (hence the ID rows) agree after several steps
     torch.testing.assert_close(got["table"], single["table"], rtol=1e-5, atol=1e-5)
+    # and so does every encoder tensor (the attention's key bias, whose gradient is rounding noise
+    # alone, is held at zero: otherwise Adam walks it apart between the two summation orders)
+    for key, ref in single["encoder"].items():
+        torch.testing.assert_close(got["encoder"][key], ref, rtol=1e-5, atol=1e-5, msg=key)
     # the plan is logged; the planner was held to the fused kernel and the CPU sharding types
     assert f"TorchRec plan ({sharding}, {world} workers)" in got["plan"]
     if sharding == "planner":
@@ -110,6 +115,9 @@ def test_semantic_part_frozen_only_null_space_moves(inputs, frozen):
 def test_plain_torch_semantic_frozen(single):
     sem = _semantic()
     assert single["losses"][-1] < single["losses"][0]
+    bias = single["encoder"]["blocks.0.attn.in_proj_bias"]
+    d = bias.numel() // 3
+    assert torch.equal(bias[d:2 * d], torch.zeros(d)) and bias[:d].abs().max() > 0  # the key bias stays zero
     assert torch.equal(single["semantic"], sem)
     assert torch.equal(single["table"][:, :D_S], sem[:, :D_S])
     torch.testing.assert_close(single["table"][:, D_S:], sem[:, D_S:] + single["ids"], rtol=0, atol=1e-6)

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _without_key_bias(grad: torch.Tensor) -> torch.Tensor:
+    """``in_proj_bias``'s gradient [3d] with its key third (d:2d) set to zero."""
+    d = grad.shape[0] // 3
+    return torch.cat([grad[:d], grad.new_zeros(d), grad[2 * d:]])
+
 
 class SASRecBlock(nn.Module):
     """Pre-LayerNorm block: causal self-attention + position-wise feed-forward, both residual."""
@@ -20,6 +25,11 @@ class SASRecBlock(nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim, eps=1e-8)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        # The key bias cannot change the attention (it adds q.b_k to every logit of query q, and the
+        # softmax over keys ignores that), so its gradient is zero but for rounding noise, which Adam
+        # scales into lr-sized steps: a random walk that ends differently in runs of the same function
+        # (another TorchRec plan, more workers). It stays at its initial zero.
+        self.attn.in_proj_bias.register_hook(_without_key_bias)
         self.ln2 = nn.LayerNorm(dim, eps=1e-8)
         self.ff = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
                                 nn.Dropout(dropout))
