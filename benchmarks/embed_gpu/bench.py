@@ -161,13 +161,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=300_000, help="titles to encode")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--batch", type=int, default=None, help="texts per encode call (default: 1024 on cuda, 256 on cpu)")
+    p.add_argument("--batch", type=int, default=None, help="texts per encode call (default: embed.gpu_batch_size on cuda, embed.batch_size on cpu)")
     p.add_argument("--actors-per-gpu", default="2,4",
                    help="comma-separated embed.actors_per_gpu values, one stage run each (cuda only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = p.parse_args()
-    batch = args.batch or (1024 if args.device == "cuda" else 256)
+    from alphafuse_dist.config import EmbedConfig
+
+    batch = args.batch or (EmbedConfig.gpu_batch_size if args.device == "cuda" else EmbedConfig.batch_size)
     pool_sizes = [int(v) for v in args.actors_per_gpu.split(",")] if args.device == "cuda" else [1]
 
     import ray
