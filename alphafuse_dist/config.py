@@ -118,8 +118,8 @@ class EmbedConfig:
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 256  # texts per encode call on CPU
     # texts per encode call on CUDA (fp16); texts are sorted by length first, so a batch of this
-    # size pads little; large batches keep the GPU busy (each call's host work is per batch)
-    gpu_batch_size: int = 4096
+    # size pads little
+    gpu_batch_size: int = 1024
     # CUDA: encoder actors sharing one GPU (each reserves 1/actors_per_gpu of it and 1 CPU); while
     # one copies a batch to or from the GPU, the others keep it busy (tokenizing runs in Ray Data
     # tasks on the other CPUs)
@@ -219,8 +219,8 @@ class TrainConfig:
     backend: Literal["torchrec", "torch"] = "torchrec"
     num_workers: int = 2  # Ray Train workers (one process, and one GPU on CUDA, each)
     # TorchRec plan of every table: fixed types, or "planner" (TorchRec's EmbeddingShardingPlanner
-    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel (a full copy per
-    # worker, gradients all-reduced) runs on CUDA only
+    # constrained to the fused kernel; on CPU to row/table/column-wise); data_parallel (a full copy of
+    # each table, TorchRec's dense kernel) needs train.device=cuda and, for now, one worker
     sharding: Literal["row_wise", "table_wise", "column_wise", "data_parallel", "planner"] = "row_wise"
     # torchrec: where the frozen tables (alphafuse's semantic table, the baselines' language
     # features) live: "replicated" = a full copy per worker, looked up locally (no collective);
@@ -450,9 +450,9 @@ _COUNT = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
 _SHARE = Range(low=0, high=1)
 MAX_EPOCHS = 10_000
-DATA_PARALLEL_ON_CPU = ("train.sharding=data_parallel: on CPU TorchRec's data-parallel (dense) kernel corrupts "
-                        "the heap with fbgemm-gpu-cpu 1.8; use row_wise, table_wise, column_wise or planner "
-                        "(data_parallel runs with train.device=cuda)")
+DATA_PARALLEL_NEEDS_CUDA = ("train.sharding=data_parallel: needs train.device=cuda (on CPU TorchRec's data-parallel "
+                        "(dense) kernel corrupts the heap with fbgemm-gpu-cpu 1.8); use row_wise, table_wise, "
+                        "column_wise or planner")
 
 # the allowed values of every numeric key (an unset optional key is not checked); the few numeric
 # keys without a range are listed in UNBOUNDED
@@ -650,8 +650,12 @@ def validate(cfg: "RunConfig") -> None:
         if value and not data.id_map:
             raise ConfigError(f"{key}={value}: needs data.id_map (the previous run's prepare folder): without "
                               "stable ids, item i of this run is not item i of the previous one")
-    if t.backend == "torchrec" and t.sharding == "data_parallel" and t.device == "cpu":
-        raise ConfigError(DATA_PARALLEL_ON_CPU)
+    if t.backend == "torchrec" and t.sharding == "data_parallel" and t.device != "cuda":
+        raise ConfigError(DATA_PARALLEL_NEEDS_CUDA)
+    if t.backend == "torchrec" and t.sharding == "data_parallel" and t.num_workers > 1:
+        raise ConfigError(f"train.sharding=data_parallel: train.num_workers={t.num_workers}: it has run on one GPU "
+                          "only (tests/test_gpu_train.py); with several workers use row_wise, table_wise, "
+                          "column_wise or planner")
     if t.backend == "torchrec" and t.id_optimizer == "adam" and t.device == "cpu":
         raise ConfigError("train.id_optimizer=adam: TorchRec has no fused Adam on CPU; use adagrad, rowwise_adagrad "
                           "or sgd (or train.backend=torch)")

@@ -289,7 +289,10 @@ def test_compare_children_log_their_progress_with_the_run_they_belong_to(write_c
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.sharding=data_parallel", "train.device=cpu"], "train.sharding=data_parallel: on CPU TorchRec's data-parallel"),
+    (["train.sharding=data_parallel", "train.device=cpu"], "train.sharding=data_parallel: needs train.device=cuda"),
+    (["train.sharding=data_parallel", "train.device=auto"], "train.sharding=data_parallel: needs train.device=cuda"),
+    (["train.sharding=data_parallel", "train.device=cuda", "train.num_workers=2"],
+     "train.sharding=data_parallel: train.num_workers=2: it has run on one GPU only"),
     (["train.id_optimizer=adam", "train.device=cpu"], "train.id_optimizer=adam: TorchRec has no fused Adam on CPU"),
 ])
 def test_torchrec_choices_that_cannot_train_are_refused_at_load(overrides, message):

@@ -91,7 +91,7 @@ def test_sharded_workers_match_one_process(inputs, single, sharding, world, froz
     # and so does every encoder tensor (the attention's key bias, whose gradient is rounding noise
     # alone, is held at zero: otherwise Adam walks it apart between the two summation orders)
     for key, ref in single["encoder"].items():
-        torch.testing.assert_close(got["encoder"][key], ref, rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(got["encoder"][key], ref, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     # the plan is logged; the planner was held to the fused kernel and the CPU sharding types
     assert f"TorchRec plan ({sharding}, {world} workers)" in got["plan"]
     if sharding == "planner":
@@ -129,7 +129,7 @@ def test_data_parallel_is_refused_on_cpu_with_the_reason():
     from alphafuse_dist.errors import ConfigError
     from alphafuse_dist.train.sharding import check_sharding
 
-    with pytest.raises(ConfigError, match=r"train\.sharding=data_parallel: on CPU .*corrupts the heap"):
+    with pytest.raises(ConfigError, match=r"train\.sharding=data_parallel: needs train\.device=cuda .*corrupts the heap"):
         check_sharding("data_parallel", torch.device("cpu"))
     check_sharding("data_parallel", torch.device("cuda"))  # CUDA takes it (tests/test_gpu_train.py)
     with pytest.raises(ConfigError, match=r"train\.sharding='diagonal'"):

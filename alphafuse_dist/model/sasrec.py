@@ -28,7 +28,7 @@ class SASRecBlock(nn.Module):
         # The key bias cannot change the attention (it adds q.b_k to every logit of query q, and the
         # softmax over keys ignores that), so its gradient is zero but for rounding noise, which Adam
         # scales into lr-sized steps: a random walk that ends differently in runs of the same function
-        # (another TorchRec plan, more workers). It stays at its initial zero.
+        # (another TorchRec plan, more workers). It is not trained: it keeps its initial value (zero).
         self.attn.in_proj_bias.register_hook(_without_key_bias)
         self.ln2 = nn.LayerNorm(dim, eps=1e-8)
         self.ff = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),

@@ -121,8 +121,12 @@ def data_parallel_tables(model: nn.Module, specs: list) -> tuple[dict[str, nn.Pa
     ids, storages = {}, set()
     for spec in specs:
         suffix = f"items.{spec.module}.embeddings.{spec.table}.weight"
-        name, weight = next(((n, p) for n, p in named.items() if n.endswith(suffix)), (None, None))
-        if weight is None or hasattr(weight, "_in_backward_optimizers"):
+        found = [(n, p) for n, p in named.items() if n.endswith(suffix)]
+        if len(found) != 1:
+            raise RuntimeError(f"TorchRec table {spec.module}.{spec.table}: expected one parameter named "
+                               f"*{suffix}, found {[n for n, _ in found]}")
+        name, weight = found[0]
+        if hasattr(weight, "_in_backward_optimizers"):
             continue  # sharded: the fused optimiser trains it
         storages.add(_storage(weight))
         if not spec.frozen:

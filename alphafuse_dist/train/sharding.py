@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import DATA_PARALLEL_ON_CPU
+from ..config import DATA_PARALLEL_NEEDS_CUDA
 from ..errors import ConfigError, choose
 from .optim import id_optimizer
 
@@ -83,7 +83,7 @@ def check_sharding(kind: str, device: torch.device) -> None:
     """Refuse sharding choices this stack cannot run, before any process group work."""
     choose(SHARDING_PLANS, kind, "train.sharding")
     if kind == "data_parallel" and device.type == "cpu":
-        raise ConfigError(DATA_PARALLEL_ON_CPU)
+        raise ConfigError(DATA_PARALLEL_NEEDS_CUDA)
 
 
 def _planner_plan(p: PlanInputs):
@@ -93,7 +93,7 @@ def _planner_plan(p: PlanInputs):
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
 
-    # never data-parallel: check_sharding says why
+    # never data-parallel: the fused kernel's optimiser and the one plan it has run with several workers
     allowed = [ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
     constraints = {spec.table: ParameterConstraints(sharding_types=allowed, compute_kernels=["fused"])
                    for spec in p.specs}
@@ -120,7 +120,9 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
 
     Each table of ``model.items.torchrec_tables()`` gets its plan (with ``table_wise``, the k-th
     table goes to rank k mod world; with ``planner``, TorchRec's planner chooses under explicit
-    constraints) and its optimiser: the fused ID optimiser, or zero-lr SGD. The plan is logged.
+    constraints) and its optimiser: the fused ID optimiser, or zero-lr SGD (with ``data_parallel``,
+    TorchRec's dense kernel ignores both: ``optim.build_optimizer`` gives its ID table the ID
+    optimiser). The plan is logged.
 
     Returns the DMP module; call it like the model (the dense part is wrapped in DDP when there
     are several workers: one worker has no gradients to synchronise, and DDP's per-step hooks and
