@@ -163,6 +163,11 @@ def test_target_ranks_rejects_bad_input():
         target_ranks(torch.ones(1, 3), TABLE, torch.tensor([0]))
     with pytest.raises(ValueError, match=r"exclude\[0\]: item ids"):
         target_ranks(USER, TABLE, torch.tensor([0]), exclude=[torch.tensor([9])])
+    # the user named is the one whose list holds the bad id, past users with empty lists
+    three = USER.expand(3, -1)
+    with pytest.raises(ValueError, match=r"exclude\[2\]: item ids"):
+        target_ranks(three, TABLE, torch.tensor([0, 1, 2]),
+                     exclude=[torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), torch.tensor([1, -1])])
     with pytest.raises(ValueError, match="item_table rows 2..3"):
         target_ranks(USER, TABLE.clone().index_fill_(0, torch.tensor([3]), math.nan), torch.tensor([0]), item_chunk=2)
     with pytest.raises(ValueError, match="similarity"):

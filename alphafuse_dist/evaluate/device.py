@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..runtime.progress import Progress
-from .metrics import (Similarity, _pairs_by_item, _pairs_in, _row_scores, _topk_in_id_order, exact_rows, exact_scores,
+from .metrics import (Similarity, _fill_pairs, _pairs_by_item, _row_scores, _topk_in_id_order, exact_rows, exact_scores,
                       sampled_ranks)
 
 _log = logging.getLogger(__name__)
@@ -187,11 +187,10 @@ def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude:
         if "top_unfiltered" in tops:
             tops["top_unfiltered"].add(scores, start)
         if blocked is not None:
-            rows, cols = _pairs_in(blocked, start, end)
-            ahead[rows, cols] = False
+            _fill_pairs(ahead, blocked, start, False)
             if "top" in tops:
                 scores = scores.clone() if "top_unfiltered" in tops else scores
-                scores[rows, cols] = -math.inf
+                _fill_pairs(scores, blocked, start, -math.inf)
         ranks["ranks"] += ahead.sum(dim=1)
         if "top" in tops:
             tops["top"].add(scores, start)
