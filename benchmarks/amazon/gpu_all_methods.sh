@@ -5,8 +5,9 @@
 # (`alphafuse run --config SET --stages prepare,embed,decompose run_dir=RUN [data.split=...]`), or is
 # the .tgz of those folders (paths runs/<name>/{prepare,embed,decompose}), unpacked into .device/.
 #   bash benchmarks/amazon/gpu_all_methods.sh SET RUN LABEL [key=value ...]
-# The overrides must include the split keys the shared stages were computed with (the cold-start
-# run: data.split=cold_start_users data.min_user_interactions=2), or prepare is out of date.
+# The overrides must repeat the split keys the shared stages were computed with (the cold-start
+# run: data.split=cold_start_users data.min_user_interactions=2): train and evaluate read the
+# prepared split as it is, so the script stops when RUN's split and the overrides disagree.
 # The work folder .device/gpu/LABEL persists on a warm machine: a rerun skips finished runs
 # (LIMIT=seconds stops the compare in time to pack what is done).
 # Environment: METHODS, SEEDS (22,23,24), JOBS (8), LIMIT (0: none), PYTHON (python3), OUT.
@@ -24,6 +25,15 @@ fi
 for s in prepare embed decompose; do
   [ -d "$RUN/$s" ] || { echo "$RUN/$s: missing (compute the shared stages first)" >&2; exit 2; }
 done
+kind=$("${PYTHON:-python3}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["split"]["kind"])' \
+  "$RUN/prepare/stats.json")
+asked=leave_one_out
+for a in "$@"; do case $a in data.split=*) asked=${a#data.split=};; esac; done
+if [ "$kind" != "$asked" ]; then
+  echo "$RUN/prepare holds the split $kind but the overrides ask for $asked: pass data.split=$kind" \
+    "(and its other data.* keys)" >&2
+  exit 2
+fi
 DIR=.device/gpu/$LABEL
 mkdir -p "$DIR"
 for s in prepare embed decompose; do [ -d "$DIR/$s" ] || cp -r "$RUN/$s" "$DIR/"; done
