@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from alphafuse_dist.config import DataConfig
+from alphafuse_dist.config import DataConfig, load_config
 from alphafuse_dist.data.embedded import build_embedded, embedded_path
 from alphafuse_dist.data.prepare import SCHEMAS, prepare
 from alphafuse_dist.data.sources import load_source, source_inputs
@@ -163,6 +163,43 @@ def test_recbole_atomic_files(tmp_path):
     assert_split(tmp_path / "out")
     assert read(tmp_path / "out", "items")["text"][1] == (
         "Star Wars: Episode IV - A New Hope (1977) | Action, Sci-Fi | 1977")
+
+
+def write_amazon_recbole(folder: Path) -> Path:
+    """The RecBole Amazon_Beauty layout as pandas writes it: the fields of the RecBole_SAE copy,
+    CSV-style quotes around fields holding a tab, a newline or a '"', categories as Python lists."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(u, i, 5.0, 100 * u + k) for u in (1, 2, 3) for k, i in enumerate(("B01", "B02", "B03"))]
+    (folder / f"{folder.name}.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"U{u}\t{i}\t{r}\t{t}.0\n" for u, i, r, t in rows))
+    (folder / f"{folder.name}.item").write_text(
+        "item_id:token\ttitle:token\tsales_type:token\tsales_rank:float\tcategories:token_seq\tprice:float\t"
+        "brand:token\n"
+        "B01\tPrada Candy Eau De Parfum\tBeauty\t78916.0\t\"'Beauty', 'Fragrance', \"\"Women's\"\", "
+        "'Eau de Parfum'\"\t65.86\tPrada\n"
+        "B02\t\"TheraNeem Cream 2 oz \nVanilla\"\t\t\t'Beauty', 'Skin Care', 'Body'\t11.28\tOrganix\n"
+        "B03\t\"- \t DESIGNER SKIN LOTION 20 OZ\"\tToys & Games\t1679205.0\t'Beauty', 'Skin Care'\t7.97\t"
+        "Designer Skin\n")
+    return folder
+
+
+def test_recbole_amazon_beauty_layout(tmp_path):
+    """The amazon-beauty preset's text template over the RecBole Amazon item fields: quoted fields
+    with tabs and newlines read whole, list elements kept whole (not split at spaces)."""
+    folder = write_amazon_recbole(tmp_path / "Amazon_Beauty")
+    cfg = load_config("amazon-beauty", [f"data.path={folder}", "data.min_user_interactions=3",
+                                        "data.min_item_interactions=1"])
+    items = load_source(cfg.data).items
+    assert items.columns == ["item_id", "title", "sales_type", "sales_rank", "categories", "price", "brand"]
+    assert items["categories"].to_list() == ["Beauty, Fragrance, Women's, Eau de Parfum",
+                                             "Beauty, Skin Care, Body", "Beauty, Skin Care"]
+    assert items["title"].to_list() == ["Prada Candy Eau De Parfum", "TheraNeem Cream 2 oz \nVanilla",
+                                        "- \t DESIGNER SKIN LOTION 20 OZ"]
+    prepare(cfg.data, tmp_path / "out")
+    texts = dict(read(tmp_path / "out", "items").select("item_id", "text").iter_rows())
+    assert texts["B01"] == "Prada Candy Eau De Parfum. Beauty, Fragrance, Women's, Eau de Parfum. Prada."
+    assert texts["B03"].endswith(". Beauty, Skin Care. Designer Skin.")
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])

@@ -103,8 +103,9 @@ def _recbole(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     """RecBole ``.inter`` (+ ``.item``); ``data.user_col`` etc. name the fields (RecBole's defaults).
 
     Item fields become text: list fields (``genre``, ``genres``, ``categories``, ``tags``: space-
-    separated, in the ML-1M copy even where typed ``token``) are ', '-joined; other ``*_seq`` fields
-    (e.g. a title typed ``token_seq``) keep their words, single-spaced; ``movie_title`` +
+    separated, in the ML-1M copy even where typed ``token``; or quoted elements as Python writes a
+    list, ``'Beauty', 'Skin Care', "Women's"``, in the Amazon copies) are ', '-joined; other ``*_seq``
+    fields (e.g. a title typed ``token_seq``) keep their words, single-spaced; ``movie_title`` +
     ``release_year`` become ``title`` = "Title (Year)" as in MovieLens, plus ``year``.
     """
     inter = _read_recbole(files["interactions"])
@@ -123,7 +124,7 @@ def _recbole(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     bare = {c: c.split(":", 1)[0] for c in items.columns[1:]}
     lists = ("genre", "genres", "categories", "tags")
     items = items.rename(bare).with_columns(
-        pl.col(name).str.extract_all(r"\S+").list.join(", " if name in lists else " ")
+        _list_text(name) if name in lists else pl.col(name).str.extract_all(r"\S+").list.join(" ")
         for header, name in bare.items() if header.endswith("_seq") or name in lists)
     if "movie_title" in items.columns and "release_year" in items.columns:
         year = pl.col("release_year").str.strip_chars().str.replace(r"\.0+$", "")
@@ -135,6 +136,17 @@ def _recbole(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     items = items.rename({k: v for k, v in names.items() if k in items.columns and v not in items.columns})
     return Source(interactions, items, files, cols,
                   f"RecBole atomic files {files['interactions']} + {files['items'].name}")
+
+
+def _list_text(name: str) -> pl.Expr:
+    """A list field as "a, b, c": its quoted elements ('Skin Care', "Women's") when it begins with
+    a quote, else its space-separated words."""
+    value = pl.col(name)
+    quoted = value.str.extract_all(r"'[^']*'|\"[^\"]*\"").list.eval(
+        pl.element().str.replace(r"(?s)^.(.*).$", "${1}").str.strip_chars())
+    words = value.str.extract_all(r"\S+")
+    return (pl.when(value.str.strip_chars_start().str.contains(r"^['\"]")).then(quoted).otherwise(words)
+            .list.join(", ").alias(name))
 
 
 def _unisrec(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:

@@ -189,13 +189,25 @@ def _read_dat(path: Path) -> pl.DataFrame:
 
 
 def _read_recbole(path: Path) -> pl.DataFrame:
-    """A RecBole atomic file, all fields as strings, typed headers (``item_id:token``) kept."""
+    """A RecBole atomic file, all fields as strings, typed headers (``item_id:token``) kept.
+
+    RecBole files are unquoted TSV: a '"' inside a title is text, not a quote (the ML-1M copy has
+    titles that begin with one). Copies written by pandas quote fields that hold a tab, a newline
+    or a '"' CSV-style (``"a ""b"" c"``, e.g. the RecBole Amazon_Beauty.item); a file whose
+    unquoted read finds rows wider than the header is read again with '"' as the quote.
+    """
     source = _readable(path)
     _require_text(path, source, "a RecBole atomic file")
     try:
-        # RecBole files are unquoted TSV: a '"' inside a title is text, not a quote
-        return pl.read_csv(source, separator="\t", quote_char=None, infer_schema=False,
-                           empty_string_is_null=False)
+        try:
+            return pl.read_csv(source, separator="\t", quote_char=None, infer_schema=False,
+                               empty_string_is_null=False)
+        except pl.exceptions.ComputeError as unquoted:
+            try:
+                return pl.read_csv(source, separator="\t", quote_char='"', infer_schema=False,
+                                   empty_string_is_null=False)
+            except pl.exceptions.PolarsError:
+                raise unquoted from None
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a typed header such as user_id:token", file=path) from None
     except pl.exceptions.PolarsError as e:
