@@ -203,6 +203,8 @@ def _read_recbole(path: Path) -> pl.DataFrame:
             return pl.read_csv(source, separator="\t", quote_char=None, infer_schema=False,
                                empty_string_is_null=False)
         except pl.exceptions.ComputeError as unquoted:
+            if isinstance(source, io.BytesIO):
+                source.seek(0)  # a decompressed file: read its bytes again
             try:
                 return pl.read_csv(source, separator="\t", quote_char='"', infer_schema=False,
                                    empty_string_is_null=False)
