@@ -14,7 +14,9 @@ the model's own encoder (``evaluate.stage.load_model``), and reports per table:
 - ``id_norm / sem_norm``: mean norm of the ID part and of the frozen semantic row, head vs tail;
 - ``popshare_sem`` / ``popshare_id``: PopShare@10 (unfiltered) of top-10 lists ranked by the
   semantic or the ID contribution alone;
-- ``spearman``: the rank correlation of item popularity with the item's mean score.
+- ``spearman``: the rank correlation of item popularity with the item's mean score;
+- ``rare_share``: the share of top-10 slots (unfiltered) holding an item with at most 2 training
+  interactions.
 
 Numpy/torch arithmetic on one small table; the user states come from the project's encoder.
 """
@@ -62,6 +64,7 @@ def analyse(run_dir: Path, path: Path) -> dict:
     norm = table.norm(dim=1, keepdim=True)
     scores = h @ (table / norm).T
     out = {"row": row, "method": method, "seed": int(seed), "popshare": popshare(scores, head)}
+    out["rare_share"] = torch.as_tensor(pop <= 2)[scores.topk(10, dim=1).indices].float().mean().item()
     mean_score = scores.mean(0)
     out["gap"] = (mean_score[head].mean() - mean_score[~head].mean()).item()
     out["spearman"] = float(np.corrcoef(_ranks(pop), _ranks(mean_score.numpy()))[0, 1])
@@ -76,7 +79,8 @@ def analyse(run_dir: Path, path: Path) -> dict:
             m = c.mean(0)
             out[f"gap_{k}"] = (m[head].mean() - m[~head].mean()).item()
         out["popshare_sem"] = popshare(contrib["sem_rows"] + contrib["sem_null"], head)
-        out["popshare_id"] = popshare(contrib["id"], head)
+        if ids.abs().sum() > 0:  # semantic_only has no ID part to rank by
+            out["popshare_id"] = popshare(contrib["id"], head)
         id_norm, sem_norm = ids.norm(dim=1), sem.norm(dim=1)
         for name, mask in (("head", head), ("tail", ~head)):
             out[f"id_norm_{name}"] = id_norm[mask].mean().item()
@@ -94,7 +98,7 @@ def main() -> None:
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(args.out)
     keys = ["popshare", "gap", "gap_sem_rows", "gap_sem_null", "gap_id", "popshare_sem", "popshare_id",
-            "id_norm_head", "id_norm_tail", "sem_norm_head", "sem_norm_tail", "spearman"]
+            "id_norm_head", "id_norm_tail", "sem_norm_head", "sem_norm_tail", "spearman", "rare_share"]
     print("| table | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         cells = [f"{r[k]:.3f}" if k in r else "" for k in keys]
