@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from alphafuse_dist.config import load_config
+from alphafuse_dist.config import config_from_dict, load_config
 from alphafuse_dist.data.sequences import eval_inputs
 from alphafuse_dist.evaluate.stage import load_model
 from alphafuse_dist.model.sasrec import user_states_from_table
@@ -51,10 +51,12 @@ def popshare(scores: torch.Tensor, head: torch.Tensor, k: int = 10) -> float:
 
 def analyse(run_dir: Path, path: Path) -> dict:
     row, method, seed = re.fullmatch(r"(.+)-(alphafuse|sasrec_id)-s(\d+)", path.stem).groups()
-    cfg = load_config("quickstart", ["train.backend=torch", f"method={method}"])
+    saved = path.with_suffix(".json")  # the run's config.json, kept beside its table by run.sh
+    cfg = (config_from_dict(json.loads(saved.read_text())) if saved.exists()
+           else load_config("quickstart", ["train.backend=torch", f"method={method}"]))
     table, encoder = load_model(path, cfg)
     n, d = table.shape
-    d_s = d - cfg.model.id_dims
+    d_s = 0 if cfg.model.id_space == "full_space" else d - cfg.model.id_dims
     items = read_table(run_dir / "prepare" / "items.parquet", columns=["popularity", "is_head"])
     pop = items.column("popularity").to_numpy().astype(np.float64)
     head = torch.as_tensor(items.column("is_head").to_numpy(zero_copy_only=False).astype(bool))
@@ -63,7 +65,8 @@ def analyse(run_dir: Path, path: Path) -> dict:
         h = F.normalize(user_states_from_table(encoder, table, torch.as_tensor(hist)), dim=1)
     norm = table.norm(dim=1, keepdim=True)
     scores = h @ (table / norm).T
-    out = {"row": row, "method": method, "seed": int(seed), "popshare": popshare(scores, head)}
+    id_dims = {"full_space": d, "semantic_only": 0}.get(cfg.model.id_space, d - d_s) if method == "alphafuse" else d
+    out = {"row": row, "method": method, "seed": int(seed), "id_dims": id_dims, "popshare": popshare(scores, head)}
     out["rare_share"] = torch.as_tensor(pop <= 2)[scores.topk(10, dim=1).indices].float().mean().item()
     mean_score = scores.mean(0)
     out["gap"] = (mean_score[head].mean() - mean_score[~head].mean()).item()
@@ -97,11 +100,11 @@ def main() -> None:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(args.out)
-    keys = ["popshare", "gap", "gap_sem_rows", "gap_sem_null", "gap_id", "popshare_sem", "popshare_id",
+    keys = ["id_dims", "popshare", "gap", "gap_sem_rows", "gap_sem_null", "gap_id", "popshare_sem", "popshare_id",
             "id_norm_head", "id_norm_tail", "sem_norm_head", "sem_norm_tail", "spearman", "rare_share"]
     print("| table | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
-        cells = [f"{r[k]:.3f}" if k in r else "" for k in keys]
+        cells = [(str(r[k]) if isinstance(r[k], int) else f"{r[k]:.3f}") if k in r else "" for k in keys]
         print(f"| {r['row']} {r['method']} s{r['seed']} | " + " | ".join(cells) + " |")
 
 
