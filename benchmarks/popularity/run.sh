@@ -30,6 +30,7 @@ row() {  # row NAME METHODS SEEDS [key=value ...]
 screen() {  # one seed, every factor
   row default               alphafuse,sasrec_id 22
   row exclude_history       alphafuse,sasrec_id 22 eval.exclude_history=true
+  row patience_10           alphafuse,sasrec_id 22 train.patience=10
   row semantic_only         alphafuse           22 model.id_space=semantic_only
   row id_dims_32            alphafuse           22 model.id_dims=32
   row id_dims_96            alphafuse           22 model.id_dims=96
