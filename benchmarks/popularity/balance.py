@@ -100,8 +100,8 @@ def main() -> None:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(args.out)
-    keys = ["id_dims", "popshare", "gap", "gap_sem_rows", "gap_sem_null", "gap_id", "popshare_sem", "popshare_id",
-            "id_norm_head", "id_norm_tail", "sem_norm_head", "sem_norm_tail", "spearman", "rare_share"]
+    keys = ["popshare", "gap", "gap_sem_rows", "gap_sem_null", "gap_id", "popshare_sem", "popshare_id",
+            "rare_share", "spearman", "id_norm_head", "id_norm_tail"]
     print("| table | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         cells = [(str(r[k]) if isinstance(r[k], int) else f"{r[k]:.3f}") if k in r else "" for k in keys]

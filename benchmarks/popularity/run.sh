@@ -32,9 +32,6 @@ screen() {  # one seed, every factor
   row exclude_history       alphafuse,sasrec_id 22 eval.exclude_history=true
   row patience_10           alphafuse,sasrec_id 22 train.patience=10
   row semantic_only         alphafuse           22 model.id_space=semantic_only
-  row id_dims_32            alphafuse           22 model.id_dims=32
-  row id_dims_96            alphafuse           22 model.id_dims=96
-  row full_space            alphafuse           22 model.id_space=full_space
   row id_init_normal        alphafuse           22 model.id_init=normal
   row temperature_0.2       alphafuse,sasrec_id 22 model.temperature=0.2
   row temperature_0.03      alphafuse,sasrec_id 22 model.temperature=0.03

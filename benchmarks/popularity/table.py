@@ -21,17 +21,14 @@ HEADER = ("| method | setting | seeds | NDCG@10 | tail NDCG@10 | PopShare@10 | C
           "| filtered NDCG@10 | filtered tail NDCG@10 | filtered PopShare@10 | filtered Coverage@10 |")
 FACTORS = {
     "Protocol and model selection": ["default", "exclude_history", "patience_10"],
-    "Text: the frozen semantic part alone": ["default", "semantic_only"],
-    "Balance of the semantic and the ID part": ["semantic_only", "id_dims_32", "default", "id_dims_96",
-                                                "full_space"],
+    "Text and balance: the frozen semantic part alone": ["default", "semantic_only"],
     "ID initialisation": ["default", "id_init_normal"],
     "Temperature": ["temperature_0.03", "default", "temperature_0.2"],
     "Negatives and loss": ["default", "popularity_negatives", "popularity_logq", "full_ce_10ep"],
 }
 SETTING = {"default": "preset",
            "exclude_history": "eval.exclude_history=true", "patience_10": "train.patience=10",
-           "semantic_only": "model.id_space=semantic_only", "id_dims_32": "model.id_dims=32",
-           "id_dims_96": "model.id_dims=96", "full_space": "model.id_space=full_space",
+           "semantic_only": "model.id_space=semantic_only",
            "id_init_normal": "model.id_init=normal (std 1)", "temperature_0.03": "model.temperature=0.03",
            "temperature_0.2": "model.temperature=0.2",
            "popularity_negatives": "train.negative_sampler=popularity",
