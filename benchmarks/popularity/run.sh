@@ -44,6 +44,7 @@ screen() {  # one seed, every factor
 seeds() {  # the settings that matter, seeds 23 and 24 (seed 22 is the screen's)
   row default_s23_24        alphafuse,sasrec_id 23,24
   row semantic_only_s23_24  alphafuse           23,24 model.id_space=semantic_only
+  row popularity_negatives_s23_24 alphafuse,sasrec_id 23,24 train.negative_sampler=popularity
 }
 
 case ${1:-all} in
