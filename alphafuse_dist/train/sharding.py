@@ -93,7 +93,7 @@ def _planner_plan(p: PlanInputs):
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
 
-    # never data-parallel: the fused kernel's optimiser and the one plan it has run with several workers
+    # never data-parallel: it has no fused optimiser and has not run with several workers
     allowed = [ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
     constraints = {spec.table: ParameterConstraints(sharding_types=allowed, compute_kernels=["fused"])
                    for spec in p.specs}
