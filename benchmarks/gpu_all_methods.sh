@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every method x 3 seeds on an Amazon set, on one GPU machine that has torch but neither Ray nor
-# fbgemm (plain-torch backend, one process per run, bf16 autocast), `--jobs` runs at once.
+# Every method x 3 seeds on one data set (SET: a preset such as ml-1m or amazon-scientific), on one
+# GPU machine, plain-torch backend (one process per run, bf16 autocast), `--jobs` runs at once.
 # RUN holds prepare/embed/decompose computed on a CPU machine with the full stack
 # (`alphafuse run --config SET --stages prepare,embed,decompose run_dir=RUN [data.split=...]`), or is
 # the .tgz of those folders (paths runs/<name>/{prepare,embed,decompose}), unpacked into .device/.
-#   bash benchmarks/amazon/gpu_all_methods.sh SET RUN LABEL [key=value ...]
+#   bash benchmarks/gpu_all_methods.sh SET RUN LABEL [key=value ...]
 # The overrides must repeat the split keys the shared stages were computed with (the cold-start
 # run: data.split=cold_start_users data.min_user_interactions=2): train and evaluate read the
 # prepared split as it is, so the script stops when RUN's split and the overrides disagree.
