@@ -191,3 +191,15 @@ def test_scan_items_gives_both_rankings_and_top_lists_of_the_reference_functions
     out, _ = run_shards(job, table, ["cpu"] * 3, via_ray=False)
     assert {k: v.shape for k, v in out.items()} == {"ranks": (23,), "ranks_unfiltered": (23,), "top": (23, 5),
                                                     "top_unfiltered": (23, 5)}
+    # a larger catalogue: chunks that take the two-stage top-k, users with hundreds of excluded items
+    # (one top-k of k + m candidates per chunk serves both lists), one user with fewer than k left
+    states, table, targets = random_case(5, users=31, items=3000, dim=8, integer=True)
+    many = [torch.randint(0, 3000, (int(n),), generator=g) for n in torch.randint(0, 400, (31,), generator=g)]
+    many[3] = torch.cat([torch.arange(2994), targets[3:4]])
+    for chunk in (1000, 1024, 3000):
+        out = scan_items(states, ExactItems(table, "dot", "cpu", chunk, True), targets, many,
+                         unfiltered=True, top_k=10)
+        assert out["ranks"].tolist() == reference_ranks(states.numpy(), table.numpy(), targets.numpy(), many).tolist()
+        assert out["ranks_unfiltered"].tolist() == reference_ranks(states.numpy(), table.numpy(), targets.numpy()).tolist()
+        assert torch.equal(out["top"], full_ranking_topk(states, table, 10, exclude=many)[1])
+        assert torch.equal(out["top_unfiltered"], full_ranking_topk(states, table, 10)[1])

@@ -197,6 +197,25 @@ def test_topk_matches_reference_and_torch_topk(chunk, integer, k):
     assert torch.equal(scores, full.gather(1, ids))
 
 
+@pytest.mark.parametrize("chunk", [512, 1024, 2000, 4096])
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_two_stage_topk_matches_reference_on_ties_and_exclusion(chunk, k):
+    """Chunks that split into groups of 8..64 columns take the two-stage top-k (best groups, then
+    their best columns); with integer scores most of them tie, and excluded items score -inf."""
+    states, table, _ = random_case(seed=chunk + k, users=24, items=4096, integer=True)
+    full = reference_scores(states.numpy(), table.numpy())
+    _, ids = full_ranking_topk(states, table, k, item_chunk=chunk)
+    assert ids.tolist() == reference_order(full)[:, :k].tolist()
+    g = torch.Generator().manual_seed(k)
+    exclude = [torch.randint(0, 4096, (int(n),), generator=g) for n in torch.randint(0, 600, (24,), generator=g)]
+    exclude[0] = torch.arange(4096 - k // 2)  # fewer than k items left: excluded ones fill the tail, by id
+    blocked = full.copy()
+    for u, e in enumerate(exclude):
+        blocked[u, e.numpy()] = -np.inf
+    _, ids = full_ranking_topk(states, table, k, item_chunk=chunk, exclude=exclude)
+    assert ids.tolist() == reference_order(blocked)[:, :k].tolist()
+
+
 def test_topk_agrees_with_target_ranks():
     states, table, _ = random_case(seed=3, integer=True)
     _, ids = full_ranking_topk(states, table, 101, item_chunk=13)

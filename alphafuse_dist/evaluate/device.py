@@ -52,8 +52,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..runtime.progress import Progress
-from .metrics import (Similarity, _fill_pairs, _pairs_by_item, _row_scores, _topk_in_id_order, exact_rows, exact_scores,
-                      sampled_ranks)
+from .metrics import (Similarity, TargetColumns, _Pairs, _pairs_by_item, _row_scores, _topk_in_id_order,
+                      blocked_ahead, count_ahead, exact_rows, exact_scores, sampled_ranks)
 
 _log = logging.getLogger(__name__)
 
@@ -165,36 +165,47 @@ def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude:
     states = user_states.to(device)
     if not torch.isfinite(states).all():
         raise ValueError("user_states: contains NaN or infinite values")
-    targets = targets.to(device)
     users = exact_rows(states, items.similarity)
-    target_scores = _row_scores(users, items.rows(targets)).unsqueeze(1)
+    target_scores = _row_scores(users, items.rows(targets.to(device)))
     users_folded = users[0] * users[1].unsqueeze(1) if _foldable(users[1]) else None
-    # The target never counts itself (equal score, equal id), so only listed items are blocked.
     blocked = _pairs_by_item(exclude, num_users, items.num_items, device) if exclude is not None else None
+    columns = TargetColumns(targets.cpu().numpy(), device)
 
     ranks = {k: torch.zeros(num_users, dtype=torch.long, device=device) for k in keys if k.startswith("ranks")}
     tops = {k: _TopK(num_users, top_k, device) for k in keys if k.startswith("top")}
-    for start, end, folded, q, scale in items.chunks():
+    for start, _, folded, q, scale in items.chunks():
         if users_folded is not None and folded is not None:
             scores = (users_folded @ folded.T).float()
         else:
             scores = exact_scores(users, (q if q is not None else folded / scale.unsqueeze(1), scale))
-        # ties go to smaller ids: columns left of the target's own column
-        left = torch.arange(end - start, device=device) < (targets - start).unsqueeze(1)
-        ahead = (scores > target_scores) | ((scores == target_scores) & left)
+        everything = count_ahead(scores, target_scores, columns, start)
         if "ranks_unfiltered" in ranks:
-            ranks["ranks_unfiltered"] += ahead.sum(dim=1)
-        if "top_unfiltered" in tops:
-            tops["top_unfiltered"].add(scores, start)
+            ranks["ranks_unfiltered"] += everything
         if blocked is not None:
-            _fill_pairs(ahead, blocked, start, False)
-            if "top" in tops:
-                scores = scores.clone() if "top_unfiltered" in tops else scores
-                _fill_pairs(scores, blocked, start, -math.inf)
-        ranks["ranks"] += ahead.sum(dim=1)
-        if "top" in tops:
-            tops["top"].add(scores, start)
+            everything = everything - blocked_ahead(scores, target_scores, columns, start, blocked)
+        ranks["ranks"] += everything
+        if tops:
+            _add_chunk_tops(tops, scores, start, blocked)
     return ranks | {k: t.ids for k, t in tops.items()}
+
+
+def _add_chunk_tops(tops: dict[str, "_TopK"], scores: Tensor, start: int, blocked: _Pairs | None) -> None:
+    """Merge one chunk into the running top lists from ONE top-k over the chunk: a user's ``k``
+    best unblocked items lie among the chunk's ``k + m`` best items, ``m`` being the most blocked
+    items one user of the batch has in the chunk; blocked candidates then score ``-inf``."""
+    width = scores.shape[1]
+    k = next(iter(tops.values())).k
+    lo, hi = blocked.span(start, start + width) if blocked is not None else (0, 0)
+    extra = blocked.most_per_user(lo, hi) if "top" in tops and hi > lo else 0
+    cand_scores, cand_cols = _topk_in_id_order(scores, min(k + extra, width))
+    if "top_unfiltered" in tops:
+        tops["top_unfiltered"].add(cand_scores, cand_cols + start)
+    if "top" in tops:
+        if extra:
+            rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
+            hit = torch.isin(rows * width + cand_cols, blocked.positions(lo, hi, start, width))
+            cand_scores = cand_scores.masked_fill(hit, -math.inf)
+        tops["top"].add(cand_scores, cand_cols + start)
 
 
 class _TopK:
@@ -206,13 +217,13 @@ class _TopK:
         self.scores = torch.empty(num_users, 0, device=device)
         self.ids = torch.empty(num_users, 0, dtype=torch.long, device=device)
 
-    def add(self, scores: Tensor, start: int) -> None:
-        """Merge the ``[B, C]`` scores of items ``start .. start + C - 1``."""
-        chunk_scores, chunk_cols = _topk_in_id_order(scores, min(self.k, scores.shape[1]))
-        # equal scores sit in id order (the running best, all of smaller ids, then this chunk's),
+    def add(self, scores: Tensor, ids: Tensor) -> None:
+        """Merge candidates ``[B, n]`` (scores, item ids) whose ids are ascending and above every id
+        merged before."""
+        # equal scores sit in id order (the running best, all of smaller ids, then the new ones),
         # so a stable sort keeps the tie rule
-        candidates = torch.cat([self.scores, chunk_scores], dim=1)
-        candidate_ids = torch.cat([self.ids, chunk_cols + start], dim=1)
+        candidates = torch.cat([self.scores, scores], dim=1)
+        candidate_ids = torch.cat([self.ids, ids], dim=1)
         order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :self.k]
         self.scores, self.ids = candidates.gather(1, order), candidate_ids.gather(1, order)
 

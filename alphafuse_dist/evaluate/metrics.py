@@ -71,16 +71,13 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
     device = item_table.device
     targets = targets.to(device)
     users = exact_rows(user_states.to(device), similarity)
-    target_scores = _row_scores(users, exact_rows(item_table[targets], similarity)).unsqueeze(1)
-    # Listing every target as a non-competitor of its own user keeps it from counting itself.
-    blocked = _pairs_by_item(exclude, num_users, num_items, device, targets=targets)
+    target_scores = _row_scores(users, exact_rows(item_table[targets], similarity))
+    blocked = _pairs_by_item(exclude, num_users, num_items, device)
+    columns = TargetColumns(targets.cpu().numpy(), device)
 
     ranks = torch.zeros(num_users, dtype=torch.long, device=device)
-    for start, end, scores in _chunk_scores(users, item_table, similarity, item_chunk):
-        ids = torch.arange(start, end, device=device)
-        ahead = (scores > target_scores) | ((scores == target_scores) & (ids < targets.unsqueeze(1)))
-        _fill_pairs(ahead, blocked, start, False)
-        ranks += ahead.sum(dim=1)
+    for start, _, scores in _chunk_scores(users, item_table, similarity, item_chunk):
+        ranks += count_ahead(scores, target_scores, columns, start, blocked)
     return ranks
 
 
@@ -93,8 +90,8 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
 
     Every rank passes the same ``user_states``, ``targets`` and ``target_rows`` and gets the same
     ranks, equal to :func:`target_ranks` on the whole table (the target's score comes from its own
-    row, computed exactly as there; the target never counts itself, since it lies in one shard
-    and is blocked there as in the single-table case).
+    row, computed exactly as there; an item of equal score counts only when its global id is
+    smaller, so the target never counts itself).
 
     Args:
         local_rows: ``[n_r, d]`` this rank's rows, items ``row_offset .. row_offset + n_r - 1``
@@ -118,17 +115,15 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
     ranks = torch.zeros(num_users, dtype=torch.long, device=device)
     if local_rows.shape[0]:
         _check_inputs(user_states, local_rows, item_chunk)
-        target_scores = _row_scores(users, exact_rows(target_rows.to(device), similarity)).unsqueeze(1)
-        local_targets = targets.to(device) - row_offset  # outside 0..n_r-1 when the target is another shard's
+        target_scores = _row_scores(users, exact_rows(target_rows.to(device), similarity))
+        # local ids; outside 0..n_r-1 when the target is another shard's
+        local_targets = TargetColumns(targets.cpu().numpy() - row_offset, device)
         n_local = local_rows.shape[0]
         local_exclude = None if exclude is None else [
             e[(e >= row_offset) & (e < row_offset + n_local)].long() - row_offset for e in exclude]
-        blocked = _pairs_by_item(local_exclude, num_users, n_local, device, targets=local_targets)
-        for start, end, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
-            ids = torch.arange(start, end, device=device)
-            ahead = (scores > target_scores) | ((scores == target_scores) & (ids < local_targets.unsqueeze(1)))
-            _fill_pairs(ahead, blocked, start, False)
-            ranks += ahead.sum(dim=1)
+        blocked = _pairs_by_item(local_exclude, num_users, n_local, device)
+        for start, _, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
+            ranks += count_ahead(scores, target_scores, local_targets, start, blocked)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ranks, group=group)
     return ranks
@@ -416,59 +411,167 @@ def _chunk_scores(users: tuple[Tensor, Tensor] | Tensor, item_table: Tensor, sim
             yield start, end, (users @ _fast_rows(chunk, similarity, users.dtype).T).float()
 
 
-def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: int, device: torch.device,
-                   targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(user, item) pairs to block, as ``(users, items)`` sorted by item for per-chunk slicing."""
-    items, users = [], []
-    if exclude is not None:
-        if len(exclude) != num_users:
-            raise ValueError(f"exclude: expected one tensor per user ({num_users}), got {len(exclude)}")
-        for u, e in enumerate(exclude):
-            if e.dim() != 1 or e.dtype not in (torch.long, torch.int32):
-                raise ValueError(f"exclude[{u}]: expected a 1-D integer tensor, got {e.dtype} of shape {list(e.shape)}")
-        # joined where the tensors are (the host, as a rank job gives them), then one copy to the device
-        home = exclude[0].device if num_users else torch.device("cpu")
-        flat = torch.cat([e.to(home, torch.long) for e in exclude]) if num_users else torch.empty(0, dtype=torch.long)
-        lengths = np.fromiter((e.shape[0] for e in exclude), np.int64, num_users)
-        bad = ((flat < 0) | (flat >= num_items)).nonzero()
-        if len(bad):
-            u = int(np.searchsorted(lengths.cumsum(), int(bad[0]), side="right"))
-            raise ValueError(f"exclude[{u}]: item ids must lie in 0..{num_items - 1}")
-        items.append(flat.to(device))
-        users.append(torch.from_numpy(np.repeat(np.arange(num_users), lengths)).to(device))
-    if targets is not None:
-        items.append(targets)
-        users.append(torch.arange(num_users, device=device))
-    if not items:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return empty, empty
-    items_flat, order = torch.sort(torch.cat(items))
-    return torch.cat(users).index_select(0, order), items_flat  # index_select: CPU's [order] is 10-100x slower
+class _Pairs:
+    """Distinct (user, item) pairs sorted by item, on the device, with a host copy that finds a
+    chunk's pairs without waiting for the device."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, device: torch.device):
+        self.users_host, self.items_host = users, items
+        self.users = torch.from_numpy(users).to(device)
+        self.items = torch.from_numpy(items).to(device)
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """``(lo, hi)``: pairs ``lo..hi-1`` are those of items ``start..end-1``."""
+        lo, hi = np.searchsorted(self.items_host, [start, end])
+        return int(lo), int(hi)
+
+    def most_per_user(self, lo: int, hi: int) -> int:
+        """The largest number of pairs ``lo..hi-1`` that one user has."""
+        return int(np.bincount(self.users_host[lo:hi]).max()) if hi > lo else 0
+
+    def positions(self, lo: int, hi: int, start: int, width: int) -> Tensor:
+        """Flat positions of pairs ``lo..hi-1`` in a ``[B, width]`` chunk of items ``start..``."""
+        return self.users[lo:hi] * width + (self.items[lo:hi] - start)
 
 
-def _fill_pairs(chunk: Tensor, pairs: tuple[Tensor, Tensor], start: int, value: float | bool) -> None:
+def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: int,
+                   device: torch.device) -> _Pairs:
+    """Each user's excluded items as distinct (user, item) pairs, sorted by item."""
+    if exclude is None:
+        empty = np.empty(0, dtype=np.int64)
+        return _Pairs(empty, empty, device)
+    if len(exclude) != num_users:
+        raise ValueError(f"exclude: expected one tensor per user ({num_users}), got {len(exclude)}")
+    for u, e in enumerate(exclude):
+        if e.dim() != 1 or e.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"exclude[{u}]: expected a 1-D integer tensor, got {e.dtype} of shape {list(e.shape)}")
+    # joined on the host, deduplicated and sorted there, then one copy to the device
+    flat = np.concatenate([e.cpu().numpy().astype(np.int64, copy=False) for e in exclude]) if num_users \
+        else np.empty(0, dtype=np.int64)
+    lengths = np.fromiter((e.shape[0] for e in exclude), np.int64, num_users)
+    bad = np.flatnonzero((flat < 0) | (flat >= num_items))
+    if len(bad):
+        u = int(np.searchsorted(lengths.cumsum(), int(bad[0]), side="right"))
+        raise ValueError(f"exclude[{u}]: item ids must lie in 0..{num_items - 1}")
+    key = np.unique(flat * max(num_users, 1) + np.repeat(np.arange(num_users), lengths))  # by item, then user
+    return _Pairs(key % max(num_users, 1), key // max(num_users, 1), device)
+
+
+def _fill_pairs(chunk: Tensor, pairs: _Pairs, start: int, value: float | bool) -> None:
     """``chunk[u, i - start] = value`` for the pairs ``(u, i)`` whose item lies in the contiguous
     ``[B, C]`` chunk's columns ``start .. start + C - 1`` (``index_fill_`` on its flat view: on CPU
     the 2-D index assignment is ~15x slower)."""
-    users, items = pairs
     width = chunk.shape[1]
-    lo, hi = torch.searchsorted(items, torch.tensor([start, start + width], device=items.device)).tolist()
-    chunk.view(-1).index_fill_(0, users[lo:hi] * width + (items[lo:hi] - start), value)
+    lo, hi = pairs.span(start, start + width)
+    chunk.view(-1).index_fill_(0, pairs.positions(lo, hi, start, width), value)
+
+
+class TargetColumns:
+    """Each row's target item id on the device, and the rows sorted by it on the host, so that the
+    rows whose target lies inside an item chunk are found without waiting for the device (a copy of
+    host data to the GPU waits for every queued kernel)."""
+
+    def __init__(self, targets: np.ndarray, device: torch.device):
+        order = np.argsort(targets, kind="stable")
+        self.ids = torch.from_numpy(targets).to(device)
+        self.sorted_ids = targets[order]
+        self.order = torch.from_numpy(order).to(device)
+
+    def inside(self, start: int, end: int) -> Tensor:
+        """Rows whose target lies in ``start + 1 .. end - 1`` (in a chunk of items ``start..end-1``,
+        with at least one column left of it)."""
+        lo, hi = np.searchsorted(self.sorted_ids, [start + 1, end])
+        return self.order[int(lo):int(hi)]
+
+
+def count_ahead(scores: Tensor, target_scores: Tensor, targets: TargetColumns, start: int,
+                blocked: _Pairs | None = None) -> Tensor:
+    """Per row of ``[B, C]`` float32 scores of items ``start .. start + C - 1``, the items ahead of
+    the row's target: a higher score, or an equal score and a smaller id; ``[B]`` long.
+
+    Args:
+        target_scores: ``[B]`` float32.
+        targets: the rows' targets (anywhere in the catalogue).
+        blocked: pairs that are not counted.
+
+    One pass over the scores: a row whose target lies right of every column counts the scores at
+    or above its target's (``> nextafter(t, -inf)``), any other row the scores above it; rows whose
+    target lies inside add their ties left of it; the blocked pairs ahead are taken off.
+    """
+    width = scores.shape[1]
+    t = target_scores.unsqueeze(1)
+    later = (targets.ids >= start + width).unsqueeze(1)
+    counts = (scores > torch.where(later, torch.nextafter(t, torch.full_like(t, -math.inf)), t)).sum(dim=1)
+    rows = targets.inside(start, start + width)
+    if rows.numel():  # ties left of the target, on these rows only
+        left = torch.arange(start, start + width, device=scores.device) < targets.ids[rows].unsqueeze(1)
+        counts.index_add_(0, rows, ((scores.index_select(0, rows) == t[rows]) & left).sum(dim=1))
+    if blocked is not None:
+        counts -= blocked_ahead(scores, target_scores, targets, start, blocked)
+    return counts
+
+
+def blocked_ahead(scores: Tensor, target_scores: Tensor, targets: TargetColumns, start: int,
+                  blocked: _Pairs) -> Tensor:
+    """Per row, how many of its blocked items in this chunk :func:`count_ahead` counts as ahead;
+    ``[B]`` long."""
+    counts = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    lo, hi = blocked.span(start, start + scores.shape[1])
+    if hi > lo:
+        users, items = blocked.users[lo:hi], blocked.items[lo:hi]
+        s, t = scores[users, items - start], target_scores[users]
+        counts.index_add_(0, users, ((s > t) | ((s == t) & (items < targets.ids[users]))).long())
+    return counts
+
+
+TOPK_GROUP = 64  # columns per group of the two-stage top-k (a power of two)
 
 
 def _topk_in_id_order(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` best columns of each row of ``[U, C]`` scores, ties at the cut going to smaller
-    columns; returned in column order (not by score) as ``([U, k] scores, [U, k] columns)``."""
-    values, columns = torch.topk(scores, k, dim=1)
-    kth = values[:, -1:]  # [U, 1]
-    # torch.topk picks among scores equal to the k-th arbitrarily; rows where it had to choose
-    # (more such scores in the chunk than it kept) take the leftmost ones instead
-    at_cut = scores == kth
-    split = (at_cut.sum(dim=1) > (values == kth).sum(dim=1)).nonzero().squeeze(1)
+    """The ``k`` best columns of each row of ``[U, C]`` scores (higher score, then the smaller
+    column), returned in column order (not by score) as ``([U, k] scores, [U, k] columns)``.
+
+    Two stages when the columns split into groups of 8..64: the ``k`` best groups by their best
+    score (ties to the smaller group), then the ``k`` best of their columns. Exact: a column among
+    the ``k`` best has fewer than ``k`` columns ahead of it, so fewer than ``k`` groups have a best
+    column ahead of its group's. One read of the scores instead of a top-k over all of them."""
+    num_rows, width = scores.shape
+    group = TOPK_GROUP
+    while width % group:
+        group //= 2
+    if group < 8 or width // group <= k:
+        return _topk_direct(scores, k)
+    best = scores.view(num_rows, width // group, group).amax(dim=2)
+    groups = _first_k_sorted(best, k)
+    columns = (groups.unsqueeze(2) * group + torch.arange(group, device=scores.device)).view(num_rows, k * group)
+    candidates = scores.gather(1, columns)
+    sub = _first_k_sorted(candidates, k)
+    return candidates.gather(1, sub), columns.gather(1, sub)
+
+
+def _first_k_sorted(scores: Tensor, k: int) -> Tensor:
+    """Columns of the ``k`` best of each row (ties to the smaller column), ascending: a stable sort,
+    which never waits for the device (a narrow ``[B, n]``: group bests or candidates)."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+
+
+def _topk_direct(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`_topk_in_id_order` by one ``torch.topk`` over all columns."""
+    num_rows, width = scores.shape
+    if k >= width:
+        columns = torch.arange(width, device=scores.device).expand(num_rows, width)
+        return scores, columns
+    values, columns = torch.topk(scores, k + 1, dim=1)
+    # torch.topk picks among scores equal to the k-th arbitrarily; rows where the (k+1)-th equals
+    # the k-th (the cut falls inside a run of equal scores) take the leftmost ones instead
+    columns = columns[:, :k]
+    split = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
     if split.numel():
-        above = scores[split] > kth[split]
+        kth = values[split, k - 1:k]
+        rows = scores[split]
+        above = rows > kth
         needed = k - above.sum(dim=1, keepdim=True)
-        cut = at_cut[split]
+        cut = rows == kth
         chosen = above | (cut & (cut.cumsum(dim=1, dtype=torch.int32) <= needed))
         columns[split] = chosen.nonzero()[:, 1].view(-1, k)  # row-major: exactly k per row
     columns = columns.sort(dim=1).values
