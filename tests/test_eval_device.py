@@ -170,6 +170,13 @@ def test_cuda_ranks_equal_cpu_ranks_exactly(similarity):
     ranks, info = rank_users(job, table, "cuda")
     assert info["device"] == "cuda" and ranks["ranks"].tolist() == cpu.tolist()
     assert ranks["ranks"].tolist() == rank_users(job, table, "cpu")[0]["ranks"].tolist()
+    # the evaluate stage's scan: both rankings and both top-10 lists, the two-stage top-k per chunk
+    from alphafuse_dist.evaluate.device import scan_items
+
+    scans = {device: scan_items(states, ExactItems(table, similarity, device, 4096, True), targets, exclude,
+                                unfiltered=True, top_k=10) for device in ("cpu", "cuda")}
+    for key, expected in scans["cpu"].items():
+        assert torch.equal(scans["cuda"][key].cpu(), expected), key
 
 
 def test_scan_items_gives_both_rankings_and_top_lists_of_the_reference_functions():
