@@ -134,6 +134,14 @@ def data_parallel_tables(model: nn.Module, specs: list) -> tuple[dict[str, nn.Pa
     return ids, storages
 
 
+def _id_rows_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """``train.id_optimizer`` over ID tables that no fused kernel trains, with torch's one-tensor
+    kernels on every backend: its multi-tensor (foreach) kernels skip TorchRec's data-parallel table
+    (a ``Parameter`` subclass) and round differently, which bf16 training then amplifies."""
+    cls, kwargs = id_optimizer(cfg.train.id_optimizer, cfg.train.id_lr)
+    return with_adam_state(cls(params, **kwargs, foreach=False))
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
     """The run's optimiser (see the module docstring).
 
@@ -156,12 +164,10 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
                                        if p.requires_grad and not (skip and _storage(p) in skip)}, adam)
         parts = [("tables", model.fused_optimizer), ("dense", dense)]
         if ids:
-            cls, kwargs = id_optimizer(t.id_optimizer, t.id_lr)
-            parts.append(("ids", KeyedOptimizerWrapper(ids, lambda params: with_adam_state(cls(params, **kwargs)))))
+            parts.append(("ids", KeyedOptimizerWrapper(ids, lambda params: _id_rows_optimizer(cfg, list(params)))))
         return CombinedOptimizer(parts)
     dense, ids = trainable_parameters(net)
     parts = {"dense": (adam(list(dense.values())), list(dense))}
     if ids:
-        cls, kwargs = id_optimizer(t.id_optimizer, t.id_lr)
-        parts["ids"] = (with_adam_state(cls(list(ids.values()), **kwargs)), list(ids))
+        parts["ids"] = (_id_rows_optimizer(cfg, list(ids.values())), list(ids))
     return OptimizerGroup(parts)

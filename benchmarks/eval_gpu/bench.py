@@ -18,6 +18,10 @@ torch on all cores); its ranks must equal the GPU's for those users (``cpu_ranks
 and its users/s is extrapolated to all users. ``--ray`` ranks through Ray tasks (one per GPU),
 as the stage does when the pipeline has started Ray; without it, one thread per local GPU.
 
+``--stage`` ranks as the evaluate stage does by default: each user's history (``--history``
+items on average, geometric lengths, items drawn by a power law) is excluded, the unfiltered ranks
+and both top-10 lists come from the same pass (``eval.exclude_history``, ``eval.unfiltered``).
+
 Printed and written to ``--out`` (JSON): users/s on each side, the speed-up, peak GPU memory
 (torch's allocator, the largest shard) and this process's peak resident memory.
 """
@@ -57,7 +61,17 @@ def synthetic(users: int, items: int, dim: int, seed: int) -> tuple[np.ndarray, 
     return table, states, targets
 
 
-def timed_ranking(job, table, device: str, ks=(10, 20)) -> tuple[np.ndarray, dict, dict, float]:
+def histories(users: int, items: int, mean: int, seed: int) -> list[np.ndarray]:
+    """Per user, ``mean`` items on average (geometric lengths, 1..500), popular items more often."""
+    rng = np.random.default_rng(seed + 1)
+    lengths = np.minimum(rng.geometric(1 / mean, users), 500)
+    drawn = (rng.pareto(1.2, int(lengths.sum())) * items / 1000).astype(np.int64) % items
+    return np.split(drawn, np.cumsum(lengths)[:-1])
+
+
+def timed_ranking(job, table, device: str, ks=(10, 20)) -> tuple[dict[str, np.ndarray], dict, dict, float]:
+    """(the arrays of ``rank_users``: ranks, with ``--stage`` also unfiltered ranks and top lists;
+    its info; metrics of the ranks; seconds)."""
     import torch
 
     from alphafuse_dist.evaluate.device import rank_users
@@ -65,9 +79,8 @@ def timed_ranking(job, table, device: str, ks=(10, 20)) -> tuple[np.ndarray, dic
 
     t0 = time.time()
     out, info = rank_users(job, table, device, log=log)
-    ranks = out["ranks"]
-    metrics = metrics_from_ranks(torch.as_tensor(ranks), ks)
-    return ranks, info, metrics, time.time() - t0
+    metrics = metrics_from_ranks(torch.as_tensor(out["ranks"]), ks)
+    return out, info, metrics, time.time() - t0
 
 
 def main() -> None:
@@ -84,6 +97,9 @@ def main() -> None:
     p.add_argument("--item-chunk", type=int, default=defaults.item_chunk, help="eval.item_chunk")
     p.add_argument("--cpu-users", type=int, default=2000, help="cuda: users ranked on the CPU too (0: none)")
     p.add_argument("--ray", action="store_true", help="rank through Ray tasks, one per GPU")
+    p.add_argument("--stage", action="store_true",
+                   help="the evaluate stage's work: histories excluded, unfiltered ranks, both top-10 lists")
+    p.add_argument("--history", type=int, default=20, help="--stage: mean history length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = p.parse_args()
@@ -99,11 +115,14 @@ def main() -> None:
     log(f"{users:,} users x {args.items:,} items, d={args.dim}, {args.similarity}, {args.device} "
         f"({gpu or platform.processor() or platform.machine()}, {torch.cuda.device_count() if gpu else 0} GPU(s), "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads), user_batch {args.user_batch}, "
-        f"item_chunk {args.item_chunk}")
+        f"item_chunk {args.item_chunk}" + (f", stage protocol (histories of {args.history} excluded, both "
+                                           "rankings, top-10 lists)" if args.stage else ""))
     table_np, states, targets = synthetic(users, args.items, args.dim, args.seed)
     table = torch.from_numpy(table_np)
+    stage = {"exclude": histories(users, args.items, args.history, args.seed), "unfiltered": True, "top_k": 10} \
+        if args.stage else {}
     job = RankJob(targets=targets, similarity=args.similarity, user_batch=args.user_batch,
-                  item_chunk=args.item_chunk, states=states)
+                  item_chunk=args.item_chunk, states=states, **stage)
     log(f"data ready ({table_np.nbytes / 2**30:.2f} GiB table), peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
     if args.ray:
         import ray
@@ -114,10 +133,11 @@ def main() -> None:
 
     report = {"benchmark": "eval_gpu", "device": args.device, "gpu": gpu, "users": users, "items": args.items,
               "dim": args.dim, "similarity": args.similarity, "user_batch": args.user_batch,
-              "item_chunk": args.item_chunk, "via_ray": args.ray, "cpus": os.cpu_count(),
+              "item_chunk": args.item_chunk, "via_ray": args.ray, "stage": args.stage,
+              "history": args.history if args.stage else 0, "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     log(f"ranking {users:,} users on {args.device} ...")
-    ranks, info, metrics, seconds = timed_ranking(job, table, args.device)
+    out, info, metrics, seconds = timed_ranking(job, table, args.device)
     peak_gpu = max((s["peak_gpu_bytes"] or 0 for s in info["shards"]), default=0) or None
     report[args.device] = {"seconds": round(seconds, 2), "users_per_s": round(users / seconds, 1),
                            "gpus": info["gpus"], "shards": info["shards"], "peak_gpu_bytes": peak_gpu,
@@ -130,8 +150,8 @@ def main() -> None:
     if args.device == "cuda" and args.cpu_users:
         n = min(args.cpu_users, users)
         log(f"CPU path on the first {n:,} users ...")
-        cpu_ranks, _, _, cpu_seconds = timed_ranking(job.shard(0, n), table, "cpu")
-        equal = bool(np.array_equal(cpu_ranks, ranks[:n]))
+        cpu_out, _, _, cpu_seconds = timed_ranking(job.shard(0, n), table, "cpu")
+        equal = all(np.array_equal(cpu_out[k], out[k][:n]) for k in out)  # ranks, and top lists with --stage
         rate = n / cpu_seconds
         report["cpu_subset"] = {"users": n, "seconds": round(cpu_seconds, 2), "users_per_s": round(rate, 1),
                                 "extrapolated_seconds_all_users": round(users / rate, 1),
@@ -140,7 +160,7 @@ def main() -> None:
         log(f"cpu: {rate:,.0f} users/s on {n:,} users ({users / rate:,.0f}s extrapolated to {users:,}); "
             f"GPU speed-up {report['speedup_vs_cpu']}x; CPU ranks equal the GPU's: {equal}")
         if not equal:
-            log(f"MISMATCH: {int((cpu_ranks != ranks[:n]).sum())} of {n} users differ")
+            log(f"MISMATCH: {int((cpu_out['ranks'] != out['ranks'][:n]).sum())} of {n} users' ranks differ")
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["total_s"] = round(time.time() - T0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
