@@ -91,6 +91,7 @@ class ExactItems:
         self.num_items, self.dim = item_table.shape
         self.bounds = [(s, min(s + item_chunk, self.num_items)) for s in range(0, self.num_items, item_chunk)]
         self._resident = [self._exact(s, e) for s, e in self.bounds] if resident else None
+        self._buffers: tuple[Tensor, Tensor, Tensor] | None = None
 
     def _exact(self, start: int, end: int) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """``(folded, q, scale)`` of items ``start..end-1``: ``folded = q * scale`` when the scales
@@ -107,6 +108,17 @@ class ExactItems:
         """``(start, end, folded, q, scale)`` per chunk, in item order."""
         for i, (start, end) in enumerate(self.bounds):
             yield (start, end, *(self._resident[i] if self._resident is not None else self._exact(start, end)))
+
+    def buffers(self, num_users: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat float64, float32, float32 buffers of ``num_users`` x the widest chunk for a chunk's
+        products, scores and comparisons, kept for the next batch: on the CPU, writing them into
+        fresh tensors took 3-10x longer (a page fault per 4 KiB on first touch)."""
+        size = num_users * max(end - start for start, end in self.bounds)
+        if self._buffers is None or self._buffers[0].numel() < size:
+            self._buffers = None  # the old ones go before the new ones come
+            self._buffers = (torch.empty(size, dtype=torch.float64, device=self.device),
+                             torch.empty(size, device=self.device), torch.empty(size, device=self.device))
+        return self._buffers
 
     def rows(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`.metrics.exact_rows` of the given items (``[R]`` long), on the device."""
@@ -130,6 +142,7 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
     return scan_items(user_states, items, targets, exclude)["ranks"]
 
 
+@torch.no_grad()  # ranks have no gradient, and the chunk loop writes into buffers (out=)
 def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude: Sequence[Tensor] | None = None,
                *, unfiltered: bool = False, top_k: int = 0) -> dict[str, Tensor]:
     """One pass over the item chunks: each user's target rank and, on request, the rank without
@@ -173,12 +186,15 @@ def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude:
 
     ranks = {k: torch.zeros(num_users, dtype=torch.long, device=device) for k in keys if k.startswith("ranks")}
     tops = {k: _TopK(num_users, top_k, device) for k in keys if k.startswith("top")}
-    for start, _, folded, q, scale in items.chunks():
+    products, score_buffer, work = items.buffers(num_users)
+    for start, end, folded, q, scale in items.chunks():
+        shape = (num_users, end - start)
         if users_folded is not None and folded is not None:
-            scores = (users_folded @ folded.T).float()
+            exact = torch.matmul(users_folded, folded.T, out=products[:shape[0] * shape[1]].view(shape))
         else:
-            scores = exact_scores(users, (q if q is not None else folded / scale.unsqueeze(1), scale))
-        everything = count_ahead(scores, target_scores, columns, start)
+            exact = exact_scores(users, (q if q is not None else folded / scale.unsqueeze(1), scale))
+        scores = score_buffer[:shape[0] * shape[1]].view(shape).copy_(exact)
+        everything = count_ahead(scores, target_scores, columns, start, work=work)
         if "ranks_unfiltered" in ranks:
             ranks["ranks_unfiltered"] += everything
         if blocked is not None:

@@ -484,8 +484,9 @@ class TargetColumns:
         return self.order[int(lo):int(hi)]
 
 
+@torch.no_grad()  # counts have no gradient, and the comparisons are written into `work` (out=)
 def count_ahead(scores: Tensor, target_scores: Tensor, targets: TargetColumns, start: int,
-                blocked: _Pairs | None = None) -> Tensor:
+                blocked: _Pairs | None = None, work: Tensor | None = None) -> Tensor:
     """Per row of ``[B, C]`` float32 scores of items ``start .. start + C - 1``, the items ahead of
     the row's target: a higher score, or an equal score and a smaller id; ``[B]`` long.
 
@@ -493,19 +494,33 @@ def count_ahead(scores: Tensor, target_scores: Tensor, targets: TargetColumns, s
         target_scores: ``[B]`` float32.
         targets: the rows' targets (anywhere in the catalogue).
         blocked: pairs that are not counted.
+        work: a contiguous ``[B * C]`` (or longer) float32 tensor on the scores' device to
+            compute in, overwritten (None: a new one). On the CPU the first touch of a fresh
+            ``[B, C]`` tensor costs more than the comparison itself: pass the same one every chunk.
 
     One pass over the scores: a row whose target lies right of every column counts the scores at
     or above its target's (``> nextafter(t, -inf)``), any other row the scores above it; rows whose
-    target lies inside add their ties left of it; the blocked pairs ahead are taken off.
+    target lies inside add their ties left of it (a running count of ties, read just left of the
+    target); the blocked pairs ahead are taken off. The comparisons are summed as float32 ones and
+    zeros (a bool sum is several times slower on the CPU), exact for chunks of up to 2**24 columns.
     """
-    width = scores.shape[1]
+    rows_n, width = scores.shape
+    if width > 2 ** 24:
+        raise ValueError(f"item chunk of {width:,} columns: count_ahead sums float32 ones, exact up to "
+                         f"2**24 columns; use a smaller item_chunk")
+    if work is None:
+        work = torch.empty(rows_n * width, device=scores.device)
     t = target_scores.unsqueeze(1)
     later = (targets.ids >= start + width).unsqueeze(1)
-    counts = (scores > torch.where(later, torch.nextafter(t, torch.full_like(t, -math.inf)), t)).sum(dim=1)
+    above = torch.gt(scores, torch.where(later, torch.nextafter(t, torch.full_like(t, -math.inf)), t),
+                     out=work[:rows_n * width].view(rows_n, width))
+    counts = above.sum(dim=1).long()
     rows = targets.inside(start, start + width)
     if rows.numel():  # ties left of the target, on these rows only
-        left = torch.arange(start, start + width, device=scores.device) < targets.ids[rows].unsqueeze(1)
-        counts.index_add_(0, rows, ((scores.index_select(0, rows) == t[rows]) & left).sum(dim=1))
+        ties = torch.index_select(scores, 0, rows, out=work[:rows.numel() * width].view(-1, width))
+        torch.eq(ties, t[rows], out=ties).cumsum_(dim=1)
+        left = (targets.ids[rows] - start - 1).unsqueeze(1)  # >= 0: the target is not the first column
+        counts.index_add_(0, rows, ties.gather(1, left).squeeze(1).long())
     if blocked is not None:
         counts -= blocked_ahead(scores, target_scores, targets, start, blocked)
     return counts
