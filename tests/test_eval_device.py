@@ -61,6 +61,18 @@ def test_scales_outside_the_fold_range_take_the_unfolded_product():
     assert torch.equal(exact_target_ranks(states, ExactItems(table, "cosine", "cpu", 16, False), targets), cosine)
 
 
+def test_scores_that_overflow_float32_keep_the_tie_rule_in_every_chunking():
+    """A score below float32's range is -inf for every item: all tie, smaller ids ahead, and a
+    blocked item is not counted, whatever the chunk size."""
+    states = torch.tensor([[-2.0 ** 600], [-2.0 ** 600]], dtype=torch.float64)
+    table = torch.ones(3, 1, dtype=torch.float64)
+    targets, exclude = torch.tensor([2, 2]), [torch.tensor([], dtype=torch.long), torch.tensor([0])]
+    for chunk in (1, 2, 3):
+        assert target_ranks(states, table, targets, item_chunk=chunk, exclude=exclude).tolist() == [2, 1]
+        items = ExactItems(table, "dot", "cpu", chunk, resident=True)
+        assert exact_target_ranks(states, items, targets, exclude).tolist() == [2, 1]
+
+
 def _job(seed: int = 9, users: int = 53, **kw) -> tuple[RankJob, torch.Tensor]:
     states, table, targets = _tie_heavy(seed, users=users)
     job = RankJob(targets=targets.numpy(), similarity="cosine", user_batch=8, item_chunk=50,

@@ -515,6 +515,8 @@ def count_ahead(scores: Tensor, target_scores: Tensor, targets: TargetColumns, s
     above = torch.gt(scores, torch.where(later, torch.nextafter(t, torch.full_like(t, -math.inf)), t),
                      out=work[:rows_n * width].view(rows_n, width))
     counts = above.sum(dim=1).long()
+    # a -inf target (a float32 score that overflowed): every column is at or above it
+    counts.masked_fill_(later.squeeze(1) & (target_scores == -math.inf), width)
     rows = targets.inside(start, start + width)
     if rows.numel():  # ties left of the target, on these rows only
         ties = torch.index_select(scores, 0, rows, out=work[:rows.numel() * width].view(-1, width))
