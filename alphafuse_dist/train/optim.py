@@ -135,11 +135,13 @@ def data_parallel_tables(model: nn.Module, specs: list) -> tuple[dict[str, nn.Pa
 
 
 def _id_rows_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """``train.id_optimizer`` over ID tables that no fused kernel trains, with torch's one-tensor
-    kernels on every backend: its multi-tensor (foreach) kernels skip TorchRec's data-parallel table
-    (a ``Parameter`` subclass) and round differently, which bf16 training then amplifies."""
+    """``train.id_optimizer`` over ID tables that no fused kernel trains, with the kernels torch
+    picks for plain tensors on every backend: multi-tensor (foreach) on CUDA, one-tensor on the CPU.
+    Left to itself torch takes the one-tensor kernels for TorchRec's data-parallel table (a
+    ``Parameter`` subclass), and the two round differently (Adagrad: ``p + (-lr * g) / s`` against
+    ``p + -lr * (g / s)``), which two epochs of bf16 training grow past 1e-5."""
     cls, kwargs = id_optimizer(cfg.train.id_optimizer, cfg.train.id_lr)
-    return with_adam_state(cls(params, **kwargs, foreach=False))
+    return with_adam_state(cls(params, **kwargs, foreach=all(p.device.type == "cuda" for p in params)))
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, net: nn.Module):
