@@ -23,7 +23,7 @@ MEASURED = {  # one H100 80GB unless said otherwise
     "embed_items_s": 44_639,  # while encoding, 4 actors per GPU (benchmarks/embed_gpu)
     "embed_startup_s": 17.0,  # Ray Data + model loads (benchmarks/embed_gpu)
     "decompose_items_s": 214_000,  # exact float64 gram, 16-core host (benchmarks/million)
-    "eval_users_s": 22_900,  # all users x 897,560 items, encoder included (benchmarks/million)
+    "eval_users_s": 12_938,  # all users x 897,560 items, encoder, both protocols and top-10 lists (benchmarks/million)
     "eval_items": 897_560,
     "windows_per_interaction": 542_733 / 10_000_000,  # training windows of 50 per interaction written (benchmarks/million log)
     "users_per_interaction": 500_000 / 10_000_000,  # the million run's shape: 20 interactions per user
