@@ -48,7 +48,7 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
         item_table: ``[N, d]`` float item vectors; row ``i`` is item ``i``.
         targets: ``[U]`` long, each user's target item in ``0..N-1``.
         similarity: ``"dot"``, or ``"cosine"`` (both sides L2-normalised first).
-        item_chunk: items scored at once; peak memory is about ``20 * U * item_chunk`` bytes.
+        item_chunk: items scored at once; peak memory is about ``24 * U * item_chunk`` bytes.
         exclude: ``U`` 1-D long tensors, the items that do not compete for each user (e.g. the
             history; duplicates allowed). A listed target still gets its rank: a re-consumed
             item is a valid target.
@@ -76,14 +76,16 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
     columns = TargetColumns(targets.cpu().numpy(), device)
 
     ranks = torch.zeros(num_users, dtype=torch.long, device=device)
+    work = torch.empty(num_users * min(item_chunk, num_items), device=device)
     for start, _, scores in _chunk_scores(users, item_table, similarity, item_chunk):
-        ranks += count_ahead(scores, target_scores, columns, start, blocked)
+        ranks += count_ahead(scores, target_scores, columns, start, blocked, work)
     return ranks
 
 
 def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: int, targets: Tensor,
                          target_rows: Tensor, *, similarity: Similarity = "dot", item_chunk: int = 65_536,
-                         group=None, exclude: Sequence[Tensor] | None = None) -> Tensor:
+                         group=None, exclude: Sequence[Tensor] | None = None, work: Tensor | None = None
+                         ) -> Tensor:
     """:func:`target_ranks` over an item table split by rows across the ranks of a process group:
     each rank counts the items of its own rows that rank ahead of each user's target, and the
     counts are summed (one ``all_reduce``).
@@ -101,6 +103,8 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
         group: the ``torch.distributed`` process group (None: the default group; without an
             initialised process group the local counts are returned, i.e. one shard).
         exclude: per user, global item ids that do not compete (as in :func:`target_ranks`).
+        work: a float32 buffer for the comparisons (see :func:`count_ahead`), kept by a caller
+            that ranks batch after batch.
     """
     import torch.distributed as dist
 
@@ -123,7 +127,7 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
             e[(e >= row_offset) & (e < row_offset + n_local)].long() - row_offset for e in exclude]
         blocked = _pairs_by_item(local_exclude, num_users, n_local, device)
         for start, _, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
-            ranks += count_ahead(scores, target_scores, local_targets, start, blocked)
+            ranks += count_ahead(scores, target_scores, local_targets, start, blocked, work)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ranks, group=group)
     return ranks
@@ -379,7 +383,8 @@ def exact_rows(rows: Tensor, similarity: Similarity) -> tuple[Tensor, Tensor]:
 
 def exact_scores(users: tuple[Tensor, Tensor], items: tuple[Tensor, Tensor]) -> Tensor:
     """``[U, C]`` float32 scores of :func:`exact_rows` users against :func:`exact_rows` items."""
-    return ((users[0] @ items[0].T) * users[1].unsqueeze(1) * items[1].unsqueeze(0)).float()
+    products = users[0] @ items[0].T  # scaled in place: a fresh [U, C] float64 tensor costs a pass
+    return products.mul_(users[1].unsqueeze(1)).mul_(items[1].unsqueeze(0)).float()
 
 
 def _row_scores(users: tuple[Tensor, Tensor], items: tuple[Tensor, Tensor]) -> Tensor:
@@ -508,7 +513,7 @@ def count_ahead(scores: Tensor, target_scores: Tensor, targets: TargetColumns, s
     if width > 2 ** 24:
         raise ValueError(f"item chunk of {width:,} columns: count_ahead sums float32 ones, exact up to "
                          f"2**24 columns; use a smaller item_chunk")
-    if work is None:
+    if work is None or work.numel() < rows_n * width:
         work = torch.empty(rows_n * width, device=scores.device)
     t = target_scores.unsqueeze(1)
     later = (targets.ids >= start + width).unsqueeze(1)

@@ -64,12 +64,15 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
         dist.all_gather(gathered, states)
         states = torch.stack(gathered, dim=1).reshape(-1, items.dim)[:num_users]  # row r*world + w = user
     y = torch.as_tensor(targets, device=device)
+    # the comparisons' buffer, kept across batches (on the CPU a fresh one costs more than the pass)
+    work = torch.empty(min(user_batch, num_users) * min(item_chunk, local_rows.shape[0]), device=device)
     ranks = []
     for s in range(0, num_users, user_batch):
         t = y[s:s + user_batch]
         ex = None if exclude is None else [torch.as_tensor(e) for e in exclude[s:s + user_batch]]
         ranks.append(sharded_target_ranks(states[s:s + user_batch], local_rows, lo, t,
-                                          net.normalize(items(t)).float(), item_chunk=item_chunk, exclude=ex))
+                                          net.normalize(items(t)).float(), item_chunk=item_chunk, exclude=ex,
+                                          work=work))
     ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
     net.train()
     out = metrics_from_ranks(ranks.cpu(), ks)
