@@ -39,13 +39,13 @@ def test_pipeline_end_to_end_and_rerun_skips(method, tmp_path_factory, ray_sessi
         f"method={method}", "data.source=interactions", f"data.path={data / 'inter.csv'}",
         f"data.items_path={data / 'items.csv'}", "data.text_template={title}. Genres: {genres}.",
         f"run_dir={run_dir}", "model.dim=32", "model.id_dims=16", "model.max_len=8",
-        "train.batch_size=32", "train.epochs=25", "train.patience=25", "train.num_negatives=16",
+        "train.batch_size=32", "train.epochs=12", "train.patience=12", "train.num_negatives=16",
         "train.lr=0.005", "train.log_every=0", "model.dropout=0.0"])
     out = run_pipeline(cfg)
     m = out["metrics"]["metrics"]["overall"]
     assert m["users"] == N_USERS
-    # random ranking gives HR@10 = 10/40; the cycle is learnable
-    assert m["HR@10"] > 0.6, m
+    # random ranking gives HR@10 = 10/40; the cycle is learnable (both methods reach 1.0 in 12 epochs)
+    assert m["HR@10"] > 0.9, m
     assert 0 < m["NDCG@10"] <= m["HR@10"]
     stages = ["prepare", f"train-{method}-s22", f"evaluate-{method}-s22"]
     if method == "alphafuse":
