@@ -191,9 +191,9 @@ def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude:
         shape = (num_users, end - start)
         if users_folded is not None and folded is not None:
             exact = torch.matmul(users_folded, folded.T, out=products[:shape[0] * shape[1]].view(shape))
+            scores = score_buffer[:shape[0] * shape[1]].view(shape).copy_(exact)
         else:
-            exact = exact_scores(users, (q if q is not None else folded / scale.unsqueeze(1), scale))
-        scores = score_buffer[:shape[0] * shape[1]].view(shape).copy_(exact)
+            scores = exact_scores(users, (q if q is not None else folded / scale.unsqueeze(1), scale))
         everything = count_ahead(scores, target_scores, columns, start, work=work)
         if "ranks_unfiltered" in ranks:
             ranks["ranks_unfiltered"] += everything
