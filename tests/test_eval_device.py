@@ -222,3 +222,25 @@ def test_scan_items_gives_both_rankings_and_top_lists_of_the_reference_functions
         assert out["ranks_unfiltered"].tolist() == reference_ranks(states.numpy(), table.numpy(), targets.numpy()).tolist()
         assert torch.equal(out["top"], full_ranking_topk(states, table, 10, exclude=many)[1])
         assert torch.equal(out["top_unfiltered"], full_ranking_topk(states, table, 10)[1])
+
+
+def test_item_lists_slice_and_row_range_keep_each_users_items():
+    """The flat (CSR) form of per-user exclusions: a batch slice and a row shard's local ids hold
+    exactly the items of the list form, and a range check names the user."""
+    from alphafuse_dist.evaluate.metrics import ItemLists, _pairs_by_item
+
+    lists = [np.array([5, 1, 5]), np.array([], dtype=np.int64), np.array([9, 0, 3]), np.array([2])]
+    flat = ItemLists.of(lists)
+    assert flat.offsets.tolist() == [0, 3, 3, 6, 7] and flat.lengths().tolist() == [3, 0, 3, 1]
+    assert [x.tolist() for x in flat.slice(1, 3).tolist()] == [[], [9, 0, 3]]
+    assert [x.tolist() for x in flat.slice(3, 9).tolist()] == [[2]] and len(flat.slice(4, 4)) == 0
+    assert [x.tolist() for x in flat.within(2, 6).tolist()] == [[3, 3], [], [1], [0]]  # items 2..5 as 0..3
+    with pytest.raises(ValueError, match=r"exclude\[2\]: item ids must lie in 0\.\.8"):
+        _pairs_by_item(flat, 4, 9, torch.device("cpu"))
+    with pytest.raises(ValueError, match="offsets"):
+        ItemLists(np.arange(3), np.array([0, 2]))
+    # the same pairs from either form
+    pairs, pairs_flat = (_pairs_by_item(x, 4, 10, torch.device("cpu"))
+                         for x in ([torch.as_tensor(x) for x in lists], flat))
+    assert pairs.items_host.tolist() == pairs_flat.items_host.tolist() == [0, 1, 2, 3, 5, 9]  # distinct, by item
+    assert pairs.users_host.tolist() == pairs_flat.users_host.tolist() == [2, 0, 3, 2, 0, 2]

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from ..runtime.parquet import iter_batches, read_table
 
 
-def _lists(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+def list_column(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(flat values int64, offsets int64 [rows+1]) of a list<int32> column."""
     col = read_table(path, columns=[column]).column(column).combine_chunks()
     return (np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.int64),
@@ -57,7 +57,7 @@ def window_counts(lengths: np.ndarray, max_len: int) -> np.ndarray:
 def training_windows(train_parquet: Path, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Every training window of train.parquet at once (:func:`windows_of` of its ``items`` lists):
     the reference the streamed reader (:func:`stream_windows`) is checked against."""
-    values, offsets = _lists(train_parquet, "items")
+    values, offsets = list_column(train_parquet, "items")
     return windows_of(values, offsets, max_len, pad_id)
 
 
@@ -91,17 +91,22 @@ def stream_windows(train_parquet: Path, max_len: int, pad_id: int, rows: int = R
 
 def eval_inputs(split_parquet: Path, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user_idx [U], last ``max_len`` history items left-padded [U, L], target [U]) of a split."""
-    t = read_table(split_parquet, columns=["user_idx", "history", "target"])
-    values, offsets = _lists(split_parquet, "history")
+    t = read_table(split_parquet, columns=["user_idx", "target"])
+    hist = last_items(*list_column(split_parquet, "history"), max_len, pad_id)
+    return (t.column("user_idx").to_numpy().astype(np.int64), hist,
+            t.column("target").to_numpy().astype(np.int64))
+
+
+def last_items(values: np.ndarray, offsets: np.ndarray, max_len: int, pad_id: int) -> np.ndarray:
+    """The last ``max_len`` items of each list ``values[offsets[u]:offsets[u+1]]``, left-padded
+    with ``pad_id``: int64 [U, max_len]."""
     ends = offsets[1:]
     pos = np.arange(max_len)
     length = np.minimum(ends - offsets[:-1], max_len)
     k = pos[None, :] - (max_len - length)[:, None]
     ok = k >= 0
     idx = (ends - length)[:, None] + np.where(ok, k, 0)
-    hist = np.where(ok, values[np.minimum(idx, max(len(values) - 1, 0))], pad_id)
-    return (t.column("user_idx").to_numpy().astype(np.int64), hist.astype(np.int64),
-            t.column("target").to_numpy().astype(np.int64))
+    return np.where(ok, values[np.minimum(idx, max(len(values) - 1, 0))], pad_id).astype(np.int64)
 
 
 def item_counts(train_parquet: Path, num_items: int, rows: int = READ_ROWS) -> np.ndarray:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..runtime.progress import Progress
-from .metrics import (Similarity, TargetColumns, _Pairs, _pairs_by_item, _row_scores, _topk_in_id_order,
+from .metrics import (ItemLists, Similarity, TargetColumns, _Pairs, _pairs_by_item, _row_scores, _topk_in_id_order,
                       blocked_ahead, count_ahead, exact_rows, exact_scores, sampled_ranks)
 
 _log = logging.getLogger(__name__)
@@ -126,15 +126,15 @@ class ExactItems:
 
 
 def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
-                       exclude: Sequence[Tensor] | None = None) -> Tensor:
+                       exclude: Sequence[Tensor] | ItemLists | None = None) -> Tensor:
     """:func:`.metrics.target_ranks` over :class:`ExactItems`, on its device: the same ranks.
 
     Args:
         user_states: ``[B, d]`` float.
         items: the item table.
         targets: ``[B]`` long item ids.
-        exclude: ``B`` 1-D long tensors, items that do not compete for each user (see
-            :func:`.metrics.target_ranks`).
+        exclude: ``B`` 1-D long tensors (or one :class:`.metrics.ItemLists`), items that do not
+            compete for each user (see :func:`.metrics.target_ranks`).
 
     Returns:
         ``[B]`` long ranks on the items' device.
@@ -143,7 +143,7 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
 
 
 @torch.no_grad()  # ranks have no gradient, and the chunk loop writes into buffers (out=)
-def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude: Sequence[Tensor] | None = None,
+def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude: Sequence[Tensor] | ItemLists | None = None,
                *, unfiltered: bool = False, top_k: int = 0) -> dict[str, Tensor]:
     """One pass over the item chunks: each user's target rank and, on request, the rank without
     ``exclude`` and the ``top_k`` best items, all from the same exact scores.
@@ -260,10 +260,15 @@ class RankJob:
     states: np.ndarray | None = None  # [U, d] float32
     hist: np.ndarray | None = None  # [U, L] int64, left-padded with the pad id N
     encoder: torch.nn.Module | None = None  # the sequence encoder (model.backbones), eval mode
-    exclude: list[np.ndarray] | None = None  # per user, items that do not compete (full protocol)
+    exclude: ItemLists | None = None  # per user, items that do not compete (full protocol; a list
+    # of one array per user is taken too)
     negatives: np.ndarray | None = None  # [U, S] int64: the sampled protocol's candidates
     unfiltered: bool = False  # with exclude: also the ranks among all items ("ranks_unfiltered")
     top_k: int = 0  # full protocol: also each user's top_k items ("top", "top_unfiltered")
+
+    def __post_init__(self):
+        if self.exclude is not None:
+            self.exclude = ItemLists.of(self.exclude)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -271,7 +276,9 @@ class RankJob:
     def shard(self, lo: int, hi: int) -> "RankJob":
         """Users ``lo..hi-1``."""
         cut = {f.name: getattr(self, f.name)[lo:hi] for f in dataclasses.fields(self)
-               if f.name in ("targets", "states", "hist", "exclude", "negatives") and getattr(self, f.name) is not None}
+               if f.name in ("targets", "states", "hist", "negatives") and getattr(self, f.name) is not None}
+        if self.exclude is not None:
+            cut["exclude"] = self.exclude.slice(lo, hi)
         return dataclasses.replace(self, **cut)
 
 
@@ -317,7 +324,7 @@ def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: 
                 batch = {"ranks": sampled_ranks(states, table, targets, torch.as_tensor(job.negatives[s:e]),
                                                 similarity=job.similarity)}
             else:
-                exclude = [torch.as_tensor(x) for x in job.exclude[s:e]] if job.exclude is not None else None
+                exclude = job.exclude.slice(s, e) if job.exclude is not None else None
                 batch = scan_items(states, items, targets, exclude, unfiltered=job.unfiltered, top_k=job.top_k)
         out.append(batch)
         if progress is not None:
@@ -328,7 +335,7 @@ def rank_job(job: RankJob, item_table: Tensor | np.ndarray, device: str, label: 
     if not out:  # no users: the arrays of an empty batch
         out = [{"ranks": torch.zeros(0, dtype=torch.long)}] if job.negatives is not None else \
             [scan_items(torch.zeros(0, table.shape[1]), items, torch.zeros(0, dtype=torch.long),
-                        [] if job.exclude is not None else None, unfiltered=job.unfiltered, top_k=job.top_k)]
+                        job.exclude, unfiltered=job.unfiltered, top_k=job.top_k)]
     arrays = {k: torch.cat([b[k] for b in out]).cpu().numpy().astype(np.int64) for k in out[0]}
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     return arrays, {"device": device, "users": len(job), "seconds": round(time.time() - t0, 3),

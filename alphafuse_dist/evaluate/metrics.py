@@ -37,7 +37,7 @@ Similarity = Literal["dot", "cosine"]
 
 
 def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, similarity: Similarity = "dot",
-                 item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None) -> Tensor:
+                 item_chunk: int = 65_536, exclude: Sequence[Tensor] | ItemLists | None = None) -> Tensor:
     """0-based rank of each user's target among all items (0: nothing ranks ahead of it).
 
     The rank counts the items that score higher than the target, plus the items that score the
@@ -49,8 +49,8 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
         targets: ``[U]`` long, each user's target item in ``0..N-1``.
         similarity: ``"dot"``, or ``"cosine"`` (both sides L2-normalised first).
         item_chunk: items scored at once; peak memory is about ``24 * U * item_chunk`` bytes.
-        exclude: ``U`` 1-D long tensors, the items that do not compete for each user (e.g. the
-            history; duplicates allowed). A listed target still gets its rank: a re-consumed
+        exclude: ``U`` 1-D long tensors (or one :class:`ItemLists`), the items that do not
+            compete for each user (e.g. the history; duplicates allowed). A listed target still gets its rank: a re-consumed
             item is a valid target.
 
     Returns:
@@ -84,7 +84,7 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
 
 def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: int, targets: Tensor,
                          target_rows: Tensor, *, similarity: Similarity = "dot", item_chunk: int = 65_536,
-                         group=None, exclude: Sequence[Tensor] | None = None, work: Tensor | None = None
+                         group=None, exclude: Sequence[Tensor] | ItemLists | None = None, work: Tensor | None = None
                          ) -> Tensor:
     """:func:`target_ranks` over an item table split by rows across the ranks of a process group:
     each rank counts the items of its own rows that rank ahead of each user's target, and the
@@ -123,8 +123,7 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
         # local ids; outside 0..n_r-1 when the target is another shard's
         local_targets = TargetColumns(targets.cpu().numpy() - row_offset, device)
         n_local = local_rows.shape[0]
-        local_exclude = None if exclude is None else [
-            e[(e >= row_offset) & (e < row_offset + n_local)].long() - row_offset for e in exclude]
+        local_exclude = None if exclude is None else ItemLists.of(exclude).within(row_offset, row_offset + n_local)
         blocked = _pairs_by_item(local_exclude, num_users, n_local, device)
         for start, _, scores in _chunk_scores(users, local_rows.to(device), similarity, item_chunk):
             ranks += count_ahead(scores, target_scores, local_targets, start, blocked, work)
@@ -134,7 +133,7 @@ def sharded_target_ranks(user_states: Tensor, local_rows: Tensor, row_offset: in
 
 
 def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, similarity: Similarity = "dot",
-                      item_chunk: int = 65_536, exclude: Sequence[Tensor] | None = None,
+                      item_chunk: int = 65_536, exclude: Sequence[Tensor] | ItemLists | None = None,
                       score_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """The ``k`` best items of each user over all items, best first, merged chunk by chunk.
 
@@ -146,7 +145,8 @@ def full_ranking_topk(user_states: Tensor, item_table: Tensor, k: int, *, simila
         k: items per user, ``1 <= k <= N``.
         similarity: ``"dot"``, or ``"cosine"`` (both sides L2-normalised first).
         item_chunk: items scored at once; memory is ``O(U x (item_chunk + k))``.
-        exclude: ``U`` 1-D long tensors, items never recommended to each user (e.g. the history).
+        exclude: ``U`` 1-D long tensors (or one :class:`ItemLists`), items never recommended to
+            each user (e.g. the history).
             They score ``-inf``, so they fill the tail only when fewer than ``k`` others remain.
         score_dtype: ``torch.float64`` (default: exact, kernel-independent scores, see the module
             notes) or a fast serving precision such as ``torch.bfloat16`` on GPU (GEMM-bound;
@@ -439,7 +439,65 @@ class _Pairs:
         return self.users[lo:hi] * width + (self.items[lo:hi] - start)
 
 
-def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: int,
+class ItemLists:
+    """Item id lists of many users in one flat array (CSR): user ``u``'s items are
+    ``values[offsets[u]:offsets[u + 1]]``. The compact form of ``exclude``: slicing a batch or a
+    row range and building the (user, item) pairs take array operations, never one object per
+    user (500k histories as 500k arrays cost seconds to build, pickle for a Ray task and join).
+
+    Example::
+
+        lists = ItemLists.of([torch.tensor([3, 1]), torch.tensor([], dtype=torch.long)])
+        lists.values, lists.offsets  # [3, 1], [0, 2, 2]
+    """
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values = np.asarray(values, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        if self.offsets.ndim != 1 or not len(self.offsets) or self.offsets[0] != 0 \
+                or self.offsets[-1] != len(self.values) or (np.diff(self.offsets) < 0).any():
+            raise ValueError(f"offsets: expected 0 = offsets[0] <= ... <= offsets[-1] = {len(self.values)} "
+                             f"(the number of values)")
+
+    @classmethod
+    def of(cls, lists: "Sequence[Tensor | np.ndarray] | ItemLists") -> "ItemLists":
+        """From one 1-D integer tensor (or array) per user; ``ItemLists`` are returned as they are."""
+        if isinstance(lists, ItemLists):
+            return lists
+        lists = [torch.as_tensor(e) for e in lists]
+        for u, e in enumerate(lists):
+            if e.dim() != 1 or e.dtype not in (torch.long, torch.int32):
+                raise ValueError(f"exclude[{u}]: expected a 1-D integer tensor, got {e.dtype} of shape {list(e.shape)}")
+        lengths = np.fromiter((e.shape[0] for e in lists), np.int64, len(lists))
+        values = np.concatenate([e.cpu().numpy().astype(np.int64, copy=False) for e in lists]) if len(lists) \
+            else np.empty(0, dtype=np.int64)
+        return cls(values, np.concatenate([[0], np.cumsum(lengths)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        """Items per user, int64 ``[U]``."""
+        return np.diff(self.offsets)
+
+    def slice(self, lo: int, hi: int) -> "ItemLists":
+        """Users ``lo..hi-1``."""
+        lo, hi = max(0, min(lo, len(self))), max(0, min(hi, len(self)))
+        hi = max(lo, hi)
+        return ItemLists(self.values[self.offsets[lo]:self.offsets[hi]], self.offsets[lo:hi + 1] - self.offsets[lo])
+
+    def within(self, lo: int, hi: int) -> "ItemLists":
+        """Each user's items in ``lo..hi-1``, shifted to ``0..hi-lo-1`` (a row shard's local ids)."""
+        keep = (self.values >= lo) & (self.values < hi)
+        kept = np.concatenate([[0], np.cumsum(keep)])
+        return ItemLists(self.values[keep] - lo, kept[self.offsets])
+
+    def tolist(self) -> list[np.ndarray]:
+        """One int64 array per user."""
+        return np.split(self.values, self.offsets[1:-1])
+
+
+def _pairs_by_item(exclude: "Sequence[Tensor] | ItemLists | None", num_users: int, num_items: int,
                    device: torch.device) -> _Pairs:
     """Each user's excluded items as distinct (user, item) pairs, sorted by item."""
     if exclude is None:
@@ -447,18 +505,14 @@ def _pairs_by_item(exclude: Sequence[Tensor] | None, num_users: int, num_items: 
         return _Pairs(empty, empty, device)
     if len(exclude) != num_users:
         raise ValueError(f"exclude: expected one tensor per user ({num_users}), got {len(exclude)}")
-    for u, e in enumerate(exclude):
-        if e.dim() != 1 or e.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"exclude[{u}]: expected a 1-D integer tensor, got {e.dtype} of shape {list(e.shape)}")
     # joined on the host, deduplicated and sorted there, then one copy to the device
-    flat = np.concatenate([e.cpu().numpy().astype(np.int64, copy=False) for e in exclude]) if num_users \
-        else np.empty(0, dtype=np.int64)
-    lengths = np.fromiter((e.shape[0] for e in exclude), np.int64, num_users)
+    lists = ItemLists.of(exclude)
+    flat = lists.values
     bad = np.flatnonzero((flat < 0) | (flat >= num_items))
     if len(bad):
-        u = int(np.searchsorted(lengths.cumsum(), int(bad[0]), side="right"))
+        u = int(np.searchsorted(lists.offsets, int(bad[0]), side="right")) - 1
         raise ValueError(f"exclude[{u}]: item ids must lie in 0..{num_items - 1}")
-    key = np.unique(flat * max(num_users, 1) + np.repeat(np.arange(num_users), lengths))  # by item, then user
+    key = np.unique(flat * max(num_users, 1) + np.repeat(np.arange(num_users), lists.lengths()))  # by item, then user
     return _Pairs(key % max(num_users, 1), key // max(num_users, 1), device)
 
 

@@ -2,6 +2,7 @@
 shards of the item table: every worker of a training run calls :func:`sharded_metrics`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,13 @@ import torch
 import torch.distributed as dist
 
 from ..runtime.dist import rank_world
-from ..runtime.parquet import read_table
-from .metrics import metrics_from_ranks, sharded_target_ranks
+from ..data.sequences import list_column
+from .metrics import ItemLists, metrics_from_ranks, sharded_target_ranks
 
 
 @torch.no_grad()
 def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item_chunk: int,
-                    user_batch: int = 1024, exclude: list[np.ndarray] | None = None) -> dict:
+                    user_batch: int = 1024, exclude: ItemLists | Sequence | None = None) -> dict:
     """Full-ranking metrics of all users ``hist`` [U, L] (left-padded) -> ``targets`` [U].
 
     Each worker builds the fused rows of its own item range only (``N / world`` rows, never the
@@ -31,7 +32,7 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
         net: the unwrapped ``model.recommender.SequentialRecommender`` (its ``items``,
             ``normalize`` and ``user_states``); left in train mode afterwards.
         exclude: per user, items removed from the ranking (the filtered protocol: the whole
-            history, see :func:`read_histories`); None ranks every item.
+            history, see :func:`read_histories`; or one array per user); None ranks every item.
 
     Returns:
         ``metrics_from_ranks`` of the ranks, ``users`` as an int.
@@ -66,10 +67,11 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
     y = torch.as_tensor(targets, device=device)
     # the comparisons' buffer, kept across batches (on the CPU a fresh one costs more than the pass)
     work = torch.empty(min(user_batch, num_users) * min(item_chunk, local_rows.shape[0]), device=device)
+    exclude = None if exclude is None else ItemLists.of(exclude)
     ranks = []
     for s in range(0, num_users, user_batch):
         t = y[s:s + user_batch]
-        ex = None if exclude is None else [torch.as_tensor(e) for e in exclude[s:s + user_batch]]
+        ex = None if exclude is None else exclude.slice(s, s + user_batch)
         ranks.append(sharded_target_ranks(states[s:s + user_batch], local_rows, lo, t,
                                           net.normalize(items(t)).float(), item_chunk=item_chunk, exclude=ex,
                                           work=work))
@@ -79,8 +81,7 @@ def sharded_metrics(net, hist: np.ndarray, targets: np.ndarray, ks, device, item
     return out | {"users": int(out.pop("users"))}
 
 
-def read_histories(split_file: Path) -> list[np.ndarray]:
-    """Each user's whole history (int64 item ids) from a prepare split file (``valid.parquet``,
+def read_histories(split_file: Path) -> ItemLists:
+    """Each user's whole history (item ids) from a prepare split file (``valid.parquet``,
     ``test.parquet``), in row order."""
-    return [np.asarray(h, dtype=np.int64) for h in read_table(split_file, columns=["history"]).column("history")
-            .to_pylist()]
+    return ItemLists(*list_column(split_file, "history"))

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file
 
@@ -39,6 +38,7 @@ from ..runtime.parquet import read_table, write_table
 from ..runtime.progress import Progress
 from .device import RankJob, rank_users
 from .metrics import metrics_by_group, sample_negatives
+from .sharded import read_histories
 from .report import protocol_label
 
 
@@ -90,14 +90,13 @@ def _evaluate_split(cfg: RunConfig, model_path: Path, prepare_dir: Path, split: 
     N = table.shape[0]
     users, hist, targets = eval_inputs(prepare_dir / f"{split}.parquet", cfg.model.max_len, N)
     items = read_table(prepare_dir / "items.parquet", columns=["popularity", "is_head"])
-    full_hist = read_table(prepare_dir / f"{split}.parquet", columns=["history"]).column("history")
-    hist_lengths = pc.list_value_length(full_hist).to_numpy(zero_copy_only=False).astype(np.int64)
-    histories = [np.asarray(h, dtype=np.int64) for h in full_hist.to_pylist()]
+    histories = read_histories(prepare_dir / f"{split}.parquet")  # every user's whole history
+    hist_lengths = histories.lengths()
     full = e.protocol == "full"
     negatives = None
     if e.protocol == "sampled":
         # the user's whole history AND the target are never negatives
-        seen = [np.append(h, t) for h, t in zip(histories, targets)]
+        seen = [np.append(h, t) for h, t in zip(histories.tolist(), targets)]
         try:
             negatives = torch.as_tensor(sample_negatives(N, seen, users, e.sampled_negatives, e.negative_seed))
         except ValueError as err:

@@ -21,6 +21,10 @@ as the stage does when the pipeline has started Ray; without it, one thread per 
 ``--stage`` ranks as the evaluate stage does by default: each user's history (``--history``
 items on average, geometric lengths, items drawn by a power law) is excluded, the unfiltered ranks
 and both top-10 lists come from the same pass (``eval.exclude_history``, ``eval.unfiltered``).
+``--encoder`` adds the stage's encoder: user states from a SASRec encoder (random weights, width
+``--dim``, 2 blocks) over each user's last 50 history items, batch by batch on the ranking device;
+the CPU check is then skipped (encoder kernels may differ in the last bits between devices, so
+only ranks of the same states are comparable; ``--stage`` without it checks those).
 
 Printed and written to ``--out`` (JSON): users/s on each side, the speed-up, peak GPU memory
 (torch's allocator, the largest shard) and this process's peak resident memory.
@@ -61,12 +65,15 @@ def synthetic(users: int, items: int, dim: int, seed: int) -> tuple[np.ndarray, 
     return table, states, targets
 
 
-def histories(users: int, items: int, mean: int, seed: int) -> list[np.ndarray]:
-    """Per user, ``mean`` items on average (geometric lengths, 1..500), popular items more often."""
+def histories(users: int, items: int, mean: int, seed: int):
+    """Per user, ``mean`` items on average (geometric lengths, 1..500), popular items more often
+    (``ItemLists``: the evaluate stage's form of the exclusions)."""
+    from alphafuse_dist.evaluate.metrics import ItemLists
+
     rng = np.random.default_rng(seed + 1)
     lengths = np.minimum(rng.geometric(1 / mean, users), 500)
     drawn = (rng.pareto(1.2, int(lengths.sum())) * items / 1000).astype(np.int64) % items
-    return np.split(drawn, np.cumsum(lengths)[:-1])
+    return ItemLists(drawn, np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def timed_ranking(job, table, device: str, ks=(10, 20)) -> tuple[dict[str, np.ndarray], dict, dict, float]:
@@ -100,10 +107,14 @@ def main() -> None:
     p.add_argument("--stage", action="store_true",
                    help="the evaluate stage's work: histories excluded, unfiltered ranks, both top-10 lists")
     p.add_argument("--history", type=int, default=20, help="--stage: mean history length")
+    p.add_argument("--encoder", action="store_true",
+                   help="--stage: user states from a SASRec encoder over the last 50 history items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = p.parse_args()
     users = args.users or (500_000 if args.device == "cuda" else 2000)
+    if args.encoder and not args.stage:
+        p.error("--encoder: needs --stage (the encoder reads the histories)")
 
     import torch
 
@@ -116,11 +127,23 @@ def main() -> None:
         f"({gpu or platform.processor() or platform.machine()}, {torch.cuda.device_count() if gpu else 0} GPU(s), "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads), user_batch {args.user_batch}, "
         f"item_chunk {args.item_chunk}" + (f", stage protocol (histories of {args.history} excluded, both "
-                                           "rankings, top-10 lists)" if args.stage else ""))
+                                           "rankings, top-10 lists)" if args.stage else "")
+        + (", user states from the encoder" if args.encoder else ""))
     table_np, states, targets = synthetic(users, args.items, args.dim, args.seed)
     table = torch.from_numpy(table_np)
     stage = {"exclude": histories(users, args.items, args.history, args.seed), "unfiltered": True, "top_k": 10} \
         if args.stage else {}
+    if args.encoder:  # the stage's inputs: windows of the histories and the encoder, no states
+        from alphafuse_dist.config import ModelConfig
+        from alphafuse_dist.data.sequences import last_items
+        from alphafuse_dist.model.backbones import build_encoder
+
+        torch.manual_seed(args.seed)
+        model = ModelConfig(dim=args.dim, id_dims=args.dim // 2, max_len=50, similarity=args.similarity)
+        ex = stage["exclude"]
+        stage |= {"hist": last_items(ex.values, ex.offsets, model.max_len, args.items),
+                  "encoder": build_encoder(model).eval()}
+        states = None
     job = RankJob(targets=targets, similarity=args.similarity, user_batch=args.user_batch,
                   item_chunk=args.item_chunk, states=states, **stage)
     log(f"data ready ({table_np.nbytes / 2**30:.2f} GiB table), peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
@@ -134,7 +157,7 @@ def main() -> None:
     report = {"benchmark": "eval_gpu", "device": args.device, "gpu": gpu, "users": users, "items": args.items,
               "dim": args.dim, "similarity": args.similarity, "user_batch": args.user_batch,
               "item_chunk": args.item_chunk, "via_ray": args.ray, "stage": args.stage,
-              "history": args.history if args.stage else 0, "cpus": os.cpu_count(),
+              "history": args.history if args.stage else 0, "encoder": args.encoder, "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     log(f"ranking {users:,} users on {args.device} ...")
     out, info, metrics, seconds = timed_ranking(job, table, args.device)
@@ -147,7 +170,7 @@ def main() -> None:
         + f"; HR@10 {metrics['HR@10']:.4f} NDCG@10 {metrics['NDCG@10']:.4f} HR@20 {metrics['HR@20']:.4f} "
           f"NDCG@20 {metrics['NDCG@20']:.4f}")
 
-    if args.device == "cuda" and args.cpu_users:
+    if args.device == "cuda" and args.cpu_users and not args.encoder:
         n = min(args.cpu_users, users)
         log(f"CPU path on the first {n:,} users ...")
         cpu_out, _, _, cpu_seconds = timed_ranking(job.shard(0, n), table, "cpu")
