@@ -16,7 +16,7 @@
 set -euo pipefail
 SET=$1; RUN=$2; LABEL=$3; shift 3
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ -f "$RUN" ]; then
   name=$(tar tzf "$RUN" | awk -F/ 'NR == 1 {print $2}')
   mkdir -p .device && tar xzf "$RUN" -C .device

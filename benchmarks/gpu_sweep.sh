@@ -7,7 +7,7 @@
 # `alphafuse compare --stages train,evaluate` for alphafuse and sasrec_id.
 set -euo pipefail
 RUN=$1; CONFIG=$2; shift 2
-export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUTDIR=${OUT:-/tmp/sweep}
 while [ $# -ge 2 ]; do
   LABEL=$1; OVR=$2; shift 2
