@@ -635,8 +635,9 @@ def validate(cfg: "RunConfig") -> None:
     if m.dim % m.num_heads:
         raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
     for key, width in (("model.dim", m.dim), ("model.id_dims", m.id_dims)):
-        if width % 4:
-            raise ConfigError(f"{key}={width}: must be a multiple of 4 (TorchRec table widths)")
+        if width % 4 and t.backend == "torchrec":  # the plain-torch backend takes any width
+            raise ConfigError(f"{key}={width}: must be a multiple of 4 with train.backend=torchrec (TorchRec "
+                              "table widths; train.backend=torch takes any)")
     if d.null_rule == "threshold" and d.null_threshold is None:
         raise ConfigError("decompose.null_threshold=None: required for decompose.null_rule=threshold "
                           "(DreamRec: 0.25 with decompose.scale=40)")

@@ -51,8 +51,10 @@ CASES = [  # override(s) -> the exact message
     ("model.unisrec_experts=0", "model.unisrec_experts=0: must be >= 1"),
     ("model.rlmrec_weight=-1", "model.rlmrec_weight=-1: must be >= 0"),
     ("model.num_heads=3", "model.num_heads=3: must divide model.dim=128"),
-    ("model.dim=130", "model.dim=130: must be a multiple of 4 (TorchRec table widths)"),
-    ("model.id_dims=18", "model.id_dims=18: must be a multiple of 4 (TorchRec table widths)"),
+    ("model.dim=130", "model.dim=130: must be a multiple of 4 with train.backend=torchrec (TorchRec table widths; "
+                      "train.backend=torch takes any)"),
+    ("model.id_dims=18", "model.id_dims=18: must be a multiple of 4 with train.backend=torchrec (TorchRec table "
+                         "widths; train.backend=torch takes any)"),
     ("model.id_dims=128", "model.id_dims=128: must be < model.dim=128"),
     ("model.id_dims=0", "model.id_dims=0: must be >= 1"),
     ("decompose.scale=0", "decompose.scale=0: must be > 0"),
@@ -133,6 +135,7 @@ def test_each_rule_is_one_exact_line(overrides, message):
     ["data.train_window_days=7", "data.split=time", "data.split_times=[1577836800, 1580515200]"],
     ["train.epochs=0", "train.warm_start=/prev/train", "data.id_map=/prev/prepare"],
     ["train.epochs=10000", "model.dropout=0", "train.log_every=0", "train.max_failures=0"],
+    ["train.backend=torch", "model.id_dims=18"],  # e.g. the d_n the threshold rule derives
 ])
 def test_the_edges_of_the_rules_are_allowed(overrides):
     load_config("quickstart", overrides)
