@@ -681,9 +681,9 @@ def validate(cfg: "RunConfig") -> None:
         if m.dreamrec_sample_steps > m.dreamrec_timesteps:
             raise ConfigError(f"model.dreamrec_sample_steps={m.dreamrec_sample_steps}: must be <= "
                               f"model.dreamrec_timesteps={m.dreamrec_timesteps}")
-    if cfg.method == "llmesr" and m.dim % 8:
+    if cfg.method == "llmesr" and m.dim % 8 and t.backend == "torchrec":
         raise ConfigError(f"model.dim={m.dim}: method=llmesr splits it into two halves that must be multiples of 4 "
-                          "(TorchRec table widths): use a multiple of 8")
+                          "with train.backend=torchrec (TorchRec table widths): use a multiple of 8")
     if m.id_space != "null_space" and cfg.method != "alphafuse":
         raise ConfigError(f"model.id_space={m.id_space}: an alphafuse ablation, not for method={cfg.method}")
     if m.id_space == "full_space" and m.injection == "cover":

@@ -239,8 +239,21 @@ def test_item_lists_slice_and_row_range_keep_each_users_items():
         _pairs_by_item(flat, 4, 9, torch.device("cpu"))
     with pytest.raises(ValueError, match="offsets"):
         ItemLists(np.arange(3), np.array([0, 2]))
+    with pytest.raises(ValueError, match="values: expected integers, got float64"):
+        ItemLists(np.array([1.7, 2.2]), np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"slice\(-1, 2\): bounds must be >= 0"):
+        flat.slice(-1, 2)
+    assert flat.slice(2, 2).tolist() == [] and ItemLists(np.empty(0, np.int64), np.zeros(1, np.int64)).tolist() == []
     # the same pairs from either form
     pairs, pairs_flat = (_pairs_by_item(x, 4, 10, torch.device("cpu"))
                          for x in ([torch.as_tensor(x) for x in lists], flat))
     assert pairs.items_host.tolist() == pairs_flat.items_host.tolist() == [0, 1, 2, 3, 5, 9]  # distinct, by item
     assert pairs.users_host.tolist() == pairs_flat.users_host.tolist() == [2, 0, 3, 2, 0, 2]
+
+
+def test_last_items_left_pads_each_list_and_takes_users_without_items():
+    from alphafuse_dist.data.sequences import last_items
+
+    values, offsets = np.array([1, 2, 3, 4, 5]), np.array([0, 4, 4, 5])
+    assert last_items(values, offsets, 3, 9).tolist() == [[2, 3, 4], [9, 9, 9], [9, 9, 5]]
+    assert last_items(np.empty(0, np.int64), np.zeros(3, np.int64), 2, 9).tolist() == [[9, 9], [9, 9]]

@@ -87,3 +87,14 @@ space:
     assert space.trials() == 18
     assert space.budget() == ("18 trials per method, at most 600 s; ASHA (grace period 4 epochs, reduction factor 2) "
                               "on validation NDCG; 2 cpu, 0.5 gpu per trial")
+
+
+def test_a_trial_invalid_for_the_users_back_end_fails_before_training():
+    """Trials train with plain torch, whose width rule is looser than TorchRec's: a trial value the
+    user's own (TorchRec) config refuses fails at once, so it can never become the best preset."""
+    from alphafuse_dist.tune import _trial
+
+    user = load_config("quickstart", ["train.backend=torchrec"]).to_dict()
+    base = load_config("quickstart", ["train.backend=torch", "train.num_workers=1"]).to_dict()
+    with pytest.raises(ConfigError, match="model.id_dims=18: must be a multiple of 4 with train.backend=torchrec"):
+        _trial({"model.id_dims": 18}, base=base, user=user, inputs={}, metric="val_NDCG@10", threads=1)

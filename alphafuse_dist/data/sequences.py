@@ -101,12 +101,14 @@ def last_items(values: np.ndarray, offsets: np.ndarray, max_len: int, pad_id: in
     """The last ``max_len`` items of each list ``values[offsets[u]:offsets[u+1]]``, left-padded
     with ``pad_id``: int64 [U, max_len]."""
     ends = offsets[1:]
+    if not len(values):  # no user has an item: all padding
+        return np.full((len(ends), max_len), pad_id, dtype=np.int64)
     pos = np.arange(max_len)
     length = np.minimum(ends - offsets[:-1], max_len)
     k = pos[None, :] - (max_len - length)[:, None]
     ok = k >= 0
     idx = (ends - length)[:, None] + np.where(ok, k, 0)
-    return np.where(ok, values[np.minimum(idx, max(len(values) - 1, 0))], pad_id).astype(np.int64)
+    return np.where(ok, values[np.minimum(idx, len(values) - 1)], pad_id).astype(np.int64)
 
 
 def item_counts(train_parquet: Path, num_items: int, rows: int = READ_ROWS) -> np.ndarray:

@@ -452,8 +452,12 @@ class ItemLists:
     """
 
     def __init__(self, values: np.ndarray, offsets: np.ndarray):
-        self.values = np.asarray(values, dtype=np.int64)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
+        values, offsets = np.asarray(values), np.asarray(offsets)
+        for name, a in (("values", values), ("offsets", offsets)):
+            if a.size and not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{name}: expected integers, got {a.dtype}")
+        self.values = values.astype(np.int64, copy=False)
+        self.offsets = offsets.astype(np.int64, copy=False)
         if self.offsets.ndim != 1 or not len(self.offsets) or self.offsets[0] != 0 \
                 or self.offsets[-1] != len(self.values) or (np.diff(self.offsets) < 0).any():
             raise ValueError(f"offsets: expected 0 = offsets[0] <= ... <= offsets[-1] = {len(self.values)} "
@@ -481,8 +485,10 @@ class ItemLists:
         return np.diff(self.offsets)
 
     def slice(self, lo: int, hi: int) -> "ItemLists":
-        """Users ``lo..hi-1``."""
-        lo, hi = max(0, min(lo, len(self))), max(0, min(hi, len(self)))
+        """Users ``lo..hi-1`` (``0 <= lo``; ``hi`` is capped at the number of users)."""
+        if lo < 0 or hi < 0:
+            raise ValueError(f"slice({lo}, {hi}): bounds must be >= 0")
+        lo, hi = min(lo, len(self)), min(hi, len(self))
         hi = max(lo, hi)
         return ItemLists(self.values[self.offsets[lo]:self.offsets[hi]], self.offsets[lo:hi + 1] - self.offsets[lo])
 
@@ -494,7 +500,7 @@ class ItemLists:
 
     def tolist(self) -> list[np.ndarray]:
         """One int64 array per user."""
-        return np.split(self.values, self.offsets[1:-1])
+        return np.split(self.values, self.offsets[1:-1]) if len(self) else []
 
 
 def _pairs_by_item(exclude: "Sequence[Tensor] | ItemLists | None", num_users: int, num_items: int,

@@ -162,8 +162,11 @@ def metric_name(cfg: RunConfig) -> str:
     return "val_NDCG@10" if 10 in cfg.eval.ks else f"val_NDCG@{cfg.eval.ks[0]}"
 
 
-def _trial(params: dict, *, base: dict, inputs: dict, metric: str, threads: int) -> None:
-    """One Tune trial: train ``base`` + ``params`` and report every validation to Tune."""
+def _trial(params: dict, *, base: dict, user: dict, inputs: dict, metric: str, threads: int) -> None:
+    """One Tune trial: train ``base`` + ``params`` and report every validation to Tune. The
+    parameters must also make a valid config of the ``user``'s own (its back end, whose rules
+    may be stricter than the trials' plain torch), else the trial fails: the best one becomes
+    a preset of that config."""
     import torch
     from ray import tune
 
@@ -173,6 +176,7 @@ def _trial(params: dict, *, base: dict, inputs: dict, metric: str, threads: int)
 
     quiet_libraries()
     torch.set_num_threads(threads)
+    _with_params(user, params)
     cfg = _with_params(base, params)
 
     def report(row: dict, _write_checkpoint) -> None:
@@ -205,7 +209,7 @@ def tune_method(cfg: RunConfig, method: str, space: TuneSpace, out_dir: Path) ->
                       "device": "cuda" if space.resources.get("gpu", 0) > 0 else "cpu"}
     metric = metric_name(c)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, inputs=vars(inputs), metric=metric,
+        tune.with_parameters(_trial, base=base, user=c.to_dict(), inputs=vars(inputs), metric=metric,
                              threads=max(1, int(space.resources.get("cpu", 1)))),
         dict(space.resources))
     tuner = tune.Tuner(

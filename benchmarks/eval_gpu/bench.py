@@ -22,7 +22,8 @@ as the stage does when the pipeline has started Ray; without it, one thread per 
 items on average, geometric lengths, items drawn by a power law) is excluded, the unfiltered ranks
 and both top-10 lists come from the same pass (``eval.exclude_history``, ``eval.unfiltered``).
 ``--encoder`` adds the stage's encoder: user states from a SASRec encoder (random weights, width
-``--dim``, 2 blocks) over each user's last 50 history items, batch by batch on the ranking device;
+``--dim``, ``--blocks`` blocks, one head) over each user's last 50 history items, batch by batch
+on the ranking device;
 the CPU check is then skipped (encoder kernels may differ in the last bits between devices, so
 only ranks of the same states are comparable; ``--stage`` without it checks those).
 
@@ -91,7 +92,7 @@ def timed_ranking(job, table, device: str, ks=(10, 20)) -> tuple[dict[str, np.nd
 
 
 def main() -> None:
-    from alphafuse_dist.config import EvalConfig
+    from alphafuse_dist.config import EvalConfig, ModelConfig
 
     defaults = EvalConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +110,8 @@ def main() -> None:
     p.add_argument("--history", type=int, default=20, help="--stage: mean history length")
     p.add_argument("--encoder", action="store_true",
                    help="--stage: user states from a SASRec encoder over the last 50 history items")
+    p.add_argument("--blocks", type=int, default=ModelConfig().num_blocks,
+                   help="--encoder: Transformer blocks (default: model.num_blocks's default, the million run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = p.parse_args()
@@ -128,18 +131,18 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads), user_batch {args.user_batch}, "
         f"item_chunk {args.item_chunk}" + (f", stage protocol (histories of {args.history} excluded, both "
                                            "rankings, top-10 lists)" if args.stage else "")
-        + (", user states from the encoder" if args.encoder else ""))
+        + (f", user states from a {args.blocks}-block encoder" if args.encoder else ""))
     table_np, states, targets = synthetic(users, args.items, args.dim, args.seed)
     table = torch.from_numpy(table_np)
     stage = {"exclude": histories(users, args.items, args.history, args.seed), "unfiltered": True, "top_k": 10} \
         if args.stage else {}
     if args.encoder:  # the stage's inputs: windows of the histories and the encoder, no states
-        from alphafuse_dist.config import ModelConfig
         from alphafuse_dist.data.sequences import last_items
         from alphafuse_dist.model.backbones import build_encoder
 
         torch.manual_seed(args.seed)
-        model = ModelConfig(dim=args.dim, id_dims=args.dim // 2, max_len=50, similarity=args.similarity)
+        model = ModelConfig(dim=args.dim, id_dims=args.dim // 2, max_len=50, similarity=args.similarity,
+                            num_blocks=args.blocks, num_heads=1)
         ex = stage["exclude"]
         stage |= {"hist": last_items(ex.values, ex.offsets, model.max_len, args.items),
                   "encoder": build_encoder(model).eval()}
@@ -157,7 +160,8 @@ def main() -> None:
     report = {"benchmark": "eval_gpu", "device": args.device, "gpu": gpu, "users": users, "items": args.items,
               "dim": args.dim, "similarity": args.similarity, "user_batch": args.user_batch,
               "item_chunk": args.item_chunk, "via_ray": args.ray, "stage": args.stage,
-              "history": args.history if args.stage else 0, "encoder": args.encoder, "cpus": os.cpu_count(),
+              "history": args.history if args.stage else 0, "encoder": args.encoder,
+              "encoder_blocks": args.blocks if args.encoder else 0, "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     log(f"ranking {users:,} users on {args.device} ...")
     out, info, metrics, seconds = timed_ranking(job, table, args.device)
