@@ -143,8 +143,9 @@ def exact_target_ranks(user_states: Tensor, items: ExactItems, targets: Tensor,
 
 
 @torch.no_grad()  # ranks have no gradient, and the chunk loop writes into buffers (out=)
-def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor, exclude: Sequence[Tensor] | ItemLists | None = None,
-               *, unfiltered: bool = False, top_k: int = 0) -> dict[str, Tensor]:
+def scan_items(user_states: Tensor, items: ExactItems, targets: Tensor,
+               exclude: Sequence[Tensor] | ItemLists | None = None, *, unfiltered: bool = False,
+               top_k: int = 0) -> dict[str, Tensor]:
     """One pass over the item chunks: each user's target rank and, on request, the rank without
     ``exclude`` and the ``top_k`` best items, all from the same exact scores.
 

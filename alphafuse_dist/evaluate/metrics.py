@@ -50,8 +50,8 @@ def target_ranks(user_states: Tensor, item_table: Tensor, targets: Tensor, *, si
         similarity: ``"dot"``, or ``"cosine"`` (both sides L2-normalised first).
         item_chunk: items scored at once; peak memory is about ``24 * U * item_chunk`` bytes.
         exclude: ``U`` 1-D long tensors (or one :class:`ItemLists`), the items that do not
-            compete for each user (e.g. the history; duplicates allowed). A listed target still gets its rank: a re-consumed
-            item is a valid target.
+            compete for each user (e.g. the history; duplicates allowed). A listed target still
+            gets its rank: a re-consumed item is a valid target.
 
     Returns:
         ``[U]`` long ranks on ``item_table``'s device.
