@@ -56,10 +56,11 @@ class DataConfig:
     """Where interactions and item text come from and how they become sequences."""
 
     # where interactions and item text come from (ml-latest-small is shipped in the package)
-    source: Literal["ml-latest-small", "movielens", "recbole", "unisrec", "interactions",
+    source: Literal["ml-latest-small", "movielens", "recbole", "unisrec", "rechorus", "interactions",
                     "amazon2014", "amazon2018", "amazon2023"] = "ml-latest-small"
     # folder (movielens: ratings.csv/movies.csv, ratings.dat/movies.dat or u.data/u.item; recbole:
-    # <name>.inter/.item; unisrec: <name>.test.inter/.item2index/.text; amazon: the reviews file or a
+    # <name>.inter/.item; unisrec: <name>.test.inter/.item2index/.text; rechorus: train.csv/dev.csv/
+    # test.csv (+ <name>.item2index/.text); amazon: the reviews file or a
     # folder holding reviews + meta files) or, for source=interactions, the interactions file (a path
     # or a URI such as s3://bucket/key); ignored for the embedded set. .gz/.zst read transparently.
     path: str | None = None

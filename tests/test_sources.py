@@ -376,6 +376,57 @@ def test_unisrec_unknown_index_names_the_row(tmp_path):
         load_source(DataConfig(source="unisrec", path=str(folder)))
 
 
+# ----------------------------------------------------------------------------- ReChorus layout
+
+def write_rechorus(folder: Path, test_rows: str = "1\t3\t50\t[2, 4]\n2\t1\t60\t[3, 4]\n",
+                   with_text: bool = True) -> Path:
+    """train.csv / dev.csv / test.csv (tab-separated, dev and test with sampled negatives), and
+    Off.item2index (raw id, index; no header) + Off.text (id, text), as the LRD repository ships them."""
+    write(folder / "train.csv", "user_id\titem_id\ttime\n1\t1\t10\n2\t2\t20\n1\t2\t30\n2\t3\t30\n")
+    write(folder / "dev.csv", "user_id\titem_id\ttime\tneg_items\n1\t4\t40\t[2, 3]\n2\t4\t30\t[1, 3]\n")
+    write(folder / "test.csv", "user_id\titem_id\ttime\tneg_items\n" + test_rows)
+    if with_text:
+        write(folder / "Off.item2index", "B01\t1\nB02\t2\nB03\t3\nB04\t4\n")
+        write(folder / "Off.text", "id\ttext\nB04\tStapler, black. Staplers Swingline\nB01\tHP 78 Ink Cartridge HP\n"
+              "B02\tLabel maker Brother\nB03\tMouse pad, blue Mouse Pads Fellowes\n")
+    return folder
+
+
+def test_rechorus_reads_the_three_files_in_order_with_text(tmp_path):
+    folder = write_rechorus(tmp_path / "Office")
+    src = load_source(DataConfig(source="rechorus", path=str(folder)))
+    assert interactions(src) == [(0, "1", "1", 10, None), (1, "2", "2", 20, None), (2, "1", "2", 30, None),
+                                 (3, "2", "3", 30, None), (4, "1", "4", 40, None), (5, "2", "4", 30, None),
+                                 (6, "1", "3", 50, None), (7, "2", "1", 60, None)]
+    assert items(src)[3] == {"item_id": "4", "raw_id": "B04", "text": "Stapler, black. Staplers Swingline"}
+    assert set(source_inputs(DataConfig(source="rechorus", path=str(folder)))) == {
+        "interactions", "valid", "test", "item_index", "items"}
+    prepare(DataConfig(source="rechorus", path=str(folder), text_template="{text}", dedupe="none"), tmp_path / "loo")
+    test = pl.read_parquet(tmp_path / "loo" / "test.parquet")
+    valid = pl.read_parquet(tmp_path / "loo" / "valid.parquet")
+    raw = pl.read_parquet(tmp_path / "loo" / "items.parquet")["item_id"].to_list()
+    # leave-one-out gives back the files' own split: the test file's items last, dev's before them,
+    # even where dev's time ties a training row (user 2: time 30)
+    assert [raw[t] for t in test["target"].to_list()] == ["3", "1"]
+    assert [raw[t] for t in valid["target"].to_list()] == ["4", "4"]
+    # without the text files: ids only
+    bare = write_rechorus(tmp_path / "bare", with_text=False)
+    assert load_source(DataConfig(source="rechorus", path=str(bare))).items.columns == ["item_id"]
+
+
+def test_rechorus_bad_input_names_the_file(tmp_path):
+    folder = write_rechorus(tmp_path / "a", test_rows="1\t3\n")
+    with pytest.raises(DataError, match=r"test\.csv.*time"):
+        load_source(DataConfig(source="rechorus", path=str(folder)))
+    folder = write_rechorus(tmp_path / "b")
+    (folder / "Off.text").write_text("id\ttext\nB01\tHP 78 Ink Cartridge HP\n")
+    with pytest.raises(DataError, match=r"Off\.item2index, column 'raw_id', row 1: item 'B02' has no row in Off\.text$"):
+        load_source(DataConfig(source="rechorus", path=str(folder)))
+    (folder / "dev.csv").unlink()
+    with pytest.raises(DataError, match=r"dev\.csv"):
+        load_source(DataConfig(source="rechorus", path=str(folder)))
+
+
 def test_named_data_sets_download_from_a_mirror_verified(tmp_path, capsys):
     import hashlib
 
@@ -396,7 +447,7 @@ def test_named_data_sets_download_from_a_mirror_verified(tmp_path, capsys):
         (renamed / p.name.replace("Sci.", "Scientific.")).write_bytes(p.read_bytes())
     assert main(["download", "amazon-scientific", "--to", str(tmp_path / "real"), "--from", str(renamed)]) == 2
     assert "checksum mismatch" in capsys.readouterr().err and not any((tmp_path / "real").iterdir())
-    with pytest.raises(DataError, match="no data set named 'beauty': known ones are amazon-beauty, amazon-scientific"):
+    with pytest.raises(DataError, match="no data set named 'beauty': known ones are amazon-beauty, amazon-office, amazon-scientific"):
         download_dataset("beauty", tmp_path / "x")
     assert main(["download", "--list"]) == 0
     listed = capsys.readouterr().out

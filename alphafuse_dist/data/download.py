@@ -261,6 +261,8 @@ _COWPIREC = ("https://raw.githubusercontent.com/ysh-1998/CoWPiRec/"
              "db47560c2364650d22afc77080717287daec5079/dataset/Scientific")
 _RECBOLE_SAE = ("https://media.githubusercontent.com/media/parepic/RecBole_SAE/"
                 "cebc1fa9eed33dcf9af27b7d3fe4b4a2121ad0e1/dataset/Amazon_Beauty")
+_LRD = ("https://raw.githubusercontent.com/ysh-1998/LRD/"
+        "ccbd8299c71bb0d26488d67b622706caf9139e21/data/Office")
 # Amazon review data (McAuley lab) may be used for research but not redistributed: these copies are
 # downloaded by each user, never shipped or committed.
 DATASETS: dict[str, DataSet] = {
@@ -274,6 +276,17 @@ DATASETS: dict[str, DataSet] = {
                   "896ab1017508cf20834d3d0537da9f8f624324223a835af272a98ba16f8c087a"),
          DataFile(f"{_COWPIREC}/Scientific.text",
                   "95887e6bda76e54f59b71b566320520d5da74e21d3b6ff8f20bfb6e8e84aa831"))),
+    "amazon-office": DataSet(
+        "Amazon 2014 'Office Products' 5-core in ReChorus' layout (4,905 users, 2,420 items with title "
+        "+ category + brand text, 53,258 interactions; each user's last two in dev.csv / test.csv), "
+        "from the LRD repository",
+        "rechorus",
+        (DataFile(f"{_LRD}/train.csv", "015236e98589dac0801be8fe16519d95735b2efbd64bec890685297a1bc69fec"),
+         DataFile(f"{_LRD}/dev.csv", "f94b18e4be2f7322905b7fd152bce78e4d554cb7561426fab6855e7df07790a0"),
+         DataFile(f"{_LRD}/test.csv", "5b5fb42bf500ca344d565461706cdb548ebf21b371f3f871d517d8c967e63ed6"),
+         DataFile(f"{_LRD}/Office.item2index",
+                  "4a1d4bb829f89ce23f7f8e6637238a2f9049ca28fed4e73840b36fdba479a046"),
+         DataFile(f"{_LRD}/Office.text", "34932e3a6cd6b6d9e999608b309cfa5c6811084dc8be77a18ae89de50da7f862"))),
     "amazon-beauty": DataSet(
         "Amazon 2014 'Beauty' as RecBole atomic files (every rating of the release, with title, "
         "categories, brand; the presets keep the 5-core), Git LFS objects of the RecBole_SAE repository",

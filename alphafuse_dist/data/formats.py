@@ -192,6 +192,38 @@ def _unisrec(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
                   f"UniSRec files {path} + {index_path.name} + {files['items'].name}")
 
 
+def _rechorus(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
+    """ReChorus' layout (as in the LRD repository's Amazon Office set): ``train.csv``, ``dev.csv``
+    and ``test.csv``, tab-separated despite the suffix, with the header ``user_id item_id time``
+    (dev and test add ``neg_items``, sampled negatives that are not read); dev and test hold each
+    user's last two interactions. The rows are read in that order (train, dev, test), so a tie in
+    ``time`` keeps a user's dev and test items last. Item text, when the folder has it:
+    ``<name>.item2index`` (raw item id, the files' item_id; no header) and ``<name>.text`` (header
+    ``id text``), keyed by the raw id; without them the items have ids only.
+    """
+    cols = {"user_id": "user_id", "item_id": "item_id", "timestamp": "time"}
+    # each file checked on its own (errors name it and its row), then one order over all three
+    parts = [_interactions(_read_recbole(files[role], "a ReChorus interactions file"), files[role], cols)
+             for role in ("interactions", "valid", "test")]
+    interactions = pl.concat(parts).with_columns(pl.int_range(0, pl.len(), dtype=pl.Int64).alias("order"))
+    if "items" not in files:
+        return Source(interactions, _ids_only(interactions), files, cols, f"ReChorus files {files['interactions'].parent}")
+    index_path = files["item_index"]
+    index = _read_headerless(index_path, "\t", ["raw_id", "item_id"], "an item2index file (raw item id, index)")
+    index = index.with_columns(pl.col("item_id").str.strip_chars())
+    text = _read_recbole(files["items"], "an item text file (id, text)")
+    _require_columns(text.columns, ["id", "text"], files["items"])
+    named = index.join(text.select(pl.col("id").alias("raw_id"), "text"), on="raw_id", how="left",
+                       maintain_order="left")
+    missing = named.filter(pl.col("text").is_null())
+    if missing.height:
+        raise DataError(f"item {missing['raw_id'][0]!r} has no row in {files['items'].name}", file=index_path,
+                        column="raw_id", row=int(named["text"].is_null().arg_true()[0]))
+    items = _items(named.select("item_id", "raw_id", "text"), index_path, "item_id")
+    return Source(interactions, items, files, cols,
+                  f"ReChorus files {files['interactions'].parent} + {index_path.name} + {files['items'].name}")
+
+
 def _generic(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     """An interactions table with configurable column names and an optional item table."""
     path = files["interactions"]

@@ -188,8 +188,9 @@ def _read_dat(path: Path) -> pl.DataFrame:
     return _read_headerless(path, "::", names, "a MovieLens .dat file ('::'-separated records)")
 
 
-def _read_recbole(path: Path) -> pl.DataFrame:
-    """A RecBole atomic file, all fields as strings, typed headers (``item_id:token``) kept.
+def _read_recbole(path: Path, what: str = "a RecBole atomic file") -> pl.DataFrame:
+    """A RecBole atomic file (or another headed TSV file: ``what`` names it in errors), all fields
+    as strings, typed headers (``item_id:token``) kept.
 
     RecBole files are unquoted TSV: a '"' inside a title is text, not a quote (the ML-1M copy has
     titles that begin with one). Copies written by pandas quote fields that hold a tab, a newline
@@ -197,7 +198,7 @@ def _read_recbole(path: Path) -> pl.DataFrame:
     unquoted read finds rows wider than the header is read again with '"' as the quote.
     """
     source = _readable(path)
-    _require_text(path, source, "a RecBole atomic file")
+    _require_text(path, source, what)
     try:
         try:
             return pl.read_csv(source, separator="\t", quote_char=None, infer_schema=False,
@@ -213,7 +214,7 @@ def _read_recbole(path: Path) -> pl.DataFrame:
     except pl.exceptions.NoDataError:
         raise DataError("is empty: expected a typed header such as user_id:token", file=path) from None
     except pl.exceptions.PolarsError as e:
-        raise DataError(f"cannot be read as a RecBole atomic file (TSV): {_first_line(e)}", file=path) from None
+        raise DataError(f"cannot be read as {what} (TSV): {_first_line(e)}", file=path) from None
 
 
 def _read_json_lines(path: Path, schema: dict[str, pl.DataType], literal_dicts: bool = False) -> pl.DataFrame:

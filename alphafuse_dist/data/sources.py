@@ -12,6 +12,9 @@
 - ``unisrec``: UniSRec's downstream layout in a folder: ``<name>.test.inter`` (per user the
   history as item indices and the last item), ``<name>.item2index`` (raw item id, index) and
   ``<name>.text`` (raw item id, item text); see :func:`.formats._unisrec`.
+- ``rechorus``: ReChorus' layout in a folder: ``train.csv``, ``dev.csv``, ``test.csv`` (tab-separated
+  ``user_id  item_id  time``; dev and test hold each user's last two items), with item text from
+  ``<name>.item2index`` + ``<name>.text`` when present; see :func:`.formats._rechorus`.
 - ``interactions``: one Parquet / CSV / TSV / JSON-lines file of interactions (``data.path``) and optionally one
   of items (``data.items_path``), with the column names ``data.user_col``, ``data.item_col``,
   ``data.time_col`` and, when the file has it, ``data.rating_col``; the items file's id column is
@@ -52,7 +55,7 @@ from ..runtime.manifest import fingerprint_path
 from ..runtime.uri import is_uri, local_copy
 from .columns import Source, _check_items_known
 from .embedded import embedded_path
-from .formats import _AMAZON, _amazon, _generic, _movielens, _movielens_100k, _recbole, _unisrec
+from .formats import _AMAZON, _amazon, _generic, _movielens, _movielens_100k, _rechorus, _recbole, _unisrec
 from .readers import _COMPRESSIONS, _plain_name, _read_table
 
 
@@ -119,6 +122,17 @@ def _locate(cfg: DataConfig) -> tuple[str, dict[str, Path]]:
         stem = _plain_name(found[0])[:-len(".test.inter")]
         return "unisrec", {"interactions": found[0], "item_index": _required(folder, f"{stem}.item2index"),
                            "items": _required(folder, f"{stem}.text")}
+    if cfg.source == "rechorus":
+        folder = _folder(cfg, "a folder of ReChorus files (train.csv, dev.csv, test.csv)")
+        files = {"interactions": _required(folder, "train.csv"), "valid": _required(folder, "dev.csv"),
+                 "test": _required(folder, "test.csv")}
+        index = [p for p in _visible_files(folder) if _plain_name(p).endswith(".item2index")]
+        if len(index) > 1:
+            raise DataError(f"expected at most one <name>.item2index file; found: {_listing(folder)}", file=folder)
+        if index:
+            stem = _plain_name(index[0])[:-len(".item2index")]
+            files |= {"item_index": index[0], "items": _required(folder, f"{stem}.text")}
+        return "rechorus", files
     if cfg.source == "interactions":
         if cfg.path is None:
             raise ConfigError("data.path: required for data.source=interactions (a Parquet or CSV file)")
@@ -218,5 +232,6 @@ def append_interactions(log: Path, new_rows: Path, out: Path) -> int:
 
 
 _READERS = {"embedded": _movielens, "movielens-csv": _movielens, "movielens-dat": _movielens,
-            "movielens-100k": _movielens_100k, "recbole": _recbole, "unisrec": _unisrec, "interactions": _generic,
+            "movielens-100k": _movielens_100k, "recbole": _recbole, "unisrec": _unisrec, "rechorus": _rechorus,
+            "interactions": _generic,
             **{name: _amazon for name in _AMAZON}}

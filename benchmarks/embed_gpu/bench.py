@@ -18,7 +18,9 @@ sorted by character count, ``--batch`` texts per encode call, fp16 on CUDA.
   vectors as Parquet. ``items_per_s`` counts everything (Ray Data's start, the actors' model
   loads, the writes); ``encode_items_per_s`` the span from the first encode call's start to the
   last one's end over all actors (each call timed inside the actor), the rate to compare with
-  the plain loop's ``items_per_s`` (``ratio_vs_plain``).
+  the plain loop's ``items_per_s`` (``ratio_vs_plain``); ``actor_busy`` the share of that span
+  each actor spent inside its calls (near 1: the actors bound the rate; well below: they waited
+  for tokenized batches).
 
 Printed and written to ``--out`` (JSON): items/s of each side, stage / plain ratios, the largest
 difference between the two sides' vectors, and GPU utilisation (``nvidia-smi``, every 0.5 s:
@@ -143,14 +145,20 @@ def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: 
     embed_items(items, cfg, out, batch_encoder=timed_encoder(calls))  # no cache: every text is encoded
     t1 = time.time()
     info = json.loads((out / "info.json").read_text())
-    spans = np.array([[float(v) for v in line.split()] for f in calls.glob("calls-*.log")
-                      for line in f.read_text().splitlines()]).reshape(-1, 3)
+    per_actor = [np.array([[float(v) for v in line.split()] for line in f.read_text().splitlines()]).reshape(-1, 3)
+                 for f in calls.glob("calls-*.log")]
+    spans = np.concatenate(per_actor)
     first, last = spans[:, 0].min(), spans[:, 1].max()
+    # the share of the encoding span each actor spent inside its calls: near 1, the actors bound the
+    # rate (their host work or the GPU); well below 1, they waited for tokenized batches
+    busy = [float((a[:, 1] - a[:, 0]).sum() / (last - first)) for a in per_actor]
     result = {"actors_per_gpu": actors_per_gpu if device == "cuda" else None, "num_actors": info["num_actors"],
               "seconds": round(t1 - t0, 2), "items_per_s": round(n / (t1 - t0), 1),
               # from the first encode call's start to the last one's end, over all actors
               "encode_s": round(last - first, 2), "encode_items_per_s": round(spans[:, 2].sum() / (last - first), 1),
               "startup_s": round(first - t0, 2), "after_encode_s": round(t1 - last, 2),
+              "actor_busy": [round(b, 3) for b in sorted(busy)],
+              "call_ms_mean": round(float((spans[:, 1] - spans[:, 0]).mean() * 1e3), 1),
               **sampler.window(t0, t1), "encode_phase": sampler.window(first, last)}
     vectors = read_vectors(out, n)
     shutil.rmtree(out)
@@ -215,7 +223,8 @@ def main() -> None:
                 f"encoding = {result['ratio_vs_plain']}x the plain loop's; {result['items_per_s']:,.0f} items/s end "
                 f"to end (start-up {result['startup_s']}s) = {result['ratio_vs_plain_end_to_end']}x the plain "
                 f"loop's end-to-end rate; GPU util mean {result['encode_phase']['gpu_util_mean']}% while "
-                f"encoding; max |diff| {result['max_abs_diff_vs_plain']:.2e}")
+                f"encoding; actors busy {result['actor_busy']} of the span, {result['call_ms_mean']} ms per call; "
+                f"max |diff| {result['max_abs_diff_vs_plain']:.2e}")
     sampler.stop()
     ray.shutdown()
 
