@@ -422,6 +422,9 @@ def test_rechorus_bad_input_names_the_file(tmp_path):
     (folder / "Off.text").write_text("id\ttext\nB01\tHP 78 Ink Cartridge HP\n")
     with pytest.raises(DataError, match=r"Off\.item2index, column 'raw_id', row 1: item 'B02' has no row in Off\.text$"):
         load_source(DataConfig(source="rechorus", path=str(folder)))
+    (folder / "Off.text").write_text("id\ttext\nB01\tHP 78\nB02\tLabel maker\nB01\tHP 78 again\n")
+    with pytest.raises(DataError, match=r"Off\.text, column 'id', row 2: item id 'B01' repeats the item of row 0"):
+        load_source(DataConfig(source="rechorus", path=str(folder)))
     (folder / "dev.csv").unlink()
     with pytest.raises(DataError, match=r"dev\.csv"):
         load_source(DataConfig(source="rechorus", path=str(folder)))

@@ -213,8 +213,8 @@ def _rechorus(cfg: DataConfig, files: dict[str, Path], layout: str) -> Source:
     index = index.with_columns(pl.col("item_id").str.strip_chars())
     text = _read_recbole(files["items"], "an item text file (id, text)")
     _require_columns(text.columns, ["id", "text"], files["items"])
-    named = index.join(text.select(pl.col("id").alias("raw_id"), "text"), on="raw_id", how="left",
-                       maintain_order="left")
+    text = _items(text.select("id", "text"), files["items"], "id")  # a repeated id is named in this file
+    named = index.join(text.rename({"item_id": "raw_id"}), on="raw_id", how="left", maintain_order="left")
     missing = named.filter(pl.col("text").is_null())
     if missing.height:
         raise DataError(f"item {missing['raw_id'][0]!r} has no row in {files['items'].name}", file=index_path,
