@@ -635,10 +635,17 @@ def validate(cfg: "RunConfig") -> None:
         raise ConfigError(f"model.id_dims={m.id_dims}: must be < model.dim={m.dim}")
     if m.dim % m.num_heads:
         raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
-    for key, width in (("model.dim", m.dim), ("model.id_dims", m.id_dims)):
-        if width % 4 and t.backend == "torchrec":  # the plain-torch backend takes any width
-            raise ConfigError(f"{key}={width}: must be a multiple of 4 with train.backend=torchrec (TorchRec "
-                              "table widths; train.backend=torch takes any)")
+    # TorchRec stores a table narrower than a multiple of 4 zero-padded: exact for elementwise ID
+    # optimisers, but the row-wise Adagrad's per-row mean would count the pad columns
+    if t.backend == "torchrec" and t.id_optimizer == "rowwise_adagrad":
+        # llmesr's ID table is model.dim / 2 wide
+        for key, width, multiple in (("model.dim", m.dim, 8 if cfg.method == "llmesr" else 4),
+                                     ("model.id_dims", m.id_dims, 4)):
+            if width % multiple:
+                raise ConfigError(f"{key}={width}: must be a multiple of {multiple} with train.id_optimizer="
+                                  "rowwise_adagrad and train.backend=torchrec (TorchRec pads narrower tables and "
+                                  "the row-wise state would average over the padding; adagrad, sgd and adam take "
+                                  "any width)")
     if d.null_rule == "threshold" and d.null_threshold is None:
         raise ConfigError("decompose.null_threshold=None: required for decompose.null_rule=threshold "
                           "(DreamRec: 0.25 with decompose.scale=40)")
@@ -682,9 +689,6 @@ def validate(cfg: "RunConfig") -> None:
         if m.dreamrec_sample_steps > m.dreamrec_timesteps:
             raise ConfigError(f"model.dreamrec_sample_steps={m.dreamrec_sample_steps}: must be <= "
                               f"model.dreamrec_timesteps={m.dreamrec_timesteps}")
-    if cfg.method == "llmesr" and m.dim % 8 and t.backend == "torchrec":
-        raise ConfigError(f"model.dim={m.dim}: method=llmesr splits it into two halves that must be multiples of 4 "
-                          "with train.backend=torchrec (TorchRec table widths): use a multiple of 8")
     if m.id_space != "null_space" and cfg.method != "alphafuse":
         raise ConfigError(f"model.id_space={m.id_space}: an alphafuse ablation, not for method={cfg.method}")
     if m.id_space == "full_space" and m.injection == "cover":

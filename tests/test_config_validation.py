@@ -51,10 +51,18 @@ CASES = [  # override(s) -> the exact message
     ("model.unisrec_experts=0", "model.unisrec_experts=0: must be >= 1"),
     ("model.rlmrec_weight=-1", "model.rlmrec_weight=-1: must be >= 0"),
     ("model.num_heads=3", "model.num_heads=3: must divide model.dim=128"),
-    ("model.dim=130", "model.dim=130: must be a multiple of 4 with train.backend=torchrec (TorchRec table widths; "
-                      "train.backend=torch takes any)"),
-    ("model.id_dims=18", "model.id_dims=18: must be a multiple of 4 with train.backend=torchrec (TorchRec table "
-                         "widths; train.backend=torch takes any)"),
+    ("train.id_optimizer=rowwise_adagrad model.dim=130",
+     "model.dim=130: must be a multiple of 4 with train.id_optimizer=rowwise_adagrad and train.backend=torchrec "
+     "(TorchRec pads narrower tables and the row-wise state would average over the padding; adagrad, sgd and adam "
+     "take any width)"),
+    ("train.id_optimizer=rowwise_adagrad model.id_dims=18",
+     "model.id_dims=18: must be a multiple of 4 with train.id_optimizer=rowwise_adagrad and train.backend=torchrec "
+     "(TorchRec pads narrower tables and the row-wise state would average over the padding; adagrad, sgd and adam "
+     "take any width)"),
+    ("train.id_optimizer=rowwise_adagrad method=llmesr model.dim=132",
+     "model.dim=132: must be a multiple of 8 with train.id_optimizer=rowwise_adagrad and train.backend=torchrec "
+     "(TorchRec pads narrower tables and the row-wise state would average over the padding; adagrad, sgd and adam "
+     "take any width)"),
     ("model.id_dims=128", "model.id_dims=128: must be < model.dim=128"),
     ("model.id_dims=0", "model.id_dims=0: must be >= 1"),
     ("decompose.scale=0", "decompose.scale=0: must be > 0"),

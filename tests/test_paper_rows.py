@@ -327,8 +327,12 @@ def test_llmesr_is_a_registered_method_with_its_inputs():
     total, count = net.loss_terms(seqs, torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (5,)))
     base = total - net.items.user_loss(seqs, net.encoder(net.embed_sequences(seqs), seqs != 20)[:, -1])
     assert count.item() == 24 and 0 < base.item() < total.item()
-    with pytest.raises(ConfigError, match=r"^model\.dim=12: method=llmesr splits it"):
-        load_config(None, ["method=llmesr", "model.dim=12", "model.id_dims=4"])
+    # its ID table is model.dim / 2 wide: TorchRec stores 6 columns padded to 8, which the row-wise
+    # Adagrad's per-row state cannot take
+    load_config(None, ["method=llmesr", "model.dim=12", "model.id_dims=4", "train.backend=torchrec"])
+    with pytest.raises(ConfigError, match=r"^model\.dim=12: must be a multiple of 8 with train\.id_optimizer=rowwise"):
+        load_config(None, ["method=llmesr", "model.dim=12", "model.id_dims=4", "train.backend=torchrec",
+                           "train.id_optimizer=rowwise_adagrad"])
 
 
 # ----------------------------------------------------------------------------- ablation switches

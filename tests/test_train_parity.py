@@ -8,6 +8,7 @@ batches. Dropout is off so the two are the same function.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,36 @@ def test_plain_torch_semantic_frozen(single):
     torch.testing.assert_close(single["table"][:, D_S:], sem[:, D_S:] + single["ids"], rtol=0, atol=1e-6)
     # the ID rows moved away from their initialisation
     assert (single["ids"] - _untouched().ids.weight).abs().max() > 1e-3
+
+
+# neither the fused width nor the ID width (ODD - D_S = 10) is a multiple of 4, the width TorchRec's
+# fused kernels need: it stores such tables zero-padded (the threshold rule derives widths like these)
+ODD = 18
+
+
+def _odd_train(method: str, backend: str, inputs: TrainInputs) -> dict:
+    cfg = load_config(None, [f"train.backend={backend}", f"method={method}", f"model.dim={ODD}",
+                             f"model.id_dims={ODD - D_S}", "model.num_heads=1", "model.dropout=0.0",
+                             f"model.max_len={L}", "train.id_optimizer=adagrad", "train.id_lr=0.1", "train.lr=0.01",
+                             "model.id_init=normal", "model.id_init_std=0.1", f"train.batch_size={B}",
+                             "train.num_negatives=16", "train.log_every=0"])
+    recipe, losses, _ = recipe_steps(cfg, inputs)
+    return {"losses": losses, "table": recipe.net.items.full_table()}
+
+
+@pytest.mark.parametrize("method", ["alphafuse", "sasrec_id"])
+def test_tables_narrower_than_torchrecs_width_multiple_train_as_in_one_process(inputs, tmp_path, method):
+    semantic = torch.randn(N, ODD, generator=torch.Generator().manual_seed(2))
+    save_file({"semantic": semantic}, str(tmp_path / "semantic.safetensors"))
+    odd = dataclasses.replace(inputs, semantic_path=str(tmp_path / "semantic.safetensors"))
+    single = _odd_train(method, "torch", odd)
+    got = on_workers(_odd_train, 2, method, "torchrec", odd)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
+    assert got["table"].shape == (N, ODD)
+    torch.testing.assert_close(got["table"], single["table"], rtol=1e-5, atol=1e-5)
+    if method == "alphafuse":  # the semantic coordinates stay as they were, the ID ones moved
+        assert torch.equal(got["table"][:, :D_S], semantic[:, :D_S])
+        assert (got["table"][:, D_S:] - semantic[:, D_S:]).abs().max() > 1e-3
 
 
 def test_data_parallel_is_refused_on_cpu_with_the_reason():

@@ -90,11 +90,13 @@ space:
 
 
 def test_a_trial_invalid_for_the_users_back_end_fails_before_training():
-    """Trials train with plain torch, whose width rule is looser than TorchRec's: a trial value the
-    user's own (TorchRec) config refuses fails at once, so it can never become the best preset."""
+    """Trials train with plain torch, which takes widths TorchRec's row-wise Adagrad refuses: a trial
+    value the user's own (TorchRec) config refuses fails at once, so it can never become the best preset."""
     from alphafuse_dist.tune import _trial
 
-    user = load_config("quickstart", ["train.backend=torchrec"]).to_dict()
-    base = load_config("quickstart", ["train.backend=torch", "train.num_workers=1"]).to_dict()
-    with pytest.raises(ConfigError, match="model.id_dims=18: must be a multiple of 4 with train.backend=torchrec"):
+    user = load_config("quickstart", ["train.backend=torchrec", "train.id_optimizer=rowwise_adagrad"]).to_dict()
+    base = load_config("quickstart", ["train.backend=torch", "train.num_workers=1",
+                                      "train.id_optimizer=rowwise_adagrad"]).to_dict()
+    with pytest.raises(ConfigError, match="model.id_dims=18: must be a multiple of 4 with train.id_optimizer="
+                                          "rowwise_adagrad and train.backend=torchrec"):
         _trial({"model.id_dims": 18}, base=base, user=user, inputs={}, metric="val_NDCG@10", threads=1)

@@ -47,7 +47,8 @@ class TableSpec:
     Attributes:
         module: name of the item module's child ``EmbeddingCollection`` holding the table.
         table: the table's name inside it.
-        initial: float32 [N, D], the weights loaded after sharding (which re-initialises them).
+        initial: float32 [N, D], the weights loaded after sharding (which re-initialises them),
+            zero-padded to the stored width.
         frozen: True: zero-lr fused SGD and lookups under ``no_grad`` (rows never change);
             False: trained by the fused ID optimiser.
     """
@@ -58,14 +59,32 @@ class TableSpec:
     frozen: bool
 
 
+# TorchRec's fused kernels need table widths that are multiples of this: a narrower table is stored
+# zero-padded (the pad columns get zero gradients, so adagrad, sgd and adam leave them at zero; the
+# row-wise Adagrad's per-row mean would count them: config refuses that pairing) and its lookups
+# return the first columns
+TORCHREC_WIDTH_MULTIPLE = 4
+
+
+def stored_width(width: int) -> int:
+    """The width TorchRec stores a ``width``-wide table at: ``width`` rounded up to TORCHREC_WIDTH_MULTIPLE."""
+    return width + -width % TORCHREC_WIDTH_MULTIPLE
+
+
+def padded(table: torch.Tensor) -> torch.Tensor:
+    """``table`` [N, D] zero-padded to [N, stored_width(D)], as TorchRec stores it."""
+    return torch.nn.functional.pad(table, (0, stored_width(table.shape[1]) - table.shape[1]))
+
+
 # samples the ids of one lookup are cut into: FBGEMM's bucketize and lookup kernels parallelise
 # over samples, so one sample of every id ran serially on the GPU (65 vs 21 ms per training step
 # on an H100 at 1M items, benchmarks/train); a fixed count keeps the batch size equal on every rank
 LOOKUP_SAMPLES = 1024
 
 
-def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Tensor:
-    """Rows [M, D] of ``ids`` [M] in an ``EmbeddingCollection`` (a collective once sharded)."""
+def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows [M, width] of ``ids`` [M] in an ``EmbeddingCollection`` made by :func:`meta_collection`
+    (the table's first ``width`` columns; a collective once sharded)."""
     from torchrec import KeyedJaggedTensor
 
     # ids in order, cut into LOOKUP_SAMPLES consecutive samples: EmbeddingCollection returns one
@@ -74,7 +93,8 @@ def torchrec_lookup(ec: nn.Module, feature: str, ids: torch.Tensor) -> torch.Ten
     lengths = torch.full((LOOKUP_SAMPLES,), m // LOOKUP_SAMPLES, dtype=torch.int32, device=ids.device)
     lengths[: m % LOOKUP_SAMPLES] += 1
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=[feature], values=ids, lengths=lengths)
-    return ec(kjt)[feature].values()
+    rows = ec(kjt)[feature].values()
+    return rows if rows.shape[1] == width else rows[:, :width]
 
 
 def frozen_storage(backend: str, frozen: str) -> str:
@@ -86,10 +106,11 @@ def frozen_storage(backend: str, frozen: str) -> str:
 
 
 def meta_collection(table: str, feature: str, num_items: int, width: int) -> nn.Module:
-    """An unmaterialised one-table ``EmbeddingCollection`` [num_items, width] (weights loaded after sharding)."""
+    """An unmaterialised one-table ``EmbeddingCollection`` [num_items, stored_width(width)] (weights
+    loaded after sharding, zero-padded by :func:`padded`)."""
     from torchrec import EmbeddingCollection, EmbeddingConfig
 
-    return EmbeddingCollection(tables=[EmbeddingConfig(name=table, embedding_dim=width, num_embeddings=num_items,
+    return EmbeddingCollection(tables=[EmbeddingConfig(name=table, embedding_dim=stored_width(width), num_embeddings=num_items,
                                                        feature_names=[feature])], device=torch.device("meta"))
 
 
@@ -191,14 +212,14 @@ class FusedItemTable(nn.Module):
         """Trainable ID rows [M, id_dim] of ``ids`` [M]."""
         if self.backend == "torch":
             return self.ids(ids)
-        return torchrec_lookup(self.id_ec, ID_FEATURE, ids)
+        return torchrec_lookup(self.id_ec, ID_FEATURE, ids, self.id_dim)
 
     def lookup_semantic(self, ids: torch.Tensor) -> torch.Tensor:
         """Frozen semantic rows [M, d] of ``ids`` [M] (no gradient ever flows into them)."""
         with torch.no_grad():
             if self.frozen_backend == "torch":
                 return self.semantic(ids)
-            return torchrec_lookup(self.semantic_ec, SEMANTIC_FEATURE, ids)
+            return torchrec_lookup(self.semantic_ec, SEMANTIC_FEATURE, ids, self.dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Fused vectors [M, d] of item ids [M] (all in 0..N-1; the caller handles padding).

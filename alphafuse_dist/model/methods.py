@@ -44,8 +44,6 @@ from .item_table import (ID_FEATURE, ID_TABLE, FusedItemTable, TableSpec, chunke
 
 FEATURES_TABLE = "features"
 FEATURES_FEATURE = "item_features"
-# TorchRec's fused kernels need table widths that are multiples of this
-TORCHREC_WIDTH_MULTIPLE = 4
 
 
 def _linear(in_dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
@@ -68,8 +66,7 @@ class AdapterItems(nn.Module):
     trainable ID table [N, d]; subclasses define ``forward`` from the two lookups.
 
     Args:
-        features: float [N, d_x], frozen (with torchrec stored zero-padded to a width that is a
-            multiple of 4; lookups return the first d_x columns).
+        features: float [N, d_x], frozen.
         dim: d, the width of the item vectors.
         id_init: float [N, d_id] initial ID rows (d_id = d unless a subclass says otherwise), or
             None for no ID table.
@@ -95,10 +92,8 @@ class AdapterItems(nn.Module):
             self.features = nn.Embedding(self.num_items, self.feature_dim, _weight=features.to(device).clone())
             self.features.weight.requires_grad_(False)
         else:
-            pad = -self.feature_dim % TORCHREC_WIDTH_MULTIPLE
-            self.initial_features = F.pad(features, (0, pad)).clone()
-            self.features_ec = meta_collection(FEATURES_TABLE, FEATURES_FEATURE, self.num_items,
-                                               self.feature_dim + pad)
+            self.initial_features = features.clone()
+            self.features_ec = meta_collection(FEATURES_TABLE, FEATURES_FEATURE, self.num_items, self.feature_dim)
         if self.has_ids and backend == "torch":
             self.ids = nn.Embedding(self.num_items, self.id_dim, _weight=id_init.to(device, torch.float32).clone())
         elif self.has_ids:
@@ -119,13 +114,13 @@ class AdapterItems(nn.Module):
         with torch.no_grad():
             if self.frozen_backend == "torch":
                 return self.features(ids)
-            return torchrec_lookup(self.features_ec, FEATURES_FEATURE, ids)[:, :self.feature_dim]
+            return torchrec_lookup(self.features_ec, FEATURES_FEATURE, ids, self.feature_dim)
 
     def lookup_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Trainable ID rows [M, d_id] of ``ids`` [M]."""
         if self.backend == "torch":
             return self.ids(ids)
-        return torchrec_lookup(self.id_ec, ID_FEATURE, ids)
+        return torchrec_lookup(self.id_ec, ID_FEATURE, ids, self.id_dim)
 
     def full_table(self, chunk: int = 65_536) -> torch.Tensor:
         """All N item vectors [N, d] (a collective with torchrec: every rank gets the whole table)."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import DATA_PARALLEL_NEEDS_CUDA
 from ..errors import ConfigError, choose
+from ..model.item_table import padded
 from .optim import id_optimizer
 
 
@@ -159,7 +160,7 @@ def shard_model(model: nn.Module, *, sharding: str, id_optimizer_name: str, id_l
                                    data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=local_frozen))
     # sharding re-initialises (EBC) or may copy (EC) table weights: always load them afterwards
     for spec in specs:
-        load_table(dmp, f"items.{spec.module}.embeddings.{spec.table}.weight", spec.initial)
+        load_table(dmp, f"items.{spec.module}.embeddings.{spec.table}.weight", padded(spec.initial))
     return dmp
 
 
