@@ -617,6 +617,20 @@ def validate_data(d: "DataConfig") -> None:
                           "more training interactions than this)")
 
 
+def _id_table_width(cfg: "RunConfig") -> tuple[str, int, int] | None:
+    """(the key that sets it, that key's value, the width) of the method's trainable ID table, or
+    None when the method has none."""
+    m = cfg.model
+    if cfg.method == "alphafuse":
+        return {"null_space": ("model.id_dims", m.id_dims, m.id_dims), "full_space": ("model.dim", m.dim, m.dim),
+                "semantic_only": None}[m.id_space]
+    if cfg.method == "llmesr":
+        return "model.dim", m.dim, m.dim // 2
+    if cfg.method in ("morec", "whitenrec") or (cfg.method == "unisrec" and not m.unisrec_with_ids):
+        return None
+    return "model.dim", m.dim, m.dim
+
+
 def validate(cfg: "RunConfig") -> None:
     """Check a whole config before any work: the RANGES of every numeric key, then every rule
     across keys.
@@ -635,17 +649,16 @@ def validate(cfg: "RunConfig") -> None:
         raise ConfigError(f"model.id_dims={m.id_dims}: must be < model.dim={m.dim}")
     if m.dim % m.num_heads:
         raise ConfigError(f"model.num_heads={m.num_heads}: must divide model.dim={m.dim}")
+    if cfg.method == "llmesr" and m.dim % 2:
+        raise ConfigError(f"model.dim={m.dim}: method=llmesr splits it into two halves: must be even")
     # TorchRec stores a table narrower than a multiple of 4 zero-padded: exact for elementwise ID
     # optimisers, but the row-wise Adagrad's per-row mean would count the pad columns
-    if t.backend == "torchrec" and t.id_optimizer == "rowwise_adagrad":
-        # llmesr's ID table is model.dim / 2 wide
-        for key, width, multiple in (("model.dim", m.dim, 8 if cfg.method == "llmesr" else 4),
-                                     ("model.id_dims", m.id_dims, 4)):
-            if width % multiple:
-                raise ConfigError(f"{key}={width}: must be a multiple of {multiple} with train.id_optimizer="
-                                  "rowwise_adagrad and train.backend=torchrec (TorchRec pads narrower tables and "
-                                  "the row-wise state would average over the padding; adagrad, sgd and adam take "
-                                  "any width)")
+    trained = _id_table_width(cfg)
+    if t.backend == "torchrec" and t.id_optimizer == "rowwise_adagrad" and trained and trained[2] % 4:
+        key, value, width = trained
+        raise ConfigError(f"{key}={value}: must be a multiple of {4 * value // width} with train.id_optimizer="
+                          "rowwise_adagrad and train.backend=torchrec (TorchRec pads narrower tables and the "
+                          "row-wise state would average over the padding; adagrad, sgd and adam take any width)")
     if d.null_rule == "threshold" and d.null_threshold is None:
         raise ConfigError("decompose.null_threshold=None: required for decompose.null_rule=threshold "
                           "(DreamRec: 0.25 with decompose.scale=40)")

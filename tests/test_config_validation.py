@@ -51,7 +51,7 @@ CASES = [  # override(s) -> the exact message
     ("model.unisrec_experts=0", "model.unisrec_experts=0: must be >= 1"),
     ("model.rlmrec_weight=-1", "model.rlmrec_weight=-1: must be >= 0"),
     ("model.num_heads=3", "model.num_heads=3: must divide model.dim=128"),
-    ("train.id_optimizer=rowwise_adagrad model.dim=130",
+    ("train.id_optimizer=rowwise_adagrad method=sasrec_id model.dim=130",
      "model.dim=130: must be a multiple of 4 with train.id_optimizer=rowwise_adagrad and train.backend=torchrec "
      "(TorchRec pads narrower tables and the row-wise state would average over the padding; adagrad, sgd and adam "
      "take any width)"),
@@ -59,6 +59,8 @@ CASES = [  # override(s) -> the exact message
      "model.id_dims=18: must be a multiple of 4 with train.id_optimizer=rowwise_adagrad and train.backend=torchrec "
      "(TorchRec pads narrower tables and the row-wise state would average over the padding; adagrad, sgd and adam "
      "take any width)"),
+    ("method=llmesr model.dim=13 model.id_dims=4 model.num_heads=1",
+     "model.dim=13: method=llmesr splits it into two halves: must be even"),
     ("train.id_optimizer=rowwise_adagrad method=llmesr model.dim=132",
      "model.dim=132: must be a multiple of 8 with train.id_optimizer=rowwise_adagrad and train.backend=torchrec "
      "(TorchRec pads narrower tables and the row-wise state would average over the padding; adagrad, sgd and adam "

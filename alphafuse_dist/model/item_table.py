@@ -72,8 +72,10 @@ def stored_width(width: int) -> int:
 
 
 def padded(table: torch.Tensor) -> torch.Tensor:
-    """``table`` [N, D] zero-padded to [N, stored_width(D)], as TorchRec stores it."""
-    return torch.nn.functional.pad(table, (0, stored_width(table.shape[1]) - table.shape[1]))
+    """``table`` [N, D] zero-padded to [N, stored_width(D)], as TorchRec stores it (``table`` itself
+    when D is a multiple already: no copy of a million-row table)."""
+    pad = stored_width(table.shape[1]) - table.shape[1]
+    return torch.nn.functional.pad(table, (0, pad)) if pad else table
 
 
 # samples the ids of one lookup are cut into: FBGEMM's bucketize and lookup kernels parallelise
