@@ -331,7 +331,8 @@ def test_llmesr_is_a_registered_method_with_its_inputs():
     # Adagrad's per-row state cannot take
     load_config(None, ["method=llmesr", "model.dim=12", "model.id_dims=4", "train.backend=torchrec"])
     # the count rule's frozen semantic table may have any width: only the ID table's counts
-    load_config(None, ["model.dim=130", "model.id_dims=64", "train.backend=torchrec", "train.id_optimizer=rowwise_adagrad"])
+    load_config(None, ["model.dim=130", "model.id_dims=64", "train.backend=torchrec",
+                       "train.id_optimizer=rowwise_adagrad"])
     with pytest.raises(ConfigError, match=r"^model\.dim=12: must be a multiple of 8 with train\.id_optimizer=rowwise"):
         load_config(None, ["method=llmesr", "model.dim=12", "model.id_dims=4", "train.backend=torchrec",
                            "train.id_optimizer=rowwise_adagrad"])

@@ -47,8 +47,8 @@ class TableSpec:
     Attributes:
         module: name of the item module's child ``EmbeddingCollection`` holding the table.
         table: the table's name inside it.
-        initial: float32 [N, D], the weights loaded after sharding (which re-initialises them),
-            zero-padded to the stored width.
+        initial: float32 [N, D], the weights loaded after sharding (which re-initialises them;
+            ``train.sharding.shard_model`` zero-pads them to the stored width, see ``padded``).
         frozen: True: zero-lr fused SGD and lookups under ``no_grad`` (rows never change);
             False: trained by the fused ID optimiser.
     """
@@ -112,8 +112,9 @@ def meta_collection(table: str, feature: str, num_items: int, width: int) -> nn.
     loaded after sharding, zero-padded by :func:`padded`)."""
     from torchrec import EmbeddingCollection, EmbeddingConfig
 
-    return EmbeddingCollection(tables=[EmbeddingConfig(name=table, embedding_dim=stored_width(width), num_embeddings=num_items,
-                                                       feature_names=[feature])], device=torch.device("meta"))
+    config = EmbeddingConfig(name=table, embedding_dim=stored_width(width), num_embeddings=num_items,
+                             feature_names=[feature])
+    return EmbeddingCollection(tables=[config], device=torch.device("meta"))
 
 
 @torch.no_grad()
