@@ -104,6 +104,63 @@ def plain_loop(texts: list[str], device: str, batch: int, sampler: GpuSampler) -
     return result, vectors
 
 
+def call_breakdown(texts: list[str], device: str, batch: int, calls: int = 20) -> dict:
+    """Where one actor call's time goes, in this process with the stage's own functions: tokenize
+    (the CPU tasks' work), then :func:`encode_tokens`'s steps timed apart (pad on the host and copy
+    to the device, the forward pass, the copy back), each ended by a device synchronisation, over
+    ``calls`` batches of the sorted texts spread over the catalogue. Milliseconds per call, medians."""
+    import torch
+
+    from alphafuse_dist.embed.encoder import load_encoder, tokenize
+
+    model = load_encoder("all-MiniLM-L6-v2", device=device)
+    if device == "cuda":
+        model.half()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    order = sort_order(texts)
+    starts = np.linspace(0, max(len(texts) - batch, 0), calls).astype(int)
+    steps = {"tokenize": [], "pad_and_copy": [], "forward": [], "copy_back": []}
+    for start in starts:
+        chunk = [texts[i] for i in order[start:start + batch]]
+        t0 = time.perf_counter()
+        features = tokenize(model, chunk)
+        t1 = time.perf_counter()
+        lengths = features["attention_mask"].value_lengths().to_numpy()
+        mask = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        inputs = {}
+        for name, column in features.items():
+            padded = np.zeros(mask.shape, dtype=np.int64)
+            padded[mask] = column.flatten().to_numpy()
+            inputs[name] = torch.from_numpy(padded).to(model.device, non_blocking=True)
+        sync()
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            vectors = torch.nn.functional.normalize(model(inputs)["sentence_embedding"], p=2, dim=1)
+        sync()
+        t3 = time.perf_counter()
+        vectors.float().cpu().numpy()
+        t4 = time.perf_counter()
+        for key, a, b in (("tokenize", t0, t1), ("pad_and_copy", t1, t2), ("forward", t2, t3), ("copy_back", t3, t4)):
+            steps[key].append((b - a) * 1e3)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    out = {f"{k}_ms": round(float(np.median(v)), 2) for k, v in steps.items()}
+    encode_ms = out["pad_and_copy_ms"] + out["forward_ms"] + out["copy_back_ms"]
+    # the rate one actor could reach if it never waited for input, and one tokenizing CPU's rate
+    out["one_actor_items_per_s"] = round(batch / encode_ms * 1e3, 1)
+    out["one_tokenizer_cpu_items_per_s"] = round(batch / out["tokenize_ms"] * 1e3, 1)
+    return out
+
+
+def host_cpus() -> dict:
+    """What the host gives this process: CPUs by count, by affinity and by the cgroup's quota."""
+    quota = Path("/sys/fs/cgroup/cpu.max")
+    return {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "cgroup_cpu_max": quota.read_text().strip() if quota.exists() else None,
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def read_vectors(folder: Path, n: int) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -191,6 +248,11 @@ def main() -> None:
     texts = synthetic_titles(args.n, args.seed)
     sampler = GpuSampler(enabled=args.device == "cuda").start()
 
+    cpus = host_cpus()
+    log(f"host CPUs: {cpus}")
+    log("one call's steps, timed apart ...")
+    breakdown = call_breakdown(texts, args.device, batch)
+    log(f"per call of {batch}: {breakdown}")
     log("plain encode loop ...")
     plain, reference = plain_loop(texts, args.device, batch, sampler)
     log(f"plain: {plain['items_per_s']:,.0f} items/s encoding ({plain['end_to_end_items_per_s']:,.0f} with "
@@ -231,7 +293,8 @@ def main() -> None:
     best = max(stages, key=lambda s: s["encode_items_per_s"])
     report = {"benchmark": "embed_gpu", "n": args.n, "device": args.device, "gpu": gpu_name, "batch": batch,
               "precision": "fp16" if args.device == "cuda" else "fp32", "cpus": os.cpu_count(),
-              "torch": torch.__version__, "gpu_util_source": sampler.source,
+              "torch": torch.__version__, "gpu_util_source": sampler.source, "host_cpus": cpus,
+              "call_breakdown": breakdown,
               "plain": plain, "stage": stages, "best_actors_per_gpu": best["actors_per_gpu"],
               "best_stage_encode_items_per_s": best["encode_items_per_s"],
               "best_stage_items_per_s": best["items_per_s"], "best_ratio_vs_plain": best["ratio_vs_plain"],
