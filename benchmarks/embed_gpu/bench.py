@@ -189,6 +189,38 @@ def timed_encoder(log_dir: Path) -> type:
     return TimedEncodeBatches
 
 
+def timed_tokenizer(log_dir: Path):
+    """The stage's tokenizing task, each call's start, end and size appended to
+    ``log_dir/tokenize-<pid>.log`` (how many tasks ran at once, and when each worker began)."""
+    from alphafuse_dist.embed.job import _tokenize_batch
+
+    def tokenize_batch(batch, **kwargs):
+        start = time.time()
+        out = _tokenize_batch(batch, **kwargs)
+        with open(log_dir / f"tokenize-{os.getpid()}.log", "a") as f:
+            f.write(f"{start} {time.time()} {len(batch)}\n")
+        return out
+
+    return tokenize_batch
+
+
+def read_spans(folder: Path, pattern: str) -> list[np.ndarray]:
+    """Per process, its calls as rows of (start, end, rows)."""
+    return [np.array([[float(v) for v in line.split()] for line in f.read_text().splitlines()]).reshape(-1, 3)
+            for f in sorted(folder.glob(pattern))]
+
+
+def concurrency(spans: np.ndarray, first: float, last: float) -> dict:
+    """How many calls ran at once: the maximum, and the mean over [first, last]."""
+    events = sorted([(s, 1) for s in spans[:, 0]] + [(e, -1) for e in spans[:, 1]])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    busy = float(np.clip(np.minimum(spans[:, 1], last) - np.maximum(spans[:, 0], first), 0, None).sum())
+    return {"max": peak, "mean": round(float(busy / max(last - first, 1e-9)), 2)}
+
+
 def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: int, n: int,
               sampler: GpuSampler) -> tuple[dict, np.ndarray]:
     from alphafuse_dist.config import EmbedConfig
@@ -199,13 +231,23 @@ def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: 
     calls.mkdir()
     cfg = EmbedConfig(device=device, batch_size=batch, gpu_batch_size=batch, actors_per_gpu=actors_per_gpu)
     t0 = time.time()
-    embed_items(items, cfg, out, batch_encoder=timed_encoder(calls))  # no cache: every text is encoded
+    # no cache: every text is encoded
+    embed_items(items, cfg, out, batch_encoder=timed_encoder(calls), tokenizer=timed_tokenizer(calls))
     t1 = time.time()
     info = json.loads((out / "info.json").read_text())
-    per_actor = [np.array([[float(v) for v in line.split()] for line in f.read_text().splitlines()]).reshape(-1, 3)
-                 for f in calls.glob("calls-*.log")]
+    per_actor = read_spans(calls, "calls-*.log")
     spans = np.concatenate(per_actor)
     first, last = spans[:, 0].min(), spans[:, 1].max()
+    per_worker = read_spans(calls, "tokenize-*.log")
+    tokens = np.concatenate(per_worker)
+    # the tokenizing tasks: how many workers, when each began (from the stage's start), how many ran
+    # at once while the actors encoded; against the actors' first calls (their start-up)
+    tokenizing = {"workers": len(per_worker), "calls": len(tokens),
+                  "call_ms_mean": round(float((tokens[:, 1] - tokens[:, 0]).mean() * 1e3), 1),
+                  "first_call_s": sorted(round(float(w[:, 0].min() - t0), 1) for w in per_worker),
+                  "last_end_s": round(float(tokens[:, 1].max() - t0), 1),
+                  "concurrent_while_encoding": concurrency(tokens, first, last),
+                  "concurrent_overall": concurrency(tokens, tokens[:, 0].min(), tokens[:, 1].max())}
     # the share of the encoding span each actor spent inside its calls: near 1, the actors bound the
     # rate (their host work or the GPU); well below 1, they waited for tokenized batches
     busy = [float((a[:, 1] - a[:, 0]).sum() / (last - first)) for a in per_actor]
@@ -216,6 +258,8 @@ def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: 
               "startup_s": round(first - t0, 2), "after_encode_s": round(t1 - last, 2),
               "actor_busy": [round(b, 3) for b in sorted(busy)],
               "call_ms_mean": round(float((spans[:, 1] - spans[:, 0]).mean() * 1e3), 1),
+              "actor_first_call_s": sorted(round(float(a[:, 0].min() - t0), 1) for a in per_actor),
+              "tokenizing": tokenizing,
               **sampler.window(t0, t1), "encode_phase": sampler.window(first, last)}
     vectors = read_vectors(out, n)
     shutil.rmtree(out)
@@ -285,7 +329,8 @@ def main() -> None:
                 f"encoding = {result['ratio_vs_plain']}x the plain loop's; {result['items_per_s']:,.0f} items/s end "
                 f"to end (start-up {result['startup_s']}s) = {result['ratio_vs_plain_end_to_end']}x the plain "
                 f"loop's end-to-end rate; GPU util mean {result['encode_phase']['gpu_util_mean']}% while "
-                f"encoding; actors busy {result['actor_busy']} of the span, {result['call_ms_mean']} ms per call; "
+                f"encoding; actors busy {result['actor_busy']} of the span, {result['call_ms_mean']} ms per call, first calls at "
+                f"{result['actor_first_call_s']} s; tokenizing {result['tokenizing']}; "
                 f"max |diff| {result['max_abs_diff_vs_plain']:.2e}")
     sampler.stop()
     ray.shutdown()
