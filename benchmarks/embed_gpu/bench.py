@@ -226,9 +226,9 @@ def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: 
     from alphafuse_dist.config import EmbedConfig
     from alphafuse_dist.embed.job import embed_items
 
-    out, calls = work / f"stage-{device}-{actors_per_gpu}", work / f"calls-{device}-{actors_per_gpu}"
-    out.mkdir()
-    calls.mkdir()
+    # a folder per run: the same pool size may run twice (a cold, then a warm Ray instance)
+    out = Path(tempfile.mkdtemp(prefix=f"stage-{device}-{actors_per_gpu}-", dir=work))
+    calls = Path(tempfile.mkdtemp(prefix=f"calls-{device}-{actors_per_gpu}-", dir=work))
     cfg = EmbedConfig(device=device, batch_size=batch, gpu_batch_size=batch, actors_per_gpu=actors_per_gpu)
     t0 = time.time()
     # no cache: every text is encoded
@@ -244,6 +244,10 @@ def stage_run(items: Path, work: Path, device: str, batch: int, actors_per_gpu: 
     # at once while the actors encoded; against the actors' first calls (their start-up)
     tokenizing = {"workers": len(per_worker), "calls": len(tokens),
                   "call_ms_mean": round(float((tokens[:, 1] - tokens[:, 0]).mean() * 1e3), 1),
+                  # a worker's first call loads the tokenizer (and its imports); the others only tokenize
+                  "first_call_ms": sorted(round(float((w[0, 1] - w[0, 0]) * 1e3), 1) for w in per_worker),
+                  "later_call_ms_mean": round(float(np.concatenate([w[1:, 1] - w[1:, 0] for w in per_worker]).mean()
+                                                    * 1e3), 1) if len(tokens) > len(per_worker) else None,
                   "first_call_s": sorted(round(float(w[:, 0].min() - t0), 1) for w in per_worker),
                   "last_end_s": round(float(tokens[:, 1].max() - t0), 1),
                   "concurrent_while_encoding": concurrency(tokens, first, last),
