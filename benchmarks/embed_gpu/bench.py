@@ -20,7 +20,14 @@ sorted by character count, ``--batch`` texts per encode call, fp16 on CUDA.
   last one's end over all actors (each call timed inside the actor), the rate to compare with
   the plain loop's ``items_per_s`` (``ratio_vs_plain``); ``actor_busy`` the share of that span
   each actor spent inside its calls (near 1: the actors bound the rate; well below: they waited
-  for tokenized batches).
+  for tokenized batches); ``actor_first_call_s`` when each actor began (its start-up); ``tokenizing``
+  the CPU tasks' side: how many worker processes, when each began, a worker's first call (it loads
+  the tokenizer) apart from its later ones, and how many ran at once.
+- call_breakdown: one call's steps timed apart in the benchmark's own process with the stage's
+  functions (tokenize; pad and copy to the device; forward; copy back), medians over 20 batches.
+
+A stage run's place matters: the first in a fresh Ray instance starts every worker process cold,
+so ``--actors-per-gpu 6,6`` measures one pool size cold and then warm.
 
 Printed and written to ``--out`` (JSON): items/s of each side, stage / plain ratios, the largest
 difference between the two sides' vectors, and GPU utilisation (``nvidia-smi``, every 0.5 s:
@@ -147,9 +154,10 @@ def call_breakdown(texts: list[str], device: str, batch: int, calls: int = 20) -
         torch.cuda.empty_cache()
     out = {f"{k}_ms": round(float(np.median(v)), 2) for k, v in steps.items()}
     encode_ms = out["pad_and_copy_ms"] + out["forward_ms"] + out["copy_back_ms"]
-    # the rate one actor could reach if it never waited for input, and one tokenizing CPU's rate
+    # the rate one actor could reach if it never waited for input, and the tokenizer's rate in this
+    # process (its Rust threads free to use every core, where a stage task tokenizes on one thread)
     out["one_actor_items_per_s"] = round(batch / encode_ms * 1e3, 1)
-    out["one_tokenizer_cpu_items_per_s"] = round(batch / out["tokenize_ms"] * 1e3, 1)
+    out["tokenize_items_per_s"] = round(batch / out["tokenize_ms"] * 1e3, 1)
     return out
 
 
