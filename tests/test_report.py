@@ -63,6 +63,16 @@ def test_markdown_json_and_plots_are_written(runs, tmp_path):
     assert len(again["runs"]) == 5
 
 
+def test_ablation_rows_of_the_proposed_method_are_not_baselines(runs):
+    # an ablation row of alphafuse better than every baseline: the improvement row still compares
+    # alphafuse with the baselines only, and the row keeps its own line in the tables
+    r = build_report([*runs, (_metrics("alphafuse [threshold]", 1, 0.20, 0.30, 0.10), None)])
+    assert r["groups"]["overall"]["alphafuse [threshold]"]["NDCG@10"] == [0.20, 0.0]
+    imp = r["improvement"]["overall"]["NDCG@10"]
+    assert imp["best_baseline"] == "sasrec_id" and imp["relative"] == pytest.approx(0.11 / 0.09 - 1)
+    assert r["improvement"]["tail"]["NDCG@10"]["best_baseline"] == "morec"
+
+
 def test_single_method_has_no_improvement_row(runs):
     r = build_report(runs[:2])
     assert r["improvement"] == {} and "improv." not in to_markdown(r)

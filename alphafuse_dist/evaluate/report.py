@@ -75,7 +75,8 @@ def build_report(runs: list[tuple[dict, dict | None]], proposed: str = "alphafus
         runs: ``(metrics, history)`` per method x seed: ``metrics`` is a metrics.json content
             (``method``, ``seed``, ``metrics: {group: {metric: value, users}}``, protocol facts);
             ``history`` a history.json content or None.
-        proposed: the method the improvement row is computed for; every other method is a baseline.
+        proposed: the method the improvement row is computed for; every other method is a baseline,
+            but for the proposed method's ablation rows (``<proposed> [<row>]``).
 
     Returns:
         ``{"methods": [...], "groups": {group: {method: {metric: [mean, std]}}}, "users": {group: n},
@@ -98,6 +99,12 @@ def build_report(runs: list[tuple[dict, dict | None]], proposed: str = "alphafus
             **tables[protocols[0]], "protocol": protocol, "protocols": protocols,
             "protocol_names": {p: protocol_label(first, p) for p in protocols},
             "by_protocol": tables, "runs": [{"metrics": m, "history": h} for m, h in runs]}
+
+
+def _variant_of(label: str, proposed: str) -> bool:
+    """True for the proposed method itself and its ablation rows (``alphafuse [threshold]``):
+    neither is a baseline of the improvement row."""
+    return label == proposed or label.startswith(f"{proposed} [")
 
 
 def _protocol_tables(by_method: dict[str, list[dict]], methods: list[str], proposed: str, ranking: str | None) -> dict:
@@ -126,7 +133,8 @@ def _protocol_tables(by_method: dict[str, list[dict]], methods: list[str], propo
                 continue
             improvement[group] = {}
             for metric, (value, _) in per_method[proposed].items():
-                baselines = {m: s[metric][0] for m, s in per_method.items() if m != proposed and metric in s}
+                baselines = {m: s[metric][0] for m, s in per_method.items()
+                             if metric in s and not _variant_of(m, proposed)}
                 if not baselines or not _is_accuracy(metric):
                     continue
                 best = max(baselines, key=baselines.get)
