@@ -145,9 +145,11 @@ def _protocol_tables(by_method: dict[str, list[dict]], methods: list[str], propo
 
 def _metric_columns(tables: dict, group: str) -> list[str]:
     any_method = next(iter(tables["groups"][group].values()))
+    order = ("HR", "NDCG", "MRR", "PopShare", "Coverage")  # a fixed order, whatever the runs' key order
+
     def key(name: str) -> tuple:
         kind, k = name.split("@")
-        return int(k), ("HR", "NDCG", "MRR").index(kind) if kind in ("HR", "NDCG", "MRR") else 9
+        return int(k), order.index(kind) if kind in order else len(order), kind
     return sorted(any_method, key=key)
 
 
